@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# JAX's persistent compilation cache, in a folder the user can see and clear (`make clean-cache`).
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+
+.PHONY: demo test test-all bench clean-cache
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/gradient_flow.py --out results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --timeout 600 tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 --timeout 1800 -m '' tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean-cache:
+	rm -rf $(JAX_COMPILATION_CACHE_DIR)

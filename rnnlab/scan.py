@@ -1,0 +1,168 @@
+"""`scan`: run any cell over time with `jax.lax.scan`.
+
+The only function in rnnlab that loops over time. It knows nothing of which cell it runs: it calls
+``cell.initial_carry`` and the step (``cell(params, carry, x)``, or ``cell.recur`` on ``cell.project_inputs`` when the
+cell hoists its input matmul), and handles batch axes, per-sequence lengths, reversal and rematerialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnnlab.checks import check_float_input, check_input_size
+
+
+def _broadcast_to_leaf(mask: jax.Array, leaf: jax.Array) -> jax.Array:
+    """``mask [*batch]`` reshaped to broadcast against ``leaf [*batch, ...]``."""
+    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
+
+
+def reverse_padded(xs: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverse each sequence within its valid length, leaving padded steps in place.
+
+    ``xs [T, *batch, ...]``, ``lengths [*batch]``: step ``t < lengths[b]`` of sequence ``b`` comes from step
+    ``lengths[b] - 1 - t``. The map is its own inverse.
+    """
+    steps = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * lengths.ndim)
+    source = jnp.where(steps < lengths, lengths - 1 - steps, steps)
+    source = _broadcast_to_leaf(source, xs)
+    return jnp.take_along_axis(xs, jnp.broadcast_to(source, xs.shape), axis=0)
+
+
+def _check_carry(cell, carry, batch_shape, dtype) -> None:
+    expected = jax.eval_shape(lambda: cell.initial_carry(batch_shape, dtype))
+    got_tree, want_tree = jax.tree_util.tree_structure(carry), jax.tree_util.tree_structure(expected)
+    if got_tree != want_tree:
+        raise TypeError(f"carry has structure {got_tree}; {type(cell).__name__} expects {want_tree} "
+                        f"(as made by cell.initial_carry(batch_shape={batch_shape})).")
+    for got, want in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(expected)):
+        if jnp.shape(got) != want.shape:
+            raise ValueError(f"carry has a leaf of shape {jnp.shape(got)}; expected {want.shape} for inputs with "
+                             f"batch shape {batch_shape} (as made by cell.initial_carry(batch_shape={batch_shape})).")
+
+
+def _check_lengths(lengths, batch_shape, seq_len) -> jax.Array:
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != tuple(batch_shape):
+        raise ValueError(f"lengths has shape {lengths.shape}; expected the batch shape of xs, {tuple(batch_shape)}.")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}.")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.size and (values.min() < 1 or values.max() > seq_len):
+            raise ValueError(f"lengths must lie in [1, T] = [1, {seq_len}]; got values from {values.min()} "
+                             f"to {values.max()}.")
+    return lengths
+
+
+def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int):
+    """`lax.scan` of ``body`` storing only the carry at chunk boundaries; each chunk is recomputed on the way back.
+
+    Peak memory for the backward pass is O(T / chunk + chunk) steps instead of O(T); ``chunk ≈ √T`` minimises it.
+    ``T`` must be a multiple of ``chunk``.
+    """
+    seq_len = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    if seq_len % chunk:
+        raise ValueError(f"remat={chunk} must divide the sequence length T={seq_len}.")
+    chunked = jax.tree_util.tree_map(lambda a: a.reshape((seq_len // chunk, chunk) + a.shape[1:]), inputs)
+
+    @jax.checkpoint
+    def run_chunk(carry, chunk_inputs):
+        return jax.lax.scan(body, carry, chunk_inputs, reverse=reverse, unroll=unroll)
+
+    carry, ys = jax.lax.scan(run_chunk, carry, chunked, reverse=reverse)
+    return carry, jax.tree_util.tree_map(lambda a: a.reshape((seq_len,) + a.shape[2:]), ys)
+
+
+def scan(
+    cell,
+    params,
+    xs: jax.Array,
+    *,
+    carry: Any = None,
+    lengths: jax.Array | None = None,
+    reverse: bool = False,
+    time_axis: int = 0,
+    unroll: int = 1,
+    remat: int | None = None,
+):
+    """Run ``cell`` over the time axis of ``xs``.
+
+    **Arguments:**
+
+    - ``cell``, ``params``: any object following the cell protocol (`rnnlab.cells`) and its parameters.
+    - ``xs``: ``[T, *batch, input_size]`` (time at ``time_axis``; any number of batch axes, including none).
+    - ``carry``: the initial carry; ``cell.initial_carry(batch_shape)`` (zeros) by default.
+    - ``lengths``: ``[*batch]`` integers in ``[1, T]``, the valid length of each sequence. The final carry is each
+      sequence's carry after its own last valid step, and outputs at padded steps are exactly zero.
+    - ``reverse``: run each sequence from its last valid step back to its first; outputs stay aligned with inputs
+      (``ys[t]`` is the output after consuming ``xs[t]``).
+    - ``unroll``: passed to `jax.lax.scan`.
+    - ``remat``: a chunk length dividing ``T``; only carries at chunk boundaries are kept for the backward pass and
+      each chunk is recomputed (`jax.checkpoint`), so memory grows as ``T / remat + remat`` instead of ``T``.
+
+    **Returns:** ``(ys, final_carry)`` with ``ys [T, *batch, output_size]`` (time at ``time_axis``).
+
+    When the cell defines ``project_inputs`` (and ``recur``), the input matmul runs once for all steps before the
+    loop; the numbers are those of the plain step.
+    """
+    xs = jnp.asarray(xs)
+    check_float_input("xs", xs)
+    if xs.ndim < 2:
+        raise ValueError(f"xs has shape {xs.shape}; expected [T, *batch, input_size] (at least 2 axes).")
+    axis = time_axis + xs.ndim if time_axis < 0 else time_axis
+    if not 0 <= axis < xs.ndim - 1:
+        raise ValueError(f"time_axis={time_axis} is not a time axis of xs with shape {xs.shape}; the last axis "
+                         "holds the input features.")
+    xs = jnp.moveaxis(xs, axis, 0)
+    seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
+    if seq_len == 0:
+        raise ValueError(f"xs has shape {xs.shape} (time first): the sequence length T must be at least 1.")
+    if hasattr(cell, "input_size"):
+        check_input_size("xs", xs, cell.input_size(params))
+    if carry is None:
+        carry = cell.initial_carry(batch_shape, xs.dtype)
+    else:
+        _check_carry(cell, carry, batch_shape, xs.dtype)
+
+    if hasattr(cell, "project_inputs"):
+        inputs = cell.project_inputs(params, xs)
+
+        def step(carry, x):
+            return cell.recur(params, carry, x)
+    else:
+        inputs = xs
+
+        def step(carry, x):
+            return cell(params, carry, x)
+
+    if lengths is None:
+        body, scan_inputs = step, inputs
+    else:
+        lengths = _check_lengths(lengths, batch_shape, seq_len)
+        if reverse:
+            # Reverse inside each valid span, then scan forward: padded steps stay at the end of every sequence.
+            inputs = reverse_padded(inputs, lengths)
+
+        def body(carry, t_and_x):
+            t, x = t_and_x
+            new_carry, y = step(carry, x)
+            valid = t < lengths
+            new_carry = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(_broadcast_to_leaf(valid, new), new, old), new_carry, carry
+            )
+            return new_carry, jnp.where(_broadcast_to_leaf(valid, y), y, jnp.zeros_like(y))
+
+        scan_inputs = (jnp.arange(seq_len), inputs)
+    scan_reverse = reverse and lengths is None
+    if remat is None:
+        carry, ys = jax.lax.scan(body, carry, scan_inputs, reverse=scan_reverse, unroll=unroll)
+    else:
+        carry, ys = _remat_scan(body, carry, scan_inputs, chunk=remat, reverse=scan_reverse, unroll=unroll)
+    if lengths is not None and reverse:
+        ys = reverse_padded(ys, lengths)
+    return jnp.moveaxis(ys, 0, axis), carry
