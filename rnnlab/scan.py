@@ -78,6 +78,17 @@ def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int):
     return carry, jax.tree_util.tree_map(lambda a: a.reshape((seq_len,) + a.shape[2:]), ys)
 
 
+def step_and_inputs(cell, params, xs: jax.Array):
+    """``(step, inputs)`` with ``step(carry, inputs[t]) -> (carry, y)`` equal to ``cell(params, carry, xs[t])``.
+
+    When the cell defines ``project_inputs`` the input matmul is done here for all steps at once and ``step`` is
+    ``cell.recur``; otherwise ``inputs`` is ``xs`` and ``step`` the plain cell step.
+    """
+    if hasattr(cell, "project_inputs"):
+        return (lambda carry, x: cell.recur(params, carry, x)), cell.project_inputs(params, xs)
+    return (lambda carry, x: cell(params, carry, x)), xs
+
+
 def scan(
     cell,
     params,
@@ -129,17 +140,7 @@ def scan(
     else:
         _check_carry(cell, carry, batch_shape, xs.dtype)
 
-    if hasattr(cell, "project_inputs"):
-        inputs = cell.project_inputs(params, xs)
-
-        def step(carry, x):
-            return cell.recur(params, carry, x)
-    else:
-        inputs = xs
-
-        def step(carry, x):
-            return cell(params, carry, x)
-
+    step, inputs = step_and_inputs(cell, params, xs)
     if lengths is None:
         body, scan_inputs = step, inputs
     else:
