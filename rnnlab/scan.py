@@ -78,6 +78,34 @@ def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int):
     return carry, jax.tree_util.tree_map(lambda a: a.reshape((seq_len,) + a.shape[2:]), ys)
 
 
+def prepare(cell, params, xs: jax.Array, carry: Any = None, time_axis: int = 0):
+    """Check ``xs`` and ``carry`` against ``cell`` and ``params``; return ``(xs_time_major, carry, time_axis)``.
+
+    Raises `TypeError` / `ValueError` naming the argument and the shapes involved: non-float ``xs``, fewer than two
+    axes, ``T = 0``, an input size other than the parameters', a carry of the wrong structure or shape. ``carry``
+    defaults to ``cell.initial_carry(batch_shape)``; the returned ``time_axis`` is non-negative.
+    """
+    xs = jnp.asarray(xs)
+    check_float_input("xs", xs)
+    if xs.ndim < 2:
+        raise ValueError(f"xs has shape {xs.shape}; expected [T, *batch, input_size] (at least 2 axes).")
+    axis = time_axis + xs.ndim if time_axis < 0 else time_axis
+    if not 0 <= axis < xs.ndim - 1:
+        raise ValueError(f"time_axis={time_axis} is not a time axis of xs with shape {xs.shape}; the last axis "
+                         "holds the input features.")
+    xs = jnp.moveaxis(xs, axis, 0)
+    seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
+    if seq_len == 0:
+        raise ValueError(f"xs has shape {xs.shape} (time first): the sequence length T must be at least 1.")
+    if hasattr(cell, "input_size"):
+        check_input_size("xs", xs, cell.input_size(params))
+    if carry is None:
+        carry = cell.initial_carry(batch_shape, xs.dtype)
+    else:
+        _check_carry(cell, carry, batch_shape, xs.dtype)
+    return xs, carry, axis
+
+
 def step_and_inputs(cell, params, xs: jax.Array):
     """``(step, inputs)`` with ``step(carry, inputs[t]) -> (carry, y)`` equal to ``cell(params, carry, xs[t])``.
 
@@ -121,25 +149,8 @@ def scan(
     When the cell defines ``project_inputs`` (and ``recur``), the input matmul runs once for all steps before the
     loop; the numbers are those of the plain step.
     """
-    xs = jnp.asarray(xs)
-    check_float_input("xs", xs)
-    if xs.ndim < 2:
-        raise ValueError(f"xs has shape {xs.shape}; expected [T, *batch, input_size] (at least 2 axes).")
-    axis = time_axis + xs.ndim if time_axis < 0 else time_axis
-    if not 0 <= axis < xs.ndim - 1:
-        raise ValueError(f"time_axis={time_axis} is not a time axis of xs with shape {xs.shape}; the last axis "
-                         "holds the input features.")
-    xs = jnp.moveaxis(xs, axis, 0)
+    xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
-    if seq_len == 0:
-        raise ValueError(f"xs has shape {xs.shape} (time first): the sequence length T must be at least 1.")
-    if hasattr(cell, "input_size"):
-        check_input_size("xs", xs, cell.input_size(params))
-    if carry is None:
-        carry = cell.initial_carry(batch_shape, xs.dtype)
-    else:
-        _check_carry(cell, carry, batch_shape, xs.dtype)
-
     step, inputs = step_and_inputs(cell, params, xs)
     if lengths is None:
         body, scan_inputs = step, inputs
