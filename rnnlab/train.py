@@ -1,0 +1,295 @@
+r"""Training with optax: full or truncated BPTT, gradient clipping, non-finite guards, evaluation, resumable runs.
+
+`train` runs ``steps`` steps; step ``s`` trains on the batch ``batch_fn(fold_in(data_key, s))``, so the data stream's
+position is the step itself and a run restored from a checkpoint sees exactly the batches it would have seen.
+
+**Full BPTT** (``truncation=None``): one update per batch, of ``loss_fn(params, batch) -> scalar``.
+
+**Truncated BPTT** (``truncation=Truncation(k1, k2)``; Williams & Peng 1990, in the k1/k2 form of Sutskever 2013,
+§2.8.6): every leaf of the batch is time-major and ``T`` is a multiple of ``k1``. The batch is cut into chunks of
+``k1`` steps and one update is made per chunk, so a batch gives ``T / k1`` updates. The update after chunk ``i`` runs
+the model over the last ``k2`` steps (chunks ``i - k2/k1 + 1 .. i``) from the carry stored at the window's start with
+its gradient stopped, and takes the gradient of chunk ``i``'s loss only: gradients reach at most ``k2`` steps back.
+``loss_fn(params, carry, chunk) -> (loss, final_carry)``, with ``carry=None`` meaning the model's initial carry.
+With ``k1 = k2 = T`` this is full BPTT.
+
+Every update records the loss, the global norm of the raw gradient (before clipping) and of the applied update. A
+non-finite loss or gradient norm leaves parameters and optimiser state untouched and, with ``on_nonfinite="stop"``
+(the default), raises `NonFiniteError` naming the step; with ``"skip"`` the run goes on and the update is marked
+``finite = False`` in the history. No nan is ever applied to the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rnnlab import checkpoint
+
+HISTORY_COLUMNS = ("step", "update", "loss", "grad_norm", "update_norm", "finite")
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncation:
+    """Truncated BPTT: an update every ``k1`` steps, gradients through the last ``k2`` (a multiple of ``k1``)."""
+
+    k1: int
+    k2: int
+
+    def __post_init__(self):
+        if not isinstance(self.k1, int) or not isinstance(self.k2, int) or self.k1 < 1 or self.k2 < 1:
+            raise ValueError(f"k1 and k2 must be positive ints, got k1={self.k1!r}, k2={self.k2!r}.")
+        if self.k2 % self.k1:
+            raise ValueError(f"k2 must be a multiple of k1 (the window is whole chunks); got k1={self.k1}, "
+                             f"k2={self.k2}.")
+
+    @property
+    def chunks_per_window(self) -> int:
+        return self.k2 // self.k1
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient stopped a run. ``step``, ``update``, ``loss``, ``grad_norm`` say where;
+    ``result`` holds the run up to there (parameters from before the bad update)."""
+
+    def __init__(self, message: str, *, step: int, update: int, loss: float, grad_norm: float, result: "TrainResult"):
+        super().__init__(message)
+        self.step, self.update, self.loss, self.grad_norm, self.result = step, update, loss, grad_norm, result
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """``params`` and ``opt_state`` after the run; ``history``: one entry per update, columns `HISTORY_COLUMNS`
+    (``step`` is the 0-based index of the batch); ``evals``: ``{"step": [...], metric: [...]}``, ``step`` being the
+    number of batches trained on when evaluated."""
+
+    params: Any
+    opt_state: Any
+    step: int
+    history: dict[str, np.ndarray]
+    evals: dict[str, np.ndarray]
+
+    def step_losses(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, mean training loss of each step's updates)``."""
+        steps = self.history["step"].astype(int)
+        unique = np.unique(steps)
+        sums = np.bincount(steps, weights=self.history["loss"], minlength=unique.max(initial=-1) + 1)
+        counts = np.bincount(steps, minlength=unique.max(initial=-1) + 1)
+        return unique, sums[unique] / counts[unique]
+
+
+def with_clipping(optimizer: optax.GradientTransformation, clip: float | None) -> optax.GradientTransformation:
+    """``optimizer`` after `optax.clip_by_global_norm` (``clip`` ≤ 0 or ``None``: no clipping)."""
+    if clip is None or clip <= 0:
+        return optimizer
+    return optax.chain(optax.clip_by_global_norm(clip), optimizer)
+
+
+def _guarded_update(optimizer, params, opt_state, loss, grads):
+    """Apply one update unless the loss or gradient is non-finite; return the new state and the update's metrics."""
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep_if_finite(new, old):
+        return jnp.where(finite, new, old)
+
+    params = jax.tree_util.tree_map(keep_if_finite, new_params, params)
+    opt_state = jax.tree_util.tree_map(keep_if_finite, new_opt_state, opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": optax.global_norm(updates), "finite": finite}
+    return params, opt_state, metrics
+
+
+def _full_bptt_step(loss_fn, optimizer, batch_fn, data_key):
+    @jax.jit
+    def step(params, opt_state, step_index):
+        batch = batch_fn(jax.random.fold_in(data_key, step_index))
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        params, opt_state, metrics = _guarded_update(optimizer, params, opt_state, loss, grads)
+        return params, opt_state, [metrics]
+
+    return step
+
+
+def _time_length(batch) -> int:
+    lengths = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree_util.tree_leaves(batch)}
+    if len(lengths) != 1 or None in lengths:
+        raise ValueError(f"truncated BPTT needs every leaf of the batch time-major with one length T; got leading "
+                         f"sizes {sorted(map(str, lengths))}.")
+    return lengths.pop()
+
+
+def _truncated_step(loss_fn, optimizer, batch_fn, data_key, truncation: Truncation):
+    sample = jax.jit(lambda step_index: batch_fn(jax.random.fold_in(data_key, step_index)))
+
+    @jax.jit
+    def update(params, opt_state, start_carry, window):
+        def window_loss(params):
+            carry = start_carry
+            for chunk in window[:-1]:
+                _, carry = loss_fn(params, carry, chunk)
+            return loss_fn(params, carry, window[-1])
+
+        (loss, final_carry), grads = jax.value_and_grad(window_loss, has_aux=True)(params)
+        params, opt_state, metrics = _guarded_update(optimizer, params, opt_state, loss, grads)
+        return params, opt_state, jax.lax.stop_gradient(final_carry), metrics
+
+    def step(params, opt_state, step_index):
+        batch = sample(step_index)
+        seq_len, k1 = _time_length(batch), truncation.k1
+        if seq_len % k1:
+            raise ValueError(f"truncation k1={k1} must divide the sequence length T={seq_len}.")
+        chunks = [jax.tree_util.tree_map(lambda a, i=i: a[i * k1:(i + 1) * k1], batch) for i in range(seq_len // k1)]
+        carries = [None]  # carries[i]: the carry at the start of chunk i, gradient stopped
+        all_metrics = []
+        for i in range(len(chunks)):
+            first = max(0, i - truncation.chunks_per_window + 1)
+            params, opt_state, final_carry, metrics = update(params, opt_state, carries[first],
+                                                             tuple(chunks[first:i + 1]))
+            carries.append(final_carry)
+            all_metrics.append(metrics)
+        return params, opt_state, all_metrics
+
+    return step
+
+
+def _columns(names, rows) -> dict[str, np.ndarray]:
+    return {name: np.asarray([row[name] for row in rows], np.float64) for name in names}
+
+
+class _Progress:
+    """One line to stderr every ``every`` steps: a bar, the step, the last metrics, the speed."""
+
+    def __init__(self, total: int, every: int, first_step: int, enabled: bool):
+        self.total, self.every, self.enabled = total, every, enabled and every > 0
+        self.start_time, self.start_step = time.perf_counter(), first_step
+
+    def __call__(self, step: int, train_loss: float, grad_norm: float, evaluation: dict | None) -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        done = int(20 * step / max(self.total, 1))
+        rate = (step - self.start_step) / max(time.perf_counter() - self.start_time, 1e-9)
+        text = f"[{'=' * done}{' ' * (20 - done)}] step {step}/{self.total} loss {train_loss:.4g} |g| {grad_norm:.3g}"
+        if evaluation:
+            text += " " + " ".join(f"{name} {value:.4g}" for name, value in evaluation.items() if name != "step")
+        print(f"{text} ({rate:.1f} steps/s)", file=sys.stderr, flush=True)
+
+
+def train(
+    loss_fn: Callable,
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    batch_fn: Callable[[jax.Array], Any],
+    *,
+    steps: int,
+    data_key: jax.Array,
+    clip: float | None = None,
+    truncation: Truncation | None = None,
+    on_nonfinite: str = "stop",
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    eval_every: int = 100,
+    log_every: int = 100,
+    progress: bool = True,
+    checkpoint_path: str | None = None,
+    checkpoint_every: int = 100,
+    callback: Callable[[int, Any], None] | None = None,
+) -> TrainResult:
+    """Train ``params`` for ``steps`` batches and return a `TrainResult`.
+
+    **Arguments:**
+
+    - ``loss_fn``: ``(params, batch) -> scalar`` for full BPTT; ``(params, carry, chunk) -> (scalar, carry)`` with
+      ``truncation`` (see the module docstring).
+    - ``optimizer``: any optax transformation; ``clip`` puts `optax.clip_by_global_norm` before it.
+    - ``batch_fn``: ``key -> batch``, pure and jittable; step ``s`` uses ``fold_in(data_key, s)``.
+    - ``on_nonfinite``: ``"stop"`` (raise `NonFiniteError`) or ``"skip"`` (drop the update, carry on).
+    - ``eval_fn``: ``params -> {metric: value}`` on held-out data, called before training and every ``eval_every``
+      steps and at the end.
+    - ``checkpoint_path``: if set, the state (params, optimiser state, step, history) is saved there atomically
+      every ``checkpoint_every`` steps and at the end, and a run finding a checkpoint there resumes from it — to the
+      bit the same as a run never interrupted, when called with the same arguments.
+    - ``callback``: ``(step, params) -> None`` after every step (e.g. to stop a run from outside).
+    """
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}.")
+    optimizer = with_clipping(optimizer, clip)
+    if truncation is None:
+        step_fn = _full_bptt_step(loss_fn, optimizer, batch_fn, data_key)
+    else:
+        step_fn = _truncated_step(loss_fn, optimizer, batch_fn, data_key, truncation)
+
+    opt_state = optimizer.init(params)
+    rows: list[dict] = []
+    eval_rows: list[dict] = []
+    first_step = 0
+    if checkpoint_path is not None:
+        empty = {"params": params, "opt_state": opt_state, "step": 0,
+                 "history": {name: np.zeros(0) for name in HISTORY_COLUMNS}, "evals": {}}
+        saved = checkpoint.restore(checkpoint_path, empty)
+        if saved is not None:
+            params, opt_state, first_step = saved["params"], saved["opt_state"], int(saved["step"])
+            history = saved["history"]
+            rows = [{name: history[name][i] for name in HISTORY_COLUMNS} for i in range(len(history["step"]))]
+            evals = saved["evals"]
+            eval_rows = [{name: evals[name][i] for name in evals} for i in range(len(evals.get("step", ())))]
+
+    def result(step):
+        eval_names = ("step", *(name for name in (eval_rows[0] if eval_rows else {}) if name != "step"))
+        return TrainResult(params, opt_state, step, _columns(HISTORY_COLUMNS, rows),
+                           _columns(eval_names, eval_rows) if eval_rows else {})
+
+    def save(step):
+        if checkpoint_path is not None:
+            run = result(step)
+            checkpoint.save(checkpoint_path, {"params": params, "opt_state": opt_state, "step": step,
+                                              "history": run.history, "evals": run.evals})
+
+    def evaluate(step):
+        if eval_fn is None:
+            return None
+        row = {"step": step, **{name: float(value) for name, value in eval_fn(params).items()}}
+        eval_rows.append(row)
+        return row
+
+    last_eval = evaluate(0) if first_step == 0 else None
+    show = _Progress(steps, log_every, first_step, progress)
+    for step in range(first_step, steps):
+        params, opt_state, metrics = step_fn(params, opt_state, step)
+        metrics = jax.device_get(metrics)
+        for update, values in enumerate(metrics):
+            rows.append({"step": step, "update": update, **{k: float(v) for k, v in values.items()}})
+            if not values["finite"] and on_nonfinite == "stop":
+                message = (f"non-finite training at step {step} (update {update} of that step): loss "
+                           f"{float(values['loss'])}, gradient norm {float(values['grad_norm'])}. The update was not "
+                           "applied; the run stops. Lower the learning rate, clip gradients (clip=...), or pass "
+                           "on_nonfinite='skip' to drop such updates.")
+                raise NonFiniteError(message, step=step, update=update, loss=float(values["loss"]),
+                                     grad_norm=float(values["grad_norm"]), result=result(step))
+        done = step + 1
+        if eval_fn is not None and (done % eval_every == 0 or done == steps):
+            last_eval = evaluate(done)
+        losses = [float(values["loss"]) for values in metrics]
+        show(done, float(np.mean(losses)), float(metrics[-1]["grad_norm"]), last_eval)
+        if done % checkpoint_every == 0 and done != steps:
+            save(done)
+        if callback is not None:
+            callback(done, params)
+    final_step = max(steps, first_step)
+    save(final_step)
+    return result(final_step)
+
+
+def count_nonfinite(result: TrainResult) -> int:
+    """How many updates of a run were dropped as non-finite."""
+    return int(np.sum(result.history["finite"] == 0)) if len(result.history["finite"]) else 0
+
