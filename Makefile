@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/gradient_flow.py --out results/demo
+	$(PY) experiments/gradient_flow.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --timeout 600 tests

@@ -1,0 +1,271 @@
+"""Gradient-flow sweeps over cells × gains × seeds × sequence lengths, as tidy records.
+
+One compiled program per (cell, T): the parameters of every (gain, seed) configuration are made by one
+``jit(vmap(init))`` and measured by one ``jit(vmap(grad_norms))``; with several devices the configuration axis is
+sharded over all of them (`jax.sharding`). Initialisation is a program of its own: batched QR (orthogonal weights)
+inside the same program as heavy work has hung JAX's CPU thread pool.
+
+**The gain** multiplies every recurrent weight block: each leaf of the parameters named ``w_h…`` (all gates), or
+whatever the cell's own ``scale_recurrent(params, gain)`` does if it defines one. With the default orthogonal
+recurrent initialisation, gain ``g`` gives recurrent blocks ``g·Q``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rnnlab import gradflow, theory
+from rnnlab import init as initializers
+from rnnlab.cells import GRU, LSTM, RNN
+
+#: Named cells of the default study; ``module:Class`` names a user's cell instead.
+CELLS: dict[str, Callable[[int], object]] = {
+    "rnn_tanh": lambda hidden_size: RNN(hidden_size, activation="tanh"),
+    "rnn_relu": lambda hidden_size: RNN(hidden_size, activation="relu"),
+    "irnn": lambda hidden_size: RNN(hidden_size, activation="relu", recurrent_init=initializers.identity()),
+    "rnn_linear": lambda hidden_size: RNN(hidden_size, activation="linear"),
+    "lstm": lambda hidden_size: LSTM(hidden_size),
+    "gru": lambda hidden_size: GRU(hidden_size),
+}
+
+#: The columns of a gradient-flow record table, one row per (cell, gain, seed, seq_len, t).
+COLUMNS = ("cell", "gain", "seed", "seq_len", "t", "lag", "log10_grad_norm", "finite", "theory_rate", "error")
+
+
+def make_cell(spec, hidden_size: int):
+    """A cell from a name in `CELLS`, a ``"module:Class"`` string (called as ``Class(hidden_size=...)``), or a cell."""
+    if not isinstance(spec, str):
+        return spec
+    if spec in CELLS:
+        return CELLS[spec](hidden_size)
+    if ":" in spec:
+        module_name, class_name = spec.split(":", 1)
+        return getattr(importlib.import_module(module_name), class_name)(hidden_size=hidden_size)
+    raise ValueError(f"cell {spec!r} is neither one of {sorted(CELLS)} nor 'module:Class'.")
+
+
+def scale_recurrent(cell, params, gain):
+    """``params`` with every recurrent weight block multiplied by ``gain`` (see the module docstring)."""
+    if hasattr(cell, "scale_recurrent"):
+        return cell.scale_recurrent(params, gain)
+
+    def scale(path, leaf):
+        name = getattr(path[-1], "key", getattr(path[-1], "name", "")) if path else ""
+        return leaf * gain if str(name).startswith("w_h") else leaf
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The (gain, seed) configurations of one cell, flattened: configuration ``i`` is ``(gains[i], seeds[i])``."""
+
+    gains: np.ndarray
+    seeds: np.ndarray
+
+    @classmethod
+    def product(cls, gains: Sequence[float], seeds: Sequence[int]) -> "Grid":
+        gain_grid, seed_grid = np.meshgrid(np.asarray(gains, np.float32), np.asarray(seeds, np.int64), indexing="ij")
+        return cls(gain_grid.ravel(), seed_grid.ravel())
+
+    def __len__(self) -> int:
+        return len(self.gains)
+
+
+def _config_sharding(n_configs: int):
+    """A sharding of the leading (configuration) axis over all devices, and the padded configuration count."""
+    devices = jax.devices()
+    if len(devices) == 1:
+        return None, n_configs
+    mesh = Mesh(np.asarray(devices), ("config",))
+    return NamedSharding(mesh, PartitionSpec("config")), math.ceil(n_configs / len(devices)) * len(devices)
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)]) if size > len(array) else array
+
+
+def _inputs(seed, seq_len: int, batch: int, input_size: int, input_std: float):
+    """The sweep's inputs for one seed, ``[T, batch, input_size]`` ~ N(0, input_std²): the same for every gain."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    return input_std * jax.random.normal(key, (seq_len, batch, input_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """What one (cell, T) program measured: ``log10_grad_norm [configs, T]`` and the theory rate ``[configs]``."""
+
+    grid: Grid
+    seq_len: int
+    log10_grad_norm: np.ndarray
+    theory_rate: np.ndarray
+
+
+def measure(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, input_std: float = 1.0,
+            theory_len: int = 500) -> Measurement:
+    """Measure ``log10 ||∂L/∂h_t||`` for every configuration of ``grid`` at sequence length ``seq_len``.
+
+    Parameters come from ``cell.init(PRNGKey(seed), input_size)`` scaled by the gain; inputs from the seed (the same
+    for every gain). ``theory_len`` steps of the same inputs feed the trajectory-dependent theory (gate paths).
+    """
+    sharding, padded = _config_sharding(len(grid))
+    gains, seeds = _pad(grid.gains, padded), _pad(grid.seeds, padded)
+
+    def init_one(seed, gain):
+        return scale_recurrent(cell, cell.init(jax.random.PRNGKey(seed), input_size), gain)
+
+    def measure_one(params, seed):
+        return gradflow.grad_norms(cell, params, _inputs(seed, seq_len, batch, input_size, input_std))
+
+    if sharding is not None:
+        gains, seeds = jax.device_put(gains, sharding), jax.device_put(seeds, sharding)
+    params = jax.jit(jax.vmap(init_one))(seeds, gains)
+    log10_norms = np.asarray(jax.jit(jax.vmap(measure_one))(params, seeds))[: len(grid)]
+    theory_inputs = jax.vmap(lambda seed: _inputs(seed, min(seq_len, theory_len), batch, input_size, input_std))
+    theory_rate = theory.predicted_rates(cell, params, gains, theory_inputs(jnp.asarray(seeds)), input_std)[: len(grid)]
+    return Measurement(grid, seq_len, log10_norms, theory_rate)
+
+
+def records(cell_name: str, measurement: Measurement, *, max_points: int | None = None,
+            error: str = "") -> dict[str, np.ndarray]:
+    """Tidy columns (`COLUMNS`) for one measurement: a row per configuration and step ``t``.
+
+    ``max_points`` keeps at most that many steps per curve, evenly spaced in ``t`` and always including the first
+    and last step (long curves are straight lines on a log scale; the summary fits use every step).
+    """
+    n_configs, seq_len = measurement.log10_grad_norm.shape
+    steps = np.arange(seq_len)
+    if max_points is not None and seq_len > max_points:
+        steps = np.unique(np.linspace(0, seq_len - 1, max_points).round().astype(int))
+    values = measurement.log10_grad_norm[:, steps]
+    return {
+        "cell": np.full(values.size, cell_name),
+        "gain": np.repeat(measurement.grid.gains, len(steps)),
+        "seed": np.repeat(measurement.grid.seeds, len(steps)),
+        "seq_len": np.full(values.size, seq_len),
+        "t": np.tile(steps, n_configs),
+        "lag": np.tile(seq_len - 1 - steps, n_configs),
+        "log10_grad_norm": values.ravel(),
+        "finite": np.isfinite(values).ravel(),
+        "theory_rate": np.repeat(measurement.theory_rate, len(steps)),
+        "error": np.full(values.size, error),
+    }
+
+
+def fit_rate(lags: np.ndarray, log10_grad_norm: np.ndarray) -> float:
+    """Least-squares slope of ``log10 ||∂L/∂h_t||`` against the lag: the measured log10 rate per step.
+
+    ``nan`` if any value is non-finite (a cell that produced nan, or a gradient that is exactly zero).
+    """
+    if not np.all(np.isfinite(log10_grad_norm)) or len(lags) < 2:
+        return float("nan")
+    return float(np.polyfit(np.asarray(lags, float), np.asarray(log10_grad_norm, float), 1)[0])
+
+
+def _segments(keys: np.ndarray):
+    """Group the rows of ``keys [rows, k]``: ``(unique keys [groups, k], list of row indices per group)``."""
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.argsort(inverse, kind="stable")
+    return unique, np.split(order, np.cumsum(np.bincount(inverse, minlength=len(unique)))[:-1])
+
+
+def summarize(table: Mapping[str, np.ndarray]) -> list[dict]:
+    """One row per (cell, T, gain): the fitted rate per step (mean and standard deviation over seeds), the theory's
+    rate, and the steps until the gradient falls by 10^6 at the measured rate (``inf`` if it does not fall)."""
+    cell_names, cell_codes = np.unique(np.asarray(table["cell"]), return_inverse=True)
+    numeric = [np.asarray(table[key], np.float64) for key in ("seq_len", "gain", "seed")]
+    configs, rows_of_config = _segments(np.stack([cell_codes.ravel().astype(np.float64), *numeric], axis=1))
+    lag, value, theory_rate = (np.asarray(table[key]) for key in ("lag", "log10_grad_norm", "theory_rate"))
+    rates = np.asarray([fit_rate(lag[rows], value[rows]) for rows in rows_of_config])
+    theory_rates = np.asarray([theory_rate[rows[0]] for rows in rows_of_config], np.float64)
+    groups, configs_of_group = _segments(configs[:, :3])
+    summary = []
+    for (cell_code, seq_len, gain), members in zip(groups, configs_of_group):
+        finite_rates = rates[members][np.isfinite(rates[members])]
+        rate = float(finite_rates.mean()) if finite_rates.size else float("nan")
+        theory = theory_rates[members]
+        summary.append({
+            "cell": str(cell_names[int(cell_code)]), "seq_len": int(seq_len), "gain": float(gain),
+            "rate_mean": rate, "rate_std": float(finite_rates.std()) if finite_rates.size else float("nan"),
+            "theory_rate": float(np.nanmean(theory)) if np.any(np.isfinite(theory)) else float("nan"),
+            "steps_to_1e-6": 6.0 / -rate if rate < 0 else (float("inf") if rate >= 0 else float("nan")),
+            "nonfinite_seeds": int(len(members) - finite_rates.size),
+        })
+    return summary
+
+
+def concat(tables: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate record tables column by column."""
+    tables = list(tables)
+    return {column: np.concatenate([np.asarray(table[column]) for table in tables]) for column in COLUMNS}
+
+
+def gradient_flow(cells, gains: Sequence[float], seeds, seq_lens: Sequence[int], *, hidden_size: int,
+                  input_size: int, batch: int, input_std: float = 1.0, max_points: int | None = None,
+                  run=None, progress: Callable | None = None) -> dict[str, np.ndarray]:
+    """Measure ``log10 ||∂L/∂h_t||`` over cells × gains × seeds × sequence lengths; return tidy records.
+
+    **Arguments:** ``cells``: names (`CELLS` or ``"module:Class"``), cell objects, or a mapping name → cell;
+    ``gains``; ``seeds``: a count or a sequence of integer seeds; ``seq_lens``; ``hidden_size`` (for named cells),
+    ``input_size``, ``batch``; ``input_std``: inputs are ``N(0, input_std²)``; ``max_points``: see `records`;
+    ``run``: a `rnnlab.results.RunFolder`; each (cell, T) unit is saved there when done and skipped when found, so
+    an interrupted sweep resumes without losing or duplicating rows; ``progress``: wraps the iterable of units
+    (e.g. `rnnlab.results.progress`).
+
+    **Returns:** columns `COLUMNS`, one row per (cell, gain, seed, T, t). A (cell, T) whose program fails (a user's
+    cell raising, say) is recorded as rows with ``finite=False`` and the error message, and the sweep goes on.
+    """
+    named = cells.items() if isinstance(cells, Mapping) else [
+        (spec if isinstance(spec, str) else type(spec).__name__.lower(), spec) for spec in cells
+    ]
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    grid = Grid.product(gains, seeds)
+    units = [(name, spec, seq_len) for name, spec in named for seq_len in seq_lens]
+    tables = []
+    for cell_name, spec, seq_len in (progress or iter)(units):
+        table = run.load(cell_name, seq_len) if run is not None else None
+        if table is None:
+            table = _measure_unit(cell_name, make_cell(spec, hidden_size), grid, seq_len, input_size=input_size,
+                                  batch=batch, input_std=input_std, max_points=max_points)
+            if run is not None:
+                run.save(cell_name, seq_len, table=table)
+        tables.append(table)
+    return concat(tables)
+
+
+def _measure_unit(cell_name, cell, grid, seq_len, *, max_points, **kwargs):
+    try:
+        return records(cell_name, measure(cell, grid, seq_len, **kwargs), max_points=max_points)
+    except Exception as failure:  # noqa: BLE001 — a failing configuration is recorded and the sweep goes on
+        nan = np.full((len(grid), seq_len), np.nan)
+        failed = Measurement(grid, seq_len, nan, np.full(len(grid), np.nan))
+        return records(cell_name, failed, max_points=max_points, error=f"{type(failure).__name__}: {failure}")
+
+
+def format_summary(summary: Sequence[Mapping]) -> str:
+    """The summary as a text table at each cell's longest T: cell, gain, fitted rate per step (mean ± std over
+    seeds), theory, steps until the gradient falls by 10^6."""
+    longest = {}
+    for row in summary:
+        longest[row["cell"]] = max(longest.get(row["cell"], 0), row["seq_len"])
+    lines = [f"{'cell':<12} {'gain':>5} {'T':>6} {'rate/step (log10)':>20} {'theory':>8} {'steps to 1e-6':>14}"]
+    for row in summary:
+        if row["seq_len"] != longest[row["cell"]]:
+            continue
+        steps = row["steps_to_1e-6"]
+        lines.append(
+            f"{row['cell']:<12} {row['gain']:>5g} {row['seq_len']:>6} "
+            f"{row['rate_mean']:>+10.4f} ± {row['rate_std']:<7.4f} {row['theory_rate']:>+8.4f} "
+            f"{'never' if steps == float('inf') else 'n/a' if steps != steps else f'{steps:.0f}':>14}"
+            + (f"  ({row['nonfinite_seeds']} seeds non-finite)" if row["nonfinite_seeds"] else "")
+        )
+    return "\n".join(lines)
