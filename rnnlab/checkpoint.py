@@ -32,9 +32,10 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         raise
 
 
-def restore(path: str | os.PathLike, target: Any) -> Any | None:
+def restore(path: str | os.PathLike, target: Any = None) -> Any | None:
     """The tree saved at ``path``, in the structure of ``target`` (a tree like the one saved: its leaves give the
-    structure, not the values); ``None`` when there is no checkpoint at ``path``.
+    structure, not the values), or as nested dicts of arrays without ``target``; ``None`` when there is no
+    checkpoint at ``path``.
 
     Raises `ValueError` when the file does not hold a tree of ``target``'s structure (a checkpoint of another run).
     """
@@ -43,6 +44,8 @@ def restore(path: str | os.PathLike, target: Any) -> Any | None:
         return None
     with open(path, "rb") as file:
         data = file.read()
+    if target is None:
+        return serialization.msgpack_restore(data)
     try:
         return serialization.from_bytes(target, data)
     except (ValueError, KeyError, TypeError) as error:

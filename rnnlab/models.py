@@ -42,11 +42,12 @@ def dense(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return x @ params["w"] + params["b"]
 
 
-def run_sequence(cell, params, xs: jax.Array, *, carry=None, lengths=None):
-    """``xs [T, *batch, I] -> (ys [T, *batch, O], final_carry)`` for a cell or a `Stack` alike."""
+def run_sequence(cell, params, xs: jax.Array, *, carry=None, lengths=None, unroll: int = 1):
+    """``xs [T, *batch, I] -> (ys [T, *batch, O], final_carry)`` for a cell or a `Stack` alike. ``unroll`` steps per
+    loop iteration (`jax.lax.scan`'s option): on CPU, 4–8 often halves the time of a small model."""
     if hasattr(cell, "initial_carry"):
-        return scan(cell, params, xs, carry=carry, lengths=lengths)
-    return cell(params, xs, carry=carry, lengths=lengths)
+        return scan(cell, params, xs, carry=carry, lengths=lengths, unroll=unroll)
+    return cell(params, xs, carry=carry, lengths=lengths, unroll=unroll)
 
 
 def cell_output_size(cell, params, input_size: int, dtype: Any = jnp.float32) -> int:
@@ -74,17 +75,18 @@ def last_valid(ys: jax.Array, lengths: jax.Array | None) -> jax.Array:
 class ManyToOne:
     """Many-to-one: ``xs [T, *batch, I] -> [*batch, output_size]``, a dense readout of ``y`` at the last valid step.
 
-    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``.
+    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``. ``unroll``: see `run_sequence`.
     """
 
     cell: Any
     output_size: int
+    unroll: int = 1
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> dict:
         return _init_with_readout(self.cell, key, input_size, self.output_size, dtype)
 
     def __call__(self, params, xs: jax.Array, *, lengths: jax.Array | None = None) -> jax.Array:
-        ys, _ = run_sequence(self.cell, params["cell"], xs, lengths=lengths)
+        ys, _ = run_sequence(self.cell, params["cell"], xs, lengths=lengths, unroll=self.unroll)
         return dense(params["readout"], last_valid(ys, lengths))
 
 
@@ -95,17 +97,19 @@ class ManyToMany:
     The call takes and returns the carry, so truncated BPTT can feed one chunk's final carry to the next; with
     ``carry=None`` the run starts from the cell's initial carry.
 
-    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``.
+    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``. ``unroll``: see `run_sequence`.
     """
 
     cell: Any
     output_size: int
+    unroll: int = 1
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> dict:
         return _init_with_readout(self.cell, key, input_size, self.output_size, dtype)
 
     def __call__(self, params, xs: jax.Array, *, carry=None, lengths: jax.Array | None = None):
-        ys, final_carry = run_sequence(self.cell, params["cell"], xs, carry=carry, lengths=lengths)
+        ys, final_carry = run_sequence(self.cell, params["cell"], xs, carry=carry, lengths=lengths,
+                                       unroll=self.unroll)
         return dense(params["readout"], ys), final_carry
 
 

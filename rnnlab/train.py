@@ -94,7 +94,7 @@ def with_clipping(optimizer: optax.GradientTransformation, clip: float | None) -
 
 def _guarded_update(optimizer, params, opt_state, loss, grads):
     """Apply one update unless the loss or gradient is non-finite; return the new state and the update's metrics."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -104,7 +104,7 @@ def _guarded_update(optimizer, params, opt_state, loss, grads):
 
     params = jax.tree_util.tree_map(keep_if_finite, new_params, params)
     opt_state = jax.tree_util.tree_map(keep_if_finite, new_opt_state, opt_state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": optax.global_norm(updates), "finite": finite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates), "finite": finite}
     return params, opt_state, metrics
 
 
@@ -159,6 +159,11 @@ def _truncated_step(loss_fn, optimizer, batch_fn, data_key, truncation: Truncati
         return params, opt_state, all_metrics
 
     return step
+
+
+def _rows(columns: dict[str, np.ndarray]) -> list[dict]:
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
 
 
 def _columns(names, rows) -> dict[str, np.ndarray]:
@@ -233,15 +238,12 @@ def train(
     eval_rows: list[dict] = []
     first_step = 0
     if checkpoint_path is not None:
-        empty = {"params": params, "opt_state": opt_state, "step": 0,
-                 "history": {name: np.zeros(0) for name in HISTORY_COLUMNS}, "evals": {}}
-        saved = checkpoint.restore(checkpoint_path, empty)
+        saved = checkpoint.restore(checkpoint_path)
         if saved is not None:
-            params, opt_state, first_step = saved["params"], saved["opt_state"], int(saved["step"])
-            history = saved["history"]
-            rows = [{name: history[name][i] for name in HISTORY_COLUMNS} for i in range(len(history["step"]))]
-            evals = saved["evals"]
-            eval_rows = [{name: evals[name][i] for name in evals} for i in range(len(evals.get("step", ())))]
+            state = checkpoint.restore(checkpoint_path, {"params": params, "opt_state": opt_state, "step": 0})
+            params, opt_state, first_step = state["params"], state["opt_state"], int(saved["step"])
+            rows = _rows(saved["history"])
+            eval_rows = _rows(saved["evals"])
 
     def result(step):
         eval_names = ("step", *(name for name in (eval_rows[0] if eval_rows else {}) if name != "step"))
