@@ -1,0 +1,295 @@
+r"""Fast whole-sequence recurrences for the built-in cells (`RNN`, `LSTM`, `GRU`), used by `rnnlab.scan`.
+
+Plain autodiff of a `lax.scan` does, at every step of its backward loop, the weight-gradient matmul
+``h_{t-1}^T @ δ_t`` besides the matmul that carries the cotangent back (``δ_t @ W_h^T``), and it saves whatever the
+step's primitives happen to need. Here each built-in cell's recurrence over the whole sequence is one
+`jax.custom_jvp` function whose tangent rule is written for speed:
+
+- the forward loop saves, per step, only the few coefficients the tangent needs (gate derivatives already multiplied
+  by their partners, e.g. for the LSTM ``[g, c_{t-1}, i, \tanh c_t] ⊙ σ'``), so a backward step is one fused
+  elementwise pass and one matmul;
+- the tangent of the weights enters as ``H_{prev} @ \dot W_h``, one ``[T·batch, H] @ [H, G·H]`` matmul before the
+  loop, so its transpose — what `jax.grad` runs — is the single matmul ``\bar W_h = H_{prev}^T \bar U`` after the
+  backward loop. The input weights get the same treatment from `scan` hoisting ``cell.project_inputs``.
+
+Reverse mode comes from JAX transposing the (linear) tangent rule, so the backward pass is a reverse `lax.scan` that
+propagates only the carry cotangent and emits the per-step pre-activation cotangents. Unlike `jax.custom_vjp`, this
+keeps forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) working through `rnnlab.scan`.
+
+The numbers equal plain autodiff of the cell's step to floating-point rounding (tests: ``tests/test_fused.py``).
+Subclasses of the built-in cells and cells with a callable activation take the plain path, since they may change
+the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnlab.cells import _ACTIVATIONS, GRU, LSTM, RNN
+
+#: The cell types with a fused recurrence; exact types only, since a subclass may override the step.
+SUPPORTED = (RNN, LSTM, GRU)
+
+#: Derivative of each named RNN activation written through its output ``h = φ(z)`` (``None``: identity, φ' = 1).
+_RNN_DERIVATIVES: dict[str, Callable[[jax.Array], jax.Array] | None] = {
+    "tanh": lambda h: 1.0 - h * h,
+    # jax.nn.relu's derivative at 0 is 0, and h > 0 exactly when z > 0.
+    "relu": lambda h: (h > 0).astype(h.dtype),
+    "linear": None,
+}
+
+
+class _Kernel(NamedTuple):
+    """One cell's recurrence, split the way the fused rule needs it.
+
+    ``step(params, carry, px_t) -> (carry, h)``: the forward step, as the cell computes it.
+    ``saving_step(params, carry, px_t) -> (carry, coeffs)``: the same step, also returning the per-step coefficients
+    of the tangent. ``tangent_inputs(params, d_params, dpx, h_prev, coeffs) -> u``: everything the tangent loop adds
+    per step that does not depend on the carry's tangent, for all steps at once. ``tangent_step(params, d_carry, u_t,
+    coeffs_t) -> d_carry``: the linear recurrence of the carry's tangent.
+    """
+
+    step: Callable
+    saving_step: Callable
+    tangent_inputs: Callable
+    tangent_step: Callable
+
+
+def _hidden_of(carry):
+    return carry[0] if isinstance(carry, tuple) else carry
+
+
+def _weight_tangent(h_prev: jax.Array, d_w: jax.Array) -> jax.Array:
+    """``h_prev [T, N, H] @ d_w [H, G·H]`` as one matmul over all steps; its transpose is the weight gradient."""
+    seq_len, batch, hidden = h_prev.shape
+    return (h_prev.reshape(seq_len * batch, hidden) @ d_w).reshape(seq_len, batch, d_w.shape[-1])
+
+
+# --- Elman RNN: h' = φ(px + h W_h) ---------------------------------------------------------------------------------
+
+
+def _rnn_kernel(activation: str) -> _Kernel:
+    phi, derivative = _ACTIVATIONS[activation], _RNN_DERIVATIVES[activation]
+
+    def step(params, h, px_t):
+        h_new = phi(px_t + h @ params["w_h"])
+        return h_new, h_new
+
+    def saving_step(params, h, px_t):
+        h_new, _ = step(params, h, px_t)
+        return h_new, (() if derivative is None else (derivative(h_new),))
+
+    def tangent_inputs(params, d_params, dpx, h_prev, coeffs):
+        return dpx + _weight_tangent(h_prev, d_params["w_h"])
+
+    def tangent_step(params, dh, u_t, coeffs_t):
+        dz = u_t + dh @ params["w_h"]
+        return dz if derivative is None else dz * coeffs_t[0]
+
+    return _Kernel(step, saving_step, tangent_inputs, tangent_step)
+
+
+# --- LSTM -----------------------------------------------------------------------------------------------------------
+
+
+def _lstm_gates(params, h, px_t):
+    i, f, g, o = jnp.split(px_t + h @ params["w_h"], 4, axis=-1)
+    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+def _lstm_step(params, carry, px_t):
+    h, c = carry
+    i, f, g, o = _lstm_gates(params, h, px_t)
+    c_new = f * c + i * g
+    h_new = o * jnp.tanh(c_new)
+    return (h_new, c_new), h_new
+
+
+def _lstm_saving_step(params, carry, px_t):
+    h, c = carry
+    i, f, g, o = _lstm_gates(params, h, px_t)
+    c_new = f * c + i * g
+    tanh_c = jnp.tanh(c_new)
+    h_new = o * tanh_c
+    # ċ' = f ċ + c·ḟ + g·i̇ + i·ġ and ḣ' = o(1 - tanh²c')·ċ' + tanh c'·ȯ, with ẋ = σ'·ż for the sigmoid gates and
+    # (1 - g²)·ż for the cell gate: the partner of each gate times its derivative, in the layout of z.
+    partner_times_derivative = jnp.concatenate(
+        [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-1
+    )
+    return (h_new, c_new), (partner_times_derivative, o * (1 - tanh_c * tanh_c), f)
+
+
+def _lstm_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
+    return dpx + _weight_tangent(h_prev, d_params["w_h"])
+
+
+def _lstm_tangent_step(params, d_carry, u_t, coeffs_t):
+    dh, dc = d_carry
+    partner_times_derivative, dh_dc, f = coeffs_t
+    qi, qf, qg, qo = jnp.split((u_t + dh @ params["w_h"]) * partner_times_derivative, 4, axis=-1)
+    dc_new = f * dc + qi + qf + qg
+    return dh_dc * dc_new + qo, dc_new
+
+
+_LSTM = _Kernel(_lstm_step, _lstm_saving_step, _lstm_tangent_inputs, _lstm_tangent_step)
+
+
+# --- GRU (cuDNN / PyTorch convention) -------------------------------------------------------------------------------
+
+
+def _gru_parts(params, h, px_t):
+    x_r, x_z, x_n = jnp.split(px_t, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(h @ params["w_h"] + params["b_h"], 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    return r, z, n, h_n
+
+
+def _gru_step(params, h, px_t):
+    r, z, n, _ = _gru_parts(params, h, px_t)
+    h_new = (1.0 - z) * n + z * h
+    return h_new, h_new
+
+
+def _gru_saving_step(params, h, px_t):
+    r, z, n, h_n = _gru_parts(params, h, px_t)
+    h_new = (1.0 - z) * n + z * h
+    # With P = (ẋ_r + ȧ_r, ẋ_z + ȧ_z, ẋ_n + r ȧ_n) (a = h W_h + b_h):
+    # ḣ' = (1 - z)(1 - n²)·(P_n + r(1 - r) a_n · P_r) + (h - n) z(1 - z) · P_z + z ḣ.
+    coeffs = (r, r * (1 - r) * h_n, (1 - z) * (1 - n * n), (h - n) * z * (1 - z), z)
+    return h_new, coeffs
+
+
+def _gru_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
+    r = coeffs[0]
+    da = _weight_tangent(h_prev, d_params["w_h"]) + d_params["b_h"]
+    da_r, da_z, da_n = jnp.split(da, 3, axis=-1)
+    return dpx + jnp.concatenate([da_r, da_z, r * da_n], axis=-1)
+
+
+def _gru_tangent_step(params, dh, u_t, coeffs_t):
+    r, reset_coeff, new_coeff, update_coeff, z = coeffs_t
+    da_r, da_z, da_n = jnp.split(dh @ params["w_h"], 3, axis=-1)
+    u_r, u_z, u_n = jnp.split(u_t, 3, axis=-1)
+    return new_coeff * (u_n + r * da_n + reset_coeff * (u_r + da_r)) + update_coeff * (u_z + da_z) + z * dh
+
+
+_GRU = _Kernel(_gru_step, _gru_saving_step, _gru_tangent_inputs, _gru_tangent_step)
+_RNN = {activation: _rnn_kernel(activation) for activation in _RNN_DERIVATIVES}
+
+
+# --- the generic driver ---------------------------------------------------------------------------------------------
+
+
+def _kernel(cell) -> _Kernel:
+    if type(cell) is LSTM:
+        return _LSTM
+    if type(cell) is GRU:
+        return _GRU
+    return _RNN[cell.activation]
+
+
+def _masked(valid_t, new, old):
+    """``new`` where the step is valid, else ``old``, leaf by leaf (``valid_t [N]``)."""
+    if valid_t is None:
+        return new
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(valid_t[:, None], a, b), new, old)
+
+
+def _previous(hs: jax.Array, h0: jax.Array, reverse: bool) -> jax.Array:
+    """The hidden state entering each step, ``[T, N, H]``, in the time order of ``hs``."""
+    if reverse:
+        return jnp.concatenate([hs[1:], h0[None]], axis=0)
+    return jnp.concatenate([h0[None], hs[:-1]], axis=0)
+
+
+def _outputs(hs: jax.Array, valid) -> jax.Array:
+    # A padded step keeps its carry and outputs exactly zero, as in the plain path.
+    return hs if valid is None else jnp.where(valid[..., None], hs, jnp.zeros_like(hs))
+
+
+def _scan_valid(body, carry, xs, valid, reverse, unroll):
+    return jax.lax.scan(body, carry, xs if valid is None else (xs, valid), reverse=reverse, unroll=unroll)
+
+
+def _split_valid(inputs, valid):
+    return (inputs, None) if valid is None else inputs
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, valid):
+    def body(carry, inputs):
+        px_t, valid_t = _split_valid(inputs, valid)
+        new_carry, _ = kernel.step(params, carry, px_t)
+        new_carry = _masked(valid_t, new_carry, carry)
+        return new_carry, _hidden_of(new_carry)
+
+    carry, hs = _scan_valid(body, carry, px, valid, reverse, unroll)
+    return _outputs(hs, valid), carry
+
+
+@_recurrence.defjvp
+def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
+    params, carry0, px, valid = primals
+    d_params, d_carry0, dpx, _ = tangents
+
+    def body(carry, inputs):
+        px_t, valid_t = _split_valid(inputs, valid)
+        new_carry, coeffs = kernel.saving_step(params, carry, px_t)
+        new_carry = _masked(valid_t, new_carry, carry)
+        return new_carry, (_hidden_of(new_carry), coeffs)
+
+    carry, (hs, coeffs) = _scan_valid(body, carry0, px, valid, reverse, unroll)
+    h_prev = _previous(hs, _hidden_of(carry0), reverse)
+    u = kernel.tangent_inputs(params, d_params, dpx, h_prev, coeffs)
+
+    def tangent_body(d_carry, inputs):
+        (u_t, coeffs_t), valid_t = _split_valid(inputs, valid)
+        new_d_carry = _masked(valid_t, kernel.tangent_step(params, d_carry, u_t, coeffs_t), d_carry)
+        return new_d_carry, _hidden_of(new_d_carry)
+
+    d_carry, d_hs = _scan_valid(tangent_body, d_carry0, (u, coeffs), valid, reverse, unroll)
+    return (_outputs(hs, valid), carry), (_outputs(d_hs, valid), d_carry)
+
+
+def supports(cell, params, carry, projected: jax.Array) -> bool:
+    """Whether `recurrence` runs ``cell``: an exact built-in type, a named activation, and one float dtype
+    throughout (the plain path handles mixed dtypes by promotion)."""
+    if type(cell) not in SUPPORTED:
+        return False
+    if type(cell) is RNN and not (isinstance(cell.activation, str) and cell.activation in _RNN_DERIVATIVES):
+        return False
+    leaves = jax.tree_util.tree_leaves((params, carry))
+    return all(jnp.result_type(leaf) == projected.dtype for leaf in leaves)
+
+
+def recurrence(cell, params, carry, projected: jax.Array, *, valid: jax.Array | None = None, reverse: bool = False,
+               unroll: int = 1) -> tuple[Any, jax.Array]:
+    """Run ``cell.recur`` over time on inputs already projected by ``cell.project_inputs``.
+
+    **Arguments:** ``projected [T, *batch, G·H]``; ``carry`` as from ``cell.initial_carry(batch)``; ``valid [T,
+    *batch]`` booleans (None: every step valid): at an invalid step the carry is kept and the output is zero;
+    ``reverse``: run from the last step to the first.
+
+    **Returns:** ``(final_carry, hs)`` with ``hs [T, *batch, H]``, as `jax.lax.scan` of the masked step would.
+    """
+    seq_len, batch_shape = projected.shape[0], projected.shape[1:-1]
+    batch = 1
+    for size in batch_shape:
+        batch *= size
+
+    def flat(a):
+        return a.reshape((batch,) + a.shape[len(batch_shape):])
+
+    params = {name: params[name] for name in ("w_h", "b_h") if name in params}
+    flat_carry = jax.tree_util.tree_map(flat, carry)
+    flat_px = projected.reshape(seq_len, batch, projected.shape[-1])
+    flat_valid = None if valid is None else valid.reshape(seq_len, batch)
+    hs, final = _recurrence(_kernel(cell), reverse, unroll, params, flat_carry, flat_px, flat_valid)
+    final = jax.tree_util.tree_map(lambda a: a.reshape(batch_shape + a.shape[1:]), final)
+    return final, hs.reshape((seq_len,) + batch_shape + hs.shape[-1:])
