@@ -33,7 +33,7 @@ def linear_orthogonal_log10(gain: float, lags) -> np.ndarray:
 
 def tanh_fixed_point(gain: float, input_variance: float = 0.0, bias_variance: float = 0.0,
                      iterations: int = 500) -> float:
-    """The stationary pre-activation variance ``q*`` of a tanh RNN in mean-field theory:
+    r"""The stationary pre-activation variance ``q*`` of a tanh RNN in mean-field theory:
 
     .. math:: q^* = g^2 \, E[\tanh(\sqrt{q^*} z)^2] + \sigma_x^2 + \sigma_b^2
 

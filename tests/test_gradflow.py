@@ -1,0 +1,165 @@
+"""`rnnlab.gradflow` against closed forms, PyTorch's retain_grad, finite differences and the Lyapunov spectrum.
+
+Tests whose argument is named ``cell`` run over every library cell (tests/conftest.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnlab
+from rnnlab import gradflow, interop
+
+torch = pytest.importorskip("torch")
+
+
+def linear_orthogonal(gain, hidden_size=16):
+    return rnnlab.RNN(hidden_size, activation="linear", recurrent_init=rnnlab.init.orthogonal(gain))
+
+
+@pytest.mark.parametrize("gain, seq_len", [(0.5, 3000), (0.9, 3000), (0.97, 10_000)])
+def test_grad_norms_linear_orthogonal_exact_slope_far_below_float32(gain, seq_len):
+    """W = g·Q: ||∂L/∂h_t|| = g^(T-1-t) ||∂L/∂h_{T-1}|| exactly, even at 1e-900 (float32 underflows near 1e-38)."""
+    cell = linear_orthogonal(gain)
+    params = cell.init(jax.random.PRNGKey(0), input_size=4)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, 8, 4))
+    measured = np.asarray(jax.jit(lambda p, x: gradflow.grad_norms(cell, p, x))(params, xs), np.float64)
+    ys, _ = rnnlab.scan(cell, params, xs)
+    last = np.log10(np.linalg.norm(2.0 * np.asarray(ys[-1], np.float64) / 8))
+    expected = (seq_len - 1 - np.arange(seq_len)) * np.log10(gain) + last
+    assert np.all(np.isfinite(measured))
+    np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-4)
+    assert measured[0] < -40  # beyond float32's range: a plain backward pass would print 0
+
+
+def test_jacobian_norms_linear_orthogonal_exploding_where_forward_overflows():
+    """Gain 1.5 over 3000 steps: the state itself overflows float32, yet every singular value of ∂h_T/∂h_t is
+    1.5^(T-1-t), in log domain."""
+    gain, seq_len, k = 1.5, 3000, 3
+    cell = linear_orthogonal(gain)
+    params = cell.init(jax.random.PRNGKey(0), input_size=4)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, 4))
+    ys, _ = rnnlab.scan(cell, params, xs)
+    assert not np.all(np.isfinite(np.asarray(ys)))  # the forward pass overflows float32
+    measured = np.asarray(jax.jit(lambda p, x: gradflow.jacobian_norms(cell, p, x, k=k))(params, xs), np.float64)
+    # the linear Jacobian does not depend on the state, so overflowed states do not matter
+    expected = (seq_len - 1 - np.arange(seq_len))[:, None] * np.log10(gain) * np.ones(k)
+    np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-4)
+
+
+def _torch_retain_grad_norms(cell, params, xs, per_step_loss: bool):
+    """log10 ||∂L/∂h_t|| from a PyTorch loop over the same weights, retain_grad on every h_t."""
+    module = interop.to_torch(cell, params).double()
+    xs = torch.from_numpy(np.asarray(xs, np.float64))
+    batch = xs.shape[1]
+    h = torch.zeros(1, batch, cell.hidden_size, dtype=torch.float64)
+    state = (h, torch.zeros_like(h)) if isinstance(cell, rnnlab.LSTM) else h
+    hs = []
+    for x in xs:
+        _, state = module(x[None], state)
+        h = state[0] if isinstance(cell, rnnlab.LSTM) else state
+        h.retain_grad()
+        hs.append(h)
+    loss = sum((h**2).sum() for h in hs) / batch if per_step_loss else (hs[-1] ** 2).sum() / batch
+    loss.backward()
+    return np.log10([h.grad.norm().item() for h in hs])
+
+
+@pytest.mark.parametrize("per_step_loss", [False, True], ids=["last-step-loss", "per-step-loss"])
+def test_grad_norms_match_torch_retain_grad(cell, per_step_loss):
+    if isinstance(cell, rnnlab.RNN) and cell.activation == "linear":
+        pytest.skip("torch.nn.RNN has no linear activation; the linear RNN is checked against its closed form")
+    params = cell.init(jax.random.PRNGKey(2), input_size=3)
+    params = jax.tree_util.tree_map(lambda leaf: leaf * 1.3, params)  # away from the defaults, all paths active
+    xs = jax.random.normal(jax.random.PRNGKey(3), (12, 4, 3))
+    loss = (lambda hs: jnp.sum(hs**2) / hs.shape[1]) if per_step_loss else None
+    measured = gradflow.grad_norms(cell, params, xs, loss=loss)
+    expected = _torch_retain_grad_norms(cell, params, xs, per_step_loss)
+    np.testing.assert_allclose(np.asarray(measured), expected, atol=2e-5 * 12)
+
+
+def test_grad_norms_match_finite_differences_float64():
+    """∂L/∂h_t by central differences of L under a perturbation added to h_t, in float64."""
+    with jax.enable_x64(True):
+        cell = rnnlab.GRU(3)
+        params = cell.init(jax.random.PRNGKey(0), input_size=2, dtype=jnp.float64)
+        xs = jax.random.normal(jax.random.PRNGKey(1), (5, 2, 2), jnp.float64)
+
+        def loss_with_nudge(t, nudge):
+            h = cell.initial_carry((2,), jnp.float64)
+            for s in range(xs.shape[0]):
+                h, _ = cell(params, h, xs[s])
+                h = h + nudge if s == t else h
+            return jnp.sum(h**2) / 2
+
+        eps, expected = 1e-6, []
+        for t in range(xs.shape[0]):
+            grad = np.zeros((2, 3))
+            for index in np.ndindex(2, 3):
+                nudge = jnp.zeros((2, 3), jnp.float64).at[index].set(eps)
+                grad[index] = (loss_with_nudge(t, nudge) - loss_with_nudge(t, -nudge)) / (2 * eps)
+            expected.append(np.log10(np.linalg.norm(grad)))
+        measured = gradflow.grad_norms(cell, params, xs)
+        assert measured.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(measured), expected, atol=1e-7)
+
+
+def test_grad_norms_user_cell_runs_unchanged():
+    from tests.user_cell import IndRNN
+
+    cell = IndRNN(4)
+    params = cell.init(jax.random.PRNGKey(0), 3)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (20, 2, 3))
+    measured = gradflow.grad_norms(cell, params, xs)
+    # IndRNN's Jacobian is diagonal, so each unit's gradient is a product of scalars: an independent answer.
+    hs, _ = rnnlab.scan(cell, params, xs)
+    derivative = np.asarray(params["w_h"]) * (1 - np.asarray(hs) ** 2)  # ∂h_t/∂h_{t-1}, elementwise, [T, B, H]
+    grad = [2 * np.asarray(hs[-1]) / 2]
+    for t in range(19, 0, -1):
+        grad.append(grad[-1] * derivative[t])
+    expected = np.log10([np.linalg.norm(g) for g in grad[::-1]])
+    np.testing.assert_allclose(np.asarray(measured), expected, rtol=1e-5)
+
+
+def test_grad_norms_exact_zero_is_minus_infinity():
+    """A ReLU RNN whose units are all off passes no gradient: log10 0 = -inf, not nan."""
+    cell = rnnlab.RNN(4, activation="relu", bias_init=rnnlab.init.constant(-100.0))
+    params = cell.init(jax.random.PRNGKey(0), 2)
+    measured = np.asarray(gradflow.grad_norms(cell, params, jnp.ones((6, 2))))
+    assert np.all(measured == -np.inf)
+
+
+def test_lyapunov_exponents_linear_orthogonal_are_log_gain():
+    cell = linear_orthogonal(0.8, hidden_size=8)
+    params = cell.init(jax.random.PRNGKey(0), 2)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (200, 2))
+    np.testing.assert_allclose(gradflow.lyapunov_exponents(cell, params, xs, k=8), np.log(0.8) * np.ones(8), rtol=1e-5)
+
+
+@pytest.mark.parametrize("gain, chaotic", [(0.6, False), (3.0, True)])
+def test_lyapunov_order_and_chaos_and_growth_rate_of_jacobian(gain, chaotic):
+    """tanh RNN: all exponents negative at low gain, the largest positive at high gain; and the backward growth rate
+    of the top singular value of ∂h_T/∂h_t equals the top exponent. Chaos makes float32 and float64 trajectories
+    part ways, so float64 is compared through rates, not values."""
+    cell = rnnlab.RNN(64, recurrent_init=rnnlab.init.scaled_normal(gain))
+    params = cell.init(jax.random.PRNGKey(0), 4)
+    xs = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1500, 4))
+    exponents = np.asarray(gradflow.lyapunov_exponents(cell, params, xs, k=4))
+    assert (exponents[0] > 0.01) if chaotic else np.all(exponents < -0.01)
+    top = np.asarray(gradflow.jacobian_norms(cell, params, xs, k=1))[:, 0]
+    backward_rate = (top[200] - top[1200]) / 1000 * np.log(10)  # natural log per step, away from both ends
+    assert backward_rate == pytest.approx(exponents[0], abs=0.02)
+    with jax.enable_x64(True):
+        params64 = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, jnp.float64), params)
+        exponents64 = np.asarray(gradflow.lyapunov_exponents(cell, params64, jnp.asarray(xs, jnp.float64), k=4))
+    np.testing.assert_allclose(exponents, exponents64, atol=0.02)
+
+
+def test_single_sequence_functions_reject_batches():
+    cell = rnnlab.RNN(4)
+    params = cell.init(jax.random.PRNGKey(0), 2)
+    with pytest.raises(ValueError, match=r"one sequence.*\(5, 3, 2\)"):
+        gradflow.jacobian_norms(cell, params, jnp.ones((5, 3, 2)))
+    with pytest.raises(ValueError, match="k must lie"):
+        gradflow.lyapunov_exponents(cell, params, jnp.ones((5, 2)), k=9)
