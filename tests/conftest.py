@@ -1,0 +1,35 @@
+"""Shared test setup: the cells every test is parametrised over, and JAX's persistent compilation cache.
+
+A test that takes an argument named ``cell`` runs once per entry of `LIBRARY_CELLS`, plus once per entry of its
+module's ``EXTRA_CELLS`` (how `test_scan` adds a cell defined outside the library).
+"""
+
+import os
+import pathlib
+
+import jax
+
+import rnnlab
+
+# Compiled programs are reused across test runs, even the small ones (most of the tests' time is compilation);
+# `make clean-cache` clears the folder.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).parents[1] / ".jax_cache")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+# hidden_size 5 against input size 3 in the tests, so a transposed weight fails loudly.
+LIBRARY_CELLS = {
+    "rnn_tanh": rnnlab.RNN(hidden_size=5, activation="tanh"),
+    "rnn_relu": rnnlab.RNN(hidden_size=5, activation="relu"),
+    "rnn_linear": rnnlab.RNN(hidden_size=5, activation="linear"),
+    "lstm": rnnlab.LSTM(hidden_size=5),
+    "gru": rnnlab.GRU(hidden_size=5),
+}
+
+
+def pytest_generate_tests(metafunc):
+    if "cell" in metafunc.fixturenames:
+        cells = {**LIBRARY_CELLS, **getattr(metafunc.module, "EXTRA_CELLS", {})}
+        metafunc.parametrize("cell", list(cells.values()), ids=list(cells))
