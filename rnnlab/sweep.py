@@ -13,6 +13,7 @@ recurrent initialisation, gain ``g`` gives recurrent blocks ``g·Q``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from typing import Callable, Iterable, Mapping, Sequence
@@ -109,6 +110,23 @@ class Measurement:
     theory_rate: np.ndarray
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def init_configs(cell, seeds: jax.Array, gains: jax.Array, input_size: int):
+    """Parameters for every configuration, ``cell.init(PRNGKey(seed), input_size)`` scaled by the gain, stacked
+    on a leading axis: one compiled program per cell. Kept apart from `measure_configs` because batched QR
+    (orthogonal weights) in one program with heavy work has hung JAX's CPU thread pool."""
+    return jax.vmap(lambda seed, gain: scale_recurrent(cell, cell.init(jax.random.PRNGKey(seed), input_size), gain))(
+        seeds, gains)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+def measure_configs(cell, params, seeds: jax.Array, seq_len: int, batch: int, input_size: int, input_std: float):
+    """``log10 ||∂L/∂h_t||`` ``[configs, T]`` for stacked parameters and their seeds' inputs: one program per
+    (cell, T), compiled once and reused for any gains and seeds of the same count."""
+    return jax.vmap(lambda p, seed: gradflow.grad_norms(cell, p, _inputs(seed, seq_len, batch, input_size, input_std)))(
+        params, seeds)
+
+
 def measure(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, input_std: float = 1.0,
             theory_len: int = 500) -> Measurement:
     """Measure ``log10 ||∂L/∂h_t||`` for every configuration of ``grid`` at sequence length ``seq_len``.
@@ -118,19 +136,12 @@ def measure(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, inpu
     """
     sharding, padded = _config_sharding(len(grid))
     gains, seeds = _pad(grid.gains, padded), _pad(grid.seeds, padded)
-
-    def init_one(seed, gain):
-        return scale_recurrent(cell, cell.init(jax.random.PRNGKey(seed), input_size), gain)
-
-    def measure_one(params, seed):
-        return gradflow.grad_norms(cell, params, _inputs(seed, seq_len, batch, input_size, input_std))
-
     if sharding is not None:
         gains, seeds = jax.device_put(gains, sharding), jax.device_put(seeds, sharding)
-    params = jax.jit(jax.vmap(init_one))(seeds, gains)
-    log10_norms = np.asarray(jax.jit(jax.vmap(measure_one))(params, seeds))[: len(grid)]
-    theory_inputs = jax.vmap(lambda seed: _inputs(seed, min(seq_len, theory_len), batch, input_size, input_std))
-    theory_rate = theory.predicted_rates(cell, params, gains, theory_inputs(jnp.asarray(seeds)), input_std)[: len(grid)]
+    params = init_configs(cell, seeds, gains, input_size)
+    log10_norms = np.asarray(measure_configs(cell, params, seeds, seq_len, batch, input_size, input_std))[: len(grid)]
+    theory_xs = jax.vmap(lambda seed: _inputs(seed, min(seq_len, theory_len), batch, input_size, input_std))(seeds)
+    theory_rate = theory.predicted_rates(cell, params, gains, theory_xs, input_std)[: len(grid)]
     return Measurement(grid, seq_len, log10_norms, theory_rate)
 
 

@@ -6,6 +6,8 @@ vanishing; positive: exploding). Where a prediction is exact and where it is onl
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,11 @@ def gate_path_rate(cell, params, xs) -> jax.Array:
     return jnp.mean(jnp.log10(jax.nn.sigmoid(keep)))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _gate_path_rates(cell, params, xs):
+    return jax.vmap(lambda p, x: gate_path_rate(cell, p, x))(params, xs)
+
+
 def input_variance(params, input_std: float) -> float:
     """``E[(x W_x + b)_i²]`` per pre-activation unit for inputs ``x ~ N(0, input_std²)``, from the actual weights."""
     w_x = np.asarray(params["w_x"])
@@ -123,5 +130,5 @@ def predicted_rates(cell, params, gains, xs, input_std: float) -> np.ndarray:
     if type(cell) is RNN and cell.activation == "linear":
         return np.log10(gains)
     if type(cell) in (LSTM, GRU):
-        return np.asarray(jax.jit(jax.vmap(lambda p, x: gate_path_rate(cell, p, x)))(params, xs), np.float64)
+        return np.asarray(_gate_path_rates(cell, params, xs), np.float64)
     return np.full(gains.shape, np.nan)
