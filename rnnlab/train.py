@@ -295,3 +295,92 @@ def count_nonfinite(result: TrainResult) -> int:
     """How many updates of a run were dropped as non-finite."""
     return int(np.sum(result.history["finite"] == 0)) if len(result.history["finite"]) else 0
 
+
+
+def _predictions(model, params, inputs, carry=None):
+    """A model's outputs and final carry: `ManyToMany` returns both, `ManyToOne` only outputs (carry ``None``)."""
+    outputs = model(params, inputs) if carry is None else model(params, inputs, carry=carry)
+    return outputs if isinstance(outputs, tuple) else (outputs, None)
+
+
+def task_losses(task, model):
+    """``(loss_fn, chunk_loss_fn, metrics_fn)`` of ``model`` on ``task``: the full-BPTT loss ``(params, batch)``,
+    the truncated-BPTT chunk loss ``(params, carry, chunk) -> (loss, carry)`` (for `ManyToMany` models) and
+    ``(params, batch) -> {"loss", "accuracy" when the task has one}``."""
+
+    def loss_fn(params, batch):
+        return task.loss(_predictions(model, params, batch["inputs"])[0], batch)
+
+    def chunk_loss_fn(params, carry, chunk):
+        outputs, carry = model(params, chunk["inputs"], carry=carry)
+        return task.loss(outputs, chunk), carry
+
+    def metrics_fn(params, batch):
+        outputs = _predictions(model, params, batch["inputs"])[0]
+        metrics = {"loss": task.loss(outputs, batch)}
+        if hasattr(task, "accuracy"):
+            metrics["accuracy"] = task.accuracy(outputs, batch)
+        return metrics
+
+    return loss_fn, chunk_loss_fn, metrics_fn
+
+
+def train_on_task(task, model, *, seed: int, steps: int, batch_size: int, learning_rate: float,
+                  clip: float | None = None, truncation: Truncation | None = None, test_size: int = 1000,
+                  eval_every: int = 100, optimizer: optax.GradientTransformation | None = None,
+                  params: Any = None, **train_options) -> TrainResult:
+    """Train ``model`` on ``task`` from seed ``seed`` with Adam (or ``optimizer``) and evaluate on held-out data.
+
+    Keys: parameters from ``fold_in(key(seed), 0)``, the data stream from ``fold_in(key(seed), 1)``, the test set
+    (``task.test_batch()`` when the task has a fixed one, else ``test_size`` fresh sequences) from
+    ``fold_in(key(seed), 2)``. ``evals`` hold ``test_loss`` (and ``test_accuracy``). Other options go to `train`.
+    """
+    root = jax.random.key(seed)
+    if params is None:
+        params = model.init(jax.random.fold_in(root, 0), task.input_size)
+    if hasattr(task, "test_batch"):
+        test = task.test_batch()
+    else:
+        test = task.sample(jax.random.fold_in(root, 2), test_size)
+    loss_fn, chunk_loss_fn, metrics_fn = task_losses(task, model)
+    evaluate = jax.jit(metrics_fn)
+    return train(
+        chunk_loss_fn if truncation is not None else loss_fn,
+        params,
+        optimizer if optimizer is not None else optax.adam(learning_rate),
+        lambda key: task.sample(key, batch_size),
+        steps=steps,
+        data_key=jax.random.fold_in(root, 1),
+        clip=clip,
+        truncation=truncation,
+        eval_fn=lambda p: {f"test_{name}": value for name, value in evaluate(p, test).items()},
+        eval_every=eval_every,
+        **train_options,
+    )
+
+
+def curve_records(result: TrainResult, **labels) -> dict[str, np.ndarray]:
+    """One row per evaluation: ``labels`` (e.g. cell, seq_len, seed), ``step``, ``train_loss`` (mean training loss
+    of the steps since the previous evaluation), the test metrics, ``max_grad_norm`` over those steps and
+    ``nonfinite`` (updates dropped over those steps)."""
+    steps, losses = result.step_losses()
+    eval_steps = result.evals["step"].astype(int)
+    history_steps = result.history["step"].astype(int)
+    rows: dict[str, list] = {name: [] for name in (*labels, "step", "train_loss")}
+    extra = [name for name in result.evals if name != "step"]
+    rows.update({name: [] for name in (*extra, "max_grad_norm", "nonfinite")})
+    previous = 0
+    for index, step in enumerate(eval_steps):
+        in_window = (steps >= previous) & (steps < max(step, 1))
+        in_history = (history_steps >= previous) & (history_steps < max(step, 1))
+        for name, value in labels.items():
+            rows[name].append(value)
+        rows["step"].append(step)
+        rows["train_loss"].append(float(np.mean(losses[in_window])) if step and in_window.any() else float("nan"))
+        for name in extra:
+            rows[name].append(float(result.evals[name][index]))
+        grad_norms = result.history["grad_norm"][in_history]
+        rows["max_grad_norm"].append(float(np.max(grad_norms)) if step and grad_norms.size else float("nan"))
+        rows["nonfinite"].append(int(np.sum(result.history["finite"][in_history] == 0)) if step else 0)
+        previous = step
+    return {name: np.asarray(values) for name, values in rows.items()}
