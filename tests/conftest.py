@@ -1,7 +1,8 @@
 """Shared test setup: the cells every test is parametrised over, and JAX's persistent compilation cache.
 
 A test that takes an argument named ``cell`` runs once per entry of `LIBRARY_CELLS`, plus once per entry of its
-module's ``EXTRA_CELLS`` (how `test_scan` adds a cell defined outside the library).
+module's ``EXTRA_CELLS`` (how `test_scan` adds a cell defined outside the library), unless it parametrises ``cell``
+itself.
 """
 
 import os
@@ -30,6 +31,10 @@ LIBRARY_CELLS = {
 
 
 def pytest_generate_tests(metafunc):
-    if "cell" in metafunc.fixturenames:
+    explicit = set()
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        explicit.update(n.strip() for n in (names.split(",") if isinstance(names, str) else names))
+    if "cell" in metafunc.fixturenames and "cell" not in explicit:
         cells = {**LIBRARY_CELLS, **getattr(metafunc.module, "EXTRA_CELLS", {})}
         metafunc.parametrize("cell", list(cells.values()), ids=list(cells))

@@ -131,11 +131,10 @@ def test_from_torch_cell_matches_a_torch_loop(kind):
 
 
 @pytest.mark.parametrize(
-    "rnnlab_cell", [rnnlab.RNN(HIDDEN), rnnlab.RNN(HIDDEN, activation="relu"), rnnlab.LSTM(HIDDEN), rnnlab.GRU(HIDDEN)],
+    "cell", [rnnlab.RNN(HIDDEN), rnnlab.RNN(HIDDEN, activation="relu"), rnnlab.LSTM(HIDDEN), rnnlab.GRU(HIDDEN)],
     ids=["rnn_tanh", "rnn_relu", "lstm", "gru"],
 )
-def test_to_torch_computes_the_same_and_round_trips(rnnlab_cell):
-    cell = rnnlab_cell
+def test_to_torch_computes_the_same_and_round_trips(cell):
     params = cell.init(jax.random.PRNGKey(0), INPUT_SIZE)
     params = jax.tree_util.tree_map(lambda a: a + 0.1, params)  # non-zero in every bias, including GRU's b_h
     module = interop.to_torch(cell, params)
