@@ -92,8 +92,10 @@ zeros = constant(0.0)
 
 
 def _require_gates(gates: Sequence[str] | None, name: str) -> Sequence[str]:
-    if gates is None:
-        raise TypeError(f"{name} is a gate-bias initialiser: use it as bias_init of a gated cell (LSTM, GRU).")
+    # A cell without a keep gate (the plain RNN) would silently get an all-zero bias.
+    if gates is None or not any(g in _KEEP_GATES for g in gates):
+        raise TypeError(f"{name} is a gate-bias initialiser: use it as bias_init of a cell with a forget or update "
+                        f"gate (LSTM, GRU); got gates {gates}.")
     return gates
 
 
