@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 import optax
 from absl import app, flags
 
@@ -52,7 +53,7 @@ def main(argv):
 
     units = [(float(g), float(c), s) for g in FLAGS.gains for c in FLAGS.clips for s in range(FLAGS.seeds)]
     table = _training.run_grid(out, config, units, run_unit)
-    table["setting"] = [f"clip={c:g}" for c in table["clip"]]
+    table["setting"] = np.asarray([f"clip={c:g}" for c in table["clip"]])
     summary = _training.summarize(table, ("gain", "clip", "seed"), success=lambda mse: mse < 0.01)
     for row in summary:
         mask = (table["gain"] == row["gain"]) & (table["clip"] == row["clip"]) & (table["seed"] == row["seed"])

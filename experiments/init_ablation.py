@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import app, flags
 
 import rnnlab
@@ -58,7 +59,7 @@ def main(argv):
     units = [(a, i, int(t), s) for t in FLAGS.seq_lens for a in FLAGS.activations for i in FLAGS.inits
              for s in range(FLAGS.seeds)]
     table = _training.run_grid(out, config, units, run_unit)
-    table["setting"] = [f"{c}/{i}" for c, i in zip(table["cell"], table["init"])]
+    table["setting"] = np.asarray([f"{c}/{i}" for c, i in zip(table["cell"], table["init"])])
     summary = _training.summarize(table, ("cell", "init", "seq_len", "seed"), success=lambda mse: mse < 0.01)
     _training.write_outputs(out, config, table, summary)
     _training.learning_curves(table, out / "learning_curves.png", panel="seq_len", line="setting",
