@@ -1,12 +1,18 @@
 """rnnlab: a JAX lab for recurrent networks.
 
 A cell is configuration plus pure functions (`rnnlab.cells`); `rnnlab.scan` runs any cell over time; `rnnlab.init`
-holds the initialisers; `rnnlab.interop` converts to and from flax and torch.
+holds the initialisers; `rnnlab.interop` converts to and from flax and torch. The gradient-flow lab is
+`rnnlab.gradflow` (log-domain measurements), `rnnlab.theory` (closed forms) and `rnnlab.sweep` (vmapped, sharded
+sweeps); training is `rnnlab.train` with `rnnlab.models`, `rnnlab.tasks` and `rnnlab.checkpoint`; result files are
+`rnnlab.results`, figures `rnnlab.plots` (imported on demand: it loads matplotlib).
 """
 
-from rnnlab import init, interop
+from rnnlab import checkpoint, gradflow, init, interop, models, results, sweep, tasks, theory, train
 from rnnlab.cells import GRU, LSTM, RNN, Stack
 from rnnlab.scan import scan
 
-__all__ = ["GRU", "LSTM", "RNN", "Stack", "init", "interop", "scan"]
+__all__ = [
+    "GRU", "LSTM", "RNN", "Stack", "checkpoint", "gradflow", "init", "interop", "models", "results", "scan", "sweep",
+    "tasks", "theory", "train",
+]
 __version__ = "0.1.0"
