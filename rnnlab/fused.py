@@ -44,17 +44,20 @@ _RNN_DERIVATIVES: dict[str, Callable[[jax.Array], jax.Array] | None] = {
 
 
 class _Kernel(NamedTuple):
-    """One cell's recurrence, split the way the fused rule needs it.
+    """One cell's recurrence, split the way the fused rule needs it; arrays are ``[N, ...]`` per step, ``[T, N, ...]``
+    for all steps.
 
-    ``step(params, carry, px_t) -> (carry, h)``: the forward step, as the cell computes it.
-    ``saving_step(params, carry, px_t) -> (carry, coeffs)``: the same step, also returning the per-step coefficients
-    of the tangent. ``tangent_inputs(params, d_params, dpx, h_prev, coeffs) -> u``: everything the tangent loop adds
-    per step that does not depend on the carry's tangent, for all steps at once. ``tangent_step(params, d_carry, u_t,
-    coeffs_t) -> d_carry``: the linear recurrence of the carry's tangent.
+    - ``step(params, carry, px_t) -> (carry, saved_t)``: the cell's step, also returning what the coefficients need
+      beyond the carries (the loop stays short: everything that can be is computed for all steps at once).
+    - ``coefficients(params, px, saved, carries, previous) -> coeffs``: the per-step coefficients of the tangent,
+      for all steps at once (``carries``: the carry after each step; ``previous``: the carry before it).
+    - ``tangent_inputs(params, d_params, dpx, h_prev, coeffs) -> u``: the part of each tangent step that does not
+      depend on the carry's tangent, for all steps at once; the weights' tangents enter only here.
+    - ``tangent_step(params, d_carry, u_t, coeffs_t) -> d_carry``: the linear recurrence of the carry's tangent.
     """
 
     step: Callable
-    saving_step: Callable
+    coefficients: Callable
     tangent_inputs: Callable
     tangent_step: Callable
 
@@ -69,6 +72,10 @@ def _weight_tangent(h_prev: jax.Array, d_w: jax.Array) -> jax.Array:
     return (h_prev.reshape(seq_len * batch, hidden) @ d_w).reshape(seq_len, batch, d_w.shape[-1])
 
 
+def _recurrent_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
+    return dpx + _weight_tangent(h_prev, d_params["w_h"])
+
+
 # --- Elman RNN: h' = φ(px + h W_h) ---------------------------------------------------------------------------------
 
 
@@ -76,93 +83,79 @@ def _rnn_kernel(activation: str) -> _Kernel:
     phi, derivative = _ACTIVATIONS[activation], _RNN_DERIVATIVES[activation]
 
     def step(params, h, px_t):
-        h_new = phi(px_t + h @ params["w_h"])
-        return h_new, h_new
+        return phi(px_t + h @ params["w_h"]), ()
 
-    def saving_step(params, h, px_t):
-        h_new, _ = step(params, h, px_t)
-        return h_new, (() if derivative is None else (derivative(h_new),))
+    def coefficients(params, px, saved, hs, previous):
+        return () if derivative is None else derivative(hs)
 
-    def tangent_inputs(params, d_params, dpx, h_prev, coeffs):
-        return dpx + _weight_tangent(h_prev, d_params["w_h"])
-
-    def tangent_step(params, dh, u_t, coeffs_t):
+    def tangent_step(params, dh, u_t, derivative_t):
         dz = u_t + dh @ params["w_h"]
-        return dz if derivative is None else dz * coeffs_t[0]
+        return dz if derivative is None else dz * derivative_t
 
-    return _Kernel(step, saving_step, tangent_inputs, tangent_step)
+    return _Kernel(step, coefficients, _recurrent_tangent_inputs, tangent_step)
 
 
 # --- LSTM -----------------------------------------------------------------------------------------------------------
 
 
-def _lstm_gates(params, h, px_t):
-    i, f, g, o = jnp.split(px_t + h @ params["w_h"], 4, axis=-1)
-    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-
-
 def _lstm_step(params, carry, px_t):
     h, c = carry
-    i, f, g, o = _lstm_gates(params, h, px_t)
+    z_i, z_f, z_g, z_o = jnp.split(px_t + h @ params["w_h"], 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_g), jax.nn.sigmoid(z_o)
     c_new = f * c + i * g
-    h_new = o * jnp.tanh(c_new)
-    return (h_new, c_new), h_new
+    return (o * jnp.tanh(c_new), c_new), jnp.concatenate([i, f, g, o], axis=-1)
 
 
-def _lstm_saving_step(params, carry, px_t):
-    h, c = carry
-    i, f, g, o = _lstm_gates(params, h, px_t)
-    c_new = f * c + i * g
-    tanh_c = jnp.tanh(c_new)
-    h_new = o * tanh_c
-    # ċ' = f ċ + c·ḟ + g·i̇ + i·ġ and ḣ' = o(1 - tanh²c')·ċ' + tanh c'·ȯ, with ẋ = σ'·ż for the sigmoid gates and
-    # (1 - g²)·ż for the cell gate: the partner of each gate times its derivative, in the layout of z.
+def _lstm_coefficients(params, px, gates, carries, previous):
+    (_, cs), (_, c_prev) = carries, previous
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    tanh_c = jnp.tanh(cs)
+    # ċ' = f ċ + c·ḟ + g·i̇ + i·ġ and ḣ' = o(1 - tanh²c')·ċ' + tanh c'·ȯ, with ẋ = x(1 - x)·ż for the sigmoid gates
+    # and (1 - g²)·ż for the cell gate: each gate's partner times its derivative, in the layout of z.
     partner_times_derivative = jnp.concatenate(
-        [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-1
+        [g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-1
     )
-    return (h_new, c_new), (partner_times_derivative, o * (1 - tanh_c * tanh_c), f)
-
-
-def _lstm_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
-    return dpx + _weight_tangent(h_prev, d_params["w_h"])
+    return partner_times_derivative, o * (1 - tanh_c * tanh_c), f
 
 
 def _lstm_tangent_step(params, d_carry, u_t, coeffs_t):
     dh, dc = d_carry
     partner_times_derivative, dh_dc, f = coeffs_t
-    qi, qf, qg, qo = jnp.split((u_t + dh @ params["w_h"]) * partner_times_derivative, 4, axis=-1)
-    dc_new = f * dc + qi + qf + qg
-    return dh_dc * dc_new + qo, dc_new
+    batch, hidden = dh.shape
+    terms = ((u_t + dh @ params["w_h"]) * partner_times_derivative).reshape(batch, 4, hidden)
+    # Sums against gate masks rather than slices: their transposes are broadcasts, which fuse into the one
+    # elementwise pass of the backward step (a slice's transpose is a concatenate, which does not).
+    into_cell = jnp.asarray([1, 1, 1, 0], dh.dtype)[:, None]
+    dc_new = f * dc + jnp.sum(terms * into_cell, axis=1)
+    return dh_dc * dc_new + jnp.sum(terms * (1 - into_cell), axis=1), dc_new
 
 
-_LSTM = _Kernel(_lstm_step, _lstm_saving_step, _lstm_tangent_inputs, _lstm_tangent_step)
+_LSTM = _Kernel(_lstm_step, _lstm_coefficients, _recurrent_tangent_inputs, _lstm_tangent_step)
 
 
 # --- GRU (cuDNN / PyTorch convention) -------------------------------------------------------------------------------
 
 
-def _gru_parts(params, h, px_t):
-    x_r, x_z, x_n = jnp.split(px_t, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(h @ params["w_h"] + params["b_h"], 3, axis=-1)
+def _gru_gates(px, recurrent):
+    """``r, z, n`` from ``px = x W_x + b_x`` and ``recurrent = h W_h + b_h`` (any leading axes)."""
+    x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(recurrent, 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)
-    z = jax.nn.sigmoid(x_z + h_z)
-    n = jnp.tanh(x_n + r * h_n)
-    return r, z, n, h_n
+    return r, jax.nn.sigmoid(x_z + h_z), jnp.tanh(x_n + r * h_n)
 
 
 def _gru_step(params, h, px_t):
-    r, z, n, _ = _gru_parts(params, h, px_t)
-    h_new = (1.0 - z) * n + z * h
-    return h_new, h_new
+    recurrent = h @ params["w_h"] + params["b_h"]
+    r, z, n = _gru_gates(px_t, recurrent)
+    return (1.0 - z) * n + z * h, recurrent
 
 
-def _gru_saving_step(params, h, px_t):
-    r, z, n, h_n = _gru_parts(params, h, px_t)
-    h_new = (1.0 - z) * n + z * h
+def _gru_coefficients(params, px, recurrent, hs, h_prev):
+    r, z, n = _gru_gates(px, recurrent)
+    h_n = jnp.split(recurrent, 3, axis=-1)[2]
     # With P = (ẋ_r + ȧ_r, ẋ_z + ȧ_z, ẋ_n + r ȧ_n) (a = h W_h + b_h):
     # ḣ' = (1 - z)(1 - n²)·(P_n + r(1 - r) a_n · P_r) + (h - n) z(1 - z) · P_z + z ḣ.
-    coeffs = (r, r * (1 - r) * h_n, (1 - z) * (1 - n * n), (h - n) * z * (1 - z), z)
-    return h_new, coeffs
+    return r, r * (1 - r) * h_n, (1 - z) * (1 - n * n), (h_prev - n) * z * (1 - z), z
 
 
 def _gru_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
@@ -179,7 +172,7 @@ def _gru_tangent_step(params, dh, u_t, coeffs_t):
     return new_coeff * (u_n + r * da_n + reset_coeff * (u_r + da_r)) + update_coeff * (u_z + da_z) + z * dh
 
 
-_GRU = _Kernel(_gru_step, _gru_saving_step, _gru_tangent_inputs, _gru_tangent_step)
+_GRU = _Kernel(_gru_step, _gru_coefficients, _gru_tangent_inputs, _gru_tangent_step)
 _RNN = {activation: _rnn_kernel(activation) for activation in _RNN_DERIVATIVES}
 
 
@@ -240,13 +233,14 @@ def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
 
     def body(carry, inputs):
         px_t, valid_t = _split_valid(inputs, valid)
-        new_carry, coeffs = kernel.saving_step(params, carry, px_t)
+        new_carry, saved_t = kernel.step(params, carry, px_t)
         new_carry = _masked(valid_t, new_carry, carry)
-        return new_carry, (_hidden_of(new_carry), coeffs)
+        return new_carry, (new_carry, saved_t)
 
-    carry, (hs, coeffs) = _scan_valid(body, carry0, px, valid, reverse, unroll)
-    h_prev = _previous(hs, _hidden_of(carry0), reverse)
-    u = kernel.tangent_inputs(params, d_params, dpx, h_prev, coeffs)
+    carry, (carries, saved) = _scan_valid(body, carry0, px, valid, reverse, unroll)
+    previous = jax.tree_util.tree_map(lambda seq, first: _previous(seq, first, reverse), carries, carry0)
+    coeffs = kernel.coefficients(params, px, saved, carries, previous)
+    u = kernel.tangent_inputs(params, d_params, dpx, _hidden_of(previous), coeffs)
 
     def tangent_body(d_carry, inputs):
         (u_t, coeffs_t), valid_t = _split_valid(inputs, valid)
@@ -254,7 +248,7 @@ def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
         return new_d_carry, _hidden_of(new_d_carry)
 
     d_carry, d_hs = _scan_valid(tangent_body, d_carry0, (u, coeffs), valid, reverse, unroll)
-    return (_outputs(hs, valid), carry), (_outputs(d_hs, valid), d_carry)
+    return (_outputs(_hidden_of(carries), valid), carry), (_outputs(d_hs, valid), d_carry)
 
 
 def supports(cell, params, carry, projected: jax.Array) -> bool:

@@ -1,0 +1,212 @@
+"""Cells: rnnlab's LSTM, GRU and tanh RNN forward+backward against torch.nn and flax, at the speed issue's shapes.
+
+Each measurement is one training-style call, as each library's users make it:
+
+- rnnlab: ``jax.jit(jax.grad(loss))(params, xs)`` with ``loss = mean(rnnlab.scan(cell, params, xs)[0] ** 2)``,
+  time-major ``xs [T, batch, input]``;
+- torch: ``module.zero_grad(); ys, _ = module(xs); ys.square().mean().backward()`` with ``torch.nn.LSTM / GRU / RNN``
+  (time-major, its default), ``torch.set_num_threads(2)``;
+- flax (LSTM only): ``jax.jit(jax.grad(loss))(variables, xs)`` with ``nn.RNN(nn.OptimizedLSTMCell(hidden))``,
+  batch-major ``xs [batch, T, input]``, its default.
+
+Gradients are taken with respect to the parameters only, as in training. Every figure is the median of 7 calls after
+warm-up, the libraries interleaved call by call so that a busy machine slows them alike. Also measured in the same
+run: a large float32 matmul (this machine's matmul peak) and the per-step matmul shape inside a `lax.scan`, beside
+which the achieved GFLOP/s is printed.
+
+    python benchmarks/bench_cells.py            # the issue's four shapes
+    python benchmarks/bench_cells.py --quick    # tiny shapes, one call each: checks the code runs
+                                                # (or RNNLAB_BENCH_QUICK=1, as `benchmarks/run.py --quick` sets)
+
+Prints a details table, then the targets as a table of rows ``| name | ours | peer | ratio | target | holds |``
+(the format `benchmarks/run.py` collects).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import rnnlab
+
+QUICK = "--quick" in sys.argv[1:] or bool(os.environ.get("RNNLAB_BENCH_QUICK"))
+#: (batch, T, input, hidden), from the speed issue.
+SHAPES = ((5, 4, 3, 8), (3, 6, 4, 16)) if QUICK else ((32, 100, 64, 128), (64, 200, 128, 256), (16, 1000, 32, 128),
+                                                      (128, 50, 256, 512))
+#: Where the fixed cost per step dominates: rnnlab's LSTM must beat flax by 1.5x there.
+STEP_BOUND = SHAPES[0::2]
+CELLS = ("LSTM", "GRU", "RNN")
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+REPEATS, WARMUP = (1, 1) if QUICK else (7, 2)
+PEAK_SIZE = 256 if QUICK else 2048
+TORCH_TARGET, FLAX_TARGET = 1.0, 1.5
+
+
+def _torch():
+    import torch
+
+    torch.set_num_threads(2)
+    return torch
+
+
+def _torch_device(torch) -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rnnlab_call(kind: str, shape):
+    batch, seq_len, input_size, hidden = shape
+    cell = getattr(rnnlab, kind)(hidden_size=hidden)
+    params = cell.init(jax.random.PRNGKey(0), input_size)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
+
+    def loss(params, xs):
+        ys, _ = rnnlab.scan(cell, params, xs)
+        return jnp.mean(ys**2)
+
+    grad = jax.jit(jax.grad(loss))
+    return lambda: jax.block_until_ready(grad(params, xs))
+
+
+def torch_call(kind: str, shape):
+    torch = _torch()
+    batch, seq_len, input_size, hidden = shape
+    device = _torch_device(torch)
+    torch.manual_seed(0)
+    module = getattr(torch.nn, kind)(input_size, hidden).to(device)
+    xs = torch.randn(seq_len, batch, input_size, device=device)
+
+    def call():
+        module.zero_grad()
+        ys, _ = module(xs)
+        ys.square().mean().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return call
+
+
+def flax_call(shape):
+    import flax.linen as nn
+
+    batch, seq_len, input_size, hidden = shape
+    model = nn.RNN(nn.OptimizedLSTMCell(hidden))
+    xs = jax.random.normal(jax.random.PRNGKey(1), (batch, seq_len, input_size))
+    variables = model.init(jax.random.PRNGKey(0), xs)
+
+    def loss(variables, xs):
+        return jnp.mean(model.apply(variables, xs) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    return lambda: jax.block_until_ready(grad(variables, xs))
+
+
+def interleaved_medians(calls: dict) -> tuple[dict, dict]:
+    """Median seconds per call of each entry, calls interleaved; also the first call's seconds (compile + run)."""
+    first = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call()
+        first[name] = time.perf_counter() - start
+        for _ in range(WARMUP - 1):
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(REPEATS):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}, first
+
+
+def _rate(flops: float, call, repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return flops / statistics.median(times) / 1e9
+
+
+def matmul_peak() -> float:
+    """GFLOP/s of a large float32 matmul, ``[n, n] @ [n, n]``: this machine's practical peak."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (PEAK_SIZE, PEAK_SIZE))
+    matmul = jax.jit(lambda a: a @ a)
+    return _rate(2.0 * PEAK_SIZE**3, lambda: jax.block_until_ready(matmul(a)), 5)
+
+
+def step_matmul_rate(batch: int, hidden: int, gates: int, steps: int = 10 if QUICK else 100) -> float:
+    """GFLOP/s of the recurrent matmul ``[batch, H] @ [H, G·H]`` done once per step inside a `lax.scan`."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (hidden, gates * hidden)) / hidden**0.5
+    h = jax.random.normal(jax.random.PRNGKey(1), (batch, hidden))
+
+    @jax.jit
+    def loop(h):
+        return jax.lax.scan(lambda h, _: ((h @ w)[:, :hidden], None), h, None, length=steps)[0]
+
+    return _rate(2.0 * batch * hidden * gates * hidden * steps, lambda: jax.block_until_ready(loop(h)), 5)
+
+
+def train_flops(kind: str, shape) -> float:
+    """Matmul FLOPs of one forward+backward with parameter gradients: the recurrent matmul three times per step
+    (forward, carry cotangent, weight gradient) and the input projection twice (forward, weight gradient)."""
+    batch, seq_len, input_size, hidden = shape
+    gate_width = GATES[kind] * hidden
+    return 2.0 * seq_len * batch * gate_width * (3 * hidden + 2 * input_size)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _table(header, rows) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
+def main() -> None:
+    torch = _torch()
+    peak = matmul_peak()
+    print(f"bench_cells: jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+          f"({_torch_device(torch)}, {torch.get_num_threads()} threads), {os.cpu_count()} CPU cores"
+          + (", QUICK mode" if QUICK else ""))
+    print(f"float32 matmul peak ([{PEAK_SIZE}, {PEAK_SIZE}] @ [{PEAK_SIZE}, {PEAK_SIZE}]): {peak:.0f} GFLOP/s\n")
+    details, targets = [], []
+    for shape in SHAPES:
+        shape_name = ",".join(map(str, shape))
+        for kind in CELLS:
+            calls = {"rnnlab": rnnlab_call(kind, shape), "torch": torch_call(kind, shape)}
+            if kind == "LSTM":
+                calls["flax"] = flax_call(shape)
+            medians, first = interleaved_medians(calls)
+            gflops = train_flops(kind, shape) / medians["rnnlab"] / 1e9
+            step_rate = step_matmul_rate(shape[0], shape[3], GATES[kind])
+            details.append((kind, shape_name, _ms(medians["rnnlab"]), _ms(medians["torch"]),
+                            _ms(medians["flax"]) if "flax" in medians else "—", f"{first['rnnlab']:.2f} s",
+                            f"{gflops:.0f}", f"{step_rate:.0f}", f"{peak:.0f}"))
+            ratio = medians["torch"] / medians["rnnlab"]
+            targets.append((f"{kind} {shape_name} vs torch.nn.{kind}", _ms(medians["rnnlab"]), _ms(medians["torch"]),
+                            f"{ratio:.2f}x", f">= {TORCH_TARGET}x", "yes" if ratio >= TORCH_TARGET else "no"))
+            if kind == "LSTM" and shape in STEP_BOUND:
+                ratio = medians["flax"] / medians["rnnlab"]
+                targets.append((f"LSTM {shape_name} vs flax OptimizedLSTMCell", _ms(medians["rnnlab"]),
+                                _ms(medians["flax"]), f"{ratio:.2f}x", f">= {FLAX_TARGET}x",
+                                "yes" if ratio >= FLAX_TARGET else "no"))
+            if shape not in STEP_BOUND:
+                targets.append((f"{kind} {shape_name} GFLOP/s vs matmul peak", f"{gflops:.0f}", f"{peak:.0f}",
+                                f"{gflops / peak:.2f}", "printed", "info"))
+    _table(("cell", "batch,T,input,hidden", "rnnlab", "torch", "flax", "rnnlab 1st call", "rnnlab GFLOP/s",
+            "step-matmul GFLOP/s", "peak GFLOP/s"), details)
+    print()
+    _table(("name", "ours", "peer", "ratio", "target", "holds"), targets)
+
+
+if __name__ == "__main__":
+    main()

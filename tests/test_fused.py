@@ -1,0 +1,131 @@
+"""The fused recurrences (`rnnlab.fused`) against plain autodiff of the cell's step, and the cell benchmark's code.
+
+The reference is the same cell run through `rnnlab.scan`'s plain path: an instance of a trivial subclass, which
+`scan` does not fuse (a subclass may change the step). Every library cell (conftest) × lengths × reverse × batch
+shapes; one jitted program per case computes the values, the gradients and a forward-mode derivative of both paths.
+"""
+
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnlab
+from rnnlab import fused
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+INPUT_SIZE, SEQ_LEN = 3, 6
+
+
+class PlainRNN(rnnlab.RNN):
+    pass
+
+
+class PlainLSTM(rnnlab.LSTM):
+    pass
+
+
+class PlainGRU(rnnlab.GRU):
+    pass
+
+
+_PLAIN = {rnnlab.RNN: PlainRNN, rnnlab.LSTM: PlainLSTM, rnnlab.GRU: PlainGRU}
+
+
+def plain_twin(cell):
+    """The same cell, as a subclass instance: `scan` runs it on the plain (autodiff) path."""
+    fields = {field.name: getattr(cell, field.name) for field in dataclasses.fields(cell) if field.init}
+    return _PLAIN[type(cell)](**fields)
+
+
+def random_problem(cell, batch_shape, dtype, with_lengths):
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    params = cell.init(keys[0], INPUT_SIZE, dtype)
+    # Non-zero biases and an initial carry away from zero exercise every term of the tangent.
+    params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(keys[1], p.shape, dtype), params)
+    xs = jax.random.normal(keys[2], (SEQ_LEN, *batch_shape, INPUT_SIZE), dtype)
+    carry = jax.tree_util.tree_map(
+        lambda c: 0.5 * jax.random.normal(keys[3], c.shape, dtype), cell.initial_carry(batch_shape, dtype)
+    )
+    lengths = None
+    if with_lengths:
+        lengths = jax.random.randint(keys[4], batch_shape, 1, SEQ_LEN + 1)
+        lengths = lengths.at[(0,) * len(batch_shape)].set(SEQ_LEN)  # one full-length sequence, always
+    return params, xs, carry, lengths
+
+
+def both_paths(cell, params, xs, carry, lengths, reverse):
+    """Outputs, gradients (params, xs, carry) and a JVP of the fused path and of the plain path, in one program."""
+    weights = jax.random.normal(jax.random.PRNGKey(7), xs.shape[:-1] + (cell.hidden_size,), xs.dtype)
+
+    def run(the_cell, params, xs, carry):
+        ys, final = rnnlab.scan(the_cell, params, xs, carry=carry, lengths=lengths, reverse=reverse)
+        # A loss touching every output and every leaf of the final carry, with unequal weights.
+        return jnp.sum(weights * jnp.sin(ys)) + sum(jnp.sum(jnp.cos(leaf)) for leaf in jax.tree_util.tree_leaves(final)), (ys, final)
+
+    def evaluate(the_cell):
+        (_, outputs), grads = jax.value_and_grad(run, argnums=(1, 2, 3), has_aux=True)(the_cell, params, xs, carry)
+        tangents = jax.tree_util.tree_map(jnp.cos, (params, xs, carry))
+        _, jvp = jax.jvp(lambda p, x, c: run(the_cell, p, x, c)[0], (params, xs, carry), tangents)
+        return outputs, grads, jvp
+
+    return jax.jit(lambda: (evaluate(cell), evaluate(plain_twin(cell))))()
+
+
+def assert_trees_close(got, want, rtol, atol):
+    for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("batch_shape", [(), (2, 3)], ids=["unbatched", "batch2x3"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_fused_equals_autodiff_float32(cell, batch_shape, with_lengths, reverse):
+    assert fused.supports(cell, cell.init(jax.random.PRNGKey(0), INPUT_SIZE), cell.initial_carry(()), jnp.zeros(1))
+    problem = random_problem(cell, batch_shape, jnp.float32, with_lengths)
+    (fused_out, fused_grads, fused_jvp), (plain_out, plain_grads, plain_jvp) = both_paths(cell, *problem, reverse)
+    assert_trees_close(fused_out, plain_out, rtol=1e-6, atol=1e-6)
+    assert_trees_close(fused_grads, plain_grads, rtol=2e-5, atol=2e-6)
+    assert_trees_close(fused_jvp, plain_jvp, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_fused_equals_autodiff_float64(cell, with_lengths, reverse):
+    with jax.enable_x64(True):
+        problem = random_problem(cell, (2, 3), jnp.float64, with_lengths)
+        (fused_out, fused_grads, fused_jvp), (plain_out, plain_grads, plain_jvp) = both_paths(cell, *problem, reverse)
+        assert fused_grads[0]["w_h"].dtype == jnp.float64
+        assert_trees_close(fused_out, plain_out, rtol=1e-13, atol=1e-14)
+        assert_trees_close(fused_grads, plain_grads, rtol=1e-12, atol=1e-13)
+        assert_trees_close(fused_jvp, plain_jvp, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_is_taken_only_for_exact_builtin_cells():
+    carry, projected = jnp.zeros(5), jnp.zeros((2, 5))
+    cell = rnnlab.RNN(hidden_size=5)
+    params = cell.init(jax.random.PRNGKey(0), 3)
+    assert fused.supports(cell, params, carry, projected)
+    assert not fused.supports(plain_twin(cell), params, carry, projected)
+    assert not fused.supports(rnnlab.RNN(hidden_size=5, activation=jnp.sin), params, carry, projected)
+    with jax.enable_x64(True):
+        assert not fused.supports(cell, params, carry, projected.astype(jnp.float64))  # mixed dtypes: plain path
+
+
+@pytest.mark.slow  # about 20-35 s: imports torch and flax, compiles each library's program at two tiny shapes
+def test_benchmark_quick_mode_runs():
+    """`benchmarks/run.py --quick cells` runs bench_cells.py on tiny shapes and collects its target rows."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "cells"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = result.stdout.split("## Summary")[1]
+    assert "| cells | LSTM 5,4,3,8 vs torch.nn.LSTM |" in summary
+    assert "| cells | LSTM 5,4,3,8 vs flax OptimizedLSTMCell |" in summary
+    assert "targets hold" in summary
