@@ -32,6 +32,7 @@ import numpy as np
 
 from rnnlab.cells import GRU, LSTM, RNN
 
+
 def _gated_params(kind: str, w_ih, w_hh, b_ih, b_hh) -> dict[str, jax.Array]:
     """rnnlab parameters from torch-layout arrays (``w_* [G·H, in]``, ``b_* [G·H]``), all already jnp arrays."""
     params = {"w_x": w_ih.T, "w_h": w_hh.T}
@@ -63,7 +64,8 @@ def from_torch(module, dtype: Any = jnp.float32):
     ]
     kind = next((name for types, name in kinds if isinstance(module, types)), None)
     if kind is None:
-        raise TypeError(f"from_torch converts torch.nn.RNN/LSTM/GRU and their *Cell modules; got {type(module).__name__}.")
+        raise TypeError(f"from_torch converts torch.nn.RNN/LSTM/GRU and their *Cell modules; got "
+                        f"{type(module).__name__}.")
     if isinstance(module, torch.nn.RNNBase):
         unsupported = {
             "num_layers": (module.num_layers, 1),
@@ -79,8 +81,7 @@ def from_torch(module, dtype: Any = jnp.float32):
         suffix = ""
 
     def array(name):
-        tensor = getattr(module, name + suffix, None)
-        return None if tensor is None else jnp.asarray(tensor.detach().cpu().numpy(), dtype)
+        return jnp.asarray(getattr(module, name + suffix).detach().cpu().numpy(), dtype)
 
     w_ih, w_hh = array("weight_ih"), array("weight_hh")
     zeros = jnp.zeros((w_ih.shape[0],), dtype)

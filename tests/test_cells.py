@@ -108,7 +108,9 @@ def test_init_is_deterministic_and_honours_dtype(cell):
 
 
 def test_equal_configurations_are_equal_hash_equal_and_compile_once():
-    make = lambda: rnnlab.LSTM(8, recurrent_init=rnnlab.init.orthogonal(0.9), bias_init=rnnlab.init.chrono(50))  # noqa: E731
+    def make():
+        return rnnlab.LSTM(8, recurrent_init=rnnlab.init.orthogonal(0.9), bias_init=rnnlab.init.chrono(50))
+
     assert make() == make() and hash(make()) == hash(make())
     assert make() != rnnlab.LSTM(8, recurrent_init=rnnlab.init.orthogonal(0.8), bias_init=rnnlab.init.chrono(50))
     assert rnnlab.RNN(8, activation="relu") != rnnlab.RNN(8, activation="tanh")

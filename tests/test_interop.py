@@ -120,7 +120,8 @@ def test_from_torch_cell_matches_a_torch_loop(kind):
     out = torch.stack(outs)
     (out * torch.tensor(output_weights(out.shape))).sum().backward()
 
-    (grad_params, grad_xs), (ys, final) = rnnlab_loss_and_grads(cell, params, xs, jax.tree_util.tree_map(jnp.asarray, carry))
+    carry = jax.tree_util.tree_map(jnp.asarray, carry)
+    (grad_params, grad_xs), (ys, final) = rnnlab_loss_and_grads(cell, params, xs, carry)
     close(ys, out.detach().numpy())
     for ours, theirs in zip(jax.tree_util.tree_leaves(final), state if kind == "lstm" else (state,)):
         close(ours, theirs.detach().numpy())

@@ -188,7 +188,8 @@ def test_gradients_match_central_finite_differences_float64(cell, scan_kwargs):
         directions = [jax.random.normal(k, (n_directions, *leaf.shape), jnp.float64) for k, leaf in zip(keys, leaves)]
         # Points θ + εd then θ - εd for every direction d, evaluated in one vmapped call.
         signs = jnp.repeat(jnp.array([eps, -eps]), n_directions)
-        shifted = [a + signs.reshape((-1,) + (1,) * a.ndim) * jnp.concatenate([d, d]) for a, d in zip(leaves, directions)]
+        shifted = [a + signs.reshape((-1,) + (1,) * a.ndim) * jnp.concatenate([d, d])
+                   for a, d in zip(leaves, directions)]
         losses = jax.jit(jax.vmap(loss))(jax.tree_util.tree_unflatten(treedef, shifted))
         finite_difference = (losses[:n_directions] - losses[n_directions:]) / (2 * eps)
         analytic = sum(jnp.einsum("k...,...->k", d, g) for d, g in zip(directions, jax.tree_util.tree_leaves(grad)))
