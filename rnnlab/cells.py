@@ -35,6 +35,16 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def _gate_blocks(initializer: Initializer, key: jax.Array, n_gates: int, shape, dtype) -> jax.Array:
+    """``n_gates`` blocks of ``shape`` side by side, ``[shape[0], n_gates · shape[1]]``, one initialiser call each.
+
+    The calls are one `jax.vmap`, so an orthogonal initialiser runs a single batched QR: several independent QRs in
+    one jitted program can deadlock JAX's CPU thread pool (seen with a vmapped LSTM init).
+    """
+    blocks = jax.vmap(lambda k: initializer(k, shape, dtype))(jax.random.split(key, n_gates))
+    return jnp.concatenate(list(blocks), axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class _GatedRecurrence:
     """Shared machinery of cells with ``w_x [I, G·H]``, ``w_h [H, G·H]`` and gate-major biases.
@@ -66,12 +76,8 @@ class _GatedRecurrence:
             raise ValueError(f"input_size must be a positive int, got {input_size!r}.")
         hidden, n_gates = self.hidden_size, len(self.gates)
         key_x, key_h, key_b = jax.random.split(key, 3)
-        w_x = jnp.concatenate(
-            [self.input_init(k, (input_size, hidden), dtype) for k in jax.random.split(key_x, n_gates)], axis=1
-        )
-        w_h = jnp.concatenate(
-            [self.recurrent_init(k, (hidden, hidden), dtype) for k in jax.random.split(key_h, n_gates)], axis=1
-        )
+        w_x = _gate_blocks(self.input_init, key_x, n_gates, (input_size, hidden), dtype)
+        w_h = _gate_blocks(self.recurrent_init, key_h, n_gates, (hidden, hidden), dtype)
         params = {"w_x": w_x, "w_h": w_h}
         params[self.bias_names[0]] = initializers.init_bias(self.bias_init, key_b, self.gates, hidden, dtype)
         for name in self.bias_names[1:]:
