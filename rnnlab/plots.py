@@ -128,3 +128,30 @@ def first_step_vs_seq_len(table: Mapping[str, np.ndarray], path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     _save(figure, path)
+
+
+def learning_curves(table: Mapping[str, np.ndarray], path, *, panel: str, line: str, metric: str = "test_loss",
+                    baseline=None, log: bool = True) -> None:
+    """Training records (`rnnlab.train.curve_records`) as learning curves: a panel per value of ``panel``, a line
+    per (``line``, seed), ``metric`` against step. ``baseline``: ``panel value -> float``, drawn dashed."""
+    panels = sorted(set(np.asarray(table[panel]).tolist()), key=str)
+    figure, axes = _panels(len(panels), f"{metric} during training")
+    lines = sorted(set(np.asarray(table[line]).tolist()), key=str)
+    colours = dict(zip(lines, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    seeds = sorted(set(np.asarray(table["seed"]).tolist()))
+    for axis, value in zip(axes, panels):
+        for name in lines:
+            for seed in seeds:
+                rows = ((np.asarray(table[panel]) == value) & (np.asarray(table[line]) == name)
+                        & (np.asarray(table["seed"]) == seed))
+                if rows.any():
+                    axis.plot(np.asarray(table["step"])[rows], np.asarray(table[metric])[rows], color=colours[name],
+                              label=str(name) if seed == seeds[0] else None, alpha=0.85)
+        if baseline is not None:
+            axis.axhline(baseline(value), color="grey", linestyle="--", linewidth=1, label="baseline")
+        axis.set(title=f"{panel} = {value}", xlabel="step", ylabel=metric)
+        if log:
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    _save(figure, path)
