@@ -306,20 +306,30 @@ def _predictions(model, params, inputs, carry=None):
 def task_losses(task, model):
     """``(loss_fn, chunk_loss_fn, metrics_fn)`` of ``model`` on ``task``: the full-BPTT loss ``(params, batch)``,
     the truncated-BPTT chunk loss ``(params, carry, chunk) -> (loss, carry)`` (for `ManyToMany` models) and
-    ``(params, batch) -> {"loss", "accuracy" when the task has one}``."""
+    ``(params, batch) -> {"loss", "accuracy" when the task has one, and the task's ``decoded_metrics``}``.
+
+    A task whose batch is more than ``inputs`` (a sequence-to-sequence task's targets, fed back by teacher forcing)
+    says how the model reads it: ``task.predict(model, params, batch) -> outputs``."""
+
+    def predict(params, batch):
+        if hasattr(task, "predict"):
+            return task.predict(model, params, batch)
+        return _predictions(model, params, batch["inputs"])[0]
 
     def loss_fn(params, batch):
-        return task.loss(_predictions(model, params, batch["inputs"])[0], batch)
+        return task.loss(predict(params, batch), batch)
 
     def chunk_loss_fn(params, carry, chunk):
         outputs, carry = model(params, chunk["inputs"], carry=carry)
         return task.loss(outputs, chunk), carry
 
     def metrics_fn(params, batch):
-        outputs = _predictions(model, params, batch["inputs"])[0]
+        outputs = predict(params, batch)
         metrics = {"loss": task.loss(outputs, batch)}
         if hasattr(task, "accuracy"):
             metrics["accuracy"] = task.accuracy(outputs, batch)
+        if hasattr(task, "decoded_metrics"):
+            metrics.update(task.decoded_metrics(model, params, batch))
         return metrics
 
     return loss_fn, chunk_loss_fn, metrics_fn
@@ -337,7 +347,9 @@ def train_on_task(task, model, *, seed: int, steps: int, batch_size: int, learni
     """
     root = jax.random.key(seed)
     if params is None:
-        params = model.init(jax.random.fold_in(root, 0), task.input_size)
+        # a Seq2Seq model knows its vocabularies; the other shapes take the task's input size
+        input_size = getattr(task, "input_size", None)
+        params = model.init(*(jax.random.fold_in(root, 0), *([input_size] if input_size is not None else [])))
     if hasattr(task, "test_batch"):
         test = task.test_batch()
     else:
