@@ -41,17 +41,16 @@ def _kahan_add(total, compensation, value):
 
 
 def _forward(cell, params, xs, carry):
-    """Checked inputs, the step, and the carries before and after each step: ``(step, inputs, before, after)``."""
+    """Checked inputs, the step, the carry before each step ``[T, ...]`` and the final carry."""
     xs, carry, _ = prepare(cell, params, xs, carry)
     step, inputs = step_and_inputs(cell, params, xs)
 
     def advance(carry, x):
         new_carry, _ = step(carry, x)
-        return new_carry, new_carry
+        return new_carry, carry
 
-    _, after = jax.lax.scan(advance, carry, inputs)
-    before = jax.tree_util.tree_map(lambda c0, cs: jnp.concatenate([c0[None], cs[:-1]]), carry, after)
-    return xs, step, inputs, before, after
+    final, before = jax.lax.scan(advance, carry, inputs)
+    return xs, step, inputs, before, final
 
 
 def default_loss(hs: jax.Array) -> jax.Array:
@@ -62,16 +61,50 @@ def default_loss(hs: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(hs[-1])) / math.prod(hs.shape[1:-1])
 
 
-def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.Array] | None = None, carry=None):
+def _add_scaled(state, term):
+    """``10^s · c + term`` for ``state = (c, s, kahan)`` with ``||c|| = 1``, kept as a unit vector and a log10 scale.
+
+    Both parts are scaled to the larger before adding, and the term is unit-normalised in two half steps, so neither
+    a tiny scale (1e-900) nor a denormal term under- or overflows.
+    """
+    cotangent, log_scale, compensation = state
+    log_term = _log10_norm(term)
+    new_scale = jnp.maximum(log_scale, log_term)
+    old_weight = jnp.where(log_scale == _NEG_INF, 0.0, 10.0 ** (log_scale - new_scale))
+    half_inverse = jnp.where(log_term == _NEG_INF, 0.0, 10.0 ** (-0.5 * log_term))
+    term_unit = _scale(_scale(term, half_inverse), half_inverse)
+    term_weight = jnp.where(log_term == _NEG_INF, 0.0, 10.0 ** (log_term - new_scale))
+    cotangent = jax.tree_util.tree_map(
+        lambda c, d: c * old_weight.astype(c.dtype) + d * term_weight.astype(d.dtype), cotangent, term_unit
+    )
+    term_wins = log_term > log_scale
+    return cotangent, jnp.where(term_wins, log_term, log_scale), jnp.where(term_wins, 0.0, compensation)
+
+
+def _renormalise(state):
+    """Divide the cotangent by its norm and add the norm's log10 to the scale; a zero cotangent gets scale -inf."""
+    cotangent, log_scale, compensation = state
+    log_norm = _log10_norm(cotangent)
+    is_zero = log_norm == _NEG_INF
+    cotangent = _scale(cotangent, jnp.where(is_zero, 1.0, 10.0 ** -log_norm))
+    log_scale, compensation = _kahan_add(log_scale, compensation, jnp.where(is_zero, 0.0, log_norm))
+    return cotangent, jnp.where(is_zero, _NEG_INF, log_scale), compensation
+
+
+def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.Array] | None = None, carry=None,
+               remat: int | None = None):
     """``log10 ||∂L/∂h_t||`` for every step ``t``, from one backward pass in the log domain.
 
     **Arguments:**
 
-    - ``cell``, ``params``: any cell and its parameters.
+    - ``cell``, ``params``: any cell and its parameters (``cell.hidden`` must select part of the carry).
     - ``xs``: ``[T, *batch, input_size]``, time-major.
     - ``loss``: a scalar function of all hidden states ``hs [T, *batch, H]`` (for the built-in cells these are the
       outputs ``ys`` of `rnnlab.scan`). Default `default_loss`, ``Σ h_T² / batch``.
     - ``carry``: the initial carry (zeros by default).
+    - ``remat``: a chunk length dividing ``T``: only the carries at chunk boundaries are kept and each chunk's are
+      recomputed on the way back, so memory grows as ``T / remat + remat`` carries instead of ``T`` (``remat ≈ √T``
+      for very long sequences; with the default loss nothing else of size ``T`` is stored).
 
     **Returns:** ``[T]``: ``log10`` of the Frobenius norm (over batch and features) of the total derivative of ``L``
     with respect to ``h_t``, through every later step and the direct dependence of ``L`` on ``h_t`` — the value
@@ -80,46 +113,60 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     The backward (cotangent) vector is renormalised after every step and the log of its norm accumulated, so the
     result is exact far beyond float32's range.
     """
-    xs, step, inputs, before, after = _forward(cell, params, xs, carry)
-    hs = jax.vmap(cell.hidden)(after)
-    direct = jax.grad(loss or default_loss)(hs)  # dL/dh_t through L's own dependence on h_t: [T, *batch, H]
+    xs, carry, _ = prepare(cell, params, xs, carry)
+    seq_len = xs.shape[0]
+    # Under remat the input projection is not hoisted: a [T, *batch, G·H] array would undo the memory saving.
+    step, inputs = step_and_inputs(cell, params, xs) if not remat else ((lambda c, x: cell(params, c, x)), xs)
+    if remat is not None and (not isinstance(remat, int) or remat < 1 or seq_len % remat):
+        raise ValueError(f"remat must be a positive int dividing T = {seq_len}, got {remat!r}.")
+    def advance(carry, x):
+        return step(carry, x)[0], carry
 
-    def backward(state, per_step):
-        cotangent, log_scale, compensation = state  # ∂L/∂carry_t = 10^log_scale · cotangent, ||cotangent|| = 1
-        carry_before, carry_after, x, direct_t = per_step
-        # Fold in L's direct dependence on h_t, both terms scaled to the larger of the two.
-        _, hidden_vjp = jax.vjp(cell.hidden, carry_after)
-        (direct_carry,) = hidden_vjp(direct_t)
-        log_direct = _log10_norm(direct_carry)
-        new_scale = jnp.maximum(log_scale, log_direct)
-        old_weight = jnp.where(log_scale == _NEG_INF, 0.0, 10.0 ** (log_scale - new_scale))
-        # Unit-normalise the direct term in two half steps, so a denormal norm cannot overflow 10^(-log).
-        half_inverse = jnp.where(log_direct == _NEG_INF, 0.0, 10.0 ** (-0.5 * log_direct))
-        direct_unit = _scale(_scale(direct_carry, half_inverse), half_inverse)
-        direct_weight = jnp.where(log_direct == _NEG_INF, 0.0, 10.0 ** (log_direct - new_scale))
-        cotangent = jax.tree_util.tree_map(
-            lambda c, d: c * old_weight.astype(c.dtype) + d * direct_weight.astype(d.dtype), cotangent, direct_unit
-        )
-        direct_wins = log_direct > log_scale
-        log_scale = jnp.where(direct_wins, log_direct, log_scale)
-        compensation = jnp.where(direct_wins, 0.0, compensation)
-        # Renormalise; a zero cotangent stays zero with scale -inf.
-        log_norm = _log10_norm(cotangent)
-        is_zero = log_norm == _NEG_INF
-        cotangent = _scale(cotangent, jnp.where(is_zero, 1.0, 10.0 ** -log_norm))
-        log_scale, compensation = _kahan_add(log_scale, compensation, jnp.where(is_zero, 0.0, log_norm))
-        log_scale = jnp.where(is_zero, _NEG_INF, log_scale)
+    def advance_chunk(carry, chunk_inputs):
+        return jax.lax.scan(advance, carry, chunk_inputs)[0], carry
+
+    if remat:  # keep the carry before every chunk of `remat` steps
+        by_chunk = jax.tree_util.tree_map(lambda a: a.reshape((seq_len // remat, remat) + a.shape[1:]), inputs)
+        final, chunk_starts = jax.lax.scan(advance_chunk, carry, by_chunk)
+    else:  # keep the carry before every step
+        final, chunk_starts = jax.lax.scan(advance, carry, inputs)
+    # cell.hidden selects part of the carry, so its transpose injects ∂L/∂h into a carry-shaped cotangent.
+    _, hidden_vjp = jax.vjp(cell.hidden, final)
+    h_final = cell.hidden(final)
+    scale_dtype = h_final.dtype
+    zero = jax.tree_util.tree_map(jnp.zeros_like, final)
+    state = (zero, jnp.asarray(_NEG_INF, scale_dtype), jnp.zeros((), scale_dtype))
+    if loss is None:
+        # Only the last step has a direct term: it starts the backward pass, and nothing of size T is stored.
+        state = _add_scaled(state, hidden_vjp(jax.grad(lambda h: default_loss(h[None]))(h_final))[0])
+        direct = None
+    else:
+        before_all = chunk_starts if not remat else jax.lax.scan(advance, carry, inputs)[1]
+        hs = jnp.concatenate([jax.vmap(cell.hidden)(before_all)[1:], h_final[None]])
+        direct = jax.grad(loss)(hs)
+
+    def backward_step(state, per_step):
+        carry_before, x, direct_t = per_step
+        if direct_t is not None:
+            state = _add_scaled(state, hidden_vjp(direct_t)[0])
+        state = _renormalise(state)
+        cotangent, log_scale, compensation = state
         log10_grad_norm = log_scale + _log10_norm(cell.hidden(cotangent))
-        # Carry the cotangent back through step t to carry_{t-1}.
         _, step_vjp = jax.vjp(lambda c: step(c, x)[0], carry_before)
-        (cotangent,) = step_vjp(cotangent)
-        return (cotangent, log_scale, compensation), log10_grad_norm
+        return (step_vjp(cotangent)[0], log_scale, compensation), log10_grad_norm
 
-    zero = jax.tree_util.tree_map(jnp.zeros_like, jax.tree_util.tree_map(lambda a: a[0], after))
-    scale_dtype = direct.dtype
-    init = (zero, jnp.asarray(_NEG_INF, scale_dtype), jnp.zeros((), scale_dtype))
-    _, log10_norms = jax.lax.scan(backward, init, (before, after, inputs, direct), reverse=True)
-    return log10_norms
+    if not remat:
+        _, log10_norms = jax.lax.scan(backward_step, state, (chunk_starts, inputs, direct), reverse=True)
+        return log10_norms
+
+    def backward_chunk(state, per_chunk):
+        chunk_start, chunk_inputs, chunk_direct = per_chunk
+        _, before = jax.lax.scan(advance, chunk_start, chunk_inputs)  # this chunk's carries, recomputed
+        return jax.lax.scan(backward_step, state, (before, chunk_inputs, chunk_direct), reverse=True)
+
+    by_chunk_direct = None if direct is None else direct.reshape((seq_len // remat, remat) + direct.shape[1:])
+    _, log10_norms = jax.lax.scan(backward_chunk, state, (chunk_starts, by_chunk, by_chunk_direct), reverse=True)
+    return log10_norms.reshape(seq_len)
 
 
 def _gram_schmidt(vectors: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -173,8 +220,7 @@ def jacobian_norms(cell, params, xs: jax.Array, *, k: int = 1, key: jax.Array | 
     linear RNN with ``W = g·Q``: every value is ``(T-1-t)·log10 g``), converging to the true values as the lag grows
     otherwise, and exact for ``k = 1`` in the limit of long lags.
     """
-    xs, step, inputs, before, after = _single_sequence("jacobian_norms", cell, params, xs, carry)
-    last = jax.tree_util.tree_map(lambda a: a[-1], after)
+    xs, step, inputs, before, last = _single_sequence("jacobian_norms", cell, params, xs, carry)
     flat_last, unravel = ravel_pytree(last)
     hidden_size = cell.hidden(last).shape[-1]
     if not 1 <= k <= hidden_size:

@@ -163,3 +163,31 @@ def test_single_sequence_functions_reject_batches():
         gradflow.jacobian_norms(cell, params, jnp.ones((5, 3, 2)))
     with pytest.raises(ValueError, match="k must lie"):
         gradflow.lyapunov_exponents(cell, params, jnp.ones((5, 2)), k=9)
+
+
+@pytest.mark.parametrize("per_step_loss", [False, True], ids=["last-step-loss", "per-step-loss"])
+def test_remat_gives_the_same_numbers_with_less_memory(per_step_loss):
+    cell = rnnlab.LSTM(8)
+    params = cell.init(jax.random.PRNGKey(0), 3)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (64, 2, 3))
+    loss = (lambda hs: jnp.sum(hs**2)) if per_step_loss else None
+    plain = gradflow.grad_norms(cell, params, xs, loss=loss)
+    np.testing.assert_allclose(gradflow.grad_norms(cell, params, xs, loss=loss, remat=8), plain, rtol=1e-6)
+    with pytest.raises(ValueError, match="remat must be a positive int dividing T = 64"):
+        gradflow.grad_norms(cell, params, xs, remat=7)
+
+
+def test_remat_memory_grows_as_sqrt_of_sequence_length():
+    """XLA's own buffer accounting of the compiled programs: plain storage is linear in T, remat=√T far less."""
+    cell = rnnlab.RNN(64)
+    params = cell.init(jax.random.PRNGKey(0), 4)
+
+    def temp_bytes(seq_len, remat):
+        xs = jax.ShapeDtypeStruct((seq_len, 8, 4), jnp.float32)
+        compiled = jax.jit(lambda p, x: gradflow.grad_norms(cell, p, x, remat=remat)).lower(params, xs).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    carry_bytes = 8 * 64 * 4
+    plain = temp_bytes(10_000, None)
+    assert plain >= 10_000 * carry_bytes  # every carry is stored
+    assert temp_bytes(10_000, 100) < plain / 10
