@@ -154,7 +154,10 @@ def scan(
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
-    step, inputs = step_and_inputs(cell, params, xs)
+    if remat is None:
+        step, inputs = step_and_inputs(cell, params, xs)
+    else:  # a hoisted [T, *batch, G·H] input projection (and its cotangent) would undo what remat saves
+        step, inputs = (lambda carry, x: cell(params, carry, x)), xs
     if lengths is None:
         body, scan_inputs = step, inputs
     else:

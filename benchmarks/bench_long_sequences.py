@@ -1,0 +1,77 @@
+"""Memory for very long sequences: plain against rematerialised BPTT, as T grows to 100 000 (batch 8, hidden 256).
+
+Peak memory is XLA's own accounting of each compiled program (`compiled.memory_analysis()`: temporaries +
+arguments + outputs), which is exact for the program and does not depend on what else the machine is doing. Two
+programs per T: ``gradflow.grad_norms`` (every log10 ||∂L/∂h_t||) and a training gradient (``jax.grad`` of a loss
+through ``rnnlab.scan``), each plain and with ``remat ≈ √T``. Then both remat programs are run at T = 100 000.
+
+    python benchmarks/bench_long_sequences.py
+    RNNLAB_BENCH_QUICK=1 python benchmarks/bench_long_sequences.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+import rnnlab
+from rnnlab import gradflow
+
+QUICK = bool(os.environ.get("RNNLAB_BENCH_QUICK"))
+BATCH, INPUT, HIDDEN = (2, 4, 16) if QUICK else (8, 32, 256)
+SEQ_LENS = (100, 1_000) if QUICK else (1_000, 10_000, 100_000)
+BUDGET_GIB = 4.0
+
+
+def divisor_near_sqrt(n: int) -> int:
+    """The divisor of ``n`` closest to √n: the chunk length that minimises T / k + k."""
+    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: abs(k - math.sqrt(n)))
+
+
+def programs(cell, params, seq_len: int, remat):
+    xs = jax.ShapeDtypeStruct((seq_len, BATCH, INPUT), jnp.float32)
+
+    def flow(p, x):
+        return gradflow.grad_norms(cell, p, x, remat=remat)
+
+    def train_grad(p, x):
+        return jax.grad(lambda p: jnp.mean(rnnlab.scan(cell, p, x, remat=remat)[0][-1] ** 2))(p)
+
+    return {name: jax.jit(fn).lower(params, xs).compile() for name, fn in (("gradflow", flow), ("training", train_grad))}
+
+
+def peak_gib(compiled) -> float:
+    memory = compiled.memory_analysis()
+    return (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes) / 2**30
+
+
+def main():
+    cell = rnnlab.LSTM(HIDDEN)
+    params = cell.init(jax.random.PRNGKey(0), INPUT)
+    print(f"long sequences: LSTM, batch {BATCH}, input {INPUT}, hidden {HIDDEN}; peak memory from XLA's accounting")
+    print(f"{'T':>8} {'remat':>6} {'gradflow GiB':>13} {'training GiB':>13}")
+    compiled = {}
+    for seq_len in SEQ_LENS:
+        for remat in (None, divisor_near_sqrt(seq_len)):
+            compiled[seq_len, remat] = programs(cell, params, seq_len, remat)
+            gib = {name: peak_gib(program) for name, program in compiled[seq_len, remat].items()}
+            print(f"{seq_len:>8} {remat or '-':>6} {gib['gradflow']:>13.3f} {gib['training']:>13.3f}")
+    longest = SEQ_LENS[-1]
+    remat = divisor_near_sqrt(longest)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (longest, BATCH, INPUT))
+    for name, program in compiled[longest, remat].items():
+        start = time.perf_counter()
+        jax.block_until_ready(program(params, xs))
+        print(f"ran {name} at T = {longest} with remat = {remat}: {time.perf_counter() - start:.1f} s")
+    for name in ("gradflow", "training"):
+        gib = peak_gib(compiled[longest, remat][name])
+        print(f"TARGET {name} at T = {longest} within {BUDGET_GIB} GiB: "
+              f"{'holds' if gib <= BUDGET_GIB else 'does not hold'} ({gib:.3f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
