@@ -155,3 +155,45 @@ def learning_curves(table: Mapping[str, np.ndarray], path, *, panel: str, line: 
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     _save(figure, path)
+
+
+def forecasts(times, actual, predicted: Mapping, path, *, first: int = 1) -> None:
+    """One-step-ahead forecasts against the actual series, from index ``first ≥ 1`` on: ``times [N]``, ``actual [N]``,
+    ``predicted``: ``{(name, seed): [N]}`` (a colour per name), and persistence (the previous actual value)."""
+    times, actual = np.asarray(times), np.asarray(actual)
+    figure, axes = _panels(1, "One-step-ahead forecasts on held-out data")
+    figure.set_size_inches(9, 3.6)
+    axes[0].plot(times[first:], actual[first:], color="black", lw=2, label="actual")
+    axes[0].plot(times[first:], actual[first - 1:-1], color="grey", ls="--", label="persistence")
+    names = list(dict.fromkeys(name for name, _ in predicted))
+    colours = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    labelled = set()
+    for (name, _), values in predicted.items():
+        axes[0].plot(times[first:], np.asarray(values)[first:], color=colours[name], alpha=0.6,
+                     label=None if name in labelled else str(name))
+        labelled.add(name)
+    axes[0].set(xlabel="time", ylabel="value")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    _save(figure, path)
+
+
+def grad_norms_during_training(table: Mapping[str, np.ndarray], path) -> None:
+    """``log10 ||∂L/∂h_t||`` against the step ``t``, a panel per cell, a line per training step at which it was
+    measured (0: initialisation; mean over seeds), from columns ``cell, seed, step, t, log10_grad_norm``."""
+    cells = _cells(table)
+    seq_len = int(np.max(table["t"])) + 1
+    figure, axes = _panels(len(cells), f"Gradient of the loss reaching each step, during training (T = {seq_len})")
+    steps = np.unique(np.asarray(table["step"]))
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(steps)))
+    for axis, cell in zip(axes, cells):
+        for step, colour in zip(steps, colours):
+            rows = (np.asarray(table["cell"]) == cell) & (np.asarray(table["step"]) == step)
+            t, values = np.asarray(table["t"])[rows], np.asarray(table["log10_grad_norm"])[rows]
+            means = np.bincount(t, weights=values, minlength=seq_len) / np.maximum(np.bincount(t, minlength=seq_len), 1)
+            axis.plot(np.arange(seq_len), np.where(np.isfinite(means), means, np.nan), color=colour,
+                      label="initialisation" if step == 0 else f"step {step}")
+        axis.set(title=cell, xlabel="time step t", ylabel="log10 ||dL/dh_t||")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    _save(figure, path)
