@@ -56,7 +56,7 @@ def main(argv):
     results.write_json(out / "records.json", {**results.provenance(), "config": config, "summary": summary})
     plots.grad_vs_lag(table, out / "grad_vs_lag.png")
     plots.heatmap(table, out / "heatmap.png")
-    plots.rates_vs_gain(summary, out / "rates_vs_gain.png")
+    plots.rates_vs_gain(sweep.headline(summary), out / "rates_vs_gain.png")
     plots.first_step_vs_seq_len(table, out / "first_step_vs_seq_len.png")
     print(sweep.format_summary(summary))
     print(f"\nwrote {out}/: records.csv, records.json, summary.csv and 4 figures")

@@ -85,19 +85,24 @@ def heatmap(table: Mapping[str, np.ndarray], path, *, seq_len: int | None = None
     _save(figure, path)
 
 
-def rates_vs_gain(summary: Sequence[Mapping], path) -> None:
-    """Fitted log10 rate per step against gain, measured (mean ± std over seeds) beside theory, a panel per cell
-    (at each cell's longest T)."""
-    cells = list(dict.fromkeys(row["cell"] for row in summary))
+def rates_vs_gain(rows: Sequence[Mapping], path) -> None:
+    """Fitted log10 rate per step against gain, measured (mean ± std over seeds) beside theory, a panel per cell.
+
+    ``rows``: summary rows, one per (cell, gain) — e.g. `rnnlab.sweep.headline`; each point is labelled by its T
+    when the cell's points come from different sequence lengths."""
+    cells = list(dict.fromkeys(row["cell"] for row in rows))
     figure, axes = _panels(len(cells), "Gradient decay rate per step: measured vs theory")
     for axis, cell in zip(axes, cells):
-        rows = [row for row in summary if row["cell"] == cell]
-        longest = max(row["seq_len"] for row in rows)
-        rows = sorted((row for row in rows if row["seq_len"] == longest), key=lambda row: row["gain"])
-        gains = [row["gain"] for row in rows]
-        axis.errorbar(gains, [row["rate_mean"] for row in rows], yerr=[row["rate_std"] for row in rows],
-                      marker="o", capsize=3, label=f"measured (T = {longest})")
-        theory = np.asarray([row["theory_rate"] for row in rows], float)
+        cell_rows = sorted((row for row in rows if row["cell"] == cell), key=lambda row: row["gain"])
+        gains = [row["gain"] for row in cell_rows]
+        seq_lens = sorted({row["seq_len"] for row in cell_rows})
+        axis.errorbar(gains, [row["rate_mean"] for row in cell_rows], yerr=[row["rate_std"] for row in cell_rows],
+                      marker="o", capsize=3, label=f"measured (T = {'/'.join(map(str, seq_lens))})")
+        if len(seq_lens) > 1:
+            for row in cell_rows:
+                if np.isfinite(row["rate_mean"]):
+                    axis.annotate(f"T={row['seq_len']}", (row["gain"], row["rate_mean"]), fontsize=6)
+        theory = np.asarray([row["theory_rate"] for row in cell_rows], float)
         if np.any(np.isfinite(theory)):
             axis.plot(gains, theory, "k--", marker="x", label="theory")
         axis.axhline(0.0, color="grey", lw=0.8)

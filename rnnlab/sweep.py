@@ -174,11 +174,17 @@ def records(cell_name: str, measurement: Measurement, *, max_points: int | None 
 def fit_rate(lags: np.ndarray, log10_grad_norm: np.ndarray) -> float:
     """Least-squares slope of ``log10 ||∂L/∂h_t||`` against the lag: the measured log10 rate per step.
 
-    ``nan`` if any value is non-finite (a cell that produced nan, or a gradient that is exactly zero).
+    A gradient that became exactly zero (``-inf``, e.g. every ReLU unit switched off once) is fitted over the lags
+    before it vanished; ``nan`` if any value is ``nan`` or ``+inf`` (the forward state overflowed) or fewer than two
+    values are finite.
     """
-    if not np.all(np.isfinite(log10_grad_norm)) or len(lags) < 2:
+    values = np.asarray(log10_grad_norm, float)
+    if np.any(np.isnan(values) | (values == np.inf)):
         return float("nan")
-    return float(np.polyfit(np.asarray(lags, float), np.asarray(log10_grad_norm, float), 1)[0])
+    finite = np.isfinite(values)
+    if finite.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.asarray(lags, float)[finite], values[finite], 1)[0])
 
 
 def _segments(keys: np.ndarray):
@@ -190,13 +196,16 @@ def _segments(keys: np.ndarray):
 
 
 def summarize(table: Mapping[str, np.ndarray]) -> list[dict]:
-    """One row per (cell, T, gain): the fitted rate per step (mean and standard deviation over seeds), the theory's
-    rate, and the steps until the gradient falls by 10^6 at the measured rate (``inf`` if it does not fall)."""
+    """One row per (cell, T, gain): the fitted rate per step (mean and standard deviation over the seeds where it is
+    finite), the theory's rate, the steps until the gradient falls by 10^6 at the measured rate (``inf`` if it does
+    not fall), and how many seeds overflowed (``overflow_seeds``: nan or inf, no rate) or saw the gradient become
+    exactly zero (``zero_seeds``: rate fitted before it vanished)."""
     cell_names, cell_codes = np.unique(np.asarray(table["cell"]), return_inverse=True)
     numeric = [np.asarray(table[key], np.float64) for key in ("seq_len", "gain", "seed")]
     configs, rows_of_config = _segments(np.stack([cell_codes.ravel().astype(np.float64), *numeric], axis=1))
     lag, value, theory_rate = (np.asarray(table[key]) for key in ("lag", "log10_grad_norm", "theory_rate"))
     rates = np.asarray([fit_rate(lag[rows], value[rows]) for rows in rows_of_config])
+    vanished = np.asarray([np.any(value[rows] == -np.inf) for rows in rows_of_config])
     theory_rates = np.asarray([theory_rate[rows[0]] for rows in rows_of_config], np.float64)
     groups, configs_of_group = _segments(configs[:, :3])
     summary = []
@@ -209,9 +218,23 @@ def summarize(table: Mapping[str, np.ndarray]) -> list[dict]:
             "rate_mean": rate, "rate_std": float(finite_rates.std()) if finite_rates.size else float("nan"),
             "theory_rate": float(np.nanmean(theory)) if np.any(np.isfinite(theory)) else float("nan"),
             "steps_to_1e-6": 6.0 / -rate if rate < 0 else (float("inf") if rate >= 0 else float("nan")),
-            "nonfinite_seeds": int(len(members) - finite_rates.size),
+            "overflow_seeds": int(len(members) - finite_rates.size),
+            "zero_seeds": int(np.sum(vanished[members])),
         })
     return summary
+
+
+def headline(summary: Sequence[Mapping]) -> list[dict]:
+    """For each (cell, gain), the summary row at the longest T whose rate is finite (or the longest T if none is):
+    where an exploding forward state overflowed at long T, the longest horizon that still measured it."""
+    best: dict[tuple, Mapping] = {}
+    for row in summary:
+        key = (row["cell"], row["gain"])
+        current = best.get(key)
+        rank = (np.isfinite(row["rate_mean"]), row["seq_len"])
+        if current is None or rank > (np.isfinite(current["rate_mean"]), current["seq_len"]):
+            best[key] = row
+    return [dict(row) for row in best.values()]
 
 
 def concat(tables: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -263,20 +286,17 @@ def _measure_unit(cell_name, cell, grid, seq_len, *, max_points, **kwargs):
 
 
 def format_summary(summary: Sequence[Mapping]) -> str:
-    """The summary as a text table at each cell's longest T: cell, gain, fitted rate per step (mean ± std over
-    seeds), theory, steps until the gradient falls by 10^6."""
-    longest = {}
-    for row in summary:
-        longest[row["cell"]] = max(longest.get(row["cell"], 0), row["seq_len"])
+    """The `headline` rows as a text table: cell, gain, T, fitted rate per step (mean ± std over seeds), theory,
+    steps until the gradient falls by 10^6, and notes on seeds that overflowed or vanished exactly."""
     lines = [f"{'cell':<12} {'gain':>5} {'T':>6} {'rate/step (log10)':>20} {'theory':>8} {'steps to 1e-6':>14}"]
-    for row in summary:
-        if row["seq_len"] != longest[row["cell"]]:
-            continue
+    for row in headline(summary):
         steps = row["steps_to_1e-6"]
+        notes = [f"{row['overflow_seeds']} seeds overflowed"] if row["overflow_seeds"] else []
+        notes += [f"exactly 0 in {row['zero_seeds']} seeds"] if row["zero_seeds"] else []
         lines.append(
             f"{row['cell']:<12} {row['gain']:>5g} {row['seq_len']:>6} "
             f"{row['rate_mean']:>+10.4f} ± {row['rate_std']:<7.4f} {row['theory_rate']:>+8.4f} "
             f"{'never' if steps == float('inf') else 'n/a' if steps != steps else f'{steps:.0f}':>14}"
-            + (f"  ({row['nonfinite_seeds']} seeds non-finite)" if row["nonfinite_seeds"] else "")
+            + (f"  ({'; '.join(notes)})" if notes else "")
         )
     return "\n".join(lines)

@@ -49,6 +49,10 @@ def test_fit_rate_and_summary_on_known_lines():
     (row,) = sweep.summarize(table)
     assert row["rate_mean"] == pytest.approx(-0.2) and row["rate_std"] == pytest.approx(0.1)
     assert row["steps_to_1e-6"] == pytest.approx(30.0)
+    assert sweep.fit_rate(lags, np.where(lags > 40, -np.inf, -0.5 * lags)) == pytest.approx(-0.5)  # before it vanished
+    assert np.isnan(sweep.fit_rate(lags, np.where(lags > 40, np.nan, -0.5 * lags)))  # overflowed: no rate
+    longer = [{**row, "seq_len": 100, "rate_mean": float("nan")}, {**row, "gain": 3.0}]
+    assert [(r["gain"], r["seq_len"]) for r in sweep.headline([row, *longer])] == [(2.0, 50), (3.0, 50)]
 
 
 def test_user_cell_by_module_path_and_failing_cell_recorded(monkeypatch):
