@@ -30,6 +30,7 @@ Item = TypeVar("Item")
 def _atomic_write(path: Path, write, mode: str = "wb") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(temporary, 0o644)  # mkstemp makes the file private; results are for everyone to read
     try:
         with os.fdopen(handle, mode, **({"newline": ""} if "b" not in mode else {})) as stream:
             write(stream)
