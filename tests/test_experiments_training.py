@@ -104,3 +104,101 @@ def test_number_words_baseline_is_the_positional_frequency_model():
                               (len(tasks.WORDS),))
     assert float(task.loss(logits, test)) == pytest.approx(task.baseline, rel=1e-5)
     assert 0 < task.baseline_accuracy < 0.2 and task.baseline_exact_match == 0.0
+
+
+def test_char_lm_script_beats_unigram_and_writes_samples(tmp_path):
+    table = _run("char_lm.py", tmp_path, "--steps=100", "--hidden_size=64", "--seq_len=32", "--lr=1e-2",
+                 "--eval_every=100", "--sample_len=40", "--temperatures=0,1")
+    assert CURVE_COLUMNS | {"test_bits_per_char"} <= set(table)
+    unigram_bits = tasks.CharCorpus(seq_len=32).baseline / math.log(2)
+    assert table["test_bits_per_char"][-1] < 0.95 * unigram_bits
+    np.testing.assert_allclose(table["test_bits_per_char"], table["test_loss"] / math.log(2), rtol=1e-6)
+    samples = (tmp_path / "samples.txt").read_text()
+    assert samples.count("=== lstm, seed 0, temperature") == 2
+    provenance = json.loads((tmp_path / "records.json").read_text())
+    assert len(provenance["config"]["corpus"]["sha256"]) == 64
+
+
+def test_char_corpus_split_windows_and_unigram_baseline():
+    import sysconfig
+
+    task = tasks.CharCorpus(seq_len=16)
+    assert task.digest == tasks.CharCorpus(seq_len=16).digest  # the same files, the same corpus
+    last = (Path(sysconfig.get_paths()["stdlib"]) / task.files[-1]).read_text(encoding="utf-8")
+    assert task.decode(task.test_tokens[-100:]) == last[-100:]  # held out: the tail of each file
+    assert len(task.test_tokens) == pytest.approx(0.1 * (len(task.train_tokens) + len(task.test_tokens)), rel=0.01)
+    batch = task.sample(jax.random.key(0), 4)
+    np.testing.assert_array_equal(np.argmax(batch["inputs"][1:], -1), batch["labels"][:-1])  # next character
+    assert task.encode(task.decode(batch["labels"][:, 0])).tolist() == np.asarray(batch["labels"][:, 0]).tolist()
+    test = task.test_batch()
+    np.testing.assert_array_equal(np.asarray(test["labels"]).T.ravel(),
+                                  np.asarray(task.test_tokens[1:1 + test["labels"].size]))
+    # The unigram model as logits: its loss is the baseline, and the baseline is the training-text entropy's cousin.
+    counts = np.bincount(np.asarray(task.train_tokens), minlength=task.input_size) + 1.0
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(counts / counts.sum(), jnp.float32)), test["labels"].shape +
+                              (task.input_size,))
+    assert float(task.loss(logits, test)) == pytest.approx(task.baseline, rel=1e-5)
+    train_entropy = -np.sum(counts / counts.sum() * np.log(counts / counts.sum()))
+    assert task.baseline == pytest.approx(train_entropy, rel=0.05)
+
+
+def test_sunspots_script_beats_persistence(tmp_path):
+    table = _run("sunspots.py", tmp_path, "--cells=gru", "--seeds=1", "--steps=100", "--eval_every=50")
+    assert CURVE_COLUMNS | {"test_rmse"} <= set(table)
+    assert table["test_loss"][-1] < tasks.Sunspots().baseline
+    assert {"forecast.png", "learning_curves.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_sunspots_standardisation_and_persistence_baseline():
+    from statsmodels.datasets import sunspots
+
+    raw = np.asarray(sunspots.load_pandas().data["SUNACTIVITY"], np.float64)
+    task = tasks.Sunspots(seq_len=20, test_years=60)
+    assert len(raw) == 309 and task.train_years == 249
+    series = np.asarray(task.series, np.float64)
+    assert abs(series[:249].mean()) < 1e-5 and series[:249].std() == pytest.approx(1.0, rel=1e-5)
+    expected = np.mean((raw[249:] - raw[248:-1]) ** 2) / raw[:249].std() ** 2
+    assert task.baseline == pytest.approx(expected, rel=1e-6)
+    test = task.test_batch()
+    assert float(test["weights"].sum()) == 60
+    assert float(task.loss(test["inputs"], test)) == pytest.approx(task.baseline, rel=1e-5)  # persistence itself
+    batch = jax.device_get(task.sample(jax.random.key(0), 64))
+    np.testing.assert_array_equal(batch["inputs"][1:], batch["targets"][:-1])
+    assert batch["targets"].max() <= series[:249].max() + 1e-6  # windows stay inside the training years
+    assert np.isin(batch["targets"].ravel(), series[:249].astype(np.float32)).all()
+
+
+def test_gradflow_training_script(tmp_path):
+    _run("gradflow_training.py", tmp_path, "--cells=lstm", "--seq_len=20", "--steps=20",
+         "--measure_at=0,10", "--eval_every=10", "--measure_batch=16", "--hidden_size=16")
+    flow = results.read_csv(tmp_path / "grad_norms.csv")
+    assert {"cell", "seq_len", "seed", "step", "t", "lag", "log10_grad_norm", "test_loss"} <= set(flow)
+    assert set(flow["step"]) == {0, 10, 20} and len(flow["t"]) == 3 * 20
+    assert np.isfinite(flow["log10_grad_norm"]).all()
+    assert {"grad_norms.png", "learning_curves.png", "summary.csv"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_readout_grad_norms_against_perturbed_hidden_states():
+    """dL/dh_t as the gradient of the loss with respect to a perturbation added to h_t, in a hand-written loop."""
+    import rnnlab
+    from rnnlab import models, train
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        task = tasks.AddingProblem(12)
+        model = models.ManyToOne(rnnlab.RNN(6), 1)
+        params = model.init(jax.random.key(0), 2, jnp.float64)
+        batch = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), task.sample(jax.random.key(1), 5))
+
+        def loss(deltas):
+            h = jnp.zeros((5, 6))
+            for t in range(12):
+                h, _ = model.cell(params["cell"], h, batch["inputs"][t])
+                h = h + deltas[t]
+            return task.loss(models.dense(params["readout"], h), batch)
+
+        expected = jnp.log10(jnp.linalg.norm(jax.grad(loss)(jnp.zeros((12, 5, 6))).reshape(12, -1), axis=1))
+        measured = train.readout_grad_norms(task, model, params, batch)
+        np.testing.assert_allclose(measured, expected, rtol=1e-6, atol=1e-9)
+    finally:
+        jax.config.update("jax_enable_x64", False)
