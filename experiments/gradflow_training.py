@@ -72,7 +72,8 @@ def main(argv):
         test_loss = dict(zip(result.evals["step"].astype(int).tolist(), result.evals["test_loss"].tolist()))
         flow_table = {"cell": np.full(steps.shape, cell_name), "seq_len": np.full(steps.shape, FLAGS.seq_len),
                       "seed": np.full(steps.shape, int(seed)), "step": steps,
-                      "t": np.tile(np.arange(FLAGS.seq_len), len(flow["step"])), "lag": np.tile(lags, len(flow["step"])),
+                      "t": np.tile(np.arange(FLAGS.seq_len), len(flow["step"])),
+                      "lag": np.tile(lags, len(flow["step"])),
                       "log10_grad_norm": np.concatenate(flow["log10_grad_norm"]),
                       "test_loss": np.asarray([test_loss.get(int(s), np.nan) for s in steps])}
         return {**curves, **{FLOW + name: values for name, values in flow_table.items()}}
