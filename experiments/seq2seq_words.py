@@ -4,7 +4,7 @@
 
 An encoder–decoder (Sutskever, Vinyals & Le 2014) trained with teacher forcing and evaluated by greedy decoding on
 numbers it never saw (`rnnlab.tasks.NumberWords`: 10% of the numbers of each length ≥ 3 are held out). The output
-is 1 to 10 words (with the end token) for 1 to 6 digits. The trivial baseline ignores the input and predicts each
+is 1 to 9 words and the end token for 1 to 6 digits. The trivial baseline ignores the input and predicts each
 output position from the training words at that position: its cross-entropy, its token accuracy and its exact
 match (0) are written beside the model's. The stated margin: a run "beats the baseline" when its greedy exact match
 on the held-out numbers is at least --margin (default 0.8). Writes to --out: records.csv (cell, seq_len = max_digits,

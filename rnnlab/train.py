@@ -348,8 +348,8 @@ def train_on_task(task, model, *, seed: int, steps: int, batch_size: int, learni
     root = jax.random.key(seed)
     if params is None:
         # a Seq2Seq model knows its vocabularies; the other shapes take the task's input size
-        input_size = getattr(task, "input_size", None)
-        params = model.init(*(jax.random.fold_in(root, 0), *([input_size] if input_size is not None else [])))
+        init_key = jax.random.fold_in(root, 0)
+        params = model.init(init_key, task.input_size) if hasattr(task, "input_size") else model.init(init_key)
     if hasattr(task, "test_batch"):
         test = task.test_batch()
     else:
