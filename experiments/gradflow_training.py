@@ -1,5 +1,5 @@
 """Gradient flow at initialisation and during training, cell by cell, on the adding problem (after Arjovsky, Shah &
-Bengio 2016, Fig. 4: the norm of the gradient of the loss with respect to each hidden state, before and after).
+Bengio 2016: the norm of the gradient of the loss with respect to each hidden state, before and after).
 
     python experiments/gradflow_training.py --cells=rnn_tanh,irnn,lstm,gru --seq_len=100 --steps=800
 

@@ -401,11 +401,10 @@ def curve_records(result: TrainResult, **labels) -> dict[str, np.ndarray]:
 def readout_grad_norms(task, model, params, batch) -> jax.Array:
     """``log10 ||∂L/∂h_t||`` for ``t = 0 .. T-1`` (`rnnlab.gradflow.grad_norms`, exact in the log domain) of a
     `rnnlab.models.ManyToOne` model's task loss on ``batch``, through its readout of the last step: how much of the
-    training signal reaches each step, the quantity Arjovsky, Shah & Bengio (2016, Fig. 4) plot before and after
+    training signal reaches each step, the quantity Arjovsky, Shah & Bengio (2016) plot before and after
     training. **Returns:** ``[T]``."""
 
     def loss(hs):  # hs: the cell's outputs [T, B, H], the readout's input
         return task.loss(models.dense(params["readout"], hs[-1]), batch)
 
     return gradflow.grad_norms(model.cell, params["cell"], batch["inputs"], loss=loss)
-
