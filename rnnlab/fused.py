@@ -5,9 +5,10 @@ Plain autodiff of a `lax.scan` does, at every step of its backward loop, the wei
 step's primitives happen to need. Here each built-in cell's recurrence over the whole sequence is one
 `jax.custom_jvp` function whose tangent rule is written for speed:
 
-- the forward loop saves, per step, only the few coefficients the tangent needs (gate derivatives already multiplied
-  by their partners, e.g. for the LSTM ``[g, c_{t-1}, i, \tanh c_t] ⊙ σ'``), so a backward step is one fused
-  elementwise pass and one matmul;
+- the forward loop saves little beyond the carries (the LSTM's gates, the GRU's recurrent pre-activations); the
+  coefficients of the tangent (gate derivatives already multiplied by their partners, e.g. for the LSTM
+  ``[g, c_{t-1}, i, \tanh c_t] ⊙ σ'``) are computed for all steps at once between the loops, so a backward step is
+  one fused elementwise pass and one matmul;
 - the tangent of the weights enters as ``H_{prev} @ \dot W_h``, one ``[T·batch, H] @ [H, G·H]`` matmul before the
   loop, so its transpose — what `jax.grad` runs — is the single matmul ``\bar W_h = H_{prev}^T \bar U`` after the
   backward loop. The input weights get the same treatment from `scan` hoisting ``cell.project_inputs``.
@@ -24,6 +25,7 @@ the step.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -273,9 +275,7 @@ def recurrence(cell, params, carry, projected: jax.Array, *, valid: jax.Array | 
     **Returns:** ``(final_carry, hs)`` with ``hs [T, *batch, H]``, as `jax.lax.scan` of the masked step would.
     """
     seq_len, batch_shape = projected.shape[0], projected.shape[1:-1]
-    batch = 1
-    for size in batch_shape:
-        batch *= size
+    batch = math.prod(batch_shape)
 
     def flat(a):
         return a.reshape((batch,) + a.shape[len(batch_shape):])

@@ -2,7 +2,8 @@
 
 The reference is the same cell run through `rnnlab.scan`'s plain path: an instance of a trivial subclass, which
 `scan` does not fuse (a subclass may change the step). Every library cell (conftest) × lengths × reverse × batch
-shapes; one jitted program per case computes the values, the gradients and a forward-mode derivative of both paths.
+shapes; one jitted program per case computes the values and the gradients of both paths (and, in float64, a
+forward-mode derivative: the fused rule is a `jax.custom_jvp`, so `jax.jvp` works through it).
 """
 
 import dataclasses
@@ -60,8 +61,9 @@ def random_problem(cell, batch_shape, dtype, with_lengths):
     return params, xs, carry, lengths
 
 
-def both_paths(cell, params, xs, carry, lengths, reverse):
-    """Outputs, gradients (params, xs, carry) and a JVP of the fused path and of the plain path, in one program."""
+def both_paths(cell, params, xs, carry, lengths, reverse, forward_mode=False):
+    """Outputs, gradients (params, xs, carry) and, with ``forward_mode``, a JVP of the fused path and of the plain
+    path, in one program."""
     weights = jax.random.normal(jax.random.PRNGKey(7), xs.shape[:-1] + (cell.hidden_size,), xs.dtype)
 
     def run(the_cell, params, xs, carry):
@@ -71,6 +73,8 @@ def both_paths(cell, params, xs, carry, lengths, reverse):
 
     def evaluate(the_cell):
         (_, outputs), grads = jax.value_and_grad(run, argnums=(1, 2, 3), has_aux=True)(the_cell, params, xs, carry)
+        if not forward_mode:
+            return outputs, grads, ()
         tangents = jax.tree_util.tree_map(jnp.cos, (params, xs, carry))
         _, jvp = jax.jvp(lambda p, x, c: run(the_cell, p, x, c)[0], (params, xs, carry), tangents)
         return outputs, grads, jvp
@@ -89,10 +93,9 @@ def assert_trees_close(got, want, rtol, atol):
 def test_fused_equals_autodiff_float32(cell, batch_shape, with_lengths, reverse):
     assert fused.supports(cell, cell.init(jax.random.PRNGKey(0), INPUT_SIZE), cell.initial_carry(()), jnp.zeros(1))
     problem = random_problem(cell, batch_shape, jnp.float32, with_lengths)
-    (fused_out, fused_grads, fused_jvp), (plain_out, plain_grads, plain_jvp) = both_paths(cell, *problem, reverse)
+    (fused_out, fused_grads, _), (plain_out, plain_grads, _) = both_paths(cell, *problem, reverse)
     assert_trees_close(fused_out, plain_out, rtol=1e-6, atol=1e-6)
     assert_trees_close(fused_grads, plain_grads, rtol=2e-5, atol=2e-6)
-    assert_trees_close(fused_jvp, plain_jvp, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
@@ -100,7 +103,8 @@ def test_fused_equals_autodiff_float32(cell, batch_shape, with_lengths, reverse)
 def test_fused_equals_autodiff_float64(cell, with_lengths, reverse):
     with jax.enable_x64(True):
         problem = random_problem(cell, (2, 3), jnp.float64, with_lengths)
-        (fused_out, fused_grads, fused_jvp), (plain_out, plain_grads, plain_jvp) = both_paths(cell, *problem, reverse)
+        fused_results, plain_results = both_paths(cell, *problem, reverse, forward_mode=True)
+        (fused_out, fused_grads, fused_jvp), (plain_out, plain_grads, plain_jvp) = fused_results, plain_results
         assert fused_grads[0]["w_h"].dtype == jnp.float64
         assert_trees_close(fused_out, plain_out, rtol=1e-13, atol=1e-14)
         assert_trees_close(fused_grads, plain_grads, rtol=1e-12, atol=1e-13)
