@@ -1,7 +1,8 @@
 """Gradient-flow sweep: rnnlab against the same sweep written as a PyTorch user would.
 
 3 cells (tanh RNN, LSTM, GRU) × 6 gains × 4 seeds, batch 16, input 32, hidden 128, T = 500: log ||∂L/∂h_t|| for
-every t, L = Σ h_T² / batch. PyTorch: a loop over the 72 configurations, a Python loop over steps with
+every t, L = Σ h_T² / batch. rnnlab shows each core to JAX as a device (`sweep.use_cpu_cores`, as the experiment
+does), so the configurations are sharded over both cores. PyTorch: a loop over the 72 configurations, a Python loop over steps with
 ``retain_grad`` on every h_t, one backward each (torch.set_num_threads(2)). rnnlab: `rnnlab.sweep` — one
 ``jit(vmap)`` program per cell over its 24 configurations, in the log domain.
 
@@ -27,6 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rnnlab import sweep
 
@@ -76,18 +78,21 @@ def rnnlab_sweep():
     grid = sweep.Grid.product(GAINS, range(SEEDS))
     start, all_norms = time.perf_counter(), []
     for name in CELLS:
-        cell = sweep.make_cell(name, HIDDEN)
-        params = sweep.init_configs(cell, jnp.asarray(grid.seeds), jnp.asarray(grid.gains), INPUT)
-        norms = sweep.measure_configs(cell, params, jnp.asarray(grid.seeds), SEQ_LEN, BATCH, INPUT, 1.0)
-        all_norms.append(np.asarray(norms))
+        norms, _, _ = sweep.grad_norm_table(sweep.make_cell(name, HIDDEN), grid, SEQ_LEN, input_size=INPUT,
+                                            batch=BATCH)
+        all_norms.append(norms)
     return time.perf_counter() - start, np.concatenate(all_norms)
 
 
 def matmul_throughput() -> float:
-    """GFLOP/s of the sweep's batched per-step matmul, [24, 16, 128] @ [24, 128, 512], in this process."""
+    """GFLOP/s of the sweep's batched per-step matmul, [24, 16, 128] @ [24, 128, 512], in this process, with the
+    configuration axis sharded over the devices as the sweep shards it."""
     configs = len(GAINS) * SEEDS
     a = jax.random.normal(jax.random.PRNGKey(0), (configs, BATCH, HIDDEN))
     b = jax.random.normal(jax.random.PRNGKey(1), (configs, HIDDEN, 4 * HIDDEN))
+    if len(jax.devices()) > 1 and configs % len(jax.devices()) == 0:
+        sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("config",)), PartitionSpec("config"))
+        a, b = jax.device_put(a, sharding), jax.device_put(b, sharding)
     # Each product feeds the next, as in a recurrence, so XLA cannot hoist it out of the loop.
     chained = jax.jit(lambda a, b: jax.lax.fori_loop(0, 200, lambda i, x: (x @ b)[:, :, :HIDDEN] * 0.05, a))
     chained(a, b).block_until_ready()
@@ -157,6 +162,7 @@ def main():
 
 
 if __name__ == "__main__":
+    sweep.use_cpu_cores()  # as experiments/gradient_flow.py does: the configurations shard over both cores
     if "--once" in sys.argv:
         rnnlab_sweep()
     else:

@@ -29,11 +29,14 @@ flags.DEFINE_float("input_std", 0.1, "Inputs are N(0, input_std^2).")
 flags.DEFINE_integer("max_points", 300, "At most this many steps t per curve in records.csv (fits use these).")
 flags.DEFINE_string("out", "results/gradient_flow_demo", "Run folder; an existing one is resumed.")
 flags.DEFINE_string("compilation_cache", ".jax_cache", "JAX persistent compilation cache folder ('' for none).")
+flags.DEFINE_integer("cpu_devices", 0, "CPU cores shown to JAX as devices, configurations sharded over them "
+                     "(0: all cores).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+    sweep.use_cpu_cores(FLAGS.cpu_devices or None)
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
     sys.path.insert(0, str(Path.cwd()))  # so that --cells=my_module:MyCell finds the user's file

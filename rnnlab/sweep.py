@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -127,19 +128,41 @@ def measure_configs(cell, params, seeds: jax.Array, seq_len: int, batch: int, in
         params, seeds)
 
 
-def measure(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, input_std: float = 1.0,
-            theory_len: int = 500) -> Measurement:
-    """Measure ``log10 ||∂L/∂h_t||`` for every configuration of ``grid`` at sequence length ``seq_len``.
+def use_cpu_cores(count: int | None = None) -> None:
+    """Show ``count`` CPU cores (all by default) to JAX as separate devices, so that sweeps shard their configuration
+    axis over them and every core works: XLA's CPU backend runs a recurrence's small per-step matmuls on one thread.
+
+    Call it before the first JAX computation of the process (JAX fixes its devices then; later it raises). On a
+    machine with a GPU or TPU it only adds host devices; sweeps go on running on the accelerators.
+    """
+    jax.config.update("jax_num_cpu_devices", count or os.cpu_count() or 1)
+
+
+def grad_norm_table(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, input_std: float = 1.0):
+    """``(log10 ||∂L/∂h_t|| [configs, T], params, seeds)`` for every configuration of ``grid``, sharded over all
+    devices when there are several (``params`` and ``seeds`` padded to a multiple of the device count).
 
     Parameters come from ``cell.init(PRNGKey(seed), input_size)`` scaled by the gain; inputs from the seed (the same
-    for every gain). ``theory_len`` steps of the same inputs feed the trajectory-dependent theory (gate paths).
+    for every gain).
     """
     sharding, padded = _config_sharding(len(grid))
     gains, seeds = _pad(grid.gains, padded), _pad(grid.seeds, padded)
-    if sharding is not None:
-        gains, seeds = jax.device_put(gains, sharding), jax.device_put(seeds, sharding)
+    # Parameters are made on one device, then spread: batched QRs running on several host devices at once have
+    # deadlocked XLA's CPU thread pool.
     params = init_configs(cell, seeds, gains, input_size)
-    log10_norms = np.asarray(measure_configs(cell, params, seeds, seq_len, batch, input_size, input_std))[: len(grid)]
+    if sharding is not None:
+        params, seeds = jax.device_put(params, sharding), jax.device_put(seeds, sharding)
+    log10_norms = np.asarray(measure_configs(cell, params, seeds, seq_len, batch, input_size, input_std))
+    return log10_norms[: len(grid)], params, seeds
+
+
+def measure(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, input_std: float = 1.0,
+            theory_len: int = 500) -> Measurement:
+    """`grad_norm_table` and the theory's rate for every configuration: a `Measurement`. ``theory_len`` steps of
+    the same inputs feed the trajectory-dependent theory (gate paths)."""
+    log10_norms, params, seeds = grad_norm_table(cell, grid, seq_len, input_size=input_size, batch=batch,
+                                                 input_std=input_std)
+    gains = _pad(grid.gains, len(seeds))
     theory_xs = jax.vmap(lambda seed: _inputs(seed, min(seq_len, theory_len), batch, input_size, input_std))(seeds)
     theory_rate = theory.predicted_rates(cell, params, gains, theory_xs, input_std)[: len(grid)]
     return Measurement(grid, seq_len, log10_norms, theory_rate)

@@ -154,6 +154,7 @@ def test_experiment_writes_everything_and_resumes(tmp_path):
     assert len(records["t"]) == 2 * 2 * 2 * (6 + 10)  # cells × gains × seeds × (T=6 all steps + T=20 thinned to 10)
     meta = json.loads((out / "records.json").read_text())
     assert "gradient_flow.py" in meta["command"] and meta["versions"]["jax"] and meta["config"]["seeds"] == 2
+    assert len(meta["devices"]) == os.cpu_count()  # the experiment shards its configurations over every core
     (out / "units" / "rnn_tanh__20.npz").unlink()  # as if killed before the last unit of rnn_tanh was saved
     subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     again = results.read_csv(out / "records.csv")
