@@ -1,6 +1,6 @@
 """Shared plumbing of the training experiments: run a grid of (cell, setting, seed) units with resume, write
 records.csv / records.json / summary.csv. The maths lives in rnnlab.train and rnnlab.tasks; the learning-curve figure
-is `rnnlab.plots.learning_curves` (re-exported here for the scripts that call ``_training.learning_curves``)."""
+is `rnnlab.plots.learning_curves`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from rnnlab import results
-from rnnlab.plots import learning_curves  # noqa: F401  (re-export)
 
 
 def run_grid(out: Path, config: Mapping, units: Iterable[tuple], run_unit: Callable[..., Mapping]) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from rnnlab import models, sweep, tasks, train
+from rnnlab import models, plots, sweep, tasks, train
 
 import _training
 
@@ -53,7 +53,7 @@ def main(argv):
     table = _training.run_grid(out, config, units, run_unit)
     summary = _training.summarize(table, ("cell", "seq_len", "seed"), success=lambda mse: mse < SUCCESS_MSE)
     _training.write_outputs(out, config, table, summary)
-    _training.learning_curves(table, out / "learning_curves.png", panel="seq_len", line="cell",
+    plots.learning_curves(table, out / "learning_curves.png", panel="seq_len", line="cell",
                               baseline=lambda _: tasks.AddingProblem.baseline)
     print(_training.format_rows(summary))
     print(f"\nwrote {out}/: records.csv, summary.csv, records.json, learning_curves.png")

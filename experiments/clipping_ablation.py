@@ -18,7 +18,7 @@ import optax
 from absl import app, flags
 
 import rnnlab
-from rnnlab import models, tasks, train
+from rnnlab import models, plots, tasks, train
 
 import _training
 
@@ -59,9 +59,9 @@ def main(argv):
         mask = (table["gain"] == row["gain"]) & (table["clip"] == row["clip"]) & (table["seed"] == row["seed"])
         row["max_grad_norm"] = float(max(table["max_grad_norm"][mask][1:], default=float("nan")))
     _training.write_outputs(out, config, table, summary)
-    _training.learning_curves(table, out / "learning_curves.png", panel="gain", line="setting",
+    plots.learning_curves(table, out / "learning_curves.png", panel="gain", line="setting",
                               baseline=lambda _: tasks.AddingProblem.baseline)
-    _training.learning_curves(table, out / "grad_norms.png", panel="gain", line="setting", metric="max_grad_norm")
+    plots.learning_curves(table, out / "grad_norms.png", panel="gain", line="setting", metric="max_grad_norm")
     print(_training.format_rows(summary))
     print(f"\nwrote {out}/: records.csv, summary.csv, records.json, learning_curves.png, grad_norms.png")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from rnnlab import models, sweep, tasks, train
+from rnnlab import models, plots, sweep, tasks, train
 
 import _training
 
@@ -55,7 +55,7 @@ def main(argv):
                                    ("cell", "delay", "seed"), success=lambda loss, b=baseline: loss < 0.1 * b)
         summary += [{**row, "baseline": baseline} for row in rows]
     _training.write_outputs(out, config, table, summary)
-    _training.learning_curves(table, out / "learning_curves.png", panel="delay", line="cell",
+    plots.learning_curves(table, out / "learning_curves.png", panel="delay", line="cell",
                               baseline=lambda delay: tasks.CopyTask(int(delay)).baseline)
     print(_training.format_rows(summary))
     print(f"\nwrote {out}/: records.csv, summary.csv, records.json, learning_curves.png")

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 import rnnlab
-from rnnlab import models, tasks, train
+from rnnlab import models, plots, tasks, train
 
 import _training
 
@@ -62,7 +62,7 @@ def main(argv):
     table["setting"] = np.asarray([f"{c}/{i}" for c, i in zip(table["cell"], table["init"])])
     summary = _training.summarize(table, ("cell", "init", "seq_len", "seed"), success=lambda mse: mse < 0.01)
     _training.write_outputs(out, config, table, summary)
-    _training.learning_curves(table, out / "learning_curves.png", panel="seq_len", line="setting",
+    plots.learning_curves(table, out / "learning_curves.png", panel="seq_len", line="setting",
                               baseline=lambda _: tasks.AddingProblem.baseline)
     print(_training.format_rows(summary))
     print(f"\nwrote {out}/: records.csv, summary.csv, records.json, learning_curves.png")

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from rnnlab import models, sweep, tasks, train
+from rnnlab import models, plots, sweep, tasks, train
 
 import _training
 
@@ -56,7 +56,7 @@ def main(argv):
     table = _training.run_grid(out, config, units, run_unit)
     summary = _training.summarize(table, ("cell", "window", "seed"), success=lambda loss: loss < 0.1 * task.baseline)
     _training.write_outputs(out, config, table, summary)
-    _training.learning_curves(table, out / "learning_curves.png", panel="cell", line="window",
+    plots.learning_curves(table, out / "learning_curves.png", panel="cell", line="window",
                               metric="test_accuracy", log=False)
     print(f"lag L = {FLAGS.lag}; 'solved' means test cross-entropy < 0.1 · log 2\n")
     print(_training.format_rows(summary))

@@ -115,8 +115,7 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     """
     xs, carry, _ = prepare(cell, params, xs, carry)
     seq_len = xs.shape[0]
-    # Under remat the input projection is not hoisted: a [T, *batch, G·H] array would undo the memory saving.
-    step, inputs = step_and_inputs(cell, params, xs) if not remat else ((lambda c, x: cell(params, c, x)), xs)
+    step, inputs = step_and_inputs(cell, params, xs, hoist=not remat)
     if remat is not None and (not isinstance(remat, int) or remat < 1 or seq_len % remat):
         raise ValueError(f"remat must be a positive int dividing T = {seq_len}, got {remat!r}.")
     def advance(carry, x):

@@ -107,13 +107,14 @@ def prepare(cell, params, xs: jax.Array, carry: Any = None, time_axis: int = 0):
     return xs, carry, axis
 
 
-def step_and_inputs(cell, params, xs: jax.Array):
+def step_and_inputs(cell, params, xs: jax.Array, *, hoist: bool = True):
     """``(step, inputs)`` with ``step(carry, inputs[t]) -> (carry, y)`` equal to ``cell(params, carry, xs[t])``.
 
-    When the cell defines ``project_inputs`` the input matmul is done here for all steps at once and ``step`` is
-    ``cell.recur``; otherwise ``inputs`` is ``xs`` and ``step`` the plain cell step.
+    When ``hoist`` and the cell defines ``project_inputs`` the input matmul is done here for all steps at once and
+    ``step`` is ``cell.recur``; otherwise ``inputs`` is ``xs`` and ``step`` the plain cell step. Rematerialised loops
+    pass ``hoist=False``: a ``[T, *batch, G·H]`` projection (and its cotangent) would undo what they save.
     """
-    if hasattr(cell, "project_inputs"):
+    if hoist and hasattr(cell, "project_inputs"):
         return (lambda carry, x: cell.recur(params, carry, x)), cell.project_inputs(params, xs)
     return (lambda carry, x: cell(params, carry, x)), xs
 
@@ -154,10 +155,7 @@ def scan(
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
-    if remat is None:
-        step, inputs = step_and_inputs(cell, params, xs)
-    else:  # a hoisted [T, *batch, G·H] input projection (and its cotangent) would undo what remat saves
-        step, inputs = (lambda carry, x: cell(params, carry, x)), xs
+    step, inputs = step_and_inputs(cell, params, xs, hoist=remat is None)
     if lengths is None:
         body, scan_inputs = step, inputs
     else:
