@@ -56,12 +56,14 @@ class _Kernel(NamedTuple):
     - ``tangent_inputs(params, d_params, dpx, h_prev, coeffs) -> u``: the part of each tangent step that does not
       depend on the carry's tangent, for all steps at once; the weights' tangents enter only here.
     - ``tangent_step(params, d_carry, u_t, coeffs_t) -> d_carry``: the linear recurrence of the carry's tangent.
+    - ``coefficients_read_inputs``: whether ``coefficients`` uses ``px`` (the GRU's does).
     """
 
     step: Callable
     coefficients: Callable
     tangent_inputs: Callable
     tangent_step: Callable
+    coefficients_read_inputs: bool = False
 
 
 def _hidden_of(carry):
@@ -156,8 +158,11 @@ def _gru_coefficients(params, px, recurrent, hs, h_prev):
     r, z, n = _gru_gates(px, recurrent)
     h_n = jnp.split(recurrent, 3, axis=-1)[2]
     # With P = (ẋ_r + ȧ_r, ẋ_z + ȧ_z, ẋ_n + r ȧ_n) (a = h W_h + b_h):
-    # ḣ' = (1 - z)(1 - n²)·(P_n + r(1 - r) a_n · P_r) + (h - n) z(1 - z) · P_z + z ḣ.
-    return r, r * (1 - r) * h_n, (1 - z) * (1 - n * n), (h_prev - n) * z * (1 - z), z
+    # ḣ' = (1 - z)(1 - n²)·(P_n + r(1 - r) a_n · P_r) + (h - n) z(1 - z) · P_z + z ḣ,
+    # i.e. ḣ' = Σ_blocks(into_h ⊙ u + into_h ⊙ [1, 1, r] ⊙ ȧ) + z ḣ with these per-block coefficients:
+    new_coeff = (1 - z) * (1 - n * n)
+    into_h = jnp.concatenate([new_coeff * r * (1 - r) * h_n, (h_prev - n) * z * (1 - z), new_coeff], axis=-1)
+    return r, into_h, into_h * jnp.concatenate([jnp.ones_like(r), jnp.ones_like(r), r], axis=-1), z
 
 
 def _gru_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
@@ -168,13 +173,15 @@ def _gru_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
 
 
 def _gru_tangent_step(params, dh, u_t, coeffs_t):
-    r, reset_coeff, new_coeff, update_coeff, z = coeffs_t
-    da_r, da_z, da_n = jnp.split(dh @ params["w_h"], 3, axis=-1)
-    u_r, u_z, u_n = jnp.split(u_t, 3, axis=-1)
-    return new_coeff * (u_n + r * da_n + reset_coeff * (u_r + da_r)) + update_coeff * (u_z + da_z) + z * dh
+    _, into_h, recurrent_into_h, z = coeffs_t
+    batch, hidden = dh.shape
+    # A sum over the gate blocks rather than slices: its transpose is a broadcast, which fuses into the backward
+    # step's elementwise pass (a slice's transpose is a concatenate, which does not).
+    terms = u_t * into_h + (dh @ params["w_h"]) * recurrent_into_h
+    return jnp.sum(terms.reshape(batch, 3, hidden), axis=1) + z * dh
 
 
-_GRU = _Kernel(_gru_step, _gru_coefficients, _gru_tangent_inputs, _gru_tangent_step)
+_GRU = _Kernel(_gru_step, _gru_coefficients, _gru_tangent_inputs, _gru_tangent_step, coefficients_read_inputs=True)
 _RNN = {activation: _rnn_kernel(activation) for activation in _RNN_DERIVATIVES}
 
 
@@ -253,15 +260,16 @@ def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
     return (_outputs(_hidden_of(carries), valid), carry), (_outputs(d_hs, valid), d_carry)
 
 
-def supports(cell, params, carry, projected: jax.Array) -> bool:
-    """Whether `recurrence` runs ``cell``: an exact built-in type, a named activation, and one float dtype
-    throughout (the plain path handles mixed dtypes by promotion)."""
+def supports(cell, params, carry, inputs: jax.Array) -> bool:
+    """Whether `recurrence` and `linearised_steps` run ``cell``: an exact built-in type, a named activation, and one
+    float dtype throughout, ``inputs`` (raw or projected) included (the plain path handles mixed dtypes by
+    promotion)."""
     if type(cell) not in SUPPORTED:
         return False
     if type(cell) is RNN and not (isinstance(cell.activation, str) and cell.activation in _RNN_DERIVATIVES):
         return False
     leaves = jax.tree_util.tree_leaves((params, carry))
-    return all(jnp.result_type(leaf) == projected.dtype for leaf in leaves)
+    return all(jnp.result_type(leaf) == inputs.dtype for leaf in leaves)
 
 
 def recurrence(cell, params, carry, projected: jax.Array, *, valid: jax.Array | None = None, reverse: bool = False,
@@ -287,3 +295,42 @@ def recurrence(cell, params, carry, projected: jax.Array, *, valid: jax.Array | 
     hs, final = _recurrence(_kernel(cell), reverse, unroll, params, flat_carry, flat_px, flat_valid)
     final = jax.tree_util.tree_map(lambda a: a.reshape(batch_shape + a.shape[1:]), final)
     return final, hs.reshape((seq_len,) + batch_shape + hs.shape[-1:])
+
+
+def linearised_steps(cell, params, carry, xs: jax.Array):
+    """The recurrence over ``xs [T, N, input_size]`` from ``carry`` (batch flattened to ``N``), with what a backward
+    pass over the carry alone needs: ``(final_carry, before, per_step, transpose)``.
+
+    ``before``: the carry before each step, ``[T, N, ...]`` per leaf. ``transpose(cotangent, after, per_step[t])``
+    applies the transposed Jacobian of step ``t`` (``after``: the carry after the step) and returns the cotangent of
+    the carry before it and that carry: one matmul and one elementwise pass that also forms the step's
+    coefficients from what the forward loop saved, so no matmul is recomputed (`rnnlab.gradflow` runs its log-domain
+    backward pass on it).
+    """
+    kernel = _kernel(cell)
+    recurrent_params = {name: params[name] for name in ("w_h", "b_h") if name in params}
+
+    def body(carry, x_t):
+        # Each step projects its own input: hoisted out of the loop, the [T, N, G·H] projection of vmapped
+        # configurations is transposed to time-major and copied, passes over memory that cost more than this small
+        # matmul.
+        px_t = cell.project_inputs(params, x_t)
+        new_carry, saved_t = kernel.step(recurrent_params, carry, px_t)
+        return new_carry, (px_t if kernel.coefficients_read_inputs else None, saved_t, carry)
+
+    final, (projected, saved, before) = jax.lax.scan(body, carry, xs)
+    no_input = jnp.zeros(jax.eval_shape(cell.project_inputs, params, xs[0]).shape, xs.dtype)
+
+    def transpose(cotangent, after, per_step_t):
+        # Formed inside the backward loop, the coefficients stay in cache; formed for all steps at once they would
+        # be several passes over [T, N, G·H] arrays in memory. The carry after a step is the one before the next,
+        # so the backward loop hands it on instead of the forward loop storing every carry twice.
+        px_t, saved_t, before_t = per_step_t
+        coeffs_t = kernel.coefficients(recurrent_params, px_t, saved_t, after, before_t)
+
+        def tangent_step(d_carry):
+            return kernel.tangent_step(recurrent_params, d_carry, no_input, coeffs_t)
+
+        return jax.linear_transpose(tangent_step, cotangent)(cotangent)[0], before_t
+
+    return final, before, (projected, saved, before), transpose

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from rnnlab import fused
 from rnnlab.scan import prepare, step_and_inputs
 
 _NEG_INF = -jnp.inf
@@ -91,6 +92,32 @@ def _renormalise(state):
     return cotangent, jnp.where(is_zero, _NEG_INF, log_scale), compensation
 
 
+def _linearise(cell, params, xs: jax.Array, carry):
+    """Run the cell over ``xs [T, N, input_size]`` from ``carry``, keeping what the backward pass needs.
+
+    **Returns:** ``(final_carry, before, per_step, transpose)``: ``before`` the carry before each step, and
+    ``transpose(cotangent, after, per_step[t])`` the cotangent of the carry before step ``t`` given the one after it
+    (and ``after``, that carry), with the carry before the step. The built-in cells use `rnnlab.fused`'s
+    coefficients (one matmul and one elementwise pass per step, no matmul recomputed); any other cell the vjp of its
+    step at the stored carry.
+    """
+    if fused.supports(cell, params, carry, xs):
+        return fused.linearised_steps(cell, params, carry, xs)
+    step, inputs = step_and_inputs(cell, params, xs)
+
+    def advance(carry, x):
+        return step(carry, x)[0], carry
+
+    final, before = jax.lax.scan(advance, carry, inputs)
+
+    def transpose(cotangent, after, carry_and_input):
+        carry_before, x = carry_and_input
+        _, step_vjp = jax.vjp(lambda c: step(c, x)[0], carry_before)
+        return step_vjp(cotangent)[0], carry_before
+
+    return final, before, (before, inputs), transpose
+
+
 def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.Array] | None = None, carry=None,
                remat: int | None = None):
     """``log10 ||∂L/∂h_t||`` for every step ``t``, from one backward pass in the log domain.
@@ -111,24 +138,29 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     PyTorch's ``h_t.retain_grad()`` would give, where float32 can represent it. ``-inf`` where it is exactly zero.
 
     The backward (cotangent) vector is renormalised after every step and the log of its norm accumulated, so the
-    result is exact far beyond float32's range.
+    result is exact far beyond float32's range. For the built-in cells a backward step applies the step's Jacobian
+    from coefficients saved by the forward loop (`rnnlab.fused`), so nothing is recomputed.
     """
     xs, carry, _ = prepare(cell, params, xs, carry)
-    seq_len = xs.shape[0]
-    step, inputs = step_and_inputs(cell, params, xs, hoist=not remat)
+    seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
     if remat is not None and (not isinstance(remat, int) or remat < 1 or seq_len % remat):
         raise ValueError(f"remat must be a positive int dividing T = {seq_len}, got {remat!r}.")
-    def advance(carry, x):
-        return step(carry, x)[0], carry
+    # The batch is flattened to one axis N: norms do not depend on its shape, and the fused kernels want [N, ...].
+    batch = math.prod(batch_shape)
+    xs = xs.reshape(seq_len, batch, xs.shape[-1])
+    carry = jax.tree_util.tree_map(lambda leaf: leaf.reshape((batch,) + leaf.shape[len(batch_shape):]), carry)
 
-    def advance_chunk(carry, chunk_inputs):
-        return jax.lax.scan(advance, carry, chunk_inputs)[0], carry
+    if remat:  # keep the carry before every chunk of `remat` steps; chunks are linearised again on the way back
+        step, _ = step_and_inputs(cell, params, xs, hoist=False)
+        by_chunk = xs.reshape((seq_len // remat, remat) + xs.shape[1:])
 
-    if remat:  # keep the carry before every chunk of `remat` steps
-        by_chunk = jax.tree_util.tree_map(lambda a: a.reshape((seq_len // remat, remat) + a.shape[1:]), inputs)
+        def advance_chunk(carry, chunk_xs):
+            return jax.lax.scan(lambda c, x: (step(c, x)[0], None), carry, chunk_xs)[0], carry
+
         final, chunk_starts = jax.lax.scan(advance_chunk, carry, by_chunk)
-    else:  # keep the carry before every step
-        final, chunk_starts = jax.lax.scan(advance, carry, inputs)
+        before = None if loss is None else jax.lax.scan(lambda c, x: (step(c, x)[0], c), carry, xs)[1]
+    else:
+        final, before, per_step, transpose = _linearise(cell, params, xs, carry)
     # cell.hidden selects part of the carry, so its transpose injects ∂L/∂h into a carry-shaped cotangent.
     _, hidden_vjp = jax.vjp(cell.hidden, final)
     h_final = cell.hidden(final)
@@ -140,28 +172,32 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
         state = _add_scaled(state, hidden_vjp(jax.grad(lambda h: default_loss(h[None]))(h_final))[0])
         direct = None
     else:
-        before_all = chunk_starts if not remat else jax.lax.scan(advance, carry, inputs)[1]
-        hs = jnp.concatenate([jax.vmap(cell.hidden)(before_all)[1:], h_final[None]])
-        direct = jax.grad(loss)(hs)
+        hs = jnp.concatenate([jax.vmap(cell.hidden)(before)[1:], h_final[None]])
+        direct = jax.grad(lambda flat: loss(flat.reshape((seq_len,) + batch_shape + flat.shape[-1:])))(hs)
 
-    def backward_step(state, per_step):
-        carry_before, x, direct_t = per_step
-        if direct_t is not None:
-            state = _add_scaled(state, hidden_vjp(direct_t)[0])
-        state = _renormalise(state)
-        cotangent, log_scale, compensation = state
-        log10_grad_norm = log_scale + _log10_norm(cell.hidden(cotangent))
-        _, step_vjp = jax.vjp(lambda c: step(c, x)[0], carry_before)
-        return (step_vjp(cotangent)[0], log_scale, compensation), log10_grad_norm
+    def backward_steps(state, transpose, after, per_step, direct, length):
+        def backward_step(state_and_after, per_step_t):
+            state, after = state_and_after
+            step_data, direct_t = per_step_t
+            if direct_t is not None:
+                state = _add_scaled(state, hidden_vjp(direct_t)[0])
+            state = _renormalise(state)
+            cotangent, log_scale, compensation = state
+            log10_grad_norm = log_scale + _log10_norm(cell.hidden(cotangent))
+            cotangent, before = transpose(cotangent, after, step_data)
+            return ((cotangent, log_scale, compensation), before), log10_grad_norm
+
+        (state, _), log10_norms = jax.lax.scan(backward_step, (state, after), (per_step, direct), length=length,
+                                               reverse=True)
+        return state, log10_norms
 
     if not remat:
-        _, log10_norms = jax.lax.scan(backward_step, state, (chunk_starts, inputs, direct), reverse=True)
-        return log10_norms
+        return backward_steps(state, transpose, final, per_step, direct, seq_len)[1]
 
     def backward_chunk(state, per_chunk):
-        chunk_start, chunk_inputs, chunk_direct = per_chunk
-        _, before = jax.lax.scan(advance, chunk_start, chunk_inputs)  # this chunk's carries, recomputed
-        return jax.lax.scan(backward_step, state, (before, chunk_inputs, chunk_direct), reverse=True)
+        chunk_start, chunk_xs, chunk_direct = per_chunk
+        chunk_end, _, per_step, transpose = _linearise(cell, params, chunk_xs, chunk_start)
+        return backward_steps(state, transpose, chunk_end, per_step, chunk_direct, remat)
 
     by_chunk_direct = None if direct is None else direct.reshape((seq_len // remat, remat) + direct.shape[1:])
     _, log10_norms = jax.lax.scan(backward_chunk, state, (chunk_starts, by_chunk, by_chunk_direct), reverse=True)
