@@ -12,6 +12,8 @@ backward, input projections) divided by the throughput of the sweep's own batche
     python benchmarks/bench_gradflow_sweep.py            # the issue's sizes
     RNNLAB_BENCH_QUICK=1 python benchmarks/bench_gradflow_sweep.py   # tiny sizes: checks the code runs
 
+Scaling: the steady state again in a fresh process that shows JAX a single CPU device, against the sharded one.
+
 End to end: a fresh process importing rnnlab and running the sweep once, with an empty persistent compilation cache
 (cold) and again with the cache it filled (warm), against the PyTorch loop's time.
 """
@@ -121,6 +123,19 @@ def end_to_end(cache_dir: str) -> float:
     return time.perf_counter() - start
 
 
+def steady_on_one_device() -> float:
+    """Steady-state seconds of the sweep in a fresh process that shows JAX one CPU device (no sharding), for the
+    scaling row."""
+    command = [sys.executable, __file__, "--steady-on-one-device"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.split("STEADY")[-1])
+
+
+def _steady() -> float:
+    rnnlab_sweep()  # compiles
+    return statistics.median(rnnlab_sweep()[0] for _ in range(REPEATS))
+
+
 def _row(name, ours, peer, ratio, target, holds):
     return f"| {name} | {ours} | {peer} | {ratio} | {target} | {holds} |"
 
@@ -130,6 +145,7 @@ def main():
         cold = end_to_end(cache_dir)
         warm = end_to_end(cache_dir)
     jax.config.update("jax_compilation_cache_dir", "")  # in this process: cold compiles, then steady state
+    one_device = steady_on_one_device()
     first_seconds, ours = rnnlab_sweep()
     steady = statistics.median(rnnlab_sweep()[0] for _ in range(REPEATS))
     torch_seconds, theirs = torch_sweep()
@@ -157,11 +173,17 @@ def main():
                "<= 1.5x", "yes" if steady / limit <= 1.5 else "no"))
     print(_row("compile time in process (first call - steady, s)", f"{first_seconds - steady:.2f}", "", "", "",
                "info"))
+    print(_row(f"sweep steady state, configurations sharded over {len(jax.devices())} devices vs 1 device (s)",
+               f"{steady:.2f}", f"{one_device:.2f}", f"{one_device / steady:.2f}x", "", "info"))
     print(_row("fraction of (config, t) finite and non-zero", f"{finite_ours:.3f}", f"{finite_theirs:.3f}", "",
                "", "info"))
 
 
 if __name__ == "__main__":
+    if "--steady-on-one-device" in sys.argv:
+        sweep.use_cpu_cores(1)
+        print(f"STEADY {_steady()}")
+        sys.exit()
     sweep.use_cpu_cores()  # as experiments/gradient_flow.py does: the configurations shard over both cores
     if "--once" in sys.argv:
         rnnlab_sweep()
