@@ -20,6 +20,7 @@ import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -119,12 +120,20 @@ def init_configs(cell, seeds: jax.Array, gains: jax.Array, input_size: int):
         seeds, gains)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
-def measure_configs(cell, params, seeds: jax.Array, seq_len: int, batch: int, input_size: int, input_std: float):
-    """``log10 ||∂L/∂h_t||`` ``[configs, T]`` for stacked parameters and their seeds' inputs: one program per
-    (cell, T), compiled once and reused for any gains and seeds of the same count."""
-    return jax.vmap(lambda p, seed: gradflow.grad_norms(cell, p, _inputs(seed, seq_len, batch, input_size, input_std)))(
-        params, seeds)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def inputs_configs(seeds: jax.Array, seq_len: int, batch: int, input_size: int, input_std: float):
+    """Every configuration's inputs ``[T, configs, batch, input_size]`` from its seed: a program of its own, so the
+    random-number generation compiles once per shape and is shared by every cell's `measure_configs`. Time-major,
+    the layout the vmapped time loops read, so they need no transposed copy."""
+    return jax.vmap(lambda seed: _inputs(seed, seq_len, batch, input_size, input_std), out_axes=1)(seeds)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def measure_configs(cell, params, xs: jax.Array):
+    """``log10 ||∂L/∂h_t||`` ``[configs, T]`` for stacked parameters and inputs ``xs [T, configs, batch,
+    input_size]`` (as from `inputs_configs`): one program per (cell, shapes), compiled once and reused for any gains
+    and seeds of the same count."""
+    return jax.vmap(lambda p, x: gradflow.grad_norms(cell, p, x), in_axes=(0, 1))(params, xs)
 
 
 def use_cpu_cores(count: int | None = None) -> None:
@@ -151,7 +160,8 @@ def grad_norm_table(cell, grid: Grid, seq_len: int, *, input_size: int, batch: i
     params = init_configs(cell, seeds, gains, input_size)
     if sharding is not None:
         params, seeds = jax.device_put(params, sharding), jax.device_put(seeds, sharding)
-    log10_norms = np.asarray(measure_configs(cell, params, seeds, seq_len, batch, input_size, input_std))
+    xs = inputs_configs(seeds, seq_len, batch, input_size, input_std)
+    log10_norms = np.asarray(measure_configs(cell, params, xs))
     return log10_norms[: len(grid)], params, seeds
 
 
@@ -162,7 +172,7 @@ def measure(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, inpu
     log10_norms, params, seeds = grad_norm_table(cell, grid, seq_len, input_size=input_size, batch=batch,
                                                  input_std=input_std)
     gains = _pad(grid.gains, len(seeds))
-    theory_xs = jax.vmap(lambda seed: _inputs(seed, min(seq_len, theory_len), batch, input_size, input_std))(seeds)
+    theory_xs = jnp.moveaxis(inputs_configs(seeds, min(seq_len, theory_len), batch, input_size, input_std), 1, 0)
     theory_rate = theory.predicted_rates(cell, params, gains, theory_xs, input_std)[: len(grid)]
     return Measurement(grid, seq_len, log10_norms, theory_rate)
 
