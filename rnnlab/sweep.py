@@ -111,7 +111,13 @@ class Measurement:
     theory_rate: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+#: XLA's backend optimisation level for the programs that only draw random numbers and build parameters: level 1
+#: compiles them in about a third of the time of the default, and they run as fast (measured on CPU: 3.4 s -> 1.25 s
+#: of compilation for three cells' parameters, 0.14 s to run either way).
+_LIGHT_COMPILE = {"xla_backend_optimization_level": 1}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=_LIGHT_COMPILE)
 def init_configs(cell, seeds: jax.Array, gains: jax.Array, input_size: int):
     """Parameters for every configuration, ``cell.init(PRNGKey(seed), input_size)`` scaled by the gain, stacked
     on a leading axis: one compiled program per cell. Kept apart from `measure_configs` because batched QR
@@ -120,7 +126,7 @@ def init_configs(cell, seeds: jax.Array, gains: jax.Array, input_size: int):
         seeds, gains)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4), compiler_options=_LIGHT_COMPILE)
 def inputs_configs(seeds: jax.Array, seq_len: int, batch: int, input_size: int, input_std: float):
     """Every configuration's inputs ``[T, configs, batch, input_size]`` from its seed: a program of its own, so the
     random-number generation compiles once per shape and is shared by every cell's `measure_configs`. Time-major,
