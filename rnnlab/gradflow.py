@@ -34,6 +34,10 @@ def _scale(tree, factor):
     return jax.tree_util.tree_map(lambda leaf: leaf * factor.astype(leaf.dtype), tree)
 
 
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
 def _kahan_add(total, compensation, value):
     """One step of Kahan summation: ``total + value`` with the rounding error carried in ``compensation``."""
     corrected = value - compensation
@@ -79,7 +83,10 @@ def _add_scaled(state, term):
         lambda c, d: c * old_weight.astype(c.dtype) + d * term_weight.astype(d.dtype), cotangent, term_unit
     )
     term_wins = log_term > log_scale
-    return cotangent, jnp.where(term_wins, log_term, log_scale), jnp.where(term_wins, 0.0, compensation)
+    # A term of norm nan or inf (a loss gradient at an overflowed state) leaves nothing defined: the scale says nan.
+    undefined = jnp.isnan(log_term) | (log_term == jnp.inf)
+    log_scale = jnp.where(undefined, jnp.nan, jnp.where(term_wins, log_term, log_scale))
+    return cotangent, log_scale, jnp.where(term_wins, 0.0, compensation)
 
 
 def _renormalise(state):
@@ -135,7 +142,9 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
 
     **Returns:** ``[T]``: ``log10`` of the Frobenius norm (over batch and features) of the total derivative of ``L``
     with respect to ``h_t``, through every later step and the direct dependence of ``L`` on ``h_t`` — the value
-    PyTorch's ``h_t.retain_grad()`` would give, where float32 can represent it. ``-inf`` where it is exactly zero.
+    PyTorch's ``h_t.retain_grad()`` would give, where float32 can represent it. ``-inf`` where it is exactly zero;
+    ``nan`` where a state ``h_t … h_T`` it depends on is not finite (the forward pass overflowed: the gradient is
+    undefined there, so it is never reported as 0).
 
     The backward (cotangent) vector is renormalised after every step and the log of its norm accumulated, so the
     result is exact far beyond float32's range. For the built-in cells a backward step applies the step's Jacobian
@@ -175,32 +184,38 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
         hs = jnp.concatenate([jax.vmap(cell.hidden)(before)[1:], h_final[None]])
         direct = jax.grad(lambda flat: loss(flat.reshape((seq_len,) + batch_shape + flat.shape[-1:])))(hs)
 
-    def backward_steps(state, transpose, after, per_step, direct, length):
-        def backward_step(state_and_after, per_step_t):
-            state, after = state_and_after
+    def backward_steps(state_and_diverged, transpose, after, per_step, direct, length):
+        def backward_step(state_after_diverged, per_step_t):
+            state, after, diverged = state_after_diverged
             step_data, direct_t = per_step_t
             if direct_t is not None:
                 state = _add_scaled(state, hidden_vjp(direct_t)[0])
             state = _renormalise(state)
             cotangent, log_scale, compensation = state
-            log10_grad_norm = log_scale + _log10_norm(cell.hidden(cotangent))
+            # A non-zero cotangent meeting a state that is not finite (the forward pass overflowed) makes ∂L/∂h_t
+            # and every earlier one undefined: nan says so, whatever the arithmetic made of inf and nan (a ReLU's
+            # derivative at nan is 0, which would read as an exactly vanished gradient).
+            diverged = diverged | (~_all_finite(after) & (log_scale != -jnp.inf))
+            log10_grad_norm = jnp.where(diverged, jnp.nan, log_scale + _log10_norm(cell.hidden(cotangent)))
             cotangent, before = transpose(cotangent, after, step_data)
-            return ((cotangent, log_scale, compensation), before), log10_grad_norm
+            return ((cotangent, log_scale, compensation), before, diverged), log10_grad_norm
 
-        (state, _), log10_norms = jax.lax.scan(backward_step, (state, after), (per_step, direct), length=length,
-                                               reverse=True)
-        return state, log10_norms
+        state, diverged = state_and_diverged
+        (state, _, diverged), log10_norms = jax.lax.scan(backward_step, (state, after, diverged), (per_step, direct),
+                                                         length=length, reverse=True)
+        return (state, diverged), log10_norms
 
     if not remat:
-        return backward_steps(state, transpose, final, per_step, direct, seq_len)[1]
+        return backward_steps((state, jnp.asarray(False)), transpose, final, per_step, direct, seq_len)[1]
 
-    def backward_chunk(state, per_chunk):
+    def backward_chunk(state_and_diverged, per_chunk):
         chunk_start, chunk_xs, chunk_direct = per_chunk
         chunk_end, _, per_step, transpose = _linearise(cell, params, chunk_xs, chunk_start)
-        return backward_steps(state, transpose, chunk_end, per_step, chunk_direct, remat)
+        return backward_steps(state_and_diverged, transpose, chunk_end, per_step, chunk_direct, remat)
 
     by_chunk_direct = None if direct is None else direct.reshape((seq_len // remat, remat) + direct.shape[1:])
-    _, log10_norms = jax.lax.scan(backward_chunk, state, (chunk_starts, by_chunk, by_chunk_direct), reverse=True)
+    _, log10_norms = jax.lax.scan(backward_chunk, (state, jnp.asarray(False)), (chunk_starts, by_chunk, by_chunk_direct),
+                                  reverse=True)
     return log10_norms.reshape(seq_len)
 
 

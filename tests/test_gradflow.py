@@ -130,6 +130,33 @@ def test_grad_norms_exact_zero_is_minus_infinity():
     assert np.all(measured == -np.inf)
 
 
+@pytest.mark.parametrize("remat", [None, 30], ids=["stored", "remat"])
+@pytest.mark.parametrize("plain_path", [False, True], ids=["fused", "step_vjp"])
+def test_grad_norms_are_nan_where_the_forward_pass_overflowed(remat, plain_path):
+    """A ReLU RNN at gain 2 overflows float32 within 300 steps. The default loss on h_T then has no gradient
+    anywhere: every value is nan, never -inf (a ReLU's derivative at nan is 0, which would read as vanished). A loss
+    on the first 20 states only is still defined: its values there equal those of the 20-step problem, and the later
+    ones are exactly zero (-inf)."""
+    cell = rnnlab.RNN(16, activation="relu", recurrent_init=rnnlab.init.identity(2.0))
+    if plain_path:
+        cell = type("PlainRNN", (rnnlab.RNN,), {})(16, activation="relu", recurrent_init=rnnlab.init.identity(2.0))
+    params = cell.init(jax.random.PRNGKey(0), 4)
+    xs = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (300, 3, 4)))
+    ys, _ = rnnlab.scan(cell, params, xs)
+    assert np.all(np.isfinite(np.asarray(ys[:20]))) and not np.all(np.isfinite(np.asarray(ys[-1])))
+
+    def prefix_loss(hs):
+        return jnp.sum(jnp.square(hs[:20]))
+
+    overflowed = np.asarray(gradflow.grad_norms(cell, params, xs, remat=remat))
+    assert np.all(np.isnan(overflowed))
+    prefix = np.asarray(gradflow.grad_norms(cell, params, xs, loss=prefix_loss, remat=remat))
+    short = np.asarray(gradflow.grad_norms(cell, params, xs[:20], loss=prefix_loss))
+    assert np.all(np.isfinite(short))
+    np.testing.assert_allclose(prefix[:20], short, rtol=1e-6)
+    assert np.all(prefix[20:] == -np.inf)
+
+
 def test_lyapunov_exponents_linear_orthogonal_are_log_gain():
     cell = linear_orthogonal(0.8, hidden_size=8)
     params = cell.init(jax.random.PRNGKey(0), 2)
