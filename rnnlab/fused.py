@@ -5,8 +5,8 @@ Plain autodiff of a `lax.scan` does, at every step of its backward loop, the wei
 step's primitives happen to need. Here each built-in cell's recurrence over the whole sequence is one
 `jax.custom_jvp` function whose tangent rule is written for speed:
 
-- the forward loop saves little beyond the carries (the LSTM's gates, the GRU's recurrent pre-activations); the
-  coefficients of the tangent (gate derivatives already multiplied by their partners, e.g. for the LSTM
+- the forward loop saves little beyond the carries (the LSTM's gates; the GRU's gates and the n-block of
+  ``h W_h + b_h``); the coefficients of the tangent (gate derivatives already multiplied by their partners, e.g. for the LSTM
   ``[g, c_{t-1}, i, \tanh c_t] ⊙ σ'``) are computed for all steps at once between the loops, so a backward step is
   one fused elementwise pass and one matmul;
 - the tangent of the weights enters as ``H_{prev} @ \dot W_h``, one ``[T·batch, H] @ [H, G·H]`` matmul before the
@@ -51,19 +51,17 @@ class _Kernel(NamedTuple):
 
     - ``step(params, carry, px_t) -> (carry, saved_t)``: the cell's step, also returning what the coefficients need
       beyond the carries (the loop stays short: everything that can be is computed for all steps at once).
-    - ``coefficients(params, px, saved, carries, previous) -> coeffs``: the per-step coefficients of the tangent,
+    - ``coefficients(params, saved, carries, previous) -> coeffs``: the per-step coefficients of the tangent,
       for all steps at once (``carries``: the carry after each step; ``previous``: the carry before it).
     - ``tangent_inputs(params, d_params, dpx, h_prev, coeffs) -> u``: the part of each tangent step that does not
       depend on the carry's tangent, for all steps at once; the weights' tangents enter only here.
     - ``tangent_step(params, d_carry, u_t, coeffs_t) -> d_carry``: the linear recurrence of the carry's tangent.
-    - ``coefficients_read_inputs``: whether ``coefficients`` uses ``px`` (the GRU's does).
     """
 
     step: Callable
     coefficients: Callable
     tangent_inputs: Callable
     tangent_step: Callable
-    coefficients_read_inputs: bool = False
 
 
 def _hidden_of(carry):
@@ -89,7 +87,7 @@ def _rnn_kernel(activation: str) -> _Kernel:
     def step(params, h, px_t):
         return phi(px_t + h @ params["w_h"]), ()
 
-    def coefficients(params, px, saved, hs, previous):
+    def coefficients(params, saved, hs, previous):
         return () if derivative is None else derivative(hs)
 
     def tangent_step(params, dh, u_t, derivative_t):
@@ -110,7 +108,7 @@ def _lstm_step(params, carry, px_t):
     return (o * jnp.tanh(c_new), c_new), jnp.concatenate([i, f, g, o], axis=-1)
 
 
-def _lstm_coefficients(params, px, gates, carries, previous):
+def _lstm_coefficients(params, gates, carries, previous):
     (_, cs), (_, c_prev) = carries, previous
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     tanh_c = jnp.tanh(cs)
@@ -140,23 +138,18 @@ _LSTM = _Kernel(_lstm_step, _lstm_coefficients, _recurrent_tangent_inputs, _lstm
 # --- GRU (cuDNN / PyTorch convention) -------------------------------------------------------------------------------
 
 
-def _gru_gates(px, recurrent):
-    """``r, z, n`` from ``px = x W_x + b_x`` and ``recurrent = h W_h + b_h`` (any leading axes)."""
-    x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(recurrent, 3, axis=-1)
-    r = jax.nn.sigmoid(x_r + h_r)
-    return r, jax.nn.sigmoid(x_z + h_z), jnp.tanh(x_n + r * h_n)
-
-
 def _gru_step(params, h, px_t):
-    recurrent = h @ params["w_h"] + params["b_h"]
-    r, z, n = _gru_gates(px_t, recurrent)
-    return (1.0 - z) * n + z * h, recurrent
+    x_r, x_z, x_n = jnp.split(px_t, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(h @ params["w_h"] + params["b_h"], 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    # The gates and h_n = (h W_h + b_h)_n are what the tangent's coefficients need: saved, none is recomputed.
+    return (1.0 - z) * n + z * h, jnp.concatenate([r, z, n, h_n], axis=-1)
 
 
-def _gru_coefficients(params, px, recurrent, hs, h_prev):
-    r, z, n = _gru_gates(px, recurrent)
-    h_n = jnp.split(recurrent, 3, axis=-1)[2]
+def _gru_coefficients(params, saved, hs, h_prev):
+    r, z, n, h_n = jnp.split(saved, 4, axis=-1)
     # With P = (ẋ_r + ȧ_r, ẋ_z + ȧ_z, ẋ_n + r ȧ_n) (a = h W_h + b_h):
     # ḣ' = (1 - z)(1 - n²)·(P_n + r(1 - r) a_n · P_r) + (h - n) z(1 - z) · P_z + z ḣ,
     # i.e. ḣ' = Σ_blocks(into_h ⊙ u + into_h ⊙ [1, 1, r] ⊙ ȧ) + z ḣ with these per-block coefficients:
@@ -181,7 +174,7 @@ def _gru_tangent_step(params, dh, u_t, coeffs_t):
     return jnp.sum(terms.reshape(batch, 3, hidden), axis=1) + z * dh
 
 
-_GRU = _Kernel(_gru_step, _gru_coefficients, _gru_tangent_inputs, _gru_tangent_step, coefficients_read_inputs=True)
+_GRU = _Kernel(_gru_step, _gru_coefficients, _gru_tangent_inputs, _gru_tangent_step)
 _RNN = {activation: _rnn_kernel(activation) for activation in _RNN_DERIVATIVES}
 
 
@@ -248,7 +241,7 @@ def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
 
     carry, (carries, saved) = _scan_valid(body, carry0, px, valid, reverse, unroll)
     previous = jax.tree_util.tree_map(lambda seq, first: _previous(seq, first, reverse), carries, carry0)
-    coeffs = kernel.coefficients(params, px, saved, carries, previous)
+    coeffs = kernel.coefficients(params, saved, carries, previous)
     u = kernel.tangent_inputs(params, d_params, dpx, _hidden_of(previous), coeffs)
 
     def tangent_body(d_carry, inputs):
@@ -316,21 +309,21 @@ def linearised_steps(cell, params, carry, xs: jax.Array):
         # matmul.
         px_t = cell.project_inputs(params, x_t)
         new_carry, saved_t = kernel.step(recurrent_params, carry, px_t)
-        return new_carry, (px_t if kernel.coefficients_read_inputs else None, saved_t, carry)
+        return new_carry, (saved_t, carry)
 
-    final, (projected, saved, before) = jax.lax.scan(body, carry, xs)
+    final, (saved, before) = jax.lax.scan(body, carry, xs)
     no_input = jnp.zeros(jax.eval_shape(cell.project_inputs, params, xs[0]).shape, xs.dtype)
 
     def transpose(cotangent, after, per_step_t):
         # Formed inside the backward loop, the coefficients stay in cache; formed for all steps at once they would
         # be several passes over [T, N, G·H] arrays in memory. The carry after a step is the one before the next,
         # so the backward loop hands it on instead of the forward loop storing every carry twice.
-        px_t, saved_t, before_t = per_step_t
-        coeffs_t = kernel.coefficients(recurrent_params, px_t, saved_t, after, before_t)
+        saved_t, before_t = per_step_t
+        coeffs_t = kernel.coefficients(recurrent_params, saved_t, after, before_t)
 
         def tangent_step(d_carry):
             return kernel.tangent_step(recurrent_params, d_carry, no_input, coeffs_t)
 
         return jax.linear_transpose(tangent_step, cotangent)(cotangent)[0], before_t
 
-    return final, before, (projected, saved, before), transpose
+    return final, before, (saved, before), transpose
