@@ -6,9 +6,9 @@ step's primitives happen to need. Here each built-in cell's recurrence over the 
 `jax.custom_jvp` function whose tangent rule is written for speed:
 
 - the forward loop saves little beyond the carries (the LSTM's gates; the GRU's gates and the n-block of
-  ``h W_h + b_h``); the coefficients of the tangent (gate derivatives already multiplied by their partners, e.g. for the LSTM
-  ``[g, c_{t-1}, i, \tanh c_t] ⊙ σ'``) are computed for all steps at once between the loops, so a backward step is
-  one fused elementwise pass and one matmul;
+  ``h W_h + b_h``); the coefficients of the tangent (gate derivatives already multiplied by their partners, e.g.
+  for the LSTM ``[g, c_{t-1}, i, \tanh c_t] ⊙ σ'``) are computed for all steps at once between the loops, so a
+  backward step is one fused elementwise pass and one matmul;
 - the tangent of the weights enters as ``H_{prev} @ \dot W_h``, one ``[T·batch, H] @ [H, G·H]`` matmul before the
   loop, so its transpose — what `jax.grad` runs — is the single matmul ``\bar W_h = H_{prev}^T \bar U`` after the
   backward loop. The input weights get the same treatment from `scan` hoisting ``cell.project_inputs``.
