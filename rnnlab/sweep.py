@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rnnlab import gradflow, theory
@@ -154,7 +155,8 @@ def use_cpu_cores(count: int | None = None) -> None:
 
 def grad_norm_table(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, input_std: float = 1.0):
     """``(log10 ||∂L/∂h_t|| [configs, T], params, seeds)`` for every configuration of ``grid``, sharded over all
-    devices when there are several (``params`` and ``seeds`` padded to a multiple of the device count).
+    devices when there are several, of every process after `jax.distributed.initialize` (``params`` and ``seeds``
+    padded to a multiple of the device count, on this process's default device; the norms on every host).
 
     Parameters come from ``cell.init(PRNGKey(seed), input_size)`` scaled by the gain; inputs from the seed (the same
     for every gain).
@@ -162,13 +164,32 @@ def grad_norm_table(cell, grid: Grid, seq_len: int, *, input_size: int, batch: i
     sharding, padded = _config_sharding(len(grid))
     gains, seeds = _pad(grid.gains, padded), _pad(grid.seeds, padded)
     # Parameters are made on one device, then spread: batched QRs running on several host devices at once have
-    # deadlocked XLA's CPU thread pool.
+    # deadlocked XLA's CPU thread pool. Every process makes all of them (the same values), so the spread works
+    # across hosts too.
     params = init_configs(cell, seeds, gains, input_size)
-    if sharding is not None:
-        params, seeds = jax.device_put(params, sharding), jax.device_put(seeds, sharding)
-    xs = inputs_configs(seeds, seq_len, batch, input_size, input_std)
-    log10_norms = np.asarray(measure_configs(cell, params, xs))
+    spread_params, spread_seeds = (params, seeds) if sharding is None else (_spread(params, sharding),
+                                                                            _spread(seeds, sharding))
+    xs = inputs_configs(spread_seeds, seq_len, batch, input_size, input_std)
+    log10_norms = _gather(measure_configs(cell, spread_params, xs))
     return log10_norms[: len(grid)], params, seeds
+
+
+def _spread(tree, sharding):
+    """Each leaf (the same full value in every process) as a global array split by ``sharding`` — `jax.device_put`
+    where every device is this process's, and each process filling in its own shards on several hosts."""
+    def spread(leaf):
+        leaf = np.asarray(leaf)
+        return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+    return jax.tree_util.tree_map(spread, tree)
+
+
+def _gather(array: jax.Array) -> np.ndarray:
+    """The whole of a (possibly sharded) array on the host, from every process's shards after
+    `jax.distributed.initialize`."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def measure(cell, grid: Grid, seq_len: int, *, input_size: int, batch: int, input_std: float = 1.0,

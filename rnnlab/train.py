@@ -23,8 +23,9 @@ non-finite loss or gradient norm leaves parameters and optimiser state untouched
 XLA's SPMD partitioner inserts the all-reduce of the gradient, so the numbers are those of one device up to the
 order of float32 sums. The batch is drawn from a key inside the compiled step, so it is never sent from the host
 and each device can make just its own slice. On several hosts, after `jax.distributed.initialize()`,
-``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices;
-that path is written for but not tested (one machine here: the tests use 4 virtual CPU devices).
+``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices
+(tested with two processes on one machine, CPU collectives over gloo: ``tests/test_multihost.py``); checkpoints are
+written by process 0, so ``checkpoint_path`` must be on a filesystem every host sees for a resume.
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ def train(
                            _columns(eval_names, eval_rows) if eval_rows else {})
 
     def save(step):
-        if checkpoint_path is not None:
+        # Every process holds the same replicated state; on several hosts one of them writes it.
+        if checkpoint_path is not None and jax.process_index() == 0:
             run = result(step)
             checkpoint.save(checkpoint_path, jax.device_get({"params": params, "opt_state": opt_state, "step": step,
                                                              "history": run.history, "evals": run.evals}))
