@@ -31,12 +31,20 @@ flags.DEFINE_string("out", "results/gradient_flow_demo", "Run folder; an existin
 flags.DEFINE_string("compilation_cache", ".jax_cache", "JAX persistent compilation cache folder ('' for none).")
 flags.DEFINE_integer("cpu_devices", 0, "CPU cores shown to JAX as devices, configurations sharded over them "
                      "(0: all cores).")
+flags.DEFINE_string("coordinator", "", "Several hosts: the coordinator's host:port for jax.distributed.initialize "
+                    "(with --num_processes and --process_id); every process runs this same command, configurations "
+                    "are sharded over all their devices, and process 0 writes --out (a folder all of them see).")
+flags.DEFINE_integer("num_processes", 1, "Several hosts: how many processes.")
+flags.DEFINE_integer("process_id", 0, "Several hosts: this process's index.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     sweep.use_cpu_cores(FLAGS.cpu_devices or None)
+    if FLAGS.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; accelerators use their own
+        jax.distributed.initialize(FLAGS.coordinator, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
     sys.path.insert(0, str(Path.cwd()))  # so that --cells=my_module:MyCell finds the user's file
@@ -53,6 +61,8 @@ def main(argv):
         input_size=config["input_size"], batch=config["batch"], input_std=config["input_std"],
         max_points=config["max_points"], run=run, progress=results.progress,
     )
+    if jax.process_index() != 0:
+        return
     summary = sweep.summarize(table)
     results.write_csv(out / "records.csv", table)
     results.write_csv(out / "summary.csv", {key: [row[key] for row in summary] for key in summary[0]})

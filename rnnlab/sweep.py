@@ -311,7 +311,8 @@ def gradient_flow(cells, gains: Sequence[float], seeds, seq_lens: Sequence[int],
     ``gains``; ``seeds``: a count or a sequence of integer seeds; ``seq_lens``; ``hidden_size`` (for named cells),
     ``input_size``, ``batch``; ``input_std``: inputs are ``N(0, input_std²)``; ``max_points``: see `records`;
     ``run``: a `rnnlab.results.RunFolder`; each (cell, T) unit is saved there when done and skipped when found, so
-    an interrupted sweep resumes without losing or duplicating rows; ``progress``: wraps the iterable of units
+    an interrupted sweep resumes without losing or duplicating rows (after `jax.distributed.initialize`, process 0
+    saves and every process reads: the folder must be one they all see); ``progress``: wraps the iterable of units
     (e.g. `rnnlab.results.progress`).
 
     **Returns:** columns `COLUMNS`, one row per (cell, gain, seed, T, t). A (cell, T) whose program fails (a user's
@@ -329,7 +330,7 @@ def gradient_flow(cells, gains: Sequence[float], seeds, seq_lens: Sequence[int],
         if table is None:
             table = _measure_unit(cell_name, make_cell(spec, hidden_size), grid, seq_len, input_size=input_size,
                                   batch=batch, input_std=input_std, max_points=max_points)
-            if run is not None:
+            if run is not None and jax.process_index() == 0:  # on several hosts, one writes (a shared folder)
                 run.save(cell_name, seq_len, table=table)
         tables.append(table)
     return concat(tables)

@@ -7,7 +7,9 @@ same calls in the test process, on one device: the numbers must agree to float32
 processes must hold the same whole results.
 """
 
+import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 
 import rnnlab
-from rnnlab import models, sweep, tasks, train
+from rnnlab import models, results, sweep, tasks, train
 
 PROCESSES = 2
 TASK = tasks.AddingProblem(seq_len=8)
@@ -67,6 +69,39 @@ def test_two_processes_give_the_numbers_of_one_device(tmp_path):
     for values in got:
         for name, want in expected.items():
             np.testing.assert_allclose(values[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_gradient_flow_experiment_on_two_processes_writes_the_records_of_one(tmp_path):
+    """`experiments/gradient_flow.py --coordinator=...` on two processes (each showing its 2 cores as devices: 4
+    devices, one configuration each) writes, from process 0, the records a single process writes."""
+    script = pathlib.Path(__file__).parents[1] / "experiments" / "gradient_flow.py"
+    common = ["--cells=lstm,rnn_tanh", "--gains=0.5,1.5", "--seeds=2", "--seq_lens=10,20", "--hidden_size=8",
+              "--input_size=3", "--batch=2", "--compilation_cache="]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    port = _free_port()
+    workers = [subprocess.Popen([sys.executable, str(script), *common, f"--out={tmp_path / 'several'}",
+                                 f"--coordinator=localhost:{port}", f"--num_processes={PROCESSES}",
+                                 f"--process_id={process}"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for process in range(PROCESSES)]
+    try:
+        outputs = [worker.communicate(timeout=280)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+    single = subprocess.run([sys.executable, str(script), *common, f"--out={tmp_path / 'one'}"], env=env,
+                            capture_output=True, text=True, timeout=280)
+    assert single.returncode == 0, single.stderr[-3000:]
+    devices = json.loads((tmp_path / "several" / "records.json").read_text())["devices"]
+    assert len(devices) == 2 * PROCESSES  # every core of both processes
+    several, one = (results.read_csv(tmp_path / name / "records.csv") for name in ("several", "one"))
+    assert set(several) == set(one) and len(several["cell"]) == len(one["cell"]) == 2 * 2 * 2 * (10 + 20)
+    for column in ("cell", "gain", "seed", "seq_len", "t"):
+        np.testing.assert_array_equal(several[column], one[column])
+    np.testing.assert_allclose(several["log10_grad_norm"], one["log10_grad_norm"], rtol=1e-5)
+    assert sorted(path.name for path in (tmp_path / "several" / "units").iterdir()) == sorted(
+        path.name for path in (tmp_path / "one" / "units").iterdir())
 
 
 def _worker(port: str, process: int, folder: str) -> None:
