@@ -45,13 +45,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.timeout(300)
-def test_two_processes_give_the_numbers_of_one_device(tmp_path):
-    port = _free_port()
+def run_together(commands: list[list[str]]) -> None:
+    """Start every command at once (CPU only, this machine's own devices), wait for all, and fail with the output of
+    any that failed."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    workers = [subprocess.Popen([sys.executable, __file__, str(port), str(process), str(tmp_path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for process in range(PROCESSES)]
+    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for command in commands]
     try:
         outputs = [worker.communicate(timeout=280)[0] for worker in workers]
     finally:
@@ -59,6 +58,12 @@ def test_two_processes_give_the_numbers_of_one_device(tmp_path):
             worker.kill()
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_give_the_numbers_of_one_device(tmp_path):
+    port = _free_port()
+    run_together([[sys.executable, __file__, str(port), str(process), str(tmp_path)] for process in range(PROCESSES)])
     got = [dict(np.load(tmp_path / f"process{process}.npz")) for process in range(PROCESSES)]
     for process, values in enumerate(got):
         assert (values["process_count"], values["global_devices"], values["local_devices"]) == (PROCESSES, 2, 1)
@@ -71,28 +76,18 @@ def test_two_processes_give_the_numbers_of_one_device(tmp_path):
             np.testing.assert_allclose(values[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.timeout(300)
 def test_gradient_flow_experiment_on_two_processes_writes_the_records_of_one(tmp_path):
     """`experiments/gradient_flow.py --coordinator=...` on two processes (each showing its 2 cores as devices: 4
     devices, one configuration each) writes, from process 0, the records a single process writes."""
     script = pathlib.Path(__file__).parents[1] / "experiments" / "gradient_flow.py"
     common = ["--cells=lstm,rnn_tanh", "--gains=0.5,1.5", "--seeds=2", "--seq_lens=10,20", "--hidden_size=8",
               "--input_size=3", "--batch=2", "--compilation_cache="]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     port = _free_port()
-    workers = [subprocess.Popen([sys.executable, str(script), *common, f"--out={tmp_path / 'several'}",
-                                 f"--coordinator=localhost:{port}", f"--num_processes={PROCESSES}",
-                                 f"--process_id={process}"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for process in range(PROCESSES)]
-    try:
-        outputs = [worker.communicate(timeout=280)[0] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output[-3000:]
-    single = subprocess.run([sys.executable, str(script), *common, f"--out={tmp_path / 'one'}"], env=env,
-                            capture_output=True, text=True, timeout=280)
-    assert single.returncode == 0, single.stderr[-3000:]
+    run_together([[sys.executable, str(script), *common, f"--out={tmp_path / 'several'}",
+                   f"--coordinator=localhost:{port}", f"--num_processes={PROCESSES}", f"--process_id={process}"]
+                  for process in range(PROCESSES)])
+    run_together([[sys.executable, str(script), *common, f"--out={tmp_path / 'one'}"]])
     devices = json.loads((tmp_path / "several" / "records.json").read_text())["devices"]
     assert len(devices) == 2 * PROCESSES  # every core of both processes
     several, one = (results.read_csv(tmp_path / name / "records.csv") for name in ("several", "one"))
