@@ -17,6 +17,9 @@ Reverse mode comes from JAX transposing the (linear) tangent rule, so the backwa
 propagates only the carry cotangent and emits the per-step pre-activation cotangents. Unlike `jax.custom_vjp`, this
 keeps forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) working through `rnnlab.scan`.
 
+`linearised_steps` hands the same kernels to `rnnlab.gradflow`: a forward loop that saves the gates and a transposed
+step built from them, so the log-domain backward pass needs one matmul per step and recomputes nothing.
+
 The numbers equal plain autodiff of the cell's step to floating-point rounding (tests: ``tests/test_fused.py``).
 Subclasses of the built-in cells and cells with a callable activation take the plain path, since they may change
 the step.
