@@ -131,8 +131,8 @@ def steady_on_one_device() -> float:
     return float(output.split("STEADY")[-1])
 
 
-def _steady() -> float:
-    rnnlab_sweep()  # compiles
+def steady_seconds() -> float:
+    """Median seconds of `REPEATS` sweeps, its programs already compiled."""
     return statistics.median(rnnlab_sweep()[0] for _ in range(REPEATS))
 
 
@@ -147,7 +147,7 @@ def main():
     jax.config.update("jax_compilation_cache_dir", "")  # in this process: cold compiles, then steady state
     one_device = steady_on_one_device()
     first_seconds, ours = rnnlab_sweep()
-    steady = statistics.median(rnnlab_sweep()[0] for _ in range(REPEATS))
+    steady = steady_seconds()
     torch_seconds, theirs = torch_sweep()
     throughput = matmul_throughput()
     limit = unavoidable_flops() / (throughput * 1e9)
@@ -182,7 +182,8 @@ def main():
 if __name__ == "__main__":
     if "--steady-on-one-device" in sys.argv:
         sweep.use_cpu_cores(1)
-        print(f"STEADY {_steady()}")
+        rnnlab_sweep()  # compiles
+        print(f"STEADY {steady_seconds()}")
         sys.exit()
     sweep.use_cpu_cores()  # as experiments/gradient_flow.py does: the configurations shard over both cores
     if "--once" in sys.argv:
