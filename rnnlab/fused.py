@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from rnnlab import native
 from rnnlab.cells import _ACTIVATIONS, GRU, LSTM, RNN
 
 #: The cell types with a fused recurrence; exact types only, since a subclass may override the step.
@@ -219,8 +221,25 @@ def _split_valid(inputs, valid):
     return (inputs, None) if valid is None else inputs
 
 
+def _native(kernel: _Kernel, unroll: int, px, valid) -> bool:
+    """Whether this recurrence runs on `rnnlab.native`'s primitives: the LSTM, no padding mask, ``unroll=1``, at
+    least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in XLA elsewhere."""
+    return (kernel == _LSTM and valid is None and unroll == 1 and px.shape[0] > 0
+            and os.environ.get("RNNLAB_NATIVE", "1") != "0")
+
+
+def _native_forward(params, carry, px, reverse):
+    (h0, c0), last = carry, 0 if reverse else -1
+    hs, cs, gates = native.lstm_forward_p.bind(params["w_h"], h0, c0, px, reverse=reverse, threads=native.threads())
+    return hs, cs, gates, (hs[last], cs[last])
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, valid):
+    if _native(kernel, unroll, px, valid):
+        hs, _, _, final = _native_forward(params, carry, px, reverse)
+        return hs, final
+
     def body(carry, inputs):
         px_t, valid_t = _split_valid(inputs, valid)
         new_carry, _ = kernel.step(params, carry, px_t)
@@ -235,6 +254,12 @@ def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, 
 def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
     params, carry0, px, valid = primals
     d_params, d_carry0, dpx, _ = tangents
+    if _native(kernel, unroll, px, valid):
+        hs, cs, gates, final = _native_forward(params, carry0, px, reverse)
+        u = dpx + _weight_tangent(_previous(hs, carry0[0], reverse), d_params["w_h"])
+        d_hs, d_h, d_c = native.lstm_tangent_p.bind(params["w_h"], gates, cs, carry0[1], u, *d_carry0,
+                                                     reverse=reverse, threads=native.threads())
+        return (hs, final), (d_hs, (d_h, d_c))
 
     def body(carry, inputs):
         px_t, valid_t = _split_valid(inputs, valid)

@@ -1,0 +1,256 @@
+"""Native CPU kernels for the LSTM's two sequential loops, behind `rnnlab.scan` (used by `rnnlab.fused`).
+
+XLA runs the per-step matmul of a recurrence on one core, so on a CPU the loops of an LSTM use one core however many
+there are. ``lstm.cc`` holds the forward loop and the backward (transposed tangent) loop as XLA FFI custom calls
+that split the hidden units over threads, one barrier per step.
+
+Three JAX primitives carry them, so that they compose with `jit`, `vmap`, `grad`, `jvp` and `jax.hessian`:
+
+- ``lstm_forward_p(w_h, h0, c0, px) -> (hs, cs, gates)``: the recurrence, saving the gates;
+- ``lstm_tangent_p(w_h, gates, cs, c0, u, dh0, dc0) -> (dhs, dh, dc)``: its tangent, linear in ``(u, dh0, dc0)``
+  (``u``: the pre-activation tangent from everything but the carry);
+- ``lstm_backward_p(w_h, gates, cs, c0, g_hs, g_h, g_c) -> (g_u, g_h0, g_c0)``: the tangent's transpose, which is
+  what `jax.grad` runs.
+
+Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
+the kernel does not apply (not a CPU, not float32, no C++ compiler, ``RNNLAB_NATIVE=0``) and its rule for
+derivatives of derivatives, so the kernels only ever change speed.
+
+The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
+about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
+CPU and jaxlib's version; ``make`` builds it at install. ``RNNLAB_NATIVE_THREADS`` sets the threads per kernel
+(default: the usable cores divided by the local CPU devices).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+_SOURCE = Path(__file__).with_name("lstm.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_TARGETS = {"forward": "rnnlab_lstm_forward", "backward": "rnnlab_lstm_backward"}
+#: The kernels split the hidden units in chunks of this many (one vector register of float32).
+LANES = 16
+
+_log = logging.getLogger(__name__)
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("RNNLAB_NATIVE_CACHE", Path.home() / ".cache" / "rnnlab" / "native"))
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile ``lstm.cc`` (if not already in the cache) and return the shared library's path.
+
+    **Raises:** ``RuntimeError`` naming the compiler and its output when there is no compiler or it fails.
+    """
+    compiler = compiler or os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"rnnlab.native: no C++ compiler {compiler!r} on PATH (set $CXX)")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_signature().encode(),
+                    jaxlib.__version__.encode()])
+    ).hexdigest()[:20]
+    target = _cache_dir() / key / "librnnlab_native.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compiled under a temporary name and renamed, so concurrent first uses (test workers) never load half a file.
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", str(partial)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"rnnlab.native: {' '.join(command)} failed:\n{result.stderr}")
+    os.replace(partial, target)
+    return target
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built, loaded and registered with XLA's CPU backend (built on the first call)."""
+    if os.environ.get("RNNLAB_NATIVE", "1") == "0":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+    except (RuntimeError, OSError) as error:
+        _log.warning("rnnlab.native unavailable, the LSTM runs on XLA alone: %s", error)
+        return False
+    jax.ffi.register_ffi_target(_TARGETS["forward"], jax.ffi.pycapsule(library.RnnlabLstmForward), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGETS["backward"], jax.ffi.pycapsule(library.RnnlabLstmBackward), platform="cpu")
+    return True
+
+
+def threads() -> int:
+    """Threads per kernel call: ``$RNNLAB_NATIVE_THREADS``, else the usable cores shared among the CPU devices (two
+    devices each running a kernel must not oversubscribe the cores)."""
+    if "RNNLAB_NATIVE_THREADS" in os.environ:
+        return max(1, int(os.environ["RNNLAB_NATIVE_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
+
+
+def applies(hidden: int, dtype) -> bool:
+    """Whether the kernels can run an LSTM of this hidden size and dtype on the CPU backend."""
+    return hidden % LANES == 0 and hidden > 0 and jnp.dtype(dtype) == jnp.float32 and available()
+
+
+# --- references: the same maths in plain JAX ------------------------------------------------------------------------
+
+
+def _scan(body, carry, xs, reverse):
+    return jax.lax.scan(body, carry, xs, reverse=reverse)
+
+
+def _previous(seq, first, reverse):
+    from rnnlab import fused
+
+    return fused._previous(seq, first, reverse)
+
+
+def _reference_forward(w_h, h0, c0, px, *, reverse, threads):
+    from rnnlab import fused
+
+    def body(carry, px_t):
+        new_carry, gates_t = fused._lstm_step({"w_h": w_h}, carry, px_t)
+        return new_carry, (new_carry[0], new_carry[1], gates_t)
+
+    _, (hs, cs, gates) = _scan(body, (h0, c0), px, reverse)
+    return hs, cs, gates
+
+
+def _reference_tangent(w_h, gates, cs, c0, u, dh0, dc0, *, reverse, threads):
+    from rnnlab import fused
+
+    params = {"w_h": w_h}
+    coeffs = fused._lstm_coefficients(params, gates, (None, cs), (None, _previous(cs, c0, reverse)))
+
+    def body(d_carry, inputs):
+        new = fused._lstm_tangent_step(params, d_carry, *inputs)
+        return new, new[0]
+
+    (dh, dc), dhs = _scan(body, (dh0, dc0), (u, coeffs), reverse)
+    return dhs, dh, dc
+
+
+def _reference_backward(w_h, gates, cs, c0, g_hs, g_h, g_c, *, reverse, threads):
+    def tangent(u, dh0, dc0):
+        return _reference_tangent(w_h, gates, cs, c0, u, dh0, dc0, reverse=reverse, threads=threads)
+
+    zeros = (jnp.zeros(gates.shape, gates.dtype), jnp.zeros_like(g_h), jnp.zeros_like(g_c))
+    return jax.linear_transpose(tangent, *zeros)((g_hs, g_h, g_c))
+
+
+# --- primitives -----------------------------------------------------------------------------------------------------
+
+
+def _instantiate(tangent, like):
+    return jnp.zeros(like.shape, like.dtype) if type(tangent) is ad.Zero else tangent
+
+
+def _primitive(name: str, reference, out_shapes, batch_axes: tuple, out_batch_axes: tuple, target: str | None):
+    """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere.
+
+    ``out_shapes(*avals) -> [(shape, dtype)]``; ``batch_axes``: each operand's batch axis (None: shared, the
+    weights), ``out_batch_axes`` the results'.
+    """
+    p = Primitive(name)
+    p.multiple_results = True
+    p.def_impl(lambda *args, **params: jax.jit(functools.partial(p.bind, **params))(*args))
+    p.def_abstract_eval(lambda *avals, **params: [jax.core.ShapedArray(s, d) for s, d in out_shapes(*avals)])
+
+    reference_rule = mlir.lower_fun(reference, multiple_results=True)
+    mlir.register_lowering(p, reference_rule)
+    if target is not None:
+        kernel_rule = jax.ffi.ffi_lowering(target)
+
+        def cpu_rule(ctx, *args, **params):
+            hidden = ctx.avals_in[0].shape[0]  # w_h [H, 4H]
+            if all(aval.dtype == jnp.float32 for aval in ctx.avals_in) and applies(hidden, jnp.float32):
+                return kernel_rule(ctx, *args, **params)
+            return reference_rule(ctx, *args, **params)
+
+        mlir.register_lowering(p, cpu_rule, platform="cpu")
+
+    def jvp(primals, tangents, **params):
+        tangents = [_instantiate(t, x) for t, x in zip(tangents, primals)]
+        return jax.jvp(functools.partial(reference, **params), tuple(primals), tuple(tangents))
+
+    ad.primitive_jvps[p] = jvp
+
+    def batch(args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        if dims[0] is not None:
+            # Per-example weights: one call per example.
+            args = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+                    for a, d in zip(args, dims)]
+            return jax.lax.map(lambda xs: p.bind(*xs, **params), args), (0,) * len(out_batch_axes)
+        # Shared weights: the mapped axis joins the batch axis (the rows of an LSTM are independent).
+        merged = [args[0]]
+        for a, d, axis in zip(args[1:], dims[1:], batch_axes[1:]):
+            a = jnp.moveaxis(a, d, axis) if d is not None else jnp.broadcast_to(
+                jnp.expand_dims(a, axis), a.shape[:axis] + (size,) + a.shape[axis:])
+            merged.append(a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:]))
+        outs = p.bind(*merged, **params)
+        outs = [o.reshape(o.shape[:axis] + (size, -1) + o.shape[axis + 1:]) for o, axis in zip(outs, out_batch_axes)]
+        return outs, out_batch_axes
+
+    batching.primitive_batchers[p] = batch
+    return p
+
+
+def _forward_shapes(w_h, h0, c0, px):
+    steps, batch, gates = px.shape
+    return [((steps, batch, gates // 4), px.dtype)] * 2 + [((steps, batch, gates), px.dtype)]
+
+
+def _tangent_shapes(w_h, gates, cs, c0, u, dh0, dc0):
+    return [(cs.shape, u.dtype), (dh0.shape, dh0.dtype), (dc0.shape, dc0.dtype)]
+
+
+def _backward_shapes(w_h, gates, cs, c0, g_hs, g_h, g_c):
+    return [(gates.shape, g_hs.dtype), (g_h.shape, g_h.dtype), (g_c.shape, g_c.dtype)]
+
+
+lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes, (None, 0, 0, 1), (1, 1, 1),
+                            _TARGETS["forward"])
+lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes, (None, 1, 1, 0, 1, 0, 0),
+                            (1, 0, 0), None)
+lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backward_shapes, (None, 1, 1, 0, 1, 0, 0),
+                             (1, 0, 0), _TARGETS["backward"])
+
+
+def _tangent_transpose(cotangents, w_h, gates, cs, c0, u, dh0, dc0, **params):
+    g_hs = _instantiate(cotangents[0], cs)
+    g_h = _instantiate(cotangents[1], dh0.aval if ad.is_undefined_primal(dh0) else dh0)
+    g_c = _instantiate(cotangents[2], dc0.aval if ad.is_undefined_primal(dc0) else dc0)
+    g_u, g_h0, g_c0 = lstm_backward_p.bind(w_h, gates, cs, c0, g_hs, g_h, g_c, **params)
+    return [None] * 4 + [g if ad.is_undefined_primal(x) else None for g, x in zip((g_u, g_h0, g_c0), (u, dh0, dc0))]
+
+
+ad.primitive_transposes[lstm_tangent_p] = _tangent_transpose

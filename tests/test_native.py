@@ -1,0 +1,192 @@
+"""The native LSTM kernels (`rnnlab.native`, C++ through XLA's FFI) against plain autodiff of the LSTM's step.
+
+`rnnlab.scan` sends the LSTM (float32, hidden size a multiple of 16, no padding mask) to the kernels on CPU; the
+reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan` differentiated by JAX.
+Each case also checks that the compiled program really calls the kernel, so a silent fallback cannot pass for it.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_fused import assert_trees_close, plain_twin
+
+import rnnlab
+from rnnlab import native
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+INPUT_SIZE = 3
+
+needs_kernels = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                   reason="no C++ compiler: the kernels cannot be built here")
+
+
+def problem(hidden, batch_shape, seq_len, seed=0):
+    cell = rnnlab.LSTM(hidden_size=hidden)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    params = cell.init(keys[0], INPUT_SIZE)
+    params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(keys[1], p.shape), params)
+    xs = jax.random.normal(keys[2], (seq_len, *batch_shape, INPUT_SIZE))
+    carry = jax.tree_util.tree_map(lambda c: 0.5 * jax.random.normal(keys[3], c.shape),
+                                   cell.initial_carry(batch_shape))
+    weights = jax.random.normal(keys[4], (seq_len, *batch_shape, hidden))
+    return cell, params, xs, carry, weights
+
+
+def loss_fn(the_cell, weights, reverse):
+    def loss(params, xs, carry):
+        ys, (h, c) = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse)
+        return jnp.sum(weights * jnp.sin(ys)) + jnp.sum(jnp.cos(h)) + jnp.sum(jnp.cos(2 * c))
+
+    return loss
+
+
+def calls_kernel(fn, *args) -> bool:
+    return "rnnlab_lstm_forward" in jax.jit(fn).lower(*args).as_text()
+
+
+@needs_kernels
+def test_kernels_build_and_load():
+    assert native.available()
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden,batch_shape,seq_len", [
+    (16, (5,), 7),  # one chunk of units: one thread
+    (32, (9,), 7),  # two chunks, batch rows in blocks of 8 + 1
+    (48, (3, 2), 1),  # three chunks on two threads (uneven), two batch axes, one step
+    (128, (20,), 30),  # the benchmark's hidden size; rows 8 + 8 + 4
+], ids=["h16", "h32", "h48-one-step", "h128"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_kernels_equal_autodiff_of_the_step(hidden, batch_shape, seq_len, reverse):
+    cell, params, xs, carry, weights = problem(hidden, batch_shape, seq_len)
+    native_loss, plain_loss = loss_fn(cell, weights, reverse), loss_fn(plain_twin(cell), weights, reverse)
+    assert calls_kernel(jax.grad(native_loss, argnums=(0, 1, 2)), params, xs, carry)
+    assert not calls_kernel(plain_loss, params, xs, carry)
+
+    def results(the_cell, loss, params, xs, carry):
+        outputs = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse)
+        return outputs, jax.value_and_grad(loss, argnums=(0, 1, 2))(params, xs, carry)
+
+    got = jax.jit(lambda: results(cell, native_loss, params, xs, carry))()
+    plain = jax.jit(lambda: results(plain_twin(cell), plain_loss, params, xs, carry))()
+    with jax.enable_x64(True):
+        # The truth: plain autodiff in float64. Float32 rounding grows along the recurrence (at 30 steps with these
+        # weights, to ~1e-5 relative) and two float32 runs summing in different orders land anywhere in that
+        # spread, so the kernels are held to within 10x XLA's own float32 error (at least 1e-6); a wrong term
+        # would be off by orders of magnitude more.
+        as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        truth = jax.jit(lambda: results(plain_twin(cell), loss_fn(plain_twin(cell), as64(weights), reverse),
+                                        *as64((params, xs, carry))))()
+        for got_leaf, plain_leaf, true_leaf in zip(*map(jax.tree_util.tree_leaves, (got, plain, truth)), strict=True):
+            scale = np.max(np.abs(true_leaf)) + 1e-30
+            got_error = np.max(np.abs(np.asarray(got_leaf, np.float64) - true_leaf)) / scale
+            plain_error = np.max(np.abs(np.asarray(plain_leaf, np.float64) - true_leaf)) / scale
+            assert got_error <= max(10 * plain_error, 1e-6), (got_error, plain_error)
+
+
+@needs_kernels
+def test_forward_mode_and_second_derivatives_through_the_kernels():
+    """`jax.jvp` and forward-over-reverse (a Hessian-vector product) through `rnnlab.scan`: the primitives'
+    derivative rules are the plain-JAX reference's."""
+    cell, params, xs, carry, weights = problem(32, (4,), 6)
+    native_loss, plain_loss = loss_fn(cell, weights, False), loss_fn(plain_twin(cell), weights, False)
+    tangents = jax.tree_util.tree_map(jnp.cos, (params, xs, carry))
+
+    def jvp_and_hvp(loss):
+        _, jvp = jax.jvp(loss, (params, xs, carry), tangents)
+        _, hvp = jax.jvp(jax.grad(loss, argnums=(0, 1, 2)), (params, xs, carry), tangents)
+        return jvp, hvp
+
+    assert_trees_close(jax.jit(lambda: jvp_and_hvp(native_loss))(), jax.jit(lambda: jvp_and_hvp(plain_loss))(),
+                       rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shared_weights", [True, False], ids=["shared-weights", "per-example-weights"])
+def test_vmap_through_the_kernels(shared_weights):
+    """vmap of the gradient over 3 problems: with shared weights the mapped axis joins the kernel's batch axis;
+    with per-example weights each example is one kernel call."""
+    cell, params, xs, carry, weights = problem(32, (4,), 5)
+    stacked_xs = jnp.stack([xs, 2 * xs, -xs])
+    stacked_params = jax.tree_util.tree_map(lambda p: jnp.stack([p, 0.9 * p, 1.1 * p]), params)
+    in_axes = (None, 0) if shared_weights else (0, 0)
+    the_params = params if shared_weights else stacked_params
+
+    def grads(the_cell):
+        loss = loss_fn(the_cell, weights, False)
+        return jax.vmap(lambda p, x: jax.grad(loss)(p, x, carry), in_axes=in_axes)(the_params, stacked_xs)
+
+    assert calls_kernel(lambda: grads(cell))
+    assert_trees_close(jax.jit(lambda: grads(cell))(), jax.jit(lambda: grads(plain_twin(cell)))(),
+                       rtol=2e-5, atol=2e-5)
+
+
+def _run(code: str, env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+_GRAD_PROGRAM = """
+    import jax, jax.numpy as jnp, numpy as np, rnnlab
+    from rnnlab import native
+    cell = rnnlab.LSTM(hidden_size=64)
+    params = cell.init(jax.random.PRNGKey(0), 8)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (50, 16, 8))
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(rnnlab.scan(cell, p, xs)[0] ** 2)))
+    np.save("{out}", np.asarray(grad(params)["w_h"]))
+    print("available", native.available())
+"""
+
+
+@needs_kernels
+def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
+    """The same gradient with 1 and 3 threads per kernel; with 3 threads per kernel on 2 CPU devices running
+    at once (more threads than XLA's pool, so a kernel's helper task may never start: it must not hang); and with
+    the kernels off, or unbuildable (no compiler: a warning, and XLA runs the LSTM)."""
+    runs = {
+        "one-thread": {"RNNLAB_NATIVE_THREADS": "1"},
+        "three-threads": {"RNNLAB_NATIVE_THREADS": "3"},
+        "off": {"RNNLAB_NATIVE": "0"},
+        "no-compiler": {"CXX": "no-such-compiler", "RNNLAB_NATIVE_CACHE": str(tmp_path / "cache")},
+    }
+    results = {}
+    for name, env in runs.items():
+        out = tmp_path / f"{name}.npy"
+        result = _run(_GRAD_PROGRAM.format(out=out), env)
+        assert result.returncode == 0, result.stderr
+        results[name] = np.load(out)
+        assert ("available True" in result.stdout) == (name in ("one-thread", "three-threads")), result.stdout
+    assert "no C++ compiler 'no-such-compiler'" in _run(
+        "import rnnlab.native as n; print(n.available())", runs["no-compiler"]).stderr
+    for name in ("three-threads", "off", "no-compiler"):
+        np.testing.assert_allclose(results[name], results["one-thread"], rtol=1e-5, atol=1e-7)
+
+    two_devices = _run(f"""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        import jax, jax.numpy as jnp, numpy as np, rnnlab
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        cell = rnnlab.LSTM(hidden_size=64)
+        params = cell.init(jax.random.PRNGKey(0), 8)
+        xs = jax.random.normal(jax.random.PRNGKey(1), (50, 32, 8))
+        mesh = Mesh(np.array(jax.devices()), ("batch",))
+        xs = jax.device_put(xs, NamedSharding(mesh, P(None, "batch")))
+        def loss(p, x):
+            return jnp.mean(rnnlab.scan(cell, p, x)[0] ** 2)
+        grad = jax.jit(jax.grad(loss))
+        ref = jax.jit(jax.grad(loss))(params, np.asarray(xs))
+        for _ in range(20):
+            got = grad(params, xs)
+        np.testing.assert_allclose(got["w_h"], ref["w_h"], rtol=1e-5, atol=1e-7)
+        print("ok")
+    """, {"RNNLAB_NATIVE_THREADS": "3"}, timeout=300)
+    assert two_devices.returncode == 0 and "ok" in two_devices.stdout, two_devices.stderr
