@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The native LSTM kernels (C++, XLA FFI): built now rather than on first use; without a compiler rnnlab warns
+	# and runs the LSTM on XLA alone.
+	$(PY) -c "import rnnlab.native as n; print('rnnlab native kernels:', n.available())"
 	touch $(STAMP)
 
 demo: $(STAMP)
