@@ -222,23 +222,41 @@ def _split_valid(inputs, valid):
 
 
 def _native(kernel: _Kernel, unroll: int, px, valid) -> bool:
-    """Whether this recurrence runs on `rnnlab.native`'s primitives: the LSTM, no padding mask, ``unroll=1``, at
-    least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in XLA elsewhere."""
-    return (kernel == _LSTM and valid is None and unroll == 1 and px.shape[0] > 0
+    """Whether this recurrence runs on `rnnlab.native`'s primitives: the LSTM or the GRU, no padding mask,
+    ``unroll=1``, at least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in XLA
+    elsewhere."""
+    return ((kernel == _LSTM or kernel == _GRU) and valid is None and unroll == 1 and px.shape[0] > 0
             and os.environ.get("RNNLAB_NATIVE", "1") != "0")
 
 
-def _native_forward(params, carry, px, reverse):
-    (h0, c0), last = carry, 0 if reverse else -1
-    hs, cs, gates = native.lstm_forward_p.bind(params["w_h"], h0, c0, px, reverse=reverse, threads=native.threads())
-    return hs, cs, gates, (hs[last], cs[last])
+def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, d_params=None, d_carry=None, dpx=None):
+    """The recurrence on `rnnlab.native`'s primitives: ``(hs, final_carry)``, and with tangents also ``(d_hs,
+    d_final_carry)``."""
+    last, options = (0 if reverse else -1), {"reverse": reverse, "threads": native.threads()}
+    if kernel == _LSTM:
+        (h0, c0), w_h = carry, params["w_h"]
+        hs, cs, gates = native.lstm_forward_p.bind(w_h, h0, c0, px, **options)
+        primal = hs, (hs[last], cs[last])
+        if d_params is None:
+            return primal
+        u = kernel.tangent_inputs(params, d_params, dpx, _previous(hs, h0, reverse), ())
+        d_hs, d_h, d_c = native.lstm_tangent_p.bind(w_h, gates, cs, c0, u, *d_carry, **options)
+        return primal, (d_hs, (d_h, d_c))
+    h0, w_h = carry, params["w_h"]
+    hs, saved = native.gru_forward_p.bind(w_h, params["b_h"], h0, px, **options)
+    primal = hs, hs[last]
+    if d_params is None:
+        return primal
+    r = saved[..., : h0.shape[-1]]
+    u = kernel.tangent_inputs(params, d_params, dpx, _previous(hs, h0, reverse), (r,))
+    d_hs, d_h = native.gru_tangent_p.bind(w_h, saved, hs, h0, u, d_carry, **options)
+    return primal, (d_hs, d_h)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, valid):
     if _native(kernel, unroll, px, valid):
-        hs, _, _, final = _native_forward(params, carry, px, reverse)
-        return hs, final
+        return _native_recurrence(kernel, reverse, params, carry, px)
 
     def body(carry, inputs):
         px_t, valid_t = _split_valid(inputs, valid)
@@ -255,11 +273,7 @@ def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
     params, carry0, px, valid = primals
     d_params, d_carry0, dpx, _ = tangents
     if _native(kernel, unroll, px, valid):
-        hs, cs, gates, final = _native_forward(params, carry0, px, reverse)
-        u = dpx + _weight_tangent(_previous(hs, carry0[0], reverse), d_params["w_h"])
-        d_hs, d_h, d_c = native.lstm_tangent_p.bind(params["w_h"], gates, cs, carry0[1], u, *d_carry0,
-                                                     reverse=reverse, threads=native.threads())
-        return (hs, final), (d_hs, (d_h, d_c))
+        return _native_recurrence(kernel, reverse, params, carry0, px, d_params, d_carry0, dpx)
 
     def body(carry, inputs):
         px_t, valid_t = _split_valid(inputs, valid)

@@ -1,7 +1,8 @@
-"""The native LSTM kernels (`rnnlab.native`, C++ through XLA's FFI) against plain autodiff of the LSTM's step.
+"""The native LSTM and GRU kernels (`rnnlab.native`, C++ through XLA's FFI) against plain autodiff of the step.
 
-`rnnlab.scan` sends the LSTM (float32, hidden size a multiple of 16, no padding mask) to the kernels on CPU; the
-reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan` differentiated by JAX.
+`rnnlab.scan` sends the LSTM and the GRU (float32, hidden size a multiple of 16, no padding mask) to the kernels on
+CPU; the reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan` differentiated by
+JAX, and the truth is that reference in float64.
 Each case also checks that the compiled program really calls the kernel, so a silent fallback cannot pass for it.
 """
 
@@ -28,8 +29,8 @@ needs_kernels = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is
                                    reason="no C++ compiler: the kernels cannot be built here")
 
 
-def problem(hidden, batch_shape, seq_len, seed=0):
-    cell = rnnlab.LSTM(hidden_size=hidden)
+def problem(hidden, batch_shape, seq_len, seed=0, kind="LSTM"):
+    cell = getattr(rnnlab, kind)(hidden_size=hidden)
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
     params = cell.init(keys[0], INPUT_SIZE)
     params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(keys[1], p.shape), params)
@@ -42,14 +43,17 @@ def problem(hidden, batch_shape, seq_len, seed=0):
 
 def loss_fn(the_cell, weights, reverse):
     def loss(params, xs, carry):
-        ys, (h, c) = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse)
-        return jnp.sum(weights * jnp.sin(ys)) + jnp.sum(jnp.cos(h)) + jnp.sum(jnp.cos(2 * c))
+        ys, final = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse)
+        # Every leaf of the final carry in the loss, each with its own weight.
+        carry_terms = sum(jnp.sum(jnp.cos((i + 1) * leaf)) for i, leaf in enumerate(jax.tree_util.tree_leaves(final)))
+        return jnp.sum(weights * jnp.sin(ys)) + carry_terms
 
     return loss
 
 
 def calls_kernel(fn, *args) -> bool:
-    return "rnnlab_lstm_forward" in jax.jit(fn).lower(*args).as_text()
+    text = jax.jit(fn).lower(*args).as_text()
+    return "rnnlab_lstm_forward" in text or "rnnlab_gru_forward" in text
 
 
 @needs_kernels
@@ -65,8 +69,9 @@ def test_kernels_build_and_load():
     (128, (20,), 30),  # the benchmark's hidden size; rows 8 + 8 + 4
 ], ids=["h16", "h32", "h48-one-step", "h128"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_kernels_equal_autodiff_of_the_step(hidden, batch_shape, seq_len, reverse):
-    cell, params, xs, carry, weights = problem(hidden, batch_shape, seq_len)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, reverse):
+    cell, params, xs, carry, weights = problem(hidden, batch_shape, seq_len, kind=kind)
     native_loss, plain_loss = loss_fn(cell, weights, reverse), loss_fn(plain_twin(cell), weights, reverse)
     assert calls_kernel(jax.grad(native_loss, argnums=(0, 1, 2)), params, xs, carry)
     assert not calls_kernel(plain_loss, params, xs, carry)
@@ -93,10 +98,11 @@ def test_kernels_equal_autodiff_of_the_step(hidden, batch_shape, seq_len, revers
 
 
 @needs_kernels
-def test_forward_mode_and_second_derivatives_through_the_kernels():
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_forward_mode_and_second_derivatives_through_the_kernels(kind):
     """`jax.jvp` and forward-over-reverse (a Hessian-vector product) through `rnnlab.scan`: the primitives'
     derivative rules are the plain-JAX reference's."""
-    cell, params, xs, carry, weights = problem(32, (4,), 6)
+    cell, params, xs, carry, weights = problem(32, (4,), 6, kind=kind)
     native_loss, plain_loss = loss_fn(cell, weights, False), loss_fn(plain_twin(cell), weights, False)
     tangents = jax.tree_util.tree_map(jnp.cos, (params, xs, carry))
 
@@ -111,10 +117,11 @@ def test_forward_mode_and_second_derivatives_through_the_kernels():
 
 @needs_kernels
 @pytest.mark.parametrize("shared_weights", [True, False], ids=["shared-weights", "per-example-weights"])
-def test_vmap_through_the_kernels(shared_weights):
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_vmap_through_the_kernels(kind, shared_weights):
     """vmap of the gradient over 3 problems: with shared weights the mapped axis joins the kernel's batch axis;
     with per-example weights each example is one kernel call."""
-    cell, params, xs, carry, weights = problem(32, (4,), 5)
+    cell, params, xs, carry, weights = problem(32, (4,), 5, kind=kind)
     stacked_xs = jnp.stack([xs, 2 * xs, -xs])
     stacked_params = jax.tree_util.tree_map(lambda p: jnp.stack([p, 0.9 * p, 1.1 * p]), params)
     in_axes = (None, 0) if shared_weights else (0, 0)

@@ -1,20 +1,22 @@
-"""Native CPU kernels for the LSTM's two sequential loops, behind `rnnlab.scan` (used by `rnnlab.fused`).
+"""Native CPU kernels for the sequential loops of the LSTM and the GRU, behind `rnnlab.scan` (used by `rnnlab.fused`).
 
-XLA runs the per-step matmul of a recurrence on one core, so on a CPU the loops of an LSTM use one core however many
-there are. ``lstm.cc`` holds the forward loop and the backward (transposed tangent) loop as XLA FFI custom calls
-that split the hidden units over threads, one barrier per step.
+XLA runs the per-step matmul of a recurrence on one core, so on a CPU the loops of an LSTM or a GRU use one core
+however many there are. ``recurrent.cc`` holds each cell's forward loop and backward (transposed tangent) loop as XLA
+FFI custom calls that split the hidden units over XLA's intra-op thread pool, one barrier per step.
 
-Three JAX primitives carry them, so that they compose with `jit`, `vmap`, `grad`, `jvp` and `jax.hessian`:
+Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap`, `grad`, `jvp` and
+`jax.hessian`:
 
-- ``lstm_forward_p(w_h, h0, c0, px) -> (hs, cs, gates)``: the recurrence, saving the gates;
-- ``lstm_tangent_p(w_h, gates, cs, c0, u, dh0, dc0) -> (dhs, dh, dc)``: its tangent, linear in ``(u, dh0, dc0)``
-  (``u``: the pre-activation tangent from everything but the carry);
-- ``lstm_backward_p(w_h, gates, cs, c0, g_hs, g_h, g_c) -> (g_u, g_h0, g_c0)``: the tangent's transpose, which is
-  what `jax.grad` runs.
+- ``lstm_forward_p(w_h, h0, c0, px) -> (hs, cs, gates)`` and ``gru_forward_p(w_h, b_h, h0, px) -> (hs, saved)``:
+  the recurrence, saving what the tangent's coefficients need;
+- ``lstm_tangent_p(w_h, gates, cs, c0, u, dh0, dc0) -> (dhs, dh, dc)`` and
+  ``gru_tangent_p(w_h, saved, hs, h0, u, dh0) -> (dhs, dh)``: the tangent, linear in ``u`` (the pre-activation
+  tangent from everything but the carry) and the carry's tangent;
+- ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs.
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
-the kernel does not apply (not a CPU, not float32, no C++ compiler, ``RNNLAB_NATIVE=0``) and its rule for
-derivatives of derivatives, so the kernels only ever change speed.
+the kernel does not apply (not a CPU, not float32, a hidden size not a multiple of 16, no C++ compiler,
+``RNNLAB_NATIVE=0``) and its rule for derivatives of derivatives, so the kernels only ever change speed.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
@@ -41,9 +43,11 @@ import jaxlib
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-_SOURCE = Path(__file__).with_name("lstm.cc")
+_SOURCE = Path(__file__).with_name("recurrent.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
-_TARGETS = {"forward": "rnnlab_lstm_forward", "backward": "rnnlab_lstm_backward"}
+#: FFI target name -> the library's handler symbol.
+_TARGETS = {"rnnlab_lstm_forward": "RnnlabLstmForward", "rnnlab_lstm_backward": "RnnlabLstmBackward",
+            "rnnlab_gru_forward": "RnnlabGruForward", "rnnlab_gru_backward": "RnnlabGruBackward"}
 #: The kernels split the hidden units in chunks of this many (one vector register of float32).
 LANES = 16
 
@@ -63,7 +67,7 @@ def _cache_dir() -> Path:
 
 
 def build(compiler: str | None = None) -> Path:
-    """Compile ``lstm.cc`` (if not already in the cache) and return the shared library's path.
+    """Compile ``recurrent.cc`` (if not already in the cache) and return the shared library's path.
 
     **Raises:** ``RuntimeError`` naming the compiler and its output when there is no compiler or it fails.
     """
@@ -99,10 +103,10 @@ def available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
     except (RuntimeError, OSError) as error:
-        _log.warning("rnnlab.native unavailable, the LSTM runs on XLA alone: %s", error)
+        _log.warning("rnnlab.native unavailable, the LSTM and GRU run on XLA alone: %s", error)
         return False
-    jax.ffi.register_ffi_target(_TARGETS["forward"], jax.ffi.pycapsule(library.RnnlabLstmForward), platform="cpu")
-    jax.ffi.register_ffi_target(_TARGETS["backward"], jax.ffi.pycapsule(library.RnnlabLstmBackward), platform="cpu")
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return True
 
 
@@ -116,7 +120,7 @@ def threads() -> int:
 
 
 def applies(hidden: int, dtype) -> bool:
-    """Whether the kernels can run an LSTM of this hidden size and dtype on the CPU backend."""
+    """Whether the kernels can run a cell of this hidden size and dtype on the CPU backend."""
     return hidden % LANES == 0 and hidden > 0 and jnp.dtype(dtype) == jnp.float32 and available()
 
 
@@ -166,6 +170,39 @@ def _reference_backward(w_h, gates, cs, c0, g_hs, g_h, g_c, *, reverse, threads)
     return jax.linear_transpose(tangent, *zeros)((g_hs, g_h, g_c))
 
 
+def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads):
+    from rnnlab import fused
+
+    def body(h, px_t):
+        h_new, saved_t = fused._gru_step({"w_h": w_h, "b_h": b_h}, h, px_t)
+        return h_new, (h_new, saved_t)
+
+    _, (hs, saved) = _scan(body, h0, px, reverse)
+    return hs, saved
+
+
+def _reference_gru_tangent(w_h, saved, hs, h0, u, dh0, *, reverse, threads):
+    from rnnlab import fused
+
+    params = {"w_h": w_h}
+    coeffs = fused._gru_coefficients(params, saved, hs, _previous(hs, h0, reverse))
+
+    def body(dh, inputs):
+        new = fused._gru_tangent_step(params, dh, *inputs)
+        return new, new
+
+    dh, dhs = _scan(body, dh0, (u, coeffs), reverse)
+    return dhs, dh
+
+
+def _reference_gru_backward(w_h, saved, hs, h0, g_hs, g_h, *, reverse, threads):
+    def tangent(u, dh0):
+        return _reference_gru_tangent(w_h, saved, hs, h0, u, dh0, reverse=reverse, threads=threads)
+
+    u_shape = saved.shape[:-1] + (3 * hs.shape[-1],)
+    return jax.linear_transpose(tangent, jnp.zeros(u_shape, g_hs.dtype), jnp.zeros_like(g_h))((g_hs, g_h))
+
+
 # --- primitives -----------------------------------------------------------------------------------------------------
 
 
@@ -174,7 +211,8 @@ def _instantiate(tangent, like):
 
 
 def _primitive(name: str, reference, out_shapes, batch_axes: tuple, out_batch_axes: tuple, target: str | None):
-    """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere.
+    """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere (its first
+    operand is ``w_h [H, G·H]``).
 
     ``out_shapes(*avals) -> [(shape, dtype)]``; ``batch_axes``: each operand's batch axis (None: shared, the
     weights), ``out_batch_axes`` the results'.
@@ -205,14 +243,17 @@ def _primitive(name: str, reference, out_shapes, batch_axes: tuple, out_batch_ax
 
     def batch(args, dims, **params):
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-        if dims[0] is not None:
+        if any(d is not None and axis is None for d, axis in zip(dims, batch_axes)):
             # Per-example weights: one call per example.
             args = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
                     for a, d in zip(args, dims)]
             return jax.lax.map(lambda xs: p.bind(*xs, **params), args), (0,) * len(out_batch_axes)
         # Shared weights: the mapped axis joins the batch axis (the rows of an LSTM are independent).
-        merged = [args[0]]
-        for a, d, axis in zip(args[1:], dims[1:], batch_axes[1:]):
+        merged = []
+        for a, d, axis in zip(args, dims, batch_axes):
+            if axis is None:
+                merged.append(a)
+                continue
             a = jnp.moveaxis(a, d, axis) if d is not None else jnp.broadcast_to(
                 jnp.expand_dims(a, axis), a.shape[:axis] + (size,) + a.shape[axis:])
             merged.append(a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:]))
@@ -237,20 +278,47 @@ def _backward_shapes(w_h, gates, cs, c0, g_hs, g_h, g_c):
     return [(gates.shape, g_hs.dtype), (g_h.shape, g_h.dtype), (g_c.shape, g_c.dtype)]
 
 
+def _gru_forward_shapes(w_h, b_h, h0, px):
+    steps, batch, gates = px.shape
+    return [((steps, batch, gates // 3), px.dtype), ((steps, batch, 4 * (gates // 3)), px.dtype)]
+
+
+def _gru_tangent_shapes(w_h, saved, hs, h0, u, dh0):
+    return [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)]
+
+
+def _gru_backward_shapes(w_h, saved, hs, h0, g_hs, g_h):
+    return [(saved.shape[:-1] + (3 * hs.shape[-1],), g_hs.dtype), (g_h.shape, g_h.dtype)]
+
+
 lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes, (None, 0, 0, 1), (1, 1, 1),
-                            _TARGETS["forward"])
+                            "rnnlab_lstm_forward")
 lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes, (None, 1, 1, 0, 1, 0, 0),
                             (1, 0, 0), None)
 lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backward_shapes, (None, 1, 1, 0, 1, 0, 0),
-                             (1, 0, 0), _TARGETS["backward"])
+                             (1, 0, 0), "rnnlab_lstm_backward")
+gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, (None, None, 0, 1),
+                           (1, 1), "rnnlab_gru_forward")
+gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes, (None, 1, 1, 0, 1, 0),
+                           (1, 0), None)
+gru_backward_p = _primitive("rnnlab_gru_backward", _reference_gru_backward, _gru_backward_shapes,
+                            (None, 1, 1, 0, 1, 0), (1, 0), "rnnlab_gru_backward")
 
 
-def _tangent_transpose(cotangents, w_h, gates, cs, c0, u, dh0, dc0, **params):
-    g_hs = _instantiate(cotangents[0], cs)
-    g_h = _instantiate(cotangents[1], dh0.aval if ad.is_undefined_primal(dh0) else dh0)
-    g_c = _instantiate(cotangents[2], dc0.aval if ad.is_undefined_primal(dc0) else dc0)
-    g_u, g_h0, g_c0 = lstm_backward_p.bind(w_h, gates, cs, c0, g_hs, g_h, g_c, **params)
-    return [None] * 4 + [g if ad.is_undefined_primal(x) else None for g, x in zip((g_u, g_h0, g_c0), (u, dh0, dc0))]
+def _transpose_rule(backward_p):
+    """The transpose of a tangent primitive, whose operands are 4 residuals (the third shaped like the sequence of
+    dh's it returns) and then its linear operands (``u`` and the carry's tangent): the backward primitive on the
+    cotangents of the tangent's results, symbolic zeros made real."""
+
+    def rule(cotangents, *operands, **params):
+        residuals, linear = operands[:4], operands[4:]
+        likes = [residuals[2]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[1:]]
+        grads = backward_p.bind(*residuals, *(_instantiate(ct, like) for ct, like in zip(cotangents, likes)),
+                                **params)
+        return [None] * 4 + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
+
+    return rule
 
 
-ad.primitive_transposes[lstm_tangent_p] = _tangent_transpose
+ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p)
+ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p)

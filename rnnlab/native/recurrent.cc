@@ -1,4 +1,5 @@
-// The LSTM's two sequential loops as XLA FFI custom calls on CPU, float32, with the hidden units split over threads.
+// The sequential loops of the LSTM and the GRU as XLA FFI custom calls on CPU, float32, with the hidden units split
+// over threads.
 //
 // What XLA cannot do here: its per-step matmul [B, H] @ [H, 4H] runs on one core, so at the small shapes of RNN
 // research the loops use half of a 2-core machine. Each kernel below owns the whole time loop; every thread owns a
@@ -11,6 +12,12 @@
 // lstm_backward(w_h, gates, cs, c0, g_hs [T, B, H], g_h [B, H], g_c [B, H]) -> g_px [T, B, 4H], g_h0, g_c0
 //   the transpose of the LSTM's tangent recurrence (rnnlab/fused.py) for cotangents g_hs of every h_t and
 //   (g_h, g_c) of the final carry: g_px_t is the cotangent of the step's pre-activation z.
+// gru_forward(w_h [H, 3H], b_h [3H], h0 [B, H], px [T, B, 3H]) -> hs [T, B, H], saved [T, B, 4H]
+//   a = h_{t-1} W_h + b_h; r = σ(px_r + a_r); z = σ(px_z + a_z); n = tanh(px_n + r a_n); h_t = (1 - z) n + z h_{t-1}
+//   saved = [r, z, n, a_n]
+// gru_backward(w_h, saved, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_h0
+//   the transpose of the GRU's tangent recurrence (rnnlab/fused.py): g_u_t is the cotangent of the tangent's input
+//   u_t = ṗx_t + [ȧ_r, ȧ_z, r ȧ_n].
 // `reverse` runs time from the last step to the first, as `lax.scan(..., reverse=True)`.
 
 #include <algorithm>
@@ -241,10 +248,6 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::B
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
-    if (nu == 0) {
-      for (int t = 0; t < T; ++t) barrier.wait();
-      return;
-    }
     // This part's columns of W_h, gate by gate: panel[k, q·nu + u] = W_h[k, q·H + u0 + u].
     const std::vector<float> panel =
         pack(H, 4 * nu, [&](int k, int j) { return W[k * G + (j / nu) * H + u0 + j % nu]; });
@@ -300,10 +303,6 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
-    if (nu == 0) {
-      for (int t = 0; t < T; ++t) barrier.wait();
-      return;
-    }
     // This part's rows of W_h, transposed: panel[k, u] = W_h[u0 + u, k], so that g_h = g_z @ panel.
     const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return W[(u0 + u) * G + k]; });
     // The carry's cotangent for this part's units, [B, nu] each.
@@ -343,6 +342,114 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::
   return ffi::Error::Success();
 }
 
+
+ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b_h,
+                          ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> hs,
+                          ffi::ResultBuffer<ffi::F32> saved, bool reverse, int64_t threads) {
+  const auto dims = px.dimensions();
+  const Dims d{dims[0], dims[1], dims[2] / 3};
+  if (auto error = check(d); error.failure()) return error;
+  const int T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  const float* W = w.typed_data();
+  const float* BH = b_h.typed_data();
+  const float* PX = px.typed_data();
+  float* HS = hs->typed_data();
+  float* SAVED = saved->typed_data();
+  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+    int u0, u1;
+    units_of(H, part, parts, &u0, &u1);
+    const int nu = u1 - u0;
+    // This part's columns of W_h, gate by gate: panel[k, q·nu + u] = W_h[k, q·H + u0 + u].
+    const std::vector<float> panel =
+        pack(H, 3 * nu, [&](int k, int j) { return W[k * G + (j / nu) * H + u0 + j % nu]; });
+    std::vector<float> a(static_cast<size_t>(B) * 3 * nu);
+    for (int s = 0; s < T; ++s) {
+      const int t = reverse ? T - 1 - s : s;
+      const int prev = reverse ? t + 1 : t - 1;
+      const float* h_prev = s == 0 ? h0.typed_data() : HS + static_cast<size_t>(prev) * B * H;
+      matmul(B, 3 * nu, H, h_prev, H, panel.data(), a.data(), 3 * nu);
+      for (int b = 0; b < B; ++b) {
+        const float* ab = &a[b * 3 * nu];
+        const float* pxb = PX + (static_cast<size_t>(t) * B + b) * G + u0;
+        float* sb = SAVED + (static_cast<size_t>(t) * B + b) * 4 * H + u0;
+        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
+        for (int j = 0; j < nu; j += kLanes) {
+          const vf r = vsigmoid(load(pxb + j) + load(ab + j) + load(BH + u0 + j));
+          const vf z = vsigmoid(load(pxb + H + j) + load(ab + nu + j) + load(BH + H + u0 + j));
+          const vf a_n = load(ab + 2 * nu + j) + load(BH + 2 * H + u0 + j);
+          const vf n = vtanh(load(pxb + 2 * H + j) + r * a_n);
+          store(sb + j, r);
+          store(sb + H + j, z);
+          store(sb + 2 * H + j, n);
+          store(sb + 3 * H + j, a_n);
+          store(HS + row + j, (splat(1.0f) - z) * n + z * load(h_prev + b * H + u0 + j));
+        }
+      }
+      barrier.wait();
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> saved,
+                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> g_hs,
+                           ffi::Buffer<ffi::F32> g_h, ffi::ResultBuffer<ffi::F32> g_px,
+                           ffi::ResultBuffer<ffi::F32> g_h0, bool reverse, int64_t threads) {
+  const auto dims = saved.dimensions();
+  const Dims d{dims[0], dims[1], dims[2] / 4};
+  if (auto error = check(d); error.failure()) return error;
+  const int T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  const float* W = w.typed_data();
+  const float* SAVED = saved.typed_data();
+  const float* HS = hs.typed_data();
+  const float* GHS = g_hs.typed_data();
+  float* GPX = g_px->typed_data();
+  float* GH0 = g_h0->typed_data();
+  // The cotangent of each step's h W_h, [B, 3H], in two buffers used in turn: a part may write the next step's
+  // while another still reads this one's.
+  std::vector<float> recurrent(static_cast<size_t>(2) * B * G);
+  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+    int u0, u1;
+    units_of(H, part, parts, &u0, &u1);
+    const int nu = u1 - u0;
+    // This part's rows of W_h, transposed: panel[k, u] = W_h[u0 + u, k], so that g_h = g_a @ panel.
+    const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return W[(u0 + u) * G + k]; });
+    std::vector<float> dh(static_cast<size_t>(B) * nu), direct(static_cast<size_t>(B) * nu);
+    for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h.typed_data() + b * H + u0, nu * sizeof(float));
+    for (int s = T - 1; s >= 0; --s) {
+      const int t = reverse ? T - 1 - s : s;
+      const int prev = reverse ? t + 1 : t - 1;
+      const float* h_prev = s == 0 ? h0.typed_data() : HS + static_cast<size_t>(prev) * B * H;
+      float* ga = &recurrent[static_cast<size_t>(s % 2) * B * G];
+      for (int b = 0; b < B; ++b) {
+        const float* sb = SAVED + (static_cast<size_t>(t) * B + b) * 4 * H + u0;
+        float* gu = GPX + (static_cast<size_t>(t) * B + b) * G + u0;
+        float* gab = ga + b * G + u0;
+        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
+        for (int j = 0; j < nu; j += kLanes) {
+          const vf r = load(sb + j), z = load(sb + H + j), n = load(sb + 2 * H + j), a_n = load(sb + 3 * H + j);
+          const vf gh = load(GHS + row + j) + load(&dh[b * nu + j]);
+          const vf g_n = (splat(1.0f) - z) * (splat(1.0f) - n * n) * gh;
+          const vf g_r = g_n * r * (splat(1.0f) - r) * a_n;
+          const vf g_z = (load(h_prev + b * H + u0 + j) - n) * z * (splat(1.0f) - z) * gh;
+          store(gu + j, g_r);
+          store(gu + H + j, g_z);
+          store(gu + 2 * H + j, g_n);
+          store(gab + j, g_r);
+          store(gab + H + j, g_z);
+          store(gab + 2 * H + j, g_n * r);
+          store(&direct[b * nu + j], z * gh);
+        }
+      }
+      barrier.wait();  // every unit's g_a_t is written
+      matmul(B, nu, G, ga, G, panel.data(), dh.data(), nu);
+      for (size_t k = 0; k < dh.size(); ++k) dh[k] += direct[k];
+    }
+    for (int b = 0; b < B; ++b) std::memcpy(GH0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl,
@@ -369,6 +476,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("reverse")
