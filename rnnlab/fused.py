@@ -222,10 +222,10 @@ def _split_valid(inputs, valid):
 
 
 def _native(kernel: _Kernel, unroll: int, px, valid) -> bool:
-    """Whether this recurrence runs on `rnnlab.native`'s primitives: the LSTM or the GRU, no padding mask,
+    """Whether this recurrence runs on `rnnlab.native`'s primitives: any built-in cell, no padding mask,
     ``unroll=1``, at least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in XLA
     elsewhere."""
-    return ((kernel == _LSTM or kernel == _GRU) and valid is None and unroll == 1 and px.shape[0] > 0
+    return (valid is None and unroll == 1 and px.shape[0] > 0
             and os.environ.get("RNNLAB_NATIVE", "1") != "0")
 
 
@@ -233,6 +233,15 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, d_para
     """The recurrence on `rnnlab.native`'s primitives: ``(hs, final_carry)``, and with tangents also ``(d_hs,
     d_final_carry)``."""
     last, options = (0 if reverse else -1), {"reverse": reverse, "threads": native.threads()}
+    if kernel != _LSTM and kernel != _GRU:
+        activation = next(name for name, rnn in _RNN.items() if rnn == kernel)
+        h0, w_h = carry, params["w_h"]
+        (hs,) = native.rnn_forward_p.bind(w_h, h0, px, activation=activation, **options)
+        if d_params is None:
+            return hs, hs[last]
+        u = kernel.tangent_inputs(params, d_params, dpx, _previous(hs, h0, reverse), ())
+        d_hs, d_h = native.rnn_tangent_p.bind(w_h, hs, u, d_carry, activation=activation, **options)
+        return (hs, hs[last]), (d_hs, d_h)
     if kernel == _LSTM:
         (h0, c0), w_h = carry, params["w_h"]
         hs, cs, gates = native.lstm_forward_p.bind(w_h, h0, c0, px, **options)

@@ -29,8 +29,15 @@ needs_kernels = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is
                                    reason="no C++ compiler: the kernels cannot be built here")
 
 
+def make_cell(kind: str, hidden: int):
+    """``LSTM``, ``GRU`` or ``RNN-<activation>``."""
+    if kind.startswith("RNN-"):
+        return rnnlab.RNN(hidden_size=hidden, activation=kind.removeprefix("RNN-"))
+    return getattr(rnnlab, kind)(hidden_size=hidden)
+
+
 def problem(hidden, batch_shape, seq_len, seed=0, kind="LSTM"):
-    cell = getattr(rnnlab, kind)(hidden_size=hidden)
+    cell = make_cell(kind, hidden)
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
     params = cell.init(keys[0], INPUT_SIZE)
     params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(keys[1], p.shape), params)
@@ -53,7 +60,7 @@ def loss_fn(the_cell, weights, reverse):
 
 def calls_kernel(fn, *args) -> bool:
     text = jax.jit(fn).lower(*args).as_text()
-    return "rnnlab_lstm_forward" in text or "rnnlab_gru_forward" in text
+    return any(f"rnnlab_{name}_forward" in text for name in ("lstm", "gru", "rnn"))
 
 
 @needs_kernels
@@ -61,15 +68,21 @@ def test_kernels_build_and_load():
     assert native.available()
 
 
+SHAPES = {
+    "h16": (16, (5,), 7),  # one chunk of units: one thread
+    "h32": (32, (9,), 7),  # two chunks, batch rows in blocks of 8 + 1
+    "h48-one-step": (48, (3, 2), 1),  # three chunks on two threads (uneven), two batch axes, one step
+    "h128": (128, (20,), 30),  # the benchmark's hidden size; rows 8 + 8 + 4
+}
+CASES = [(kind, *shape) for kind in ("LSTM", "GRU", "RNN-tanh") for shape in SHAPES.values()]
+CASES += [(kind, *SHAPES["h32"]) for kind in ("RNN-relu", "RNN-linear")]
+CASE_IDS = [f"{kind}-{name}" for kind in ("LSTM", "GRU", "RNN-tanh") for name in SHAPES]
+CASE_IDS += [f"{kind}-h32" for kind in ("RNN-relu", "RNN-linear")]
+
+
 @needs_kernels
-@pytest.mark.parametrize("hidden,batch_shape,seq_len", [
-    (16, (5,), 7),  # one chunk of units: one thread
-    (32, (9,), 7),  # two chunks, batch rows in blocks of 8 + 1
-    (48, (3, 2), 1),  # three chunks on two threads (uneven), two batch axes, one step
-    (128, (20,), 30),  # the benchmark's hidden size; rows 8 + 8 + 4
-], ids=["h16", "h32", "h48-one-step", "h128"])
+@pytest.mark.parametrize("kind,hidden,batch_shape,seq_len", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, reverse):
     cell, params, xs, carry, weights = problem(hidden, batch_shape, seq_len, kind=kind)
     native_loss, plain_loss = loss_fn(cell, weights, reverse), loss_fn(plain_twin(cell), weights, reverse)
@@ -98,7 +111,7 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
 def test_forward_mode_and_second_derivatives_through_the_kernels(kind):
     """`jax.jvp` and forward-over-reverse (a Hessian-vector product) through `rnnlab.scan`: the primitives'
     derivative rules are the plain-JAX reference's."""
@@ -117,7 +130,7 @@ def test_forward_mode_and_second_derivatives_through_the_kernels(kind):
 
 @needs_kernels
 @pytest.mark.parametrize("shared_weights", [True, False], ids=["shared-weights", "per-example-weights"])
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu"])
 def test_vmap_through_the_kernels(kind, shared_weights):
     """vmap of the gradient over 3 problems: with shared weights the mapped axis joins the kernel's batch axis;
     with per-example weights each example is one kernel call."""

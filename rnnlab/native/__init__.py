@@ -1,4 +1,4 @@
-"""Native CPU kernels for the sequential loops of the LSTM and the GRU, behind `rnnlab.scan` (used by `rnnlab.fused`).
+"""Native CPU kernels for the sequential loops of the LSTM, the GRU and the Elman RNN, behind `rnnlab.scan` (used by `rnnlab.fused`).
 
 XLA runs the per-step matmul of a recurrence on one core, so on a CPU the loops of an LSTM or a GRU use one core
 however many there are. ``recurrent.cc`` holds each cell's forward loop and backward (transposed tangent) loop as XLA
@@ -12,7 +12,9 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
 - ``lstm_tangent_p(w_h, gates, cs, c0, u, dh0, dc0) -> (dhs, dh, dc)`` and
   ``gru_tangent_p(w_h, saved, hs, h0, u, dh0) -> (dhs, dh)``: the tangent, linear in ``u`` (the pre-activation
   tangent from everything but the carry) and the carry's tangent;
-- ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs.
+- ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs;
+- ``rnn_forward_p``, ``rnn_tangent_p`` and ``rnn_backward_p`` likewise for `rnnlab.RNN` with a named activation
+  (``tanh``, ``relu``, ``linear``; the tangent's coefficients come from ``hs`` alone).
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
 the kernel does not apply (not a CPU, not float32, a hidden size not a multiple of 16, no C++ compiler,
@@ -47,7 +49,8 @@ _SOURCE = Path(__file__).with_name("recurrent.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 #: FFI target name -> the library's handler symbol.
 _TARGETS = {"rnnlab_lstm_forward": "RnnlabLstmForward", "rnnlab_lstm_backward": "RnnlabLstmBackward",
-            "rnnlab_gru_forward": "RnnlabGruForward", "rnnlab_gru_backward": "RnnlabGruBackward"}
+            "rnnlab_gru_forward": "RnnlabGruForward", "rnnlab_gru_backward": "RnnlabGruBackward",
+            "rnnlab_rnn_forward": "RnnlabRnnForward", "rnnlab_rnn_backward": "RnnlabRnnBackward"}
 #: The kernels split the hidden units in chunks of this many (one vector register of float32).
 LANES = 16
 
@@ -203,6 +206,37 @@ def _reference_gru_backward(w_h, saved, hs, h0, g_hs, g_h, *, reverse, threads):
     return jax.linear_transpose(tangent, jnp.zeros(u_shape, g_hs.dtype), jnp.zeros_like(g_h))((g_hs, g_h))
 
 
+def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation):
+    from rnnlab import fused
+
+    def body(h, px_t):
+        h_new, _ = fused._RNN[activation].step({"w_h": w_h}, h, px_t)
+        return h_new, h_new
+
+    return (_scan(body, h0, px, reverse)[1],)
+
+
+def _reference_rnn_tangent(w_h, hs, u, dh0, *, reverse, threads, activation):
+    from rnnlab import fused
+
+    kernel, params = fused._RNN[activation], {"w_h": w_h}
+    coeffs = kernel.coefficients(params, (), hs, None)
+
+    def body(dh, inputs):
+        new = kernel.tangent_step(params, dh, *inputs)
+        return new, new
+
+    dh, dhs = _scan(body, dh0, (u, coeffs), reverse)
+    return dhs, dh
+
+
+def _reference_rnn_backward(w_h, hs, g_hs, g_h, *, reverse, threads, activation):
+    def tangent(u, dh0):
+        return _reference_rnn_tangent(w_h, hs, u, dh0, reverse=reverse, threads=threads, activation=activation)
+
+    return jax.linear_transpose(tangent, jnp.zeros_like(g_hs), jnp.zeros_like(g_h))((g_hs, g_h))
+
+
 # --- primitives -----------------------------------------------------------------------------------------------------
 
 
@@ -303,22 +337,30 @@ gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_ta
                            (1, 0), None)
 gru_backward_p = _primitive("rnnlab_gru_backward", _reference_gru_backward, _gru_backward_shapes,
                             (None, 1, 1, 0, 1, 0), (1, 0), "rnnlab_gru_backward")
+rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
+                           lambda w_h, h0, px: [(px.shape, px.dtype)], (None, 0, 1), (1,), "rnnlab_rnn_forward")
+rnn_tangent_p = _primitive("rnnlab_rnn_tangent", _reference_rnn_tangent,
+                           lambda w_h, hs, u, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)], (None, 1, 1, 0),
+                           (1, 0), None)
+rnn_backward_p = _primitive("rnnlab_rnn_backward", _reference_rnn_backward,
+                            lambda w_h, hs, g_hs, g_h: [(hs.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
+                            (None, 1, 1, 0), (1, 0), "rnnlab_rnn_backward")
 
 
-def _transpose_rule(backward_p):
-    """The transpose of a tangent primitive, whose operands are 4 residuals (the third shaped like the sequence of
-    dh's it returns) and then its linear operands (``u`` and the carry's tangent): the backward primitive on the
-    cotangents of the tangent's results, symbolic zeros made real."""
+def _transpose_rule(backward_p, residuals: int, like: int):
+    """The transpose of a tangent primitive whose first ``residuals`` operands are residuals (``operands[like]``
+    shaped like the sequence of dh's it returns) and the rest linear (``u`` and the carry's tangent): the backward
+    primitive on the cotangents of the tangent's results, symbolic zeros made real."""
 
     def rule(cotangents, *operands, **params):
-        residuals, linear = operands[:4], operands[4:]
-        likes = [residuals[2]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[1:]]
-        grads = backward_p.bind(*residuals, *(_instantiate(ct, like) for ct, like in zip(cotangents, likes)),
-                                **params)
-        return [None] * 4 + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
+        fixed, linear = operands[:residuals], operands[residuals:]
+        likes = [operands[like]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[1:]]
+        grads = backward_p.bind(*fixed, *(_instantiate(ct, shape) for ct, shape in zip(cotangents, likes)), **params)
+        return [None] * residuals + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
 
     return rule
 
 
-ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p)
-ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p)
+ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, 4, 2)
+ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 4, 2)
+ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, 2, 1)

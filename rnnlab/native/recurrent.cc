@@ -18,11 +18,16 @@
 // gru_backward(w_h, saved, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_h0
 //   the transpose of the GRU's tangent recurrence (rnnlab/fused.py): g_u_t is the cotangent of the tangent's input
 //   u_t = ṗx_t + [ȧ_r, ȧ_z, r ȧ_n].
+// rnn_forward(w_h [H, H], h0 [B, H], px [T, B, H]) -> hs [T, B, H]: h_t = φ(px_t + h_{t-1} W_h), φ tanh, relu or
+//   linear (the `activation` attribute)
+// rnn_backward(w_h, hs, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, H], g_h0: the transpose of the tangent recurrence
+//   ḣ_t = φ'(z_t) (u_t + ḣ_{t-1} W_h), with φ' written through h_t.
 // `reverse` runs time from the last step to the first, as `lax.scan(..., reverse=True)`.
 
 #include <algorithm>
 #include <chrono>
 #include <memory>
+#include <string_view>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -450,6 +455,106 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::B
   return ffi::Error::Success();
 }
 
+
+// The activation of an Elman RNN, by name, and its derivative written through its output h = φ(z).
+enum class Activation { kTanh, kRelu, kLinear };
+
+ffi::Error activation_of(std::string_view name, Activation* activation) {
+  if (name == "tanh") {
+    *activation = Activation::kTanh;
+  } else if (name == "relu") {
+    *activation = Activation::kRelu;
+  } else if (name == "linear") {
+    *activation = Activation::kLinear;
+  } else {
+    return ffi::Error::InvalidArgument("rnnlab rnn kernel: activation must be tanh, relu or linear");
+  }
+  return ffi::Error::Success();
+}
+
+inline vf activate(Activation a, vf z) {
+  if (a == Activation::kTanh) return vtanh(z);
+  if (a == Activation::kRelu) return z > splat(0.0f) ? z : splat(0.0f);
+  return z;
+}
+
+inline vf derivative(Activation a, vf h) {
+  if (a == Activation::kTanh) return splat(1.0f) - h * h;
+  if (a == Activation::kRelu) return h > splat(0.0f) ? splat(1.0f) : splat(0.0f);
+  return splat(1.0f);
+}
+
+ffi::Error RnnForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> hs, bool reverse, int64_t threads,
+                          std::string_view activation_name) {
+  const auto dims = px.dimensions();
+  const Dims d{dims[0], dims[1], dims[2]};
+  if (auto error = check(d); error.failure()) return error;
+  Activation act;
+  if (auto error = activation_of(activation_name, &act); error.failure()) return error;
+  const int T = d.steps, B = d.batch, H = d.hidden;
+  const float* W = w.typed_data();
+  const float* PX = px.typed_data();
+  float* HS = hs->typed_data();
+  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+    int u0, u1;
+    units_of(H, part, parts, &u0, &u1);
+    const int nu = u1 - u0;
+    const std::vector<float> panel = pack(H, nu, [&](int k, int j) { return W[k * H + u0 + j]; });
+    std::vector<float> z(static_cast<size_t>(B) * nu);
+    for (int s = 0; s < T; ++s) {
+      const int t = reverse ? T - 1 - s : s;
+      const int prev = reverse ? t + 1 : t - 1;
+      const float* h_prev = s == 0 ? h0.typed_data() : HS + static_cast<size_t>(prev) * B * H;
+      matmul(B, nu, H, h_prev, H, panel.data(), z.data(), nu);
+      for (int b = 0; b < B; ++b) {
+        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
+        for (int j = 0; j < nu; j += kLanes) store(HS + row + j, activate(act, load(&z[b * nu + j]) + load(PX + row + j)));
+      }
+      barrier.wait();
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> hs,
+                           ffi::Buffer<ffi::F32> g_hs, ffi::Buffer<ffi::F32> g_h, ffi::ResultBuffer<ffi::F32> g_px,
+                           ffi::ResultBuffer<ffi::F32> g_h0, bool reverse, int64_t threads,
+                           std::string_view activation_name) {
+  const auto dims = hs.dimensions();
+  const Dims d{dims[0], dims[1], dims[2]};
+  if (auto error = check(d); error.failure()) return error;
+  Activation act;
+  if (auto error = activation_of(activation_name, &act); error.failure()) return error;
+  const int T = d.steps, B = d.batch, H = d.hidden;
+  const float* W = w.typed_data();
+  const float* HS = hs.typed_data();
+  const float* GHS = g_hs.typed_data();
+  float* GPX = g_px->typed_data();
+  float* GH0 = g_h0->typed_data();
+  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+    int u0, u1;
+    units_of(H, part, parts, &u0, &u1);
+    const int nu = u1 - u0;
+    // panel[k, u] = W_h[u0 + u, k], so that g_h = g_z @ panel.
+    const std::vector<float> panel = pack(H, nu, [&](int k, int u) { return W[(u0 + u) * H + k]; });
+    std::vector<float> dh(static_cast<size_t>(B) * nu);
+    for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h.typed_data() + b * H + u0, nu * sizeof(float));
+    for (int s = T - 1; s >= 0; --s) {
+      const int t = reverse ? T - 1 - s : s;
+      for (int b = 0; b < B; ++b) {
+        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
+        for (int j = 0; j < nu; j += kLanes)
+          store(GPX + row + j, (load(GHS + row + j) + load(&dh[b * nu + j])) * derivative(act, load(HS + row + j)));
+      }
+      barrier.wait();  // every unit's g_z_t is written
+      matmul(B, nu, H, GPX + static_cast<size_t>(t) * B * H, H, panel.data(), dh.data(), nu);
+    }
+    for (int b = 0; b < B; ++b) std::memcpy(GH0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl,
@@ -506,3 +611,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("reverse")
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<std::string_view>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<std::string_view>("activation"));
