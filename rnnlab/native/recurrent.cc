@@ -224,8 +224,16 @@ void units_of(int hidden, int part, int parts, int* begin, int* end) {
   *end = (chunks * (part + 1) / parts) * kLanes;
 }
 
-int team_size(int hidden, int64_t threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, hidden / kLanes)));
+// How many parts to split a loop into: at most `threads`, one chunk of units each, and at least kMinWork
+// multiply-adds of the per-step matmul [batch, hidden] @ [hidden, gates·hidden] each, since below that the
+// barrier and the exchange of the state between cores cost more than the second core gives (measured: the tanh RNN
+// at batch 32, hidden 128 ran slower on two threads than on one).
+constexpr int64_t kMinWork = 1 << 19;
+
+int team_size(int64_t batch, int hidden, int gates, int64_t threads) {
+  const int64_t work = batch * hidden * gates * static_cast<int64_t>(hidden);
+  const int64_t parts = std::min<int64_t>({threads, hidden / kLanes, std::max<int64_t>(1, work / kMinWork)});
+  return static_cast<int>(std::max<int64_t>(1, parts));
 }
 
 struct Dims {
@@ -249,7 +257,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::B
   float* CS = cs->typed_data();
   float* GATES = gates->typed_data();
   const float* PX = px.typed_data();
-  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+  team(pool, team_size(B, H, 4, threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
@@ -304,7 +312,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::
   float* GPX = g_px->typed_data();
   float* GH0 = g_h0->typed_data();
   float* GC0 = g_c0->typed_data();
-  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+  team(pool, team_size(B, H, 4, threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
@@ -360,7 +368,7 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Bu
   const float* PX = px.typed_data();
   float* HS = hs->typed_data();
   float* SAVED = saved->typed_data();
-  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+  team(pool, team_size(B, H, 3, threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
@@ -413,7 +421,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::B
   // The cotangent of each step's h W_h, [B, 3H], in two buffers used in turn: a part may write the next step's
   // while another still reads this one's.
   std::vector<float> recurrent(static_cast<size_t>(2) * B * G);
-  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+  team(pool, team_size(B, H, 3, threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
@@ -496,7 +504,7 @@ ffi::Error RnnForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Bu
   const float* W = w.typed_data();
   const float* PX = px.typed_data();
   float* HS = hs->typed_data();
-  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+  team(pool, team_size(B, H, 1, threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
@@ -532,7 +540,7 @@ ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::B
   const float* GHS = g_hs.typed_data();
   float* GPX = g_px->typed_data();
   float* GH0 = g_h0->typed_data();
-  team(pool, team_size(H, threads), [&](int part, int parts, Barrier& barrier) {
+  team(pool, team_size(B, H, 1, threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
