@@ -9,7 +9,8 @@ Each measurement is one training-style call, as each library's users make it:
 - flax (LSTM only): ``jax.jit(jax.grad(loss))(variables, xs)`` with ``nn.RNN(nn.OptimizedLSTMCell(hidden))``,
   batch-major ``xs [batch, T, input]``, its default.
 
-Gradients are taken with respect to the parameters only, as in training. Every figure is the median of 7 calls after
+Gradients are taken with respect to the parameters only, as in training. The details table also shows rnnlab with
+its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone). Every figure is the median of 7 calls after
 warm-up, the libraries interleaved call by call so that a busy machine slows them alike. Also measured in the same
 run: a large float32 matmul (this machine's matmul peak: the best of measurements at the start and beside each row)
 and the per-step matmul shape inside a `lax.scan`, beside which the achieved GFLOP/s is printed.
@@ -58,7 +59,9 @@ def _torch_device(torch) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rnnlab_call(kind: str, shape):
+def rnnlab_call(kind: str, shape, native: bool = True):
+    """``native=False``: the same call with `rnnlab.native`'s C++ kernels off (``RNNLAB_NATIVE=0`` while tracing),
+    i.e. XLA alone, to show what the kernels bring."""
     batch, seq_len, input_size, hidden = shape
     cell = getattr(rnnlab, kind)(hidden_size=hidden)
     params = cell.init(jax.random.PRNGKey(0), input_size)
@@ -69,7 +72,17 @@ def rnnlab_call(kind: str, shape):
         return jnp.mean(ys**2)
 
     grad = jax.jit(jax.grad(loss))
-    return lambda: jax.block_until_ready(grad(params, xs))
+
+    def call():
+        # The setting is read while tracing (the first call); each jit object keeps its own compiled program.
+        previous = os.environ.get("RNNLAB_NATIVE", "1")
+        os.environ["RNNLAB_NATIVE"] = "1" if native else "0"
+        try:
+            return jax.block_until_ready(grad(params, xs))
+        finally:
+            os.environ["RNNLAB_NATIVE"] = previous
+
+    return call
 
 
 def torch_call(kind: str, shape):
@@ -184,7 +197,8 @@ def main() -> None:
     for shape in SHAPES:
         shape_name = ",".join(map(str, shape))
         for kind in CELLS:
-            calls = {"rnnlab": rnnlab_call(kind, shape), "torch": torch_call(kind, shape)}
+            calls = {"rnnlab": rnnlab_call(kind, shape), "rnnlab XLA only": rnnlab_call(kind, shape, native=False),
+                     "torch": torch_call(kind, shape)}
             if kind == "LSTM":
                 calls["flax"] = flax_call(shape)
             medians, fastest, first = interleaved_medians(calls)
@@ -194,7 +208,7 @@ def main() -> None:
             peak = max(peak, matmul_peak())
             details.append([kind, shape_name] + [
                 f"{_ms(medians[name])} ({_ms(fastest[name])})" if name in medians else "—"
-                for name in ("rnnlab", "torch", "flax")
+                for name in ("rnnlab", "rnnlab XLA only", "torch", "flax")
             ] + [f"{first['rnnlab']:.2f} s", f"{gflops:.0f}", f"{step_rate:.0f}"])
             ratio = medians["torch"] / medians["rnnlab"]
             targets.append((f"{kind} {shape_name} vs torch.nn.{kind}", _ms(medians["rnnlab"]), _ms(medians["torch"]),
@@ -209,7 +223,8 @@ def main() -> None:
     for index, name, gflops in reversed(compute_bound):
         targets.insert(index, (name, f"{gflops:.0f}", f"{peak:.0f}", f"{gflops / peak:.2f}", "printed", "info"))
     print(f"float32 matmul peak, best over the run: {peak:.0f} GFLOP/s\n")
-    _table(("cell", "batch,T,input,hidden", "rnnlab median (fastest)", "torch", "flax", "rnnlab 1st call",
+    _table(("cell", "batch,T,input,hidden", "rnnlab median (fastest)", "rnnlab XLA only", "torch", "flax",
+            "rnnlab 1st call",
             "rnnlab GFLOP/s",
             "step-matmul GFLOP/s"), details)
     print()

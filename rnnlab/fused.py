@@ -17,6 +17,11 @@ Reverse mode comes from JAX transposing the (linear) tangent rule, so the backwa
 propagates only the carry cotangent and emits the per-step pre-activation cotangents. Unlike `jax.custom_vjp`, this
 keeps forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) working through `rnnlab.scan`.
 
+Without a padding mask (and with ``unroll=1``) the recurrence, its tangent and the tangent's transpose are
+`rnnlab.native`'s primitives: on CPU in float32 they run as C++ kernels that split each step's matmul and gate
+maths over the cores (XLA runs the per-step matmul of a loop on one core); elsewhere they lower to the same maths
+written here.
+
 `linearised_steps` hands the same kernels to `rnnlab.gradflow`: a forward loop that saves the gates and a transposed
 step built from them, so the log-domain backward pass needs one matmul per step and recomputes nothing.
 
@@ -74,9 +79,11 @@ def _hidden_of(carry):
 
 
 def _weight_tangent(h_prev: jax.Array, d_w: jax.Array) -> jax.Array:
-    """``h_prev [T, N, H] @ d_w [H, G·H]`` as one matmul over all steps; its transpose is the weight gradient."""
-    seq_len, batch, hidden = h_prev.shape
-    return (h_prev.reshape(seq_len * batch, hidden) @ d_w).reshape(seq_len, batch, d_w.shape[-1])
+    """``h_prev [T, N, H] @ d_w [H, G·H]`` as one matmul over all steps; its transpose is the weight gradient.
+
+    An einsum rather than a reshape to ``[T·N, H]``: with the batch split over devices, merging T and N would gather
+    the whole batch on every device."""
+    return jnp.einsum("tnh,hg->tng", h_prev, d_w)
 
 
 def _recurrent_tangent_inputs(params, d_params, dpx, h_prev, coeffs):

@@ -169,9 +169,10 @@ _GRAD_PROGRAM = """
 
 @needs_kernels
 def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
-    """The same gradient with 1 and 3 threads per kernel (bit for bit); with 3 threads per kernel on 2 CPU devices running
-    at once (more threads than XLA's pool, so a kernel's helper task may never start: it must not hang); and with
-    the kernels off, or unbuildable (no compiler: a warning, and XLA runs the LSTM)."""
+    """The same gradient with 1 and 3 threads per kernel (bit for bit); with the kernels off, or unbuildable (no
+    compiler: a warning, and XLA runs the LSTM); and with the batch split over 2 CPU devices running at once, 3
+    threads per kernel (more than XLA's pool, so a kernel's helper task may never start: it must not hang), where
+    each device must run the kernels on its own rows."""
     runs = {
         "one-thread": {"RNNLAB_NATIVE_THREADS": "1"},
         "three-threads": {"RNNLAB_NATIVE_THREADS": "3"},
@@ -209,6 +210,9 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
         for _ in range(20):
             got = grad(params, xs)
         np.testing.assert_allclose(got["w_h"], ref["w_h"], rtol=1e-5, atol=1e-7)
-        print("ok")
+        # Each device runs the kernels on its own 16 rows, and nothing gathers the batch.
+        compiled = grad.lower(params, xs).compile().as_text()
+        print("all-gather" in compiled, "f32[50,16,256]" in compiled, "rnnlab_lstm_backward" in compiled)
     """, {"RNNLAB_NATIVE_THREADS": "3"}, timeout=300)
-    assert two_devices.returncode == 0 and "ok" in two_devices.stdout, two_devices.stderr
+    assert two_devices.returncode == 0, two_devices.stderr
+    assert two_devices.stdout.split()[-3:] == ["False", "True", "True"], two_devices.stdout

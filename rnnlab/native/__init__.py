@@ -42,8 +42,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
 
 _SOURCE = Path(__file__).with_name("recurrent.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
@@ -244,13 +246,53 @@ def _instantiate(tangent, like):
     return jnp.zeros(like.shape, like.dtype) if type(tangent) is ad.Zero else tangent
 
 
-def _primitive(name: str, reference, out_shapes, batch_axes: tuple, out_batch_axes: tuple, target: str | None):
+def _axes(labels: str) -> tuple[tuple, tuple]:
+    """Each operand's and each result's batch axis (None: none, as for the weights) from a rule such as
+    ``"k g, b h, t b g -> t b h"``: one label per dimension, ``b`` the batch."""
+    def batch_axis(dims: str):
+        return dims.split().index("b") if "b" in dims.split() else None
+
+    operands, results = labels.split("->")
+    return tuple(map(batch_axis, operands.split(","))), tuple(map(batch_axis, results.split(",")))
+
+
+def _partitioned(target: str, out_shapes, labels: str, params: dict):
+    """The kernel call as a `custom_partitioning` function that XLA's SPMD partitioner splits along the batch axis:
+    each device runs the kernel on its own rows (an opaque custom call would otherwise be gathered and run whole on
+    every device). Every other dimension must stay whole."""
+    batch_in, batch_out = _axes(labels)
+
+    def call(*args):
+        outs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes(*args)]
+        return tuple(jax.ffi.ffi_call(target, outs)(*args, **params))
+
+    def partition(mesh, arg_shapes, result_shapes):
+        specs = [a.sharding.spec for a in arg_shapes]
+        axis = next((spec[b] for spec, b in zip(specs, batch_in) if b is not None and len(spec) > b), None)
+
+        def sharding(rank, batch):
+            spec = [None] * rank
+            if batch is not None:
+                spec[batch] = axis
+            return NamedSharding(mesh, PartitionSpec(*spec))
+
+        return (mesh, call, tuple(sharding(len(r.shape), b) for r, b in zip(result_shapes, batch_out)),
+                tuple(sharding(len(a.shape), b) for a, b in zip(arg_shapes, batch_in)))
+
+    function = custom_partitioning(call)
+    whole = list(dict.fromkeys(labels.replace("->", ",").replace(",", " ").split()))  # in order of appearance
+    function.def_partition(partition, sharding_rule=labels,
+                           need_replication_factors=tuple(name for name in whole if name != "b"))
+    return function
+
+
+def _primitive(name: str, reference, out_shapes, labels: str, target: str | None):
     """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere (its first
     operand is ``w_h [H, G·H]``).
 
-    ``out_shapes(*avals) -> [(shape, dtype)]``; ``batch_axes``: each operand's batch axis (None: shared, the
-    weights), ``out_batch_axes`` the results'.
+    ``out_shapes(*avals) -> [(shape, dtype)]``; ``labels``: the dimensions of operands and results (`_axes`).
     """
+    batch_axes, out_batch_axes = _axes(labels)
     p = Primitive(name)
     p.multiple_results = True
     p.def_impl(lambda *args, **params: jax.jit(functools.partial(p.bind, **params))(*args))
@@ -262,10 +304,16 @@ def _primitive(name: str, reference, out_shapes, batch_axes: tuple, out_batch_ax
         kernel_rule = jax.ffi.ffi_lowering(target)
 
         def cpu_rule(ctx, *args, **params):
-            hidden = ctx.avals_in[0].shape[0]  # w_h [H, 4H]
-            if all(aval.dtype == jnp.float32 for aval in ctx.avals_in) and applies(hidden, jnp.float32):
-                return kernel_rule(ctx, *args, **params)
-            return reference_rule(ctx, *args, **params)
+            hidden = ctx.avals_in[0].shape[0]  # w_h [H, G·H]
+            if not (all(aval.dtype == jnp.float32 for aval in ctx.avals_in) and applies(hidden, jnp.float32)):
+                return reference_rule(ctx, *args, **params)
+            axis_context = ctx.module_context.axis_context
+            # A jit over several devices (JAX names them to the lowering of the primitives registered below).
+            if (getattr(axis_context, "num_devices", 1) > 1
+                    and getattr(axis_context, "device_assignment", None) is not None):
+                split = _partitioned(target, out_shapes, labels, params)
+                return mlir.lower_fun(split, multiple_results=True)(ctx, *args)
+            return kernel_rule(ctx, *args, **params)
 
         mlir.register_lowering(p, cpu_rule, platform="cpu")
 
@@ -325,26 +373,38 @@ def _gru_backward_shapes(w_h, saved, hs, h0, g_hs, g_h):
     return [(saved.shape[:-1] + (3 * hs.shape[-1],), g_hs.dtype), (g_h.shape, g_h.dtype)]
 
 
-lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes, (None, 0, 0, 1), (1, 1, 1),
-                            "rnnlab_lstm_forward")
-lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes, (None, 1, 1, 0, 1, 0, 0),
-                            (1, 0, 0), None)
-lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backward_shapes, (None, 1, 1, 0, 1, 0, 0),
-                             (1, 0, 0), "rnnlab_lstm_backward")
-gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, (None, None, 0, 1),
-                           (1, 1), "rnnlab_gru_forward")
-gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes, (None, 1, 1, 0, 1, 0),
-                           (1, 0), None)
+lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes,
+                            "k g, b h, b h, t b g -> t b h, t b h, t b g", "rnnlab_lstm_forward")
+lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes,
+                            "k g, t b g, t b h, b h, t b g, b h, b h -> t b h, b h, b h", None)
+lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backward_shapes,
+                             "k g, t b g, t b h, b h, t b h, b h, b h -> t b g, b h, b h", "rnnlab_lstm_backward")
+gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes,
+                           "k g, g, b h, t b g -> t b h, t b s", "rnnlab_gru_forward")
+gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
+                           "k g, t b s, t b h, b h, t b g, b h -> t b h, b h", None)
 gru_backward_p = _primitive("rnnlab_gru_backward", _reference_gru_backward, _gru_backward_shapes,
-                            (None, 1, 1, 0, 1, 0), (1, 0), "rnnlab_gru_backward")
+                            "k g, t b s, t b h, b h, t b h, b h -> t b g, b h", "rnnlab_gru_backward")
 rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
-                           lambda w_h, h0, px: [(px.shape, px.dtype)], (None, 0, 1), (1,), "rnnlab_rnn_forward")
+                           lambda w_h, h0, px: [(px.shape, px.dtype)], "k h, b h, t b h -> t b h",
+                           "rnnlab_rnn_forward")
 rnn_tangent_p = _primitive("rnnlab_rnn_tangent", _reference_rnn_tangent,
-                           lambda w_h, hs, u, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)], (None, 1, 1, 0),
-                           (1, 0), None)
+                           lambda w_h, hs, u, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
+                           "k h, t b h, t b h, b h -> t b h, b h", None)
 rnn_backward_p = _primitive("rnnlab_rnn_backward", _reference_rnn_backward,
                             lambda w_h, hs, g_hs, g_h: [(hs.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
-                            (None, 1, 1, 0), (1, 0), "rnnlab_rnn_backward")
+                            "k h, t b h, t b h, b h -> t b h, b h", "rnnlab_rnn_backward")
+
+
+# `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this
+# (private) registry; without it the kernels still run, gathered whole on every device.
+try:
+    from jax._src import dispatch as _dispatch
+
+    _dispatch.prim_requires_devices_during_lowering.update(
+        {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p})
+except (ImportError, AttributeError):  # pragma: no cover - a JAX without the registry
+    pass
 
 
 def _transpose_rule(backward_p, residuals: int, like: int):
