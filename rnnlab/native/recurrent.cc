@@ -1,4 +1,4 @@
-// The sequential loops of the LSTM and the GRU as XLA FFI custom calls on CPU, float32, with the hidden units split
+// The sequential loops of the LSTM, the GRU and the Elman RNN as XLA FFI custom calls on CPU, float32, with the hidden units split
 // over threads.
 //
 // What XLA cannot do here: its per-step matmul [B, H] @ [H, 4H] runs on one core, so at the small shapes of RNN
@@ -28,6 +28,7 @@
 #include <chrono>
 #include <memory>
 #include <string_view>
+#include <utility>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -236,233 +237,261 @@ int team_size(int64_t batch, int hidden, int gates, int64_t threads) {
   return static_cast<int>(std::max<int64_t>(1, parts));
 }
 
-struct Dims {
-  int64_t steps, batch, hidden;
+// One recurrence's sizes and time order: T steps of B rows of H units, `gates` blocks of H columns in W_h.
+struct Loop {
+  int steps, batch, hidden, gates;
+  bool reverse;
+  int64_t threads;
+
+  // The step taken s-th (forward: s = t), and the one before it in time order (-1: the initial carry).
+  int time(int s) const { return reverse ? steps - 1 - s : s; }
+  int previous(int s) const { return s == 0 ? -1 : time(s - 1); }
+  size_t row(int t, int b) const { return static_cast<size_t>(t) * batch + b; }
 };
 
-ffi::Error check(const Dims& d) {
-  if (d.hidden % kLanes != 0) return ffi::Error::InvalidArgument("rnnlab lstm kernel: hidden size must be a multiple of 16");
+ffi::Error loop_of(const ffi::AnyBuffer::Dimensions& seq, int64_t width, int gates, bool reverse, int64_t threads,
+                   Loop* loop) {
+  // seq: [T, B, width] with width = gates·H (or the saved width of the cell).
+  if (width % gates != 0 || (width / gates) % kLanes != 0)
+    return ffi::Error::InvalidArgument("rnnlab native kernel: the hidden size must be a multiple of 16");
+  *loop = Loop{static_cast<int>(seq[0]), static_cast<int>(seq[1]), static_cast<int>(width / gates), gates, reverse,
+               threads};
   return ffi::Error::Success();
 }
 
-ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                           ffi::Buffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
-                           ffi::ResultBuffer<ffi::F32> gates, bool reverse, int64_t threads) {
-  const auto dims = px.dimensions();
-  const Dims d{dims[0], dims[1], dims[2] / 4};
-  if (auto error = check(d); error.failure()) return error;
-  const int T = d.steps, B = d.batch, H = d.hidden, G = 4 * H;
-  const float* W = w.typed_data();
-  float* HS = hs->typed_data();
-  float* CS = cs->typed_data();
-  float* GATES = gates->typed_data();
-  const float* PX = px.typed_data();
-  team(pool, team_size(B, H, 4, threads), [&](int part, int parts, Barrier& barrier) {
+// The forward loop of a cell. Each part owns hidden units [u0, u0 + nu) and the columns of W_h that make them (its
+// units of every gate block, packed in order of gate); per step it computes z = h_{t-1} W_h for those columns and
+// calls step(t, prev, b, u0, nu, z_b) for each row b (z_b: [gates·nu], gate blocks of nu), which writes h_t's units
+// among whatever else the cell keeps. One barrier per step, after which h_t is whole.
+template <typename Step>
+void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, const float* hs,
+                  Step step) {
+  const int H = loop.hidden, G = loop.gates * H, B = loop.batch;
+  team(pool, team_size(B, H, loop.gates, loop.threads), [&](int part, int parts, Barrier& barrier) {
+    int u0, u1;
+    units_of(H, part, parts, &u0, &u1);
+    const int nu = u1 - u0, width = loop.gates * nu;
+    const std::vector<float> panel =
+        pack(H, width, [&](int k, int j) { return w_h[k * G + (j / nu) * H + u0 + j % nu]; });
+    std::vector<float> z(static_cast<size_t>(B) * width);
+    for (int s = 0; s < loop.steps; ++s) {
+      const int t = loop.time(s), prev = loop.previous(s);
+      const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
+      matmul(B, width, H, h_prev, H, panel.data(), z.data(), width);
+      for (int b = 0; b < B; ++b) step(t, prev, b, u0, nu, &z[static_cast<size_t>(b) * width]);
+      barrier.wait();
+    }
+  });
+}
+
+// The backward loop of a cell: the transpose of its tangent recurrence. Each part owns hidden units [u0, u0 + nu)
+// and the rows of W_h they feed. `make_part(u0, nu)` returns the cell's per-part state, with
+//   step(s, b, dh_b): from this part's units of g_h_t (dh_b, the carry's cotangent plus nothing yet from the step's
+//     own output; the cell adds g_hs) writes its columns of the step's recurrent cotangent, the row that multiplies
+//     W_hᵀ, and whatever else the cell returns;
+//   row(s): that recurrent cotangent, [B, gates·H] (complete after the barrier);
+//   carry(dh): adds to g_h_{t-1} = row(s) W_hᵀ (already in dh, [B, nu]) the direct terms of the cell;
+//   finish(): writes the cotangents of the initial carry other than h's.
+// g_h0 gets this part's units of the hidden state's cotangent at the end.
+template <typename MakePart>
+void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* g_h, float* g_h0,
+                   MakePart make_part) {
+  const int H = loop.hidden, G = loop.gates * H, B = loop.batch;
+  team(pool, team_size(B, H, loop.gates, loop.threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0;
-    // This part's columns of W_h, gate by gate: panel[k, q·nu + u] = W_h[k, q·H + u0 + u].
-    const std::vector<float> panel =
-        pack(H, 4 * nu, [&](int k, int j) { return W[k * G + (j / nu) * H + u0 + j % nu]; });
-    std::vector<float> z(static_cast<size_t>(B) * 4 * nu);
-    for (int s = 0; s < T; ++s) {
-      const int t = reverse ? T - 1 - s : s;
-      const int prev = reverse ? t + 1 : t - 1;
-      const float* h_prev = s == 0 ? h0.typed_data() : HS + static_cast<size_t>(prev) * B * H;
-      const float* c_prev = s == 0 ? c0.typed_data() : CS + static_cast<size_t>(prev) * B * H;
-      matmul(B, 4 * nu, H, h_prev, H, panel.data(), z.data(), 4 * nu);
-      for (int b = 0; b < B; ++b) {
-        const float* zb = &z[b * 4 * nu];
-        const float* pxb = PX + (static_cast<size_t>(t) * B + b) * G + u0;
-        float* gb = GATES + (static_cast<size_t>(t) * B + b) * G + u0;
-        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
-        for (int j = 0; j < nu; j += kLanes) {
-          const vf i = vsigmoid(load(zb + j) + load(pxb + j));
-          const vf f = vsigmoid(load(zb + nu + j) + load(pxb + H + j));
-          const vf g = vtanh(load(zb + 2 * nu + j) + load(pxb + 2 * H + j));
-          const vf o = vsigmoid(load(zb + 3 * nu + j) + load(pxb + 3 * H + j));
-          const vf c = f * load(c_prev + b * H + u0 + j) + i * g;
-          store(gb + j, i);
-          store(gb + H + j, f);
-          store(gb + 2 * H + j, g);
-          store(gb + 3 * H + j, o);
-          store(CS + row + j, c);
-          store(HS + row + j, o * vtanh(c));
-        }
-      }
-      barrier.wait();
+    // panel[k, u] = W_h[u0 + u, k], so that this part's units of g_h_{t-1} are row(s) @ panel.
+    const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return w_h[(u0 + u) * G + k]; });
+    std::vector<float> dh(static_cast<size_t>(B) * nu);
+    for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h + b * H + u0, nu * sizeof(float));
+    auto cell = make_part(u0, nu);
+    for (int s = loop.steps - 1; s >= 0; --s) {
+      for (int b = 0; b < B; ++b) cell.step(s, b, &dh[b * nu]);
+      barrier.wait();  // every unit's recurrent cotangent of the step is written
+      matmul(B, nu, G, cell.row(s), G, panel.data(), dh.data(), nu);
+      cell.carry(dh);
+    }
+    for (int b = 0; b < B; ++b) std::memcpy(g_h0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
+    cell.finish();
+  });
+}
+
+using Buffer = ffi::Buffer<ffi::F32>;
+using Result = ffi::ResultBuffer<ffi::F32>;
+const vf kOne = splat(1.0f);
+
+// --- LSTM: z = px_t + h_{t-1} W_h, gates (i, f, g, o) ------------------------------------------------------------
+
+ffi::Error LstmForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, Result hs, Result cs,
+                           Result gates, bool reverse, int64_t threads) {
+  Loop loop;
+  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 4, reverse, threads, &loop); error.failure())
+    return error;
+  const int H = loop.hidden, G = 4 * H;
+  float *HS = hs->typed_data(), *CS = cs->typed_data(), *GATES = gates->typed_data();
+  const float *PX = px.typed_data(), *C0 = c0.typed_data();
+  forward_loop(pool, loop, w.typed_data(), h0.typed_data(), HS, [&](int t, int prev, int b, int u0, int nu,
+                                                                   const float* z) {
+    const float* pxb = PX + loop.row(t, b) * G + u0;
+    const float* c_prev = (prev < 0 ? C0 + b * H : CS + loop.row(prev, b) * H) + u0;
+    float* gb = GATES + loop.row(t, b) * G + u0;
+    const size_t at = loop.row(t, b) * H + u0;
+    for (int j = 0; j < nu; j += kLanes) {
+      const vf i = vsigmoid(load(z + j) + load(pxb + j));
+      const vf f = vsigmoid(load(z + nu + j) + load(pxb + H + j));
+      const vf g = vtanh(load(z + 2 * nu + j) + load(pxb + 2 * H + j));
+      const vf o = vsigmoid(load(z + 3 * nu + j) + load(pxb + 3 * H + j));
+      const vf c = f * load(c_prev + j) + i * g;
+      store(gb + j, i);
+      store(gb + H + j, f);
+      store(gb + 2 * H + j, g);
+      store(gb + 3 * H + j, o);
+      store(CS + at + j, c);
+      store(HS + at + j, o * vtanh(c));
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs,
-                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> g_hs, ffi::Buffer<ffi::F32> g_h,
-                            ffi::Buffer<ffi::F32> g_c, ffi::ResultBuffer<ffi::F32> g_px,
-                            ffi::ResultBuffer<ffi::F32> g_h0, ffi::ResultBuffer<ffi::F32> g_c0, bool reverse,
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer g_hs,
+                            Buffer g_h, Buffer g_c, Result g_px, Result g_h0, Result g_c0, bool reverse,
                             int64_t threads) {
-  const auto dims = gates.dimensions();
-  const Dims d{dims[0], dims[1], dims[2] / 4};
-  if (auto error = check(d); error.failure()) return error;
-  const int T = d.steps, B = d.batch, H = d.hidden, G = 4 * H;
-  const float* W = w.typed_data();
-  const float* GATES = gates.typed_data();
-  const float* CS = cs.typed_data();
-  const float* GHS = g_hs.typed_data();
-  float* GPX = g_px->typed_data();
-  float* GH0 = g_h0->typed_data();
-  float* GC0 = g_c0->typed_data();
-  team(pool, team_size(B, H, 4, threads), [&](int part, int parts, Barrier& barrier) {
-    int u0, u1;
-    units_of(H, part, parts, &u0, &u1);
-    const int nu = u1 - u0;
-    // This part's rows of W_h, transposed: panel[k, u] = W_h[u0 + u, k], so that g_h = g_z @ panel.
-    const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return W[(u0 + u) * G + k]; });
-    // The carry's cotangent for this part's units, [B, nu] each.
-    std::vector<float> dh(static_cast<size_t>(B) * nu), dc(static_cast<size_t>(B) * nu);
-    for (int b = 0; b < B; ++b) {
-      std::memcpy(&dh[b * nu], g_h.typed_data() + b * H + u0, nu * sizeof(float));
-      std::memcpy(&dc[b * nu], g_c.typed_data() + b * H + u0, nu * sizeof(float));
-    }
-    for (int s = T - 1; s >= 0; --s) {
-      const int t = reverse ? T - 1 - s : s;
-      const int prev = reverse ? t + 1 : t - 1;
-      const float* c_prev = s == 0 ? c0.typed_data() : CS + static_cast<size_t>(prev) * B * H;
-      for (int b = 0; b < B; ++b) {
-        const float* gb = GATES + (static_cast<size_t>(t) * B + b) * G + u0;
-        float* gz = GPX + (static_cast<size_t>(t) * B + b) * G + u0;
-        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
-        for (int j = 0; j < nu; j += kLanes) {
-          const vf i = load(gb + j), f = load(gb + H + j), g = load(gb + 2 * H + j), o = load(gb + 3 * H + j);
-          const vf tc = vtanh(load(CS + row + j));
-          const vf gh = load(GHS + row + j) + load(&dh[b * nu + j]);
-          const vf gc = load(&dc[b * nu + j]) + o * (splat(1.0f) - tc * tc) * gh;
-          store(gz + j, gc * g * i * (splat(1.0f) - i));
-          store(gz + H + j, gc * load(c_prev + b * H + u0 + j) * f * (splat(1.0f) - f));
-          store(gz + 2 * H + j, gc * i * (splat(1.0f) - g * g));
-          store(gz + 3 * H + j, gh * tc * o * (splat(1.0f) - o));
-          store(&dc[b * nu + j], f * gc);
-        }
+  Loop loop;
+  if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 4, reverse, threads, &loop); error.failure())
+    return error;
+  const int H = loop.hidden, G = 4 * H, B = loop.batch;
+  const float *GATES = gates.typed_data(), *CS = cs.typed_data(), *C0 = c0.typed_data(), *GHS = g_hs.typed_data();
+  float *GPX = g_px->typed_data(), *GC0 = g_c0->typed_data();
+  struct Part {
+    // The cell state's cotangent for this part's units, [B, nu].
+    std::vector<float> dc;
+    int u0, nu;
+    const Loop& loop;
+    const float *GATES, *CS, *C0, *GHS;
+    float *GPX, *GC0;
+
+    void step(int s, int b, float* dh) {
+      const int H = loop.hidden, G = 4 * H, t = loop.time(s), prev = loop.previous(s);
+      const float* gb = GATES + loop.row(t, b) * G + u0;
+      const float* c_prev = (prev < 0 ? C0 + b * H : CS + loop.row(prev, b) * H) + u0;
+      float* gz = GPX + loop.row(t, b) * G + u0;
+      const size_t at = loop.row(t, b) * H + u0;
+      float* dcb = &dc[static_cast<size_t>(b) * nu];
+      for (int j = 0; j < nu; j += kLanes) {
+        const vf i = load(gb + j), f = load(gb + H + j), g = load(gb + 2 * H + j), o = load(gb + 3 * H + j);
+        const vf tc = vtanh(load(CS + at + j));
+        const vf gh = load(GHS + at + j) + load(dh + j);
+        const vf gc = load(dcb + j) + o * (kOne - tc * tc) * gh;
+        store(gz + j, gc * g * i * (kOne - i));
+        store(gz + H + j, gc * load(c_prev + j) * f * (kOne - f));
+        store(gz + 2 * H + j, gc * i * (kOne - g * g));
+        store(gz + 3 * H + j, gh * tc * o * (kOne - o));
+        store(dcb + j, f * gc);
       }
-      barrier.wait();  // every unit's g_z_t is written
-      matmul(B, nu, G, GPX + static_cast<size_t>(t) * B * G, G, panel.data(), dh.data(), nu);
     }
-    for (int b = 0; b < B; ++b) {
-      std::memcpy(GH0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
-      std::memcpy(GC0 + b * H + u0, &dc[b * nu], nu * sizeof(float));
+    const float* row(int s) const { return GPX + loop.row(loop.time(s), 0) * 4 * loop.hidden; }
+    void carry(std::vector<float>&) const {}
+    void finish() const {
+      for (int b = 0; b < loop.batch; ++b)
+        std::memcpy(GC0 + b * loop.hidden + u0, &dc[static_cast<size_t>(b) * nu], nu * sizeof(float));
+    }
+  };
+  backward_loop(pool, loop, w.typed_data(), g_h.typed_data(), g_h0->typed_data(), [&](int u0, int nu) {
+    Part part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, GATES, CS, C0, GHS, GPX, GC0};
+    for (int b = 0; b < B; ++b) std::memcpy(&part.dc[b * nu], g_c.typed_data() + b * H + u0, nu * sizeof(float));
+    return part;
+  });
+  return ffi::Error::Success();
+}
+
+// --- GRU (cuDNN / PyTorch convention): a = h_{t-1} W_h + b_h, gates (r, z, n) ---------------------------------------
+
+ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, Result hs, Result saved,
+                          bool reverse, int64_t threads) {
+  Loop loop;
+  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 3, reverse, threads, &loop); error.failure())
+    return error;
+  const int H = loop.hidden, G = 3 * H;
+  const float *BH = b_h.typed_data(), *PX = px.typed_data(), *H0 = h0.typed_data();
+  float *HS = hs->typed_data(), *SAVED = saved->typed_data();
+  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a) {
+    const float* pxb = PX + loop.row(t, b) * G + u0;
+    const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
+    float* sb = SAVED + loop.row(t, b) * 4 * H + u0;
+    const size_t at = loop.row(t, b) * H + u0;
+    for (int j = 0; j < nu; j += kLanes) {
+      const vf r = vsigmoid(load(pxb + j) + load(a + j) + load(BH + u0 + j));
+      const vf z = vsigmoid(load(pxb + H + j) + load(a + nu + j) + load(BH + H + u0 + j));
+      const vf a_n = load(a + 2 * nu + j) + load(BH + 2 * H + u0 + j);
+      const vf n = vtanh(load(pxb + 2 * H + j) + r * a_n);
+      store(sb + j, r);
+      store(sb + H + j, z);
+      store(sb + 2 * H + j, n);
+      store(sb + 3 * H + j, a_n);
+      store(HS + at + j, (kOne - z) * n + z * load(h_prev + j));
     }
   });
   return ffi::Error::Success();
 }
 
-
-ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b_h,
-                          ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> hs,
-                          ffi::ResultBuffer<ffi::F32> saved, bool reverse, int64_t threads) {
-  const auto dims = px.dimensions();
-  const Dims d{dims[0], dims[1], dims[2] / 3};
-  if (auto error = check(d); error.failure()) return error;
-  const int T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
-  const float* W = w.typed_data();
-  const float* BH = b_h.typed_data();
-  const float* PX = px.typed_data();
-  float* HS = hs->typed_data();
-  float* SAVED = saved->typed_data();
-  team(pool, team_size(B, H, 3, threads), [&](int part, int parts, Barrier& barrier) {
-    int u0, u1;
-    units_of(H, part, parts, &u0, &u1);
-    const int nu = u1 - u0;
-    // This part's columns of W_h, gate by gate: panel[k, q·nu + u] = W_h[k, q·H + u0 + u].
-    const std::vector<float> panel =
-        pack(H, 3 * nu, [&](int k, int j) { return W[k * G + (j / nu) * H + u0 + j % nu]; });
-    std::vector<float> a(static_cast<size_t>(B) * 3 * nu);
-    for (int s = 0; s < T; ++s) {
-      const int t = reverse ? T - 1 - s : s;
-      const int prev = reverse ? t + 1 : t - 1;
-      const float* h_prev = s == 0 ? h0.typed_data() : HS + static_cast<size_t>(prev) * B * H;
-      matmul(B, 3 * nu, H, h_prev, H, panel.data(), a.data(), 3 * nu);
-      for (int b = 0; b < B; ++b) {
-        const float* ab = &a[b * 3 * nu];
-        const float* pxb = PX + (static_cast<size_t>(t) * B + b) * G + u0;
-        float* sb = SAVED + (static_cast<size_t>(t) * B + b) * 4 * H + u0;
-        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
-        for (int j = 0; j < nu; j += kLanes) {
-          const vf r = vsigmoid(load(pxb + j) + load(ab + j) + load(BH + u0 + j));
-          const vf z = vsigmoid(load(pxb + H + j) + load(ab + nu + j) + load(BH + H + u0 + j));
-          const vf a_n = load(ab + 2 * nu + j) + load(BH + 2 * H + u0 + j);
-          const vf n = vtanh(load(pxb + 2 * H + j) + r * a_n);
-          store(sb + j, r);
-          store(sb + H + j, z);
-          store(sb + 2 * H + j, n);
-          store(sb + 3 * H + j, a_n);
-          store(HS + row + j, (splat(1.0f) - z) * n + z * load(h_prev + b * H + u0 + j));
-        }
-      }
-      barrier.wait();
-    }
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> saved,
-                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> g_hs,
-                           ffi::Buffer<ffi::F32> g_h, ffi::ResultBuffer<ffi::F32> g_px,
-                           ffi::ResultBuffer<ffi::F32> g_h0, bool reverse, int64_t threads) {
-  const auto dims = saved.dimensions();
-  const Dims d{dims[0], dims[1], dims[2] / 4};
-  if (auto error = check(d); error.failure()) return error;
-  const int T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
-  const float* W = w.typed_data();
-  const float* SAVED = saved.typed_data();
-  const float* HS = hs.typed_data();
-  const float* GHS = g_hs.typed_data();
-  float* GPX = g_px->typed_data();
-  float* GH0 = g_h0->typed_data();
+ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer saved, Buffer hs, Buffer h0, Buffer g_hs,
+                           Buffer g_h, Result g_u, Result g_h0, bool reverse, int64_t threads) {
+  Loop loop;
+  // saved is [T, B, 4H] (r, z, n, a_n); the matmul's gate blocks are three.
+  if (auto error = loop_of(saved.dimensions(), saved.dimensions()[2], 4, reverse, threads, &loop); error.failure())
+    return error;
+  loop.gates = 3;
+  const int H = loop.hidden, B = loop.batch;
+  const float *SAVED = saved.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(), *GHS = g_hs.typed_data();
+  float* GU = g_u->typed_data();
   // The cotangent of each step's h W_h, [B, 3H], in two buffers used in turn: a part may write the next step's
   // while another still reads this one's.
-  std::vector<float> recurrent(static_cast<size_t>(2) * B * G);
-  team(pool, team_size(B, H, 3, threads), [&](int part, int parts, Barrier& barrier) {
-    int u0, u1;
-    units_of(H, part, parts, &u0, &u1);
-    const int nu = u1 - u0;
-    // This part's rows of W_h, transposed: panel[k, u] = W_h[u0 + u, k], so that g_h = g_a @ panel.
-    const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return W[(u0 + u) * G + k]; });
-    std::vector<float> dh(static_cast<size_t>(B) * nu), direct(static_cast<size_t>(B) * nu);
-    for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h.typed_data() + b * H + u0, nu * sizeof(float));
-    for (int s = T - 1; s >= 0; --s) {
-      const int t = reverse ? T - 1 - s : s;
-      const int prev = reverse ? t + 1 : t - 1;
-      const float* h_prev = s == 0 ? h0.typed_data() : HS + static_cast<size_t>(prev) * B * H;
-      float* ga = &recurrent[static_cast<size_t>(s % 2) * B * G];
-      for (int b = 0; b < B; ++b) {
-        const float* sb = SAVED + (static_cast<size_t>(t) * B + b) * 4 * H + u0;
-        float* gu = GPX + (static_cast<size_t>(t) * B + b) * G + u0;
-        float* gab = ga + b * G + u0;
-        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
-        for (int j = 0; j < nu; j += kLanes) {
-          const vf r = load(sb + j), z = load(sb + H + j), n = load(sb + 2 * H + j), a_n = load(sb + 3 * H + j);
-          const vf gh = load(GHS + row + j) + load(&dh[b * nu + j]);
-          const vf g_n = (splat(1.0f) - z) * (splat(1.0f) - n * n) * gh;
-          const vf g_r = g_n * r * (splat(1.0f) - r) * a_n;
-          const vf g_z = (load(h_prev + b * H + u0 + j) - n) * z * (splat(1.0f) - z) * gh;
-          store(gu + j, g_r);
-          store(gu + H + j, g_z);
-          store(gu + 2 * H + j, g_n);
-          store(gab + j, g_r);
-          store(gab + H + j, g_z);
-          store(gab + 2 * H + j, g_n * r);
-          store(&direct[b * nu + j], z * gh);
-        }
+  std::vector<float> recurrent(static_cast<size_t>(2) * B * 3 * H);
+  struct Part {
+    // z ⊙ g_h_t for this part's units, [B, nu]: the direct path from h_{t-1} to h_t.
+    std::vector<float> direct;
+    int u0, nu;
+    const Loop& loop;
+    const float *SAVED, *HS, *H0, *GHS;
+    float *GU, *recurrent;
+
+    void step(int s, int b, const float* dh) {
+      const int H = loop.hidden, G = 3 * H, t = loop.time(s), prev = loop.previous(s);
+      const float* sb = SAVED + loop.row(t, b) * 4 * H + u0;
+      const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
+      float* gu = GU + loop.row(t, b) * G + u0;
+      float* ga = recurrent + (static_cast<size_t>(s % 2) * loop.batch + b) * G + u0;
+      const size_t at = loop.row(t, b) * H + u0;
+      for (int j = 0; j < nu; j += kLanes) {
+        const vf r = load(sb + j), z = load(sb + H + j), n = load(sb + 2 * H + j), a_n = load(sb + 3 * H + j);
+        const vf gh = load(GHS + at + j) + load(dh + j);
+        const vf g_n = (kOne - z) * (kOne - n * n) * gh;
+        const vf g_r = g_n * r * (kOne - r) * a_n;
+        const vf g_z = (load(h_prev + j) - n) * z * (kOne - z) * gh;
+        store(gu + j, g_r);
+        store(gu + H + j, g_z);
+        store(gu + 2 * H + j, g_n);
+        store(ga + j, g_r);
+        store(ga + H + j, g_z);
+        store(ga + 2 * H + j, g_n * r);
+        store(&direct[static_cast<size_t>(b) * nu + j], z * gh);
       }
-      barrier.wait();  // every unit's g_a_t is written
-      matmul(B, nu, G, ga, G, panel.data(), dh.data(), nu);
+    }
+    const float* row(int s) const { return recurrent + static_cast<size_t>(s % 2) * loop.batch * 3 * loop.hidden; }
+    void carry(std::vector<float>& dh) const {
       for (size_t k = 0; k < dh.size(); ++k) dh[k] += direct[k];
     }
-    for (int b = 0; b < B; ++b) std::memcpy(GH0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
+    void finish() const {}
+  };
+  backward_loop(pool, loop, w.typed_data(), g_h.typed_data(), g_h0->typed_data(), [&](int u0, int nu) {
+    return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, SAVED, HS, H0, GHS, GU,
+                recurrent.data()};
   });
   return ffi::Error::Success();
 }
 
+// --- Elman RNN: h_t = φ(px_t + h_{t-1} W_h) ------------------------------------------------------------------------
 
 // The activation of an Elman RNN, by name, and its derivative written through its output h = φ(z).
 enum class Activation { kTanh, kRelu, kLinear };
@@ -492,154 +521,78 @@ inline vf derivative(Activation a, vf h) {
   return splat(1.0f);
 }
 
-ffi::Error RnnForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
-                          ffi::Buffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> hs, bool reverse, int64_t threads,
-                          std::string_view activation_name) {
-  const auto dims = px.dimensions();
-  const Dims d{dims[0], dims[1], dims[2]};
-  if (auto error = check(d); error.failure()) return error;
+ffi::Error RnnForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, Result hs, bool reverse,
+                          int64_t threads, std::string_view activation_name) {
+  Loop loop;
   Activation act;
   if (auto error = activation_of(activation_name, &act); error.failure()) return error;
-  const int T = d.steps, B = d.batch, H = d.hidden;
-  const float* W = w.typed_data();
+  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 1, reverse, threads, &loop); error.failure())
+    return error;
+  const int H = loop.hidden;
   const float* PX = px.typed_data();
   float* HS = hs->typed_data();
-  team(pool, team_size(B, H, 1, threads), [&](int part, int parts, Barrier& barrier) {
-    int u0, u1;
-    units_of(H, part, parts, &u0, &u1);
-    const int nu = u1 - u0;
-    const std::vector<float> panel = pack(H, nu, [&](int k, int j) { return W[k * H + u0 + j]; });
-    std::vector<float> z(static_cast<size_t>(B) * nu);
-    for (int s = 0; s < T; ++s) {
-      const int t = reverse ? T - 1 - s : s;
-      const int prev = reverse ? t + 1 : t - 1;
-      const float* h_prev = s == 0 ? h0.typed_data() : HS + static_cast<size_t>(prev) * B * H;
-      matmul(B, nu, H, h_prev, H, panel.data(), z.data(), nu);
-      for (int b = 0; b < B; ++b) {
-        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
-        for (int j = 0; j < nu; j += kLanes) store(HS + row + j, activate(act, load(&z[b * nu + j]) + load(PX + row + j)));
-      }
-      barrier.wait();
-    }
+  forward_loop(pool, loop, w.typed_data(), h0.typed_data(), HS, [&](int t, int, int b, int u0, int nu,
+                                                                   const float* z) {
+    const size_t at = loop.row(t, b) * H + u0;
+    for (int j = 0; j < nu; j += kLanes) store(HS + at + j, activate(act, load(z + j) + load(PX + at + j)));
   });
   return ffi::Error::Success();
 }
 
-ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> hs,
-                           ffi::Buffer<ffi::F32> g_hs, ffi::Buffer<ffi::F32> g_h, ffi::ResultBuffer<ffi::F32> g_px,
-                           ffi::ResultBuffer<ffi::F32> g_h0, bool reverse, int64_t threads,
-                           std::string_view activation_name) {
-  const auto dims = hs.dimensions();
-  const Dims d{dims[0], dims[1], dims[2]};
-  if (auto error = check(d); error.failure()) return error;
+ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer g_hs, Buffer g_h, Result g_u,
+                           Result g_h0, bool reverse, int64_t threads, std::string_view activation_name) {
+  Loop loop;
   Activation act;
   if (auto error = activation_of(activation_name, &act); error.failure()) return error;
-  const int T = d.steps, B = d.batch, H = d.hidden;
-  const float* W = w.typed_data();
-  const float* HS = hs.typed_data();
-  const float* GHS = g_hs.typed_data();
-  float* GPX = g_px->typed_data();
-  float* GH0 = g_h0->typed_data();
-  team(pool, team_size(B, H, 1, threads), [&](int part, int parts, Barrier& barrier) {
-    int u0, u1;
-    units_of(H, part, parts, &u0, &u1);
-    const int nu = u1 - u0;
-    // panel[k, u] = W_h[u0 + u, k], so that g_h = g_z @ panel.
-    const std::vector<float> panel = pack(H, nu, [&](int k, int u) { return W[(u0 + u) * H + k]; });
-    std::vector<float> dh(static_cast<size_t>(B) * nu);
-    for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h.typed_data() + b * H + u0, nu * sizeof(float));
-    for (int s = T - 1; s >= 0; --s) {
-      const int t = reverse ? T - 1 - s : s;
-      for (int b = 0; b < B; ++b) {
-        const size_t row = (static_cast<size_t>(t) * B + b) * H + u0;
-        for (int j = 0; j < nu; j += kLanes)
-          store(GPX + row + j, (load(GHS + row + j) + load(&dh[b * nu + j])) * derivative(act, load(HS + row + j)));
-      }
-      barrier.wait();  // every unit's g_z_t is written
-      matmul(B, nu, H, GPX + static_cast<size_t>(t) * B * H, H, panel.data(), dh.data(), nu);
+  if (auto error = loop_of(hs.dimensions(), hs.dimensions()[2], 1, reverse, threads, &loop); error.failure())
+    return error;
+  struct Part {
+    int u0, nu;
+    const Loop& loop;
+    Activation act;
+    const float *HS, *GHS;
+    float* GU;
+
+    void step(int s, int b, const float* dh) const {
+      const size_t at = loop.row(loop.time(s), b) * loop.hidden + u0;
+      for (int j = 0; j < nu; j += kLanes)
+        store(GU + at + j, (load(GHS + at + j) + load(dh + j)) * derivative(act, load(HS + at + j)));
     }
-    for (int b = 0; b < B; ++b) std::memcpy(GH0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
+    const float* row(int s) const { return GU + loop.row(loop.time(s), 0) * loop.hidden; }
+    void carry(std::vector<float>&) const {}
+    void finish() const {}
+  };
+  backward_loop(pool, loop, w.typed_data(), g_h.typed_data(), g_h0->typed_data(), [&](int u0, int nu) {
+    return Part{u0, nu, loop, act, hs.typed_data(), g_hs.typed_data(), g_u->typed_data()};
   });
   return ffi::Error::Success();
+}
+
+// The FFI signature of a kernel: the thread pool, `Args` float32 operands, `Rets` float32 results, then the
+// attributes `reverse` and `threads`.
+template <int Args, int Rets, typename Binding>
+auto bind(Binding binding) {
+  if constexpr (Args > 0) {
+    return bind<Args - 1, Rets>(std::move(binding).template Arg<Buffer>());
+  } else if constexpr (Rets > 0) {
+    return bind<0, Rets - 1>(std::move(binding).template Ret<Buffer>());
+  } else {
+    return std::move(binding).template Attr<bool>("reverse").template Attr<int64_t>("threads");
+  }
+}
+
+template <int Args, int Rets>
+auto signature() {
+  return bind<Args, Rets>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>());
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads"));
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl, (signature<7, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl, (signature<4, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl, (signature<6, 2>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<std::string_view>("activation"));
-
+                              (signature<3, 1>().Attr<std::string_view>("activation")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<std::string_view>("activation"));
+                              (signature<4, 2>().Attr<std::string_view>("activation")));
