@@ -256,7 +256,7 @@ def _axes(labels: str) -> tuple[tuple, tuple]:
     return tuple(map(batch_axis, operands.split(","))), tuple(map(batch_axis, results.split(",")))
 
 
-def _partitioned(target: str, out_shapes, labels: str, params: dict):
+def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: dict):
     """The kernel call as a `custom_partitioning` function that XLA's SPMD partitioner splits along the batch axis:
     each device runs the kernel on its own rows (an opaque custom call would otherwise be gathered and run whole on
     every device). Every other dimension must stay whole."""
@@ -264,7 +264,7 @@ def _partitioned(target: str, out_shapes, labels: str, params: dict):
 
     def call(*args):
         outs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes(*args)]
-        return tuple(jax.ffi.ffi_call(target, outs)(*args, **params))
+        return tuple(jax.ffi.ffi_call(target, outs, input_output_aliases=aliases)(*args, **params))
 
     def partition(mesh, arg_shapes, result_shapes):
         specs = [a.sharding.spec for a in arg_shapes]
@@ -286,12 +286,17 @@ def _partitioned(target: str, out_shapes, labels: str, params: dict):
     return function
 
 
-def _primitive(name: str, reference, out_shapes, labels: str, target: str | None):
+def _primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None):
     """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere (its first
     operand is ``w_h [H, G·H]``).
 
-    ``out_shapes(*avals) -> [(shape, dtype)]``; ``labels``: the dimensions of operands and results (`_axes`).
+    ``out_shapes(*avals) -> [(shape, dtype)]``; ``labels``: the dimensions of operands and results (`_axes`);
+    ``aliases``: ``{operand: result}`` pairs the kernel may write in place, each operand read at a step before the
+    result is written there. XLA then gives the result the operand's buffer (copying the operand first only if it
+    is still needed): large buffers written afresh cost page faults, on this 2-core VM about as much as the matmuls
+    at the compute-bound shapes.
     """
+    aliases = aliases or {}
     batch_axes, out_batch_axes = _axes(labels)
     p = Primitive(name)
     p.multiple_results = True
@@ -301,7 +306,7 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
     reference_rule = mlir.lower_fun(reference, multiple_results=True)
     mlir.register_lowering(p, reference_rule)
     if target is not None:
-        kernel_rule = jax.ffi.ffi_lowering(target)
+        kernel_rule = jax.ffi.ffi_lowering(target, operand_output_aliases=aliases)
 
         def cpu_rule(ctx, *args, **params):
             hidden = ctx.avals_in[0].shape[0]  # w_h [H, G·H]
@@ -311,7 +316,7 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
             # A jit over several devices (JAX names them to the lowering of the primitives registered below).
             if (getattr(axis_context, "num_devices", 1) > 1
                     and getattr(axis_context, "device_assignment", None) is not None):
-                split = _partitioned(target, out_shapes, labels, params)
+                split = _partitioned(target, out_shapes, labels, aliases, params)
                 return mlir.lower_fun(split, multiple_results=True)(ctx, *args)
             return kernel_rule(ctx, *args, **params)
 
@@ -374,11 +379,12 @@ def _gru_backward_shapes(w_h, saved, hs, h0, g_hs, g_h):
 
 
 lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes,
-                            "k g, b h, b h, t b g -> t b h, t b h, t b g", "rnnlab_lstm_forward")
+                            "k g, b h, b h, t b g -> t b h, t b h, t b g", "rnnlab_lstm_forward", {3: 2})
 lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes,
                             "k g, t b g, t b h, b h, t b g, b h, b h -> t b h, b h, b h", None)
 lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backward_shapes,
-                             "k g, t b g, t b h, b h, t b h, b h, b h -> t b g, b h, b h", "rnnlab_lstm_backward")
+                             "k g, t b g, t b h, b h, t b h, b h, b h -> t b g, b h, b h", "rnnlab_lstm_backward",
+                             {1: 0})
 gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes,
                            "k g, g, b h, t b g -> t b h, t b s", "rnnlab_gru_forward")
 gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
@@ -387,13 +393,13 @@ gru_backward_p = _primitive("rnnlab_gru_backward", _reference_gru_backward, _gru
                             "k g, t b s, t b h, b h, t b h, b h -> t b g, b h", "rnnlab_gru_backward")
 rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
                            lambda w_h, h0, px: [(px.shape, px.dtype)], "k h, b h, t b h -> t b h",
-                           "rnnlab_rnn_forward")
+                           "rnnlab_rnn_forward", {2: 0})
 rnn_tangent_p = _primitive("rnnlab_rnn_tangent", _reference_rnn_tangent,
                            lambda w_h, hs, u, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
                            "k h, t b h, t b h, b h -> t b h, b h", None)
 rnn_backward_p = _primitive("rnnlab_rnn_backward", _reference_rnn_backward,
                             lambda w_h, hs, g_hs, g_h: [(hs.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
-                            "k h, t b h, t b h, b h -> t b h, b h", "rnnlab_rnn_backward")
+                            "k h, t b h, t b h, b h -> t b h, b h", "rnnlab_rnn_backward", {2: 0})
 
 
 # `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this
