@@ -300,7 +300,9 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
     batch_axes, out_batch_axes = _axes(labels)
     p = Primitive(name)
     p.multiple_results = True
-    p.def_impl(lambda *args, **params: jax.jit(functools.partial(p.bind, **params))(*args))
+    # Outside jit (eager `rnnlab.scan`): one compiled program per setting of the parameters.
+    jitted = functools.cache(lambda items: jax.jit(functools.partial(p.bind, **dict(items))))
+    p.def_impl(lambda *args, **params: jitted(tuple(sorted(params.items())))(*args))
     p.def_abstract_eval(lambda *avals, **params: [jax.core.ShapedArray(s, d) for s, d in out_shapes(*avals)])
 
     reference_rule = mlir.lower_fun(reference, multiple_results=True)
