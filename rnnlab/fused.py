@@ -259,13 +259,13 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, d_para
         d_hs, d_h, d_c = native.lstm_tangent_p.bind(w_h, gates, cs, c0, u, *d_carry, **options)
         return primal, (d_hs, (d_h, d_c))
     h0, w_h = carry, params["w_h"]
-    hs, saved = native.gru_forward_p.bind(w_h, params["b_h"], h0, px, **options)
+    hs, gates, a_n = native.gru_forward_p.bind(w_h, params["b_h"], h0, px, **options)
     primal = hs, hs[last]
     if d_params is None:
         return primal
-    r = saved[..., : h0.shape[-1]]
+    r = gates[..., : h0.shape[-1]]
     u = kernel.tangent_inputs(params, d_params, dpx, _previous(hs, h0, reverse), (r,))
-    d_hs, d_h = native.gru_tangent_p.bind(w_h, saved, hs, h0, u, d_carry, **options)
+    d_hs, d_h = native.gru_tangent_p.bind(w_h, gates, a_n, hs, h0, u, d_carry, **options)
     return primal, (d_hs, d_h)
 
 

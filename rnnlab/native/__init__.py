@@ -7,10 +7,10 @@ FFI custom calls that split the hidden units over XLA's intra-op thread pool, on
 Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap`, `grad`, `jvp` and
 `jax.hessian`:
 
-- ``lstm_forward_p(w_h, h0, c0, px) -> (hs, cs, gates)`` and ``gru_forward_p(w_h, b_h, h0, px) -> (hs, saved)``:
-  the recurrence, saving what the tangent's coefficients need;
+- ``lstm_forward_p(w_h, h0, c0, px) -> (hs, cs, gates)`` and ``gru_forward_p(w_h, b_h, h0, px) -> (hs, gates,
+  a_n)``: the recurrence, saving what the tangent's coefficients need;
 - ``lstm_tangent_p(w_h, gates, cs, c0, u, dh0, dc0) -> (dhs, dh, dc)`` and
-  ``gru_tangent_p(w_h, saved, hs, h0, u, dh0) -> (dhs, dh)``: the tangent, linear in ``u`` (the pre-activation
+  ``gru_tangent_p(w_h, gates, a_n, hs, h0, u, dh0) -> (dhs, dh)``: the tangent, linear in ``u`` (the pre-activation
   tangent from everything but the carry) and the carry's tangent;
 - ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs;
 - ``rnn_forward_p``, ``rnn_tangent_p`` and ``rnn_backward_p`` likewise for `rnnlab.RNN` with a named activation
@@ -100,15 +100,18 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
-@functools.cache
 def available() -> bool:
-    """Whether the kernels are built, loaded and registered with XLA's CPU backend (built on the first call)."""
-    if os.environ.get("RNNLAB_NATIVE", "1") == "0":
-        return False
+    """Whether the kernels are on (``RNNLAB_NATIVE`` is not ``0``), built, loaded and registered with XLA's CPU
+    backend (built on the first call)."""
+    return os.environ.get("RNNLAB_NATIVE", "1") != "0" and _loaded()
+
+
+@functools.cache
+def _loaded() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
     except (RuntimeError, OSError) as error:
-        _log.warning("rnnlab.native unavailable, the LSTM and GRU run on XLA alone: %s", error)
+        _log.warning("rnnlab.native unavailable, the LSTM, GRU and RNN run on XLA alone: %s", error)
         return False
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
@@ -183,13 +186,15 @@ def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads):
         return h_new, (h_new, saved_t)
 
     _, (hs, saved) = _scan(body, h0, px, reverse)
-    return hs, saved
+    hidden = hs.shape[-1]
+    return hs, saved[..., : 3 * hidden], saved[..., 3 * hidden:]
 
 
-def _reference_gru_tangent(w_h, saved, hs, h0, u, dh0, *, reverse, threads):
+def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dh0, *, reverse, threads):
     from rnnlab import fused
 
     params = {"w_h": w_h}
+    saved = jnp.concatenate([gates, a_n], axis=-1)
     coeffs = fused._gru_coefficients(params, saved, hs, _previous(hs, h0, reverse))
 
     def body(dh, inputs):
@@ -200,12 +205,11 @@ def _reference_gru_tangent(w_h, saved, hs, h0, u, dh0, *, reverse, threads):
     return dhs, dh
 
 
-def _reference_gru_backward(w_h, saved, hs, h0, g_hs, g_h, *, reverse, threads):
+def _reference_gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, *, reverse, threads):
     def tangent(u, dh0):
-        return _reference_gru_tangent(w_h, saved, hs, h0, u, dh0, reverse=reverse, threads=threads)
+        return _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dh0, reverse=reverse, threads=threads)
 
-    u_shape = saved.shape[:-1] + (3 * hs.shape[-1],)
-    return jax.linear_transpose(tangent, jnp.zeros(u_shape, g_hs.dtype), jnp.zeros_like(g_h))((g_hs, g_h))
+    return jax.linear_transpose(tangent, jnp.zeros_like(gates), jnp.zeros_like(g_h))((g_hs, g_h))
 
 
 def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation):
@@ -293,8 +297,8 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
     ``out_shapes(*avals) -> [(shape, dtype)]``; ``labels``: the dimensions of operands and results (`_axes`);
     ``aliases``: ``{operand: result}`` pairs the kernel may write in place, each operand read at a step before the
     result is written there. XLA then gives the result the operand's buffer (copying the operand first only if it
-    is still needed): large buffers written afresh cost page faults, on this 2-core VM about as much as the matmuls
-    at the compute-bound shapes.
+    is still needed): less memory, and fewer large buffers written afresh, each page of which costs a page fault
+    (1–2 µs per 4 KB on this project's 2-core VM).
     """
     aliases = aliases or {}
     batch_axes, out_batch_axes = _axes(labels)
@@ -369,15 +373,15 @@ def _backward_shapes(w_h, gates, cs, c0, g_hs, g_h, g_c):
 
 def _gru_forward_shapes(w_h, b_h, h0, px):
     steps, batch, gates = px.shape
-    return [((steps, batch, gates // 3), px.dtype), ((steps, batch, 4 * (gates // 3)), px.dtype)]
+    return [((steps, batch, gates // 3), px.dtype), (px.shape, px.dtype), ((steps, batch, gates // 3), px.dtype)]
 
 
-def _gru_tangent_shapes(w_h, saved, hs, h0, u, dh0):
+def _gru_tangent_shapes(w_h, gates, a_n, hs, h0, u, dh0):
     return [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)]
 
 
-def _gru_backward_shapes(w_h, saved, hs, h0, g_hs, g_h):
-    return [(saved.shape[:-1] + (3 * hs.shape[-1],), g_hs.dtype), (g_h.shape, g_h.dtype)]
+def _gru_backward_shapes(w_h, gates, a_n, hs, h0, g_hs, g_h):
+    return [(gates.shape, g_hs.dtype), (g_h.shape, g_h.dtype)]
 
 
 lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes,
@@ -388,11 +392,11 @@ lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backw
                              "k g, t b g, t b h, b h, t b h, b h, b h -> t b g, b h, b h", "rnnlab_lstm_backward",
                              {1: 0})
 gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes,
-                           "k g, g, b h, t b g -> t b h, t b s", "rnnlab_gru_forward")
+                           "k g, g, b h, t b g -> t b h, t b g, t b h", "rnnlab_gru_forward", {3: 1})
 gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
-                           "k g, t b s, t b h, b h, t b g, b h -> t b h, b h", None)
+                           "k g, t b g, t b h, t b h, b h, t b g, b h -> t b h, b h", None)
 gru_backward_p = _primitive("rnnlab_gru_backward", _reference_gru_backward, _gru_backward_shapes,
-                            "k g, t b s, t b h, b h, t b h, b h -> t b g, b h", "rnnlab_gru_backward")
+                            "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, b h", "rnnlab_gru_backward", {1: 0})
 rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
                            lambda w_h, h0, px: [(px.shape, px.dtype)], "k h, b h, t b h -> t b h",
                            "rnnlab_rnn_forward", {2: 0})
@@ -430,5 +434,5 @@ def _transpose_rule(backward_p, residuals: int, like: int):
 
 
 ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, 4, 2)
-ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 4, 2)
+ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 5, 3)
 ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, 2, 1)

@@ -1,5 +1,5 @@
-// The sequential loops of the LSTM, the GRU and the Elman RNN as XLA FFI custom calls on CPU, float32, with the hidden units split
-// over threads.
+// The sequential loops of the LSTM, the GRU and the Elman RNN as XLA FFI custom calls on CPU, float32, with the
+// hidden units split over threads.
 //
 // What XLA cannot do here: its per-step matmul [B, H] @ [H, 4H] runs on one core, so at the small shapes of RNN
 // research the loops use half of a 2-core machine. Each kernel below owns the whole time loop; every thread owns a
@@ -12,10 +12,10 @@
 // lstm_backward(w_h, gates, cs, c0, g_hs [T, B, H], g_h [B, H], g_c [B, H]) -> g_px [T, B, 4H], g_h0, g_c0
 //   the transpose of the LSTM's tangent recurrence (rnnlab/fused.py) for cotangents g_hs of every h_t and
 //   (g_h, g_c) of the final carry: g_px_t is the cotangent of the step's pre-activation z.
-// gru_forward(w_h [H, 3H], b_h [3H], h0 [B, H], px [T, B, 3H]) -> hs [T, B, H], saved [T, B, 4H]
+// gru_forward(w_h [H, 3H], b_h [3H], h0 [B, H], px [T, B, 3H]) -> hs [T, B, H], gates [T, B, 3H], a_n [T, B, H]
 //   a = h_{t-1} W_h + b_h; r = σ(px_r + a_r); z = σ(px_z + a_z); n = tanh(px_n + r a_n); h_t = (1 - z) n + z h_{t-1}
-//   saved = [r, z, n, a_n]
-// gru_backward(w_h, saved, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_h0
+//   gates = [r, z, n] (the same shape as px, so XLA can hand px's buffer to it)
+// gru_backward(w_h, gates, a_n, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_h0
 //   the transpose of the GRU's tangent recurrence (rnnlab/fused.py): g_u_t is the cotangent of the tangent's input
 //   u_t = ṗx_t + [ȧ_r, ȧ_z, r ȧ_n].
 // rnn_forward(w_h [H, H], h0 [B, H], px [T, B, H]) -> hs [T, B, H]: h_t = φ(px_t + h_{t-1} W_h), φ tanh, relu or
@@ -407,43 +407,42 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer
 
 // --- GRU (cuDNN / PyTorch convention): a = h_{t-1} W_h + b_h, gates (r, z, n) ---------------------------------------
 
-ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, Result hs, Result saved,
-                          bool reverse, int64_t threads) {
+ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, Result hs, Result gates,
+                          Result a_n_out, bool reverse, int64_t threads) {
   Loop loop;
   if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 3, reverse, threads, &loop); error.failure())
     return error;
   const int H = loop.hidden, G = 3 * H;
   const float *BH = b_h.typed_data(), *PX = px.typed_data(), *H0 = h0.typed_data();
-  float *HS = hs->typed_data(), *SAVED = saved->typed_data();
+  float *HS = hs->typed_data(), *GATES = gates->typed_data(), *AN = a_n_out->typed_data();
   forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a) {
     const float* pxb = PX + loop.row(t, b) * G + u0;
     const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
-    float* sb = SAVED + loop.row(t, b) * 4 * H + u0;
+    float* gb = GATES + loop.row(t, b) * G + u0;
     const size_t at = loop.row(t, b) * H + u0;
     for (int j = 0; j < nu; j += kLanes) {
       const vf r = vsigmoid(load(pxb + j) + load(a + j) + load(BH + u0 + j));
       const vf z = vsigmoid(load(pxb + H + j) + load(a + nu + j) + load(BH + H + u0 + j));
       const vf a_n = load(a + 2 * nu + j) + load(BH + 2 * H + u0 + j);
       const vf n = vtanh(load(pxb + 2 * H + j) + r * a_n);
-      store(sb + j, r);
-      store(sb + H + j, z);
-      store(sb + 2 * H + j, n);
-      store(sb + 3 * H + j, a_n);
+      store(gb + j, r);
+      store(gb + H + j, z);
+      store(gb + 2 * H + j, n);
+      store(AN + at + j, a_n);
       store(HS + at + j, (kOne - z) * n + z * load(h_prev + j));
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer saved, Buffer hs, Buffer h0, Buffer g_hs,
-                           Buffer g_h, Result g_u, Result g_h0, bool reverse, int64_t threads) {
+ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n, Buffer hs, Buffer h0,
+                           Buffer g_hs, Buffer g_h, Result g_u, Result g_h0, bool reverse, int64_t threads) {
   Loop loop;
-  // saved is [T, B, 4H] (r, z, n, a_n); the matmul's gate blocks are three.
-  if (auto error = loop_of(saved.dimensions(), saved.dimensions()[2], 4, reverse, threads, &loop); error.failure())
+  if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 3, reverse, threads, &loop); error.failure())
     return error;
-  loop.gates = 3;
   const int H = loop.hidden, B = loop.batch;
-  const float *SAVED = saved.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(), *GHS = g_hs.typed_data();
+  const float *GATES = gates.typed_data(), *AN = a_n.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(),
+              *GHS = g_hs.typed_data();
   float* GU = g_u->typed_data();
   // The cotangent of each step's h W_h, [B, 3H], in two buffers used in turn: a part may write the next step's
   // while another still reads this one's.
@@ -453,18 +452,19 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer saved, Buffer 
     std::vector<float> direct;
     int u0, nu;
     const Loop& loop;
-    const float *SAVED, *HS, *H0, *GHS;
+    const float *GATES, *AN, *HS, *H0, *GHS;
     float *GU, *recurrent;
 
     void step(int s, int b, const float* dh) {
       const int H = loop.hidden, G = 3 * H, t = loop.time(s), prev = loop.previous(s);
-      const float* sb = SAVED + loop.row(t, b) * 4 * H + u0;
+      const float* gb = GATES + loop.row(t, b) * G + u0;
       const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
       float* gu = GU + loop.row(t, b) * G + u0;
       float* ga = recurrent + (static_cast<size_t>(s % 2) * loop.batch + b) * G + u0;
       const size_t at = loop.row(t, b) * H + u0;
       for (int j = 0; j < nu; j += kLanes) {
-        const vf r = load(sb + j), z = load(sb + H + j), n = load(sb + 2 * H + j), a_n = load(sb + 3 * H + j);
+        // g_u is written over the gates (aliased): each unit's gates are read before its g_u is written.
+        const vf r = load(gb + j), z = load(gb + H + j), n = load(gb + 2 * H + j), a_n = load(AN + at + j);
         const vf gh = load(GHS + at + j) + load(dh + j);
         const vf g_n = (kOne - z) * (kOne - n * n) * gh;
         const vf g_r = g_n * r * (kOne - r) * a_n;
@@ -485,7 +485,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer saved, Buffer 
     void finish() const {}
   };
   backward_loop(pool, loop, w.typed_data(), g_h.typed_data(), g_h0->typed_data(), [&](int u0, int nu) {
-    return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, SAVED, HS, H0, GHS, GU,
+    return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, GATES, AN, HS, H0, GHS, GU,
                 recurrent.data()};
   });
   return ffi::Error::Success();
@@ -590,8 +590,8 @@ auto signature() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl, (signature<7, 3>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl, (signature<4, 2>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl, (signature<6, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl, (signature<4, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl, (signature<7, 2>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
                               (signature<3, 1>().Attr<std::string_view>("activation")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
