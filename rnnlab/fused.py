@@ -238,35 +238,36 @@ def _native(kernel: _Kernel, unroll: int, px, valid) -> bool:
 
 def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, d_params=None, d_carry=None, dpx=None):
     """The recurrence on `rnnlab.native`'s primitives: ``(hs, final_carry)``, and with tangents also ``(d_hs,
-    d_final_carry)``."""
+    d_final_carry)``. The weights' tangent ``Ẇ_h`` goes to the tangent primitive itself, whose transpose forms W_h's
+    gradient inside the backward loop."""
     last, options = (0 if reverse else -1), {"reverse": reverse, "threads": native.threads()}
-    if kernel != _LSTM and kernel != _GRU:
-        activation = next(name for name, rnn in _RNN.items() if rnn == kernel)
-        h0, w_h = carry, params["w_h"]
-        (hs,) = native.rnn_forward_p.bind(w_h, h0, px, activation=activation, **options)
-        if d_params is None:
-            return hs, hs[last]
-        u = kernel.tangent_inputs(params, d_params, dpx, _previous(hs, h0, reverse), ())
-        d_hs, d_h = native.rnn_tangent_p.bind(w_h, hs, u, d_carry, activation=activation, **options)
-        return (hs, hs[last]), (d_hs, d_h)
+    w_h = params["w_h"]
     if kernel == _LSTM:
-        (h0, c0), w_h = carry, params["w_h"]
+        h0, c0 = carry
         hs, cs, gates = native.lstm_forward_p.bind(w_h, h0, c0, px, **options)
         primal = hs, (hs[last], cs[last])
         if d_params is None:
             return primal
-        u = kernel.tangent_inputs(params, d_params, dpx, _previous(hs, h0, reverse), ())
-        d_hs, d_h, d_c = native.lstm_tangent_p.bind(w_h, gates, cs, c0, u, *d_carry, **options)
+        d_hs, d_h, d_c = native.lstm_tangent_p.bind(w_h, gates, cs, c0, hs, h0, dpx, d_params["w_h"], *d_carry,
+                                                     **options)
         return primal, (d_hs, (d_h, d_c))
-    h0, w_h = carry, params["w_h"]
-    hs, gates, a_n = native.gru_forward_p.bind(w_h, params["b_h"], h0, px, **options)
-    primal = hs, hs[last]
+    h0 = carry
+    if kernel == _GRU:
+        hs, gates, a_n = native.gru_forward_p.bind(w_h, params["b_h"], h0, px, **options)
+        if d_params is None:
+            return hs, hs[last]
+        # b_h's tangent enters like h W_h + b_h: its n-block through r.
+        db_r, db_z, db_n = jnp.split(jnp.broadcast_to(d_params["b_h"], px.shape), 3, axis=-1)
+        u = dpx + jnp.concatenate([db_r, db_z, gates[..., : h0.shape[-1]] * db_n], axis=-1)
+        d_hs, d_h = native.gru_tangent_p.bind(w_h, gates, a_n, hs, h0, u, d_params["w_h"], d_carry, **options)
+        return (hs, hs[last]), (d_hs, d_h)
+    activation = next(name for name, rnn in _RNN.items() if rnn == kernel)
+    (hs,) = native.rnn_forward_p.bind(w_h, h0, px, activation=activation, **options)
     if d_params is None:
-        return primal
-    r = gates[..., : h0.shape[-1]]
-    u = kernel.tangent_inputs(params, d_params, dpx, _previous(hs, h0, reverse), (r,))
-    d_hs, d_h = native.gru_tangent_p.bind(w_h, gates, a_n, hs, h0, u, d_carry, **options)
-    return primal, (d_hs, d_h)
+        return hs, hs[last]
+    d_hs, d_h = native.rnn_tangent_p.bind(w_h, hs, h0, dpx, d_params["w_h"], d_carry, activation=activation,
+                                          **options)
+    return (hs, hs[last]), (d_hs, d_h)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))

@@ -6,6 +6,7 @@ JAX, and the truth is that reference in float64.
 Each case also checks that the compiled program really calls the kernel, so a silent fallback cannot pass for it.
 """
 
+import math
 import os
 import pathlib
 import shutil
@@ -73,6 +74,7 @@ SHAPES = {
     "h32": (32, (9,), 7),  # two chunks, batch rows in blocks of 8 + 1
     "h48-one-step": (48, (3, 2), 1),  # three chunks on two threads (uneven), two batch axes, one step
     "h128": (128, (20,), 30),  # the benchmark's hidden size; rows 8 + 8 + 4
+    "h32-b40": (32, (40,), 6),  # enough rows for the kernel to form W_h's gradient itself
 }
 CASES = [(kind, *shape) for kind in ("LSTM", "GRU", "RNN-tanh") for shape in SHAPES.values()]
 CASES += [(kind, *SHAPES["h32"]) for kind in ("RNN-relu", "RNN-linear")]
@@ -88,6 +90,10 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
     native_loss, plain_loss = loss_fn(cell, weights, reverse), loss_fn(plain_twin(cell), weights, reverse)
     assert calls_kernel(jax.grad(native_loss, argnums=(0, 1, 2)), params, xs, carry)
     assert not calls_kernel(plain_loss, params, xs, carry)
+    # W_h's gradient: summed in the backward kernel from MIN_ROWS_FOR_WEIGHT_GRAD rows, else one XLA matmul after it.
+    lowered = jax.jit(jax.grad(native_loss, argnums=(0, 1, 2))).lower(params, xs, carry).as_text()
+    in_kernel = math.prod(batch_shape) >= native.MIN_ROWS_FOR_WEIGHT_GRAD
+    assert f"weight_grad = {str(in_kernel).lower()}" in lowered
 
     def results(the_cell, loss, params, xs, carry):
         outputs = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse)

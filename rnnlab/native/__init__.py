@@ -156,7 +156,19 @@ def _reference_forward(w_h, h0, c0, px, *, reverse, threads):
     return hs, cs, gates
 
 
-def _reference_tangent(w_h, gates, cs, c0, u, dh0, dc0, *, reverse, threads):
+def _weight_term(hs, h0, dw, reverse):
+    """The tangent's ``h_{t-1} Ẇ_h`` term for all steps, ``[T, B, G·H]``; its transpose is W_h's gradient."""
+    from rnnlab import fused
+
+    return fused._weight_tangent(_previous(hs, h0, reverse), dw)
+
+
+def _weight_gradient(hs, h0, recurrent_cotangent, reverse):
+    """``Σ_t h_{t-1}ᵀ g_t``: W_h's gradient from each step's cotangent of ``h_{t-1} W_h``."""
+    return jnp.einsum("tbh,tbg->hg", _previous(hs, h0, reverse), recurrent_cotangent)
+
+
+def _reference_tangent(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0, *, reverse, threads):
     from rnnlab import fused
 
     params = {"w_h": w_h}
@@ -166,16 +178,22 @@ def _reference_tangent(w_h, gates, cs, c0, u, dh0, dc0, *, reverse, threads):
         new = fused._lstm_tangent_step(params, d_carry, *inputs)
         return new, new[0]
 
+    u = u + _weight_term(hs, h0, dw, reverse)
     (dh, dc), dhs = _scan(body, (dh0, dc0), (u, coeffs), reverse)
     return dhs, dh, dc
 
 
-def _reference_backward(w_h, gates, cs, c0, g_hs, g_h, g_c, *, reverse, threads):
-    def tangent(u, dh0, dc0):
-        return _reference_tangent(w_h, gates, cs, c0, u, dh0, dc0, reverse=reverse, threads=threads)
+def _reference_backward(w_h, gates, cs, c0, hs, h0, g_hs, g_h, g_c, *, reverse, threads, weight_grad=True):
+    def tangent(u, dw, dh0, dc0):
+        return _reference_tangent(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0, reverse=reverse, threads=threads)
 
-    zeros = (jnp.zeros(gates.shape, gates.dtype), jnp.zeros_like(g_h), jnp.zeros_like(g_c))
+    zeros = (jnp.zeros_like(gates), jnp.zeros_like(w_h), jnp.zeros_like(g_h), jnp.zeros_like(g_c))
     return jax.linear_transpose(tangent, *zeros)((g_hs, g_h, g_c))
+
+
+def _lstm_weight_gradient(operands, g_u, *, reverse, **params):
+    hs, h0 = operands[4], operands[5]
+    return _weight_gradient(hs, h0, g_u, reverse)
 
 
 def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads):
@@ -190,7 +208,7 @@ def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads):
     return hs, saved[..., : 3 * hidden], saved[..., 3 * hidden:]
 
 
-def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dh0, *, reverse, threads):
+def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, *, reverse, threads):
     from rnnlab import fused
 
     params = {"w_h": w_h}
@@ -201,15 +219,26 @@ def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dh0, *, reverse, threads)
         new = fused._gru_tangent_step(params, dh, *inputs)
         return new, new
 
+    # The n-block of h_{t-1} Ẇ_h enters through r, like the rest of h W_h + b_h.
+    da_r, da_z, da_n = jnp.split(_weight_term(hs, h0, dw, reverse), 3, axis=-1)
+    u = u + jnp.concatenate([da_r, da_z, gates[..., : hs.shape[-1]] * da_n], axis=-1)
     dh, dhs = _scan(body, dh0, (u, coeffs), reverse)
     return dhs, dh
 
 
-def _reference_gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, *, reverse, threads):
-    def tangent(u, dh0):
-        return _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dh0, reverse=reverse, threads=threads)
+def _reference_gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, *, reverse, threads, weight_grad=True):
+    def tangent(u, dw, dh0):
+        return _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, reverse=reverse, threads=threads)
 
-    return jax.linear_transpose(tangent, jnp.zeros_like(gates), jnp.zeros_like(g_h))((g_hs, g_h))
+    zeros = (jnp.zeros_like(gates), jnp.zeros_like(w_h), jnp.zeros_like(g_h))
+    return jax.linear_transpose(tangent, *zeros)((g_hs, g_h))
+
+
+def _gru_weight_gradient(operands, g_u, *, reverse, **params):
+    gates, hs, h0 = operands[1], operands[3], operands[4]
+    r = gates[..., : hs.shape[-1]]
+    g_r, g_z, g_n = jnp.split(g_u, 3, axis=-1)
+    return _weight_gradient(hs, h0, jnp.concatenate([g_r, g_z, g_n * r], axis=-1), reverse)
 
 
 def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation):
@@ -222,7 +251,7 @@ def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation):
     return (_scan(body, h0, px, reverse)[1],)
 
 
-def _reference_rnn_tangent(w_h, hs, u, dh0, *, reverse, threads, activation):
+def _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, *, reverse, threads, activation):
     from rnnlab import fused
 
     kernel, params = fused._RNN[activation], {"w_h": w_h}
@@ -232,15 +261,21 @@ def _reference_rnn_tangent(w_h, hs, u, dh0, *, reverse, threads, activation):
         new = kernel.tangent_step(params, dh, *inputs)
         return new, new
 
-    dh, dhs = _scan(body, dh0, (u, coeffs), reverse)
+    dh, dhs = _scan(body, dh0, (u + _weight_term(hs, h0, dw, reverse), coeffs), reverse)
     return dhs, dh
 
 
-def _reference_rnn_backward(w_h, hs, g_hs, g_h, *, reverse, threads, activation):
-    def tangent(u, dh0):
-        return _reference_rnn_tangent(w_h, hs, u, dh0, reverse=reverse, threads=threads, activation=activation)
+def _reference_rnn_backward(w_h, hs, h0, g_hs, g_h, *, reverse, threads, activation, weight_grad=True):
+    def tangent(u, dw, dh0):
+        return _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, reverse=reverse, threads=threads,
+                                      activation=activation)
 
-    return jax.linear_transpose(tangent, jnp.zeros_like(g_hs), jnp.zeros_like(g_h))((g_hs, g_h))
+    return jax.linear_transpose(tangent, jnp.zeros_like(g_hs), jnp.zeros_like(w_h), jnp.zeros_like(g_h))((g_hs, g_h))
+
+
+def _rnn_weight_gradient(operands, g_u, *, reverse, **params):
+    hs, h0 = operands[1], operands[2]
+    return _weight_gradient(hs, h0, g_u, reverse)
 
 
 # --- primitives -----------------------------------------------------------------------------------------------------
@@ -290,7 +325,8 @@ def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: di
     return function
 
 
-def _primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None):
+def _primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
+               weight_gradient=None):
     """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere (its first
     operand is ``w_h [H, G·H]``).
 
@@ -299,6 +335,11 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
     result is written there. XLA then gives the result the operand's buffer (copying the operand first only if it
     is still needed): less memory, and fewer large buffers written afresh, each page of which costs a page fault
     (1–2 µs per 4 KB on this project's 2-core VM).
+
+    A backward primitive (``weight_gradient`` given) returns ``(g_u, g_w, *carry)``, and its kernel accumulates
+    ``g_w`` (W_h's gradient, a sum over the batch) in the loop. Where each example needs its own (vmap) or the
+    batch is split over devices, the kernel runs with ``weight_grad=False`` and ``weight_gradient(operands, g_u,
+    **params)`` forms it in XLA instead.
     """
     aliases = aliases or {}
     batch_axes, out_batch_axes = _axes(labels)
@@ -322,8 +363,17 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
             # A jit over several devices (JAX names them to the lowering of the primitives registered below).
             if (getattr(axis_context, "num_devices", 1) > 1
                     and getattr(axis_context, "device_assignment", None) is not None):
-                split = _partitioned(target, out_shapes, labels, aliases, params)
-                return mlir.lower_fun(split, multiple_results=True)(ctx, *args)
+                if weight_gradient is None:
+                    split = _partitioned(target, out_shapes, labels, aliases, params)
+                    return mlir.lower_fun(split, multiple_results=True)(ctx, *args)
+                # W_h's gradient sums over the split batch: formed in XLA, which all-reduces it.
+                split = _partitioned(target, out_shapes, labels, aliases, {**params, "weight_grad": False})
+
+                def with_weight_gradient(*operands):
+                    g_u, _, *carry = split(*operands)
+                    return (g_u, weight_gradient(operands, g_u, **params), *carry)
+
+                return mlir.lower_fun(with_weight_gradient, multiple_results=True)(ctx, *args)
             return kernel_rule(ctx, *args, **params)
 
         mlir.register_lowering(p, cpu_rule, platform="cpu")
@@ -350,9 +400,19 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
             a = jnp.moveaxis(a, d, axis) if d is not None else jnp.broadcast_to(
                 jnp.expand_dims(a, axis), a.shape[:axis] + (size,) + a.shape[axis:])
             merged.append(a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:]))
-        outs = p.bind(*merged, **params)
-        outs = [o.reshape(o.shape[:axis] + (size, -1) + o.shape[axis + 1:]) for o, axis in zip(outs, out_batch_axes)]
-        return outs, out_batch_axes
+        if weight_gradient is None:
+            outs = p.bind(*merged, **params)
+        else:  # one W_h gradient per example, formed in XLA
+            outs = p.bind(*merged, **{**params, "weight_grad": False})
+        outs = [o if axis is None else o.reshape(o.shape[:axis] + (size, -1) + o.shape[axis + 1:])
+                for o, axis in zip(outs, out_batch_axes)]
+        if weight_gradient is None:
+            return outs, out_batch_axes
+        per_example = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+                       for a, d in zip(args, dims)]
+        g_u = jnp.moveaxis(outs[0], out_batch_axes[0], 0)
+        g_w = jax.vmap(lambda ops, g: weight_gradient(ops, g, **params))(per_example, g_u)
+        return [g_u, g_w, *outs[2:]], (0, 0, *out_batch_axes[2:])
 
     batching.primitive_batchers[p] = batch
     return p
@@ -363,12 +423,12 @@ def _forward_shapes(w_h, h0, c0, px):
     return [((steps, batch, gates // 4), px.dtype)] * 2 + [((steps, batch, gates), px.dtype)]
 
 
-def _tangent_shapes(w_h, gates, cs, c0, u, dh0, dc0):
+def _tangent_shapes(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0):
     return [(cs.shape, u.dtype), (dh0.shape, dh0.dtype), (dc0.shape, dc0.dtype)]
 
 
-def _backward_shapes(w_h, gates, cs, c0, g_hs, g_h, g_c):
-    return [(gates.shape, g_hs.dtype), (g_h.shape, g_h.dtype), (g_c.shape, g_c.dtype)]
+def _backward_shapes(w_h, gates, cs, c0, hs, h0, g_hs, g_h, g_c):
+    return [(gates.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype), (g_c.shape, g_c.dtype)]
 
 
 def _gru_forward_shapes(w_h, b_h, h0, px):
@@ -376,36 +436,39 @@ def _gru_forward_shapes(w_h, b_h, h0, px):
     return [((steps, batch, gates // 3), px.dtype), (px.shape, px.dtype), ((steps, batch, gates // 3), px.dtype)]
 
 
-def _gru_tangent_shapes(w_h, gates, a_n, hs, h0, u, dh0):
+def _gru_tangent_shapes(w_h, gates, a_n, hs, h0, u, dw, dh0):
     return [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)]
 
 
 def _gru_backward_shapes(w_h, gates, a_n, hs, h0, g_hs, g_h):
-    return [(gates.shape, g_hs.dtype), (g_h.shape, g_h.dtype)]
+    return [(gates.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)]
 
 
 lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes,
                             "k g, b h, b h, t b g -> t b h, t b h, t b g", "rnnlab_lstm_forward", {3: 2})
 lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes,
-                            "k g, t b g, t b h, b h, t b g, b h, b h -> t b h, b h, b h", None)
+                            "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", None)
 lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backward_shapes,
-                             "k g, t b g, t b h, b h, t b h, b h, b h -> t b g, b h, b h", "rnnlab_lstm_backward",
-                             {1: 0})
+                             "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h",
+                             "rnnlab_lstm_backward", {1: 0}, _lstm_weight_gradient)
 gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes,
                            "k g, g, b h, t b g -> t b h, t b g, t b h", "rnnlab_gru_forward", {3: 1})
 gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
-                           "k g, t b g, t b h, t b h, b h, t b g, b h -> t b h, b h", None)
+                           "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h", None)
 gru_backward_p = _primitive("rnnlab_gru_backward", _reference_gru_backward, _gru_backward_shapes,
-                            "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, b h", "rnnlab_gru_backward", {1: 0})
+                            "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", "rnnlab_gru_backward",
+                            {1: 0}, _gru_weight_gradient)
 rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
                            lambda w_h, h0, px: [(px.shape, px.dtype)], "k h, b h, t b h -> t b h",
                            "rnnlab_rnn_forward", {2: 0})
 rnn_tangent_p = _primitive("rnnlab_rnn_tangent", _reference_rnn_tangent,
-                           lambda w_h, hs, u, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
-                           "k h, t b h, t b h, b h -> t b h, b h", None)
+                           lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
+                           "k h, t b h, b h, t b h, k h, b h -> t b h, b h", None)
 rnn_backward_p = _primitive("rnnlab_rnn_backward", _reference_rnn_backward,
-                            lambda w_h, hs, g_hs, g_h: [(hs.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
-                            "k h, t b h, t b h, b h -> t b h, b h", "rnnlab_rnn_backward", {2: 0})
+                            lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype),
+                                                            (g_h.shape, g_h.dtype)],
+                            "k h, t b h, b h, t b h, b h -> t b h, k h, b h", "rnnlab_rnn_backward", {3: 0},
+                            _rnn_weight_gradient)
 
 
 # `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this
@@ -419,20 +482,30 @@ except (ImportError, AttributeError):  # pragma: no cover - a JAX without the re
     pass
 
 
-def _transpose_rule(backward_p, residuals: int, like: int):
+#: Below this many rows the kernels leave W_h's gradient to XLA: with a short sum per step (K = batch) the kernel's
+#: per-step accumulation is slower than XLA's one matmul after the loop (LSTM at batch 16, T 1000: 88 against 84
+#: ms); from 32 rows it is as fast or faster (tanh RNN at batch 64, hidden 256: 47 against 67 ms).
+MIN_ROWS_FOR_WEIGHT_GRAD = 32
+
+
+def _transpose_rule(backward_p, weight_gradient, residuals: int, like: int):
     """The transpose of a tangent primitive whose first ``residuals`` operands are residuals (``operands[like]``
-    shaped like the sequence of dh's it returns) and the rest linear (``u`` and the carry's tangent): the backward
-    primitive on the cotangents of the tangent's results, symbolic zeros made real."""
+    shaped like the sequence of dh's it returns) and the rest linear (``u``, ``Ẇ_h`` and the carry's tangent): the
+    backward primitive on the cotangents of the tangent's results, symbolic zeros made real."""
 
     def rule(cotangents, *operands, **params):
         fixed, linear = operands[:residuals], operands[residuals:]
-        likes = [operands[like]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[1:]]
-        grads = backward_p.bind(*fixed, *(_instantiate(ct, shape) for ct, shape in zip(cotangents, likes)), **params)
+        likes = [operands[like]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[2:]]
+        arguments = (*fixed, *(_instantiate(ct, shape) for ct, shape in zip(cotangents, likes)))
+        in_kernel = operands[like].shape[1] >= MIN_ROWS_FOR_WEIGHT_GRAD
+        grads = backward_p.bind(*arguments, **params, weight_grad=in_kernel)
+        if not in_kernel:
+            grads = [grads[0], weight_gradient(arguments, grads[0], **params), *grads[2:]]
         return [None] * residuals + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
 
     return rule
 
 
-ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, 4, 2)
-ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 5, 3)
-ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, 2, 1)
+ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, _lstm_weight_gradient, 6, 4)
+ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, _gru_weight_gradient, 5, 3)
+ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, _rnn_weight_gradient, 3, 1)

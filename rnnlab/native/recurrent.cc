@@ -9,19 +9,23 @@
 //
 // lstm_forward(w_h [H, 4H], h0 [B, H], c0 [B, H], px [T, B, 4H]) -> hs [T, B, H], cs [T, B, H], gates [T, B, 4H]
 //   z = px_t + h_{t-1} W_h; (i, f, g, o) = (σ, σ, tanh, σ)(z); c_t = f c_{t-1} + i g; h_t = o tanh c_t
-// lstm_backward(w_h, gates, cs, c0, g_hs [T, B, H], g_h [B, H], g_c [B, H]) -> g_px [T, B, 4H], g_h0, g_c0
+// lstm_backward(w_h, gates, cs, c0, hs, h0, g_hs [T, B, H], g_h [B, H], g_c [B, H]) -> g_px [T, B, 4H], g_w [H, 4H],
+//   g_h0, g_c0
 //   the transpose of the LSTM's tangent recurrence (rnnlab/fused.py) for cotangents g_hs of every h_t and
 //   (g_h, g_c) of the final carry: g_px_t is the cotangent of the step's pre-activation z.
 // gru_forward(w_h [H, 3H], b_h [3H], h0 [B, H], px [T, B, 3H]) -> hs [T, B, H], gates [T, B, 3H], a_n [T, B, H]
 //   a = h_{t-1} W_h + b_h; r = σ(px_r + a_r); z = σ(px_z + a_z); n = tanh(px_n + r a_n); h_t = (1 - z) n + z h_{t-1}
 //   gates = [r, z, n] (the same shape as px, so XLA can hand px's buffer to it)
-// gru_backward(w_h, gates, a_n, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_h0
+// gru_backward(w_h, gates, a_n, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_w [H, 3H], g_h0
 //   the transpose of the GRU's tangent recurrence (rnnlab/fused.py): g_u_t is the cotangent of the tangent's input
 //   u_t = ṗx_t + [ȧ_r, ȧ_z, r ȧ_n].
 // rnn_forward(w_h [H, H], h0 [B, H], px [T, B, H]) -> hs [T, B, H]: h_t = φ(px_t + h_{t-1} W_h), φ tanh, relu or
 //   linear (the `activation` attribute)
-// rnn_backward(w_h, hs, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, H], g_h0: the transpose of the tangent recurrence
+// rnn_backward(w_h, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, H], g_w [H, H], g_h0: the transpose of the
+//   tangent recurrence
 //   ḣ_t = φ'(z_t) (u_t + ḣ_{t-1} W_h), with φ' written through h_t.
+// Each backward kernel also returns W_h's gradient g_w = Σ_t h_{t-1}ᵀ (the step's cotangent of h_{t-1} W_h), the
+//   transpose of the tangent's h_{t-1} Ẇ_h term (`weight_grad` false: left unwritten, for the caller to form).
 // `reverse` runs time from the last step to the first, as `lax.scan(..., reverse=True)`.
 
 #include <algorithm>
@@ -140,6 +144,40 @@ void matmul(int m, int n, int k, const float* a, int lda, const float* packed, f
       rows<1>(m, k, a, lda, b, kLanes, c + j, ldc);
     }
   }
+}
+
+// C[m, n] += Aᵀ @ B for A [k, m] and B [k, n] row-major (n a multiple of 16): the weight gradient's
+// h_{t-1}ᵀ @ g_t, accumulated step by step.
+template <int MR, int NV>
+inline void block_tn(int k_size, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  vf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = load(c + i * ldc + v * kLanes);
+  for (int k = 0; k < k_size; ++k) {
+    vf bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = load(b + k * ldb + v * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const float aki = a[k * lda + i];
+      for (int v = 0; v < NV; ++v) acc[i][v] += aki * bk[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
+}
+
+template <int NV>
+inline void rows_tn(int m, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  int i = 0;
+  for (; i + 8 <= m; i += 8) block_tn<8, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc);
+  if (i + 4 <= m) block_tn<4, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc), i += 4;
+  if (i + 2 <= m) block_tn<2, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc), i += 2;
+  if (i < m) block_tn<1, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc);
+}
+
+void matmul_tn_add(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  int j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) rows_tn<2>(m, k, a, lda, b + j, ldb, c + j, ldc);
+  if (j < n) rows_tn<1>(m, k, a, lda, b + j, ldb, c + j, ldc);
 }
 
 // A barrier for a fixed team: spins briefly, then yields (the team may share cores with other work).
@@ -292,10 +330,12 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 //   row(s): that recurrent cotangent, [B, gates·H] (complete after the barrier);
 //   carry(dh): adds to g_h_{t-1} = row(s) W_hᵀ (already in dh, [B, nu]) the direct terms of the cell;
 //   finish(): writes the cotangents of the initial carry other than h's.
-// g_h0 gets this part's units of the hidden state's cotangent at the end.
+// g_h0 gets this part's units of the hidden state's cotangent at the end. With g_w (not null), each part also
+// accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s), from its own columns of the row before the
+// barrier, while the row is in cache (hs [T, B, H] and h0 give h_{t-1}).
 template <typename MakePart>
-void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* g_h, float* g_h0,
-                   MakePart make_part) {
+void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* hs, const float* h0,
+                   const float* g_h, float* g_h0, float* g_w, MakePart make_part) {
   const int H = loop.hidden, G = loop.gates * H, B = loop.batch;
   team(pool, team_size(B, H, loop.gates, loop.threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
@@ -305,9 +345,19 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
     const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return w_h[(u0 + u) * G + k]; });
     std::vector<float> dh(static_cast<size_t>(B) * nu);
     for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h + b * H + u0, nu * sizeof(float));
+    if (g_w != nullptr) {
+      for (int k = 0; k < H; ++k)
+        for (int q = 0; q < loop.gates; ++q) std::memset(g_w + k * G + q * H + u0, 0, nu * sizeof(float));
+    }
     auto cell = make_part(u0, nu);
     for (int s = loop.steps - 1; s >= 0; --s) {
       for (int b = 0; b < B; ++b) cell.step(s, b, &dh[b * nu]);
+      if (g_w != nullptr) {
+        const int prev = loop.previous(s);
+        const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
+        for (int q = 0; q < loop.gates; ++q)
+          matmul_tn_add(H, nu, B, h_prev, H, cell.row(s) + q * H + u0, G, g_w + q * H + u0, G);
+      }
       barrier.wait();  // every unit's recurrent cotangent of the step is written
       matmul(B, nu, G, cell.row(s), G, panel.data(), dh.data(), nu);
       cell.carry(dh);
@@ -315,6 +365,13 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
     for (int b = 0; b < B; ++b) std::memcpy(g_h0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
     cell.finish();
   });
+}
+
+// W_h's gradient, or nothing when the caller computes it itself (`weight_grad` off: under vmap, one per example).
+float* weight_gradient(ffi::Result<ffi::Buffer<ffi::F32>>& g_w, bool weight_grad) {
+  if (weight_grad) return g_w->typed_data();
+  std::memset(g_w->typed_data(), 0, g_w->element_count() * sizeof(float));
+  return nullptr;
 }
 
 using Buffer = ffi::Buffer<ffi::F32>;
@@ -354,9 +411,9 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0,
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer g_hs,
-                            Buffer g_h, Buffer g_c, Result g_px, Result g_h0, Result g_c0, bool reverse,
-                            int64_t threads) {
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer hs, Buffer h0,
+                            Buffer g_hs, Buffer g_h, Buffer g_c, Result g_px, Result g_w, Result g_h0, Result g_c0,
+                            bool reverse, int64_t threads, bool weight_grad) {
   Loop loop;
   if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 4, reverse, threads, &loop); error.failure())
     return error;
@@ -397,7 +454,8 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer
         std::memcpy(GC0 + b * loop.hidden + u0, &dc[static_cast<size_t>(b) * nu], nu * sizeof(float));
     }
   };
-  backward_loop(pool, loop, w.typed_data(), g_h.typed_data(), g_h0->typed_data(), [&](int u0, int nu) {
+  backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), g_h.typed_data(), g_h0->typed_data(),
+                weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
     Part part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, GATES, CS, C0, GHS, GPX, GC0};
     for (int b = 0; b < B; ++b) std::memcpy(&part.dc[b * nu], g_c.typed_data() + b * H + u0, nu * sizeof(float));
     return part;
@@ -436,7 +494,8 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0,
 }
 
 ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n, Buffer hs, Buffer h0,
-                           Buffer g_hs, Buffer g_h, Result g_u, Result g_h0, bool reverse, int64_t threads) {
+                           Buffer g_hs, Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse, int64_t threads,
+                           bool weight_grad) {
   Loop loop;
   if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 3, reverse, threads, &loop); error.failure())
     return error;
@@ -484,7 +543,8 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
     }
     void finish() const {}
   };
-  backward_loop(pool, loop, w.typed_data(), g_h.typed_data(), g_h0->typed_data(), [&](int u0, int nu) {
+  backward_loop(pool, loop, w.typed_data(), HS, H0, g_h.typed_data(), g_h0->typed_data(),
+                weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
     return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, GATES, AN, HS, H0, GHS, GU,
                 recurrent.data()};
   });
@@ -539,8 +599,9 @@ ffi::Error RnnForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, 
   return ffi::Error::Success();
 }
 
-ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer g_hs, Buffer g_h, Result g_u,
-                           Result g_h0, bool reverse, int64_t threads, std::string_view activation_name) {
+ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, Buffer g_hs, Buffer g_h, Result g_u,
+                           Result g_w, Result g_h0, bool reverse, int64_t threads, bool weight_grad,
+                           std::string_view activation_name) {
   Loop loop;
   Activation act;
   if (auto error = activation_of(activation_name, &act); error.failure()) return error;
@@ -562,7 +623,8 @@ ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer g_h
     void carry(std::vector<float>&) const {}
     void finish() const {}
   };
-  backward_loop(pool, loop, w.typed_data(), g_h.typed_data(), g_h0->typed_data(), [&](int u0, int nu) {
+  backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), g_h.typed_data(), g_h0->typed_data(),
+                weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
     return Part{u0, nu, loop, act, hs.typed_data(), g_hs.typed_data(), g_u->typed_data()};
   });
   return ffi::Error::Success();
@@ -589,10 +651,12 @@ auto signature() {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl, (signature<7, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
+                              (signature<9, 4>().Attr<bool>("weight_grad")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl, (signature<4, 3>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl, (signature<7, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackward, GruBackwardImpl,
+                              (signature<7, 3>().Attr<bool>("weight_grad")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
                               (signature<3, 1>().Attr<std::string_view>("activation")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
-                              (signature<4, 2>().Attr<std::string_view>("activation")));
+                              (signature<5, 3>().Attr<bool>("weight_grad").Attr<std::string_view>("activation")));
