@@ -312,12 +312,13 @@ def _ffi_call(target: str, out_shapes, aliases: dict, params: dict):
     return call
 
 
-def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: dict):
+def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: dict, summed: int | None = None):
     """The kernel call as a `custom_partitioning` function that XLA's SPMD partitioner splits along the batch axis:
     each device runs the kernel on its own rows (an opaque custom call would otherwise be gathered and run whole on
-    every device). Every other dimension must stay whole."""
+    every device). Every other dimension must stay whole. Result ``summed`` (W_h's gradient) is a sum over the
+    batch: each device's part is all-reduced."""
     batch_in, batch_out = _axes(labels)
-    call = _ffi_call(target, out_shapes, aliases, params)
+    kernel = _ffi_call(target, out_shapes, aliases, params)
 
     def partition(mesh, arg_shapes, result_shapes):
         specs = [a.sharding.spec for a in arg_shapes]
@@ -329,10 +330,16 @@ def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: di
                 spec[batch] = axis
             return NamedSharding(mesh, PartitionSpec(*spec))
 
-        return (mesh, call, tuple(sharding(len(r.shape), b) for r, b in zip(result_shapes, batch_out)),
+        def local(*args):
+            outs = list(kernel(*args))
+            if summed is not None and axis is not None:
+                outs[summed] = jax.lax.psum(outs[summed], axis)
+            return tuple(outs)
+
+        return (mesh, local, tuple(sharding(len(r.shape), b) for r, b in zip(result_shapes, batch_out)),
                 tuple(sharding(len(a.shape), b) for a, b in zip(arg_shapes, batch_in)))
 
-    function = custom_partitioning(call)
+    function = custom_partitioning(kernel)
     whole = list(dict.fromkeys(labels.replace("->", ",").replace(",", " ").split()))  # in order of appearance
     function.def_partition(partition, sharding_rule=labels,
                            need_replication_factors=tuple(name for name in whole if name != "b"))
@@ -351,8 +358,8 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
     (1–2 µs per 4 KB on this project's 2-core VM).
 
     A backward primitive (``weight_gradient`` given) returns ``(g_u, g_w, *carry)``, ``g_w`` being W_h's gradient
-    (a sum over steps and batch), and takes ``weight_grad``: ``"kernel"`` (summed in the kernel's loop, except
-    across devices), ``"xla"`` (one XLA matmul after it: ``weight_gradient(operands, g_u, reverse, flat)``) or
+    (a sum over steps and batch), and takes ``weight_grad``: ``"kernel"`` (summed in the kernel's loop; across
+    devices each sums its rows and the parts are all-reduced), ``"xla"`` (one XLA matmul after it: ``weight_gradient(operands, g_u, reverse, flat)``) or
     ``"none"`` (zeros: the caller forms it, as the batching rule does with one per example).
     """
     aliases = aliases or {}
@@ -378,13 +385,13 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
             several = (getattr(axis_context, "num_devices", 1) > 1
                        and getattr(axis_context, "device_assignment", None) is not None)
             mode = params.pop("weight_grad", None)
-            if mode is not None:  # across devices W_h's gradient needs XLA's all-reduce
-                params["weight_grad"] = mode == "kernel" and not several
+            if mode is not None:
+                params["weight_grad"] = mode == "kernel"
             if not several and mode != "xla":
                 return kernel_rule(ctx, *args, **params)
-            kernel = (_partitioned(target, out_shapes, labels, aliases, params) if several
-                      else _ffi_call(target, out_shapes, aliases, params))
-            if mode is None or mode == "none":
+            kernel = (_partitioned(target, out_shapes, labels, aliases, params, 1 if mode == "kernel" else None)
+                      if several else _ffi_call(target, out_shapes, aliases, params))
+            if mode != "xla":
                 return mlir.lower_fun(kernel, multiple_results=True)(ctx, *args)
 
             def with_weight_gradient(*operands):
