@@ -95,15 +95,21 @@ inline vf vtanh(vf x) {
   return a < splat(0.625f) ? small : large;
 }
 
-// C[m, n] = A[m, k] @ B[k, n] for one block of MR rows and NV vectors of columns (row-major, leading dimensions).
-template <int MR, int NV>
+// One block of MR rows and NV vectors of columns of C[m, n] = A @ B[k, n] (row-major, leading dimensions), with
+// A [m, k] (Transposed false: the recurrent matmul) or, accumulating into C, Aᵀ for A [k, m] (Transposed true: the
+// weight gradient's h_{t-1}ᵀ g_t, summed step by step).
+template <int MR, int NV, bool Transposed>
 inline void block(int k_size, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
   vf acc[MR][NV] = {};
+  if (Transposed) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = load(c + i * ldc + v * kLanes);
+  }
   for (int k = 0; k < k_size; ++k) {
     vf bk[NV];
     for (int v = 0; v < NV; ++v) bk[v] = load(b + k * ldb + v * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const float aik = a[i * lda + k];
+      const float aik = Transposed ? a[k * lda + i] : a[i * lda + k];
       for (int v = 0; v < NV; ++v) acc[i][v] += aik * bk[v];
     }
   }
@@ -111,13 +117,15 @@ inline void block(int k_size, const float* a, int lda, const float* b, int ldb, 
     for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
 }
 
-template <int NV>
+// All m rows of one column block: blocks of 8 rows, then 4, 2, 1.
+template <int NV, bool Transposed>
 inline void rows(int m, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  const int row_step = Transposed ? 1 : lda;  // from one row of C to the next, in A
   int i = 0;
-  for (; i + 8 <= m; i += 8) block<8, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
-  if (i + 4 <= m) block<4, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc), i += 4;
-  if (i + 2 <= m) block<2, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc), i += 2;
-  if (i < m) block<1, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+  for (; i + 8 <= m; i += 8) block<8, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
+  if (i + 4 <= m) block<4, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 4;
+  if (i + 2 <= m) block<2, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 2;
+  if (i < m) block<1, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
 }
 
 // B[k, n] (n a multiple of 16) packed for `matmul`: column blocks of 32 (the last may be 16), each [k, width]
@@ -139,45 +147,18 @@ void matmul(int m, int n, int k, const float* a, int lda, const float* packed, f
   for (int j = 0; j < n; j += 2 * kLanes) {
     const float* b = packed + static_cast<size_t>(j) * k;
     if (n - j >= 2 * kLanes) {
-      rows<2>(m, k, a, lda, b, 2 * kLanes, c + j, ldc);
+      rows<2, false>(m, k, a, lda, b, 2 * kLanes, c + j, ldc);
     } else {
-      rows<1>(m, k, a, lda, b, kLanes, c + j, ldc);
+      rows<1, false>(m, k, a, lda, b, kLanes, c + j, ldc);
     }
   }
 }
 
-// C[m, n] += Aᵀ @ B for A [k, m] and B [k, n] row-major (n a multiple of 16): the weight gradient's
-// h_{t-1}ᵀ @ g_t, accumulated step by step.
-template <int MR, int NV>
-inline void block_tn(int k_size, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  vf acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = load(c + i * ldc + v * kLanes);
-  for (int k = 0; k < k_size; ++k) {
-    vf bk[NV];
-    for (int v = 0; v < NV; ++v) bk[v] = load(b + k * ldb + v * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const float aki = a[k * lda + i];
-      for (int v = 0; v < NV; ++v) acc[i][v] += aki * bk[v];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
-}
-
-template <int NV>
-inline void rows_tn(int m, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  int i = 0;
-  for (; i + 8 <= m; i += 8) block_tn<8, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc);
-  if (i + 4 <= m) block_tn<4, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc), i += 4;
-  if (i + 2 <= m) block_tn<2, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc), i += 2;
-  if (i < m) block_tn<1, NV>(k, a + i, lda, b, ldb, c + i * ldc, ldc);
-}
-
+// C[m, n] += Aᵀ @ B for A [k, m] and B [k, n] row-major (n a multiple of 16).
 void matmul_tn_add(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
   int j = 0;
-  for (; j + 2 * kLanes <= n; j += 2 * kLanes) rows_tn<2>(m, k, a, lda, b + j, ldb, c + j, ldc);
-  if (j < n) rows_tn<1>(m, k, a, lda, b + j, ldb, c + j, ldc);
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) rows<2, true>(m, k, a, lda, b + j, ldb, c + j, ldc);
+  if (j < n) rows<1, true>(m, k, a, lda, b + j, ldb, c + j, ldc);
 }
 
 // A barrier for a fixed team: spins briefly, then yields (the team may share cores with other work).
