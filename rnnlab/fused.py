@@ -170,11 +170,14 @@ def _gru_coefficients(params, saved, hs, h_prev):
     return r, into_h, into_h * jnp.concatenate([jnp.ones_like(r), jnp.ones_like(r), r], axis=-1), z
 
 
-def _gru_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
-    r = coeffs[0]
-    da = _weight_tangent(h_prev, d_params["w_h"]) + d_params["b_h"]
+def _through_reset(r: jax.Array, da: jax.Array) -> jax.Array:
+    """The tangent of ``a = h W_h + b_h`` as it enters the GRU's gates: its n-block through the reset gate."""
     da_r, da_z, da_n = jnp.split(da, 3, axis=-1)
-    return dpx + jnp.concatenate([da_r, da_z, r * da_n], axis=-1)
+    return jnp.concatenate([da_r, da_z, r * da_n], axis=-1)
+
+
+def _gru_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
+    return dpx + _through_reset(coeffs[0], _weight_tangent(h_prev, d_params["w_h"]) + d_params["b_h"])
 
 
 def _gru_tangent_step(params, dh, u_t, coeffs_t):
@@ -256,9 +259,7 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, d_para
         hs, gates, a_n = native.gru_forward_p.bind(w_h, params["b_h"], h0, px, **options)
         if d_params is None:
             return hs, hs[last]
-        # b_h's tangent enters like h W_h + b_h: its n-block through r.
-        db_r, db_z, db_n = jnp.split(jnp.broadcast_to(d_params["b_h"], px.shape), 3, axis=-1)
-        u = dpx + jnp.concatenate([db_r, db_z, gates[..., : h0.shape[-1]] * db_n], axis=-1)
+        u = dpx + _through_reset(gates[..., : h0.shape[-1]], jnp.broadcast_to(d_params["b_h"], px.shape))
         d_hs, d_h = native.gru_tangent_p.bind(w_h, gates, a_n, hs, h0, u, d_params["w_h"], d_carry, **options)
         return (hs, hs[last]), (d_hs, d_h)
     activation = next(name for name, rnn in _RNN.items() if rnn == kernel)

@@ -226,9 +226,7 @@ def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, *, reverse, thre
         new = fused._gru_tangent_step(params, dh, *inputs)
         return new, new
 
-    # The n-block of h_{t-1} Ẇ_h enters through r, like the rest of h W_h + b_h.
-    da_r, da_z, da_n = jnp.split(_weight_term(hs, h0, dw, reverse), 3, axis=-1)
-    u = u + jnp.concatenate([da_r, da_z, gates[..., : hs.shape[-1]] * da_n], axis=-1)
+    u = u + fused._through_reset(gates[..., : hs.shape[-1]], _weight_term(hs, h0, dw, reverse))
     dh, dhs = _scan(body, dh0, (u, coeffs), reverse)
     return dhs, dh
 
@@ -243,9 +241,10 @@ def _reference_gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, *, reverse, thre
 
 def _gru_weight_gradient(operands, g_u, reverse, flat):
     gates, hs, h0 = operands[1], operands[3], operands[4]
-    r = gates[..., : hs.shape[-1]]
-    g_r, g_z, g_n = jnp.split(g_u, 3, axis=-1)
-    return _weight_gradient(hs, h0, jnp.concatenate([g_r, g_z, g_n * r], axis=-1), reverse, flat)
+    from rnnlab import fused
+
+    # The transpose of `_through_reset` is itself: the n-block of the cotangent times r.
+    return _weight_gradient(hs, h0, fused._through_reset(gates[..., : hs.shape[-1]], g_u), reverse, flat)
 
 
 def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation):
