@@ -81,9 +81,13 @@ def _hidden_of(carry):
 def _weight_tangent(h_prev: jax.Array, d_w: jax.Array) -> jax.Array:
     """``h_prev [T, N, H] @ d_w [H, G·H]`` as one matmul over all steps; its transpose is the weight gradient.
 
-    An einsum rather than a reshape to ``[T·N, H]``: with the batch split over devices, merging T and N would gather
-    the whole batch on every device."""
-    return jnp.einsum("tnh,hg->tng", h_prev, d_w)
+    Flattened to ``[T·N, H]`` in a process with one device (XLA's CPU backend runs the transpose of the unflattened
+    product, a contraction over two axes, about twice as slowly); an einsum with several, where merging T with a
+    batch split over devices would gather the whole batch on every device (`scan._project_all` likewise)."""
+    if jax.device_count() > 1:
+        return jnp.einsum("tnh,hg->tng", h_prev, d_w)
+    seq_len, batch, hidden = h_prev.shape
+    return (h_prev.reshape(seq_len * batch, hidden) @ d_w).reshape(seq_len, batch, d_w.shape[-1])
 
 
 def _recurrent_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
