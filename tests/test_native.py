@@ -1,9 +1,9 @@
-"""The native LSTM and GRU kernels (`rnnlab.native`, C++ through XLA's FFI) against plain autodiff of the step.
+"""The native kernels (`rnnlab.native`, C++ through XLA's FFI) against plain autodiff of each cell's step.
 
-`rnnlab.scan` sends the LSTM and the GRU (float32, hidden size a multiple of 16, no padding mask) to the kernels on
-CPU; the reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan` differentiated by
-JAX, and the truth is that reference in float64.
-Each case also checks that the compiled program really calls the kernel, so a silent fallback cannot pass for it.
+`rnnlab.scan` sends the LSTM, the GRU and the Elman RNN (float32, hidden size a multiple of 16, no padding mask) to
+the kernels on CPU; the reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan`
+differentiated by JAX, and the truth is that reference in float64. Each case also checks that the compiled program
+really calls the kernel, so a silent fallback cannot pass for it.
 """
 
 import math
