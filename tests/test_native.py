@@ -199,7 +199,7 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
     for name in ("off", "no-compiler"):
         np.testing.assert_allclose(results[name], results["one-thread"], rtol=1e-5, atol=1e-7)
 
-    two_devices = _run(f"""
+    two_devices = _run("""
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
         import jax, jax.numpy as jnp, numpy as np, rnnlab
