@@ -222,3 +222,15 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
     """, {"RNNLAB_NATIVE_THREADS": "3"}, timeout=300)
     assert two_devices.returncode == 0, two_devices.stderr
     assert two_devices.stdout.split()[-3:] == ["False", "True", "True"], two_devices.stdout
+
+
+@needs_kernels
+def test_jax_export_lowers_to_xla_loops():
+    """`jax.export` accepts no custom call without a compatibility guarantee: an exported program carries the
+    plain-JAX loops, and computes what the kernels do."""
+    cell, params, xs, carry, weights = problem(32, (4,), 6)
+    grad = jax.jit(jax.grad(loss_fn(cell, weights, False)))
+    exported = jax.export.export(grad)(params, xs, carry)
+    assert "custom_call @rnnlab" not in exported.mlir_module()
+    assert calls_kernel(jax.grad(loss_fn(cell, weights, False)), params, xs, carry)
+    assert_trees_close(exported.call(params, xs, carry), grad(params, xs, carry), rtol=2e-5, atol=2e-6)

@@ -377,7 +377,10 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
 
         def cpu_rule(ctx, *args, **params):
             hidden = ctx.avals_in[0].shape[0]  # w_h [H, G·H]
-            if not (all(aval.dtype == jnp.float32 for aval in ctx.avals_in) and applies(hidden, jnp.float32)):
+            # `jax.export` refuses custom calls without compatibility guarantees: exported programs get XLA's loops.
+            exporting = getattr(ctx.module_context.lowering_parameters, "for_export", False)
+            if exporting or not (all(aval.dtype == jnp.float32 for aval in ctx.avals_in)
+                                 and applies(hidden, jnp.float32)):
                 return reference_rule(ctx, *args, **params)
             axis_context = ctx.module_context.axis_context
             # A jit over several devices (JAX names them to the lowering of the primitives registered below).
