@@ -78,16 +78,23 @@ def _hidden_of(carry):
     return carry[0] if isinstance(carry, tuple) else carry
 
 
-def _weight_tangent(h_prev: jax.Array, d_w: jax.Array) -> jax.Array:
-    """``h_prev [T, N, H] @ d_w [H, G·H]`` as one matmul over all steps; its transpose is the weight gradient.
+def over_steps(fn: Callable[[jax.Array], jax.Array], xs: jax.Array) -> jax.Array:
+    """``fn`` (a product on the last axis) of ``xs [T, *batch, K]``, for every step at once.
 
-    Flattened to ``[T·N, H]`` in a process with one device (XLA's CPU backend runs the transpose of the unflattened
-    product, a contraction over two axes, about twice as slowly); an einsum with several, where merging T with a
-    batch split over devices would gather the whole batch on every device (`scan._project_all` likewise)."""
-    if jax.device_count() > 1:
-        return jnp.einsum("tnh,hg->tng", h_prev, d_w)
-    seq_len, batch, hidden = h_prev.shape
-    return (h_prev.reshape(seq_len * batch, hidden) @ d_w).reshape(seq_len, batch, d_w.shape[-1])
+    In a process with one device ``xs`` is flattened to ``[T·batch, K]``: XLA's CPU backend runs the transpose of the
+    unflattened product (the weight's gradient, a contraction over the time and batch axes) up to 3x slower (16.9
+    against 5.1 ms for W_x at T 1000, batch 16, input 32, hidden 128). With several devices the product stays
+    unflattened: merging time with a batch split over devices would gather the batch on every device.
+    """
+    if xs.ndim <= 2 or jax.device_count() > 1:
+        return fn(xs)
+    flat = fn(xs.reshape(-1, xs.shape[-1]))
+    return flat.reshape(xs.shape[:-1] + flat.shape[-1:])
+
+
+def _weight_tangent(h_prev: jax.Array, d_w: jax.Array) -> jax.Array:
+    """``h_prev [T, N, H] @ d_w [H, G·H]`` for all steps at once; its transpose is the weight gradient."""
+    return over_steps(lambda h: h @ d_w, h_prev)
 
 
 def _recurrent_tangent_inputs(params, d_params, dpx, h_prev, coeffs):

@@ -1,4 +1,5 @@
-"""Native CPU kernels for the sequential loops of the LSTM, the GRU and the Elman RNN, behind `rnnlab.scan` (used by `rnnlab.fused`).
+"""Native CPU kernels for the sequential loops of the LSTM, the GRU and the Elman RNN, behind `rnnlab.scan` (used by
+`rnnlab.fused`).
 
 XLA runs the per-step matmul of a recurrence on one core, so on a CPU the loops of an LSTM or a GRU use one core
 however many there are. ``recurrent.cc`` holds each cell's forward loop and backward (transposed tangent) loop as XLA
@@ -190,14 +191,6 @@ def _reference_tangent(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0, *, reverse, 
     return dhs, dh, dc
 
 
-def _reference_backward(w_h, gates, cs, c0, hs, h0, g_hs, g_h, g_c, *, reverse, threads, weight_grad="kernel"):
-    def tangent(u, dw, dh0, dc0):
-        return _reference_tangent(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0, reverse=reverse, threads=threads)
-
-    zeros = (jnp.zeros_like(gates), jnp.zeros_like(w_h), jnp.zeros_like(g_h), jnp.zeros_like(g_c))
-    return jax.linear_transpose(tangent, *zeros)((g_hs, g_h, g_c))
-
-
 def _lstm_weight_gradient(operands, g_u, reverse, flat):
     hs, h0 = operands[4], operands[5]
     return _weight_gradient(hs, h0, g_u, reverse, flat)
@@ -231,18 +224,10 @@ def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, *, reverse, thre
     return dhs, dh
 
 
-def _reference_gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, *, reverse, threads, weight_grad="kernel"):
-    def tangent(u, dw, dh0):
-        return _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, reverse=reverse, threads=threads)
-
-    zeros = (jnp.zeros_like(gates), jnp.zeros_like(w_h), jnp.zeros_like(g_h))
-    return jax.linear_transpose(tangent, *zeros)((g_hs, g_h))
-
-
 def _gru_weight_gradient(operands, g_u, reverse, flat):
-    gates, hs, h0 = operands[1], operands[3], operands[4]
     from rnnlab import fused
 
+    gates, hs, h0 = operands[1], operands[3], operands[4]
     # The transpose of `_through_reset` is itself: the n-block of the cotangent times r.
     return _weight_gradient(hs, h0, fused._through_reset(gates[..., : hs.shape[-1]], g_u), reverse, flat)
 
@@ -271,17 +256,25 @@ def _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, *, reverse, threads, activat
     return dhs, dh
 
 
-def _reference_rnn_backward(w_h, hs, h0, g_hs, g_h, *, reverse, threads, activation, weight_grad="kernel"):
-    def tangent(u, dw, dh0):
-        return _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, reverse=reverse, threads=threads,
-                                      activation=activation)
-
-    return jax.linear_transpose(tangent, jnp.zeros_like(g_hs), jnp.zeros_like(w_h), jnp.zeros_like(g_h))((g_hs, g_h))
-
-
 def _rnn_weight_gradient(operands, g_u, reverse, flat):
     hs, h0 = operands[1], operands[2]
     return _weight_gradient(hs, h0, g_u, reverse, flat)
+
+
+def _transposed(tangent, residuals: int):
+    """The backward reference of a tangent reference ``tangent(*residuals, u, dw, *d_carry)``: its transpose in
+    ``(u, dw, *d_carry)``, applied to the cotangents of ``(dhs, *d_final_carry)``. Returns ``(g_u, g_w,
+    *g_carry)``; ``weight_grad`` is the kernel's business, so ignored here."""
+
+    def backward(*operands, weight_grad="kernel", **params):
+        fixed, cotangents = operands[:residuals], operands[residuals:]
+        w_h, g_hs = fixed[0], cotangents[0]
+        zeros = (jnp.zeros(g_hs.shape[:-1] + w_h.shape[-1:], g_hs.dtype), jnp.zeros_like(w_h),
+                 *map(jnp.zeros_like, cotangents[1:]))
+        linear = jax.linear_transpose(lambda *lin: tangent(*fixed, *lin, **params), *zeros)
+        return linear(tuple(cotangents))
+
+    return backward
 
 
 # --- primitives -----------------------------------------------------------------------------------------------------
@@ -358,7 +351,8 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
 
     A backward primitive (``weight_gradient`` given) returns ``(g_u, g_w, *carry)``, ``g_w`` being W_h's gradient
     (a sum over steps and batch), and takes ``weight_grad``: ``"kernel"`` (summed in the kernel's loop; across
-    devices each sums its rows and the parts are all-reduced), ``"xla"`` (one XLA matmul after it: ``weight_gradient(operands, g_u, reverse, flat)``) or
+    devices each sums its rows and the parts are all-reduced), ``"xla"`` (one XLA matmul after it:
+    ``weight_gradient(operands, g_u, reverse, flat)``) or
     ``"none"`` (zeros: the caller forms it, as the batching rule does with one per example).
     """
     aliases = aliases or {}
@@ -474,14 +468,14 @@ lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_
                             "k g, b h, b h, t b g -> t b h, t b h, t b g", "rnnlab_lstm_forward", {3: 2})
 lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes,
                             "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", None)
-lstm_backward_p = _primitive("rnnlab_lstm_backward", _reference_backward, _backward_shapes,
+lstm_backward_p = _primitive("rnnlab_lstm_backward", _transposed(_reference_tangent, 6), _backward_shapes,
                              "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h",
                              "rnnlab_lstm_backward", {1: 0}, _lstm_weight_gradient)
 gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes,
                            "k g, g, b h, t b g -> t b h, t b g, t b h", "rnnlab_gru_forward", {3: 1})
 gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
                            "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h", None)
-gru_backward_p = _primitive("rnnlab_gru_backward", _reference_gru_backward, _gru_backward_shapes,
+gru_backward_p = _primitive("rnnlab_gru_backward", _transposed(_reference_gru_tangent, 5), _gru_backward_shapes,
                             "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", "rnnlab_gru_backward",
                             {1: 0}, _gru_weight_gradient)
 rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
@@ -490,7 +484,7 @@ rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
 rnn_tangent_p = _primitive("rnnlab_rnn_tangent", _reference_rnn_tangent,
                            lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
                            "k h, t b h, b h, t b h, k h, b h -> t b h, b h", None)
-rnn_backward_p = _primitive("rnnlab_rnn_backward", _reference_rnn_backward,
+rnn_backward_p = _primitive("rnnlab_rnn_backward", _transposed(_reference_rnn_tangent, 3),
                             lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype),
                                                             (g_h.shape, g_h.dtype)],
                             "k h, t b h, b h, t b h, b h -> t b h, k h, b h", "rnnlab_rnn_backward", {3: 0},
