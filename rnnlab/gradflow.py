@@ -13,13 +13,14 @@ Conventions: ``h_t`` is the hidden state after consuming ``x_t`` (``t = 0 … T-
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from rnnlab import fused
+from rnnlab import fused, native
 from rnnlab.scan import prepare, step_and_inputs
 
 _NEG_INF = -jnp.inf
@@ -148,7 +149,9 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
 
     The backward (cotangent) vector is renormalised after every step and the log of its norm accumulated, so the
     result is exact far beyond float32's range. For the built-in cells a backward step applies the step's Jacobian
-    from coefficients saved by the forward loop (`rnnlab.fused`), so nothing is recomputed.
+    from coefficients saved by the forward loop (`rnnlab.fused`), so nothing is recomputed; with the default loss
+    and no ``remat`` the whole measurement is one call of `rnnlab.native`'s gradient-flow kernel (C++ on CPU in
+    float32, the same maths on XLA elsewhere), which under `jax.vmap` runs every configuration of a sweep at once.
     """
     xs, carry, _ = prepare(cell, params, xs, carry)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
@@ -158,7 +161,19 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     batch = math.prod(batch_shape)
     xs = xs.reshape(seq_len, batch, xs.shape[-1])
     carry = jax.tree_util.tree_map(lambda leaf: leaf.reshape((batch,) + leaf.shape[len(batch_shape):]), carry)
+    if (loss is None and remat is None and seq_len > 0 and batch > 0 and fused.supports(cell, params, carry, xs)
+            and os.environ.get("RNNLAB_NATIVE", "1") != "0"):
+        return native.grad_norms(cell, params, xs, carry)
+    return log_domain_norms(cell, params, xs, carry, loss=loss, remat=remat, batch_shape=batch_shape)
 
+
+def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: int | None = None,
+                     batch_shape: tuple[int, ...] | None = None) -> jax.Array:
+    """`grad_norms` on XLA for ``xs [T, N, input_size]`` and ``carry`` with the batch flattened to ``N``
+    (``batch_shape``: its shape for ``loss``, default ``(N,)``): the plain engine, and the reference of the
+    gradient-flow kernel."""
+    seq_len = xs.shape[0]
+    batch_shape = xs.shape[1:-1] if batch_shape is None else batch_shape
     if remat:  # keep the carry before every chunk of `remat` steps; chunks are linearised again on the way back
         step, _ = step_and_inputs(cell, params, xs, hoist=False)
         by_chunk = xs.reshape((seq_len // remat, remat) + xs.shape[1:])

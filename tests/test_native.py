@@ -234,3 +234,112 @@ def test_jax_export_lowers_to_xla_loops():
     assert "custom_call @rnnlab" not in exported.mlir_module()
     assert calls_kernel(jax.grad(loss_fn(cell, weights, False)), params, xs, carry)
     assert_trees_close(exported.call(params, xs, carry), grad(params, xs, carry), rtol=2e-5, atol=2e-6)
+
+
+# --- the gradient-flow kernel ---------------------------------------------------------------------------------------
+
+FLOW_KINDS = ["LSTM", "GRU", "RNN-tanh", "RNN-relu", "RNN-linear"]
+
+
+def flow_problem(kind, gains, hidden=32, batch=3, seq_len=60, input_size=5):
+    """Stacked parameters of one cell at several recurrent gains, each with its own inputs and initial carry."""
+    cell = make_cell(kind, hidden)
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    params = jax.vmap(lambda gain: rnnlab.sweep.scale_recurrent(cell, cell.init(keys[0], input_size), gain))(
+        jnp.asarray(gains, jnp.float32))
+    xs = jax.random.normal(keys[1], (len(gains), seq_len, batch, input_size))
+    carry = jax.tree_util.tree_map(lambda c: 0.3 * jax.random.normal(keys[2], (len(gains),) + c.shape),
+                                   cell.initial_carry((batch,)))
+    return cell, params, xs, carry
+
+
+def flow_norms(cell, params, xs, carry, engine):
+    """log10 ||∂L/∂h_t|| of every configuration: through `gradflow.grad_norms` (the kernel) or the XLA engine."""
+    if engine == "kernel":
+        one = lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c)  # noqa: E731
+    else:
+        one = lambda p, x, c: rnnlab.gradflow.log_domain_norms(cell, p, x, c)  # noqa: E731
+    return jax.jit(jax.vmap(one))(params, xs, carry)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", FLOW_KINDS)
+def test_gradflow_kernel_equals_the_log_domain_engine(kind):
+    """Every configuration of a vmapped sweep in one kernel call, against the XLA engine in float32, with the
+    engine in float64 as the truth (away from chaos, where float32 trajectories part)."""
+    gains = [0.5, 1.0, 1.4] if kind != "RNN-relu" else [0.5, 0.9, 1.0]
+    cell, params, xs, carry = flow_problem(kind, gains)
+    text = jax.jit(jax.vmap(lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c))).lower(
+        params, xs, carry).as_text()
+    assert text.count("rnnlab_gradflow") == 1  # one call for all configurations
+    got = np.asarray(flow_norms(cell, params, xs, carry, "kernel"), np.float64)
+    plain = np.asarray(flow_norms(cell, params, xs, carry, "xla"), np.float64)
+    with jax.enable_x64(True):
+        as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        truth = np.asarray(flow_norms(cell, *as64((params, xs, carry)), "xla"))
+    assert np.all(np.isfinite(truth)) and truth.min() < -5  # the gains reach vanishing gradients
+    got_error, plain_error = np.max(np.abs(got - truth)), np.max(np.abs(plain - truth))
+    assert got_error <= max(10 * plain_error, 1e-5), (got_error, plain_error)
+
+
+@needs_kernels
+def test_gradflow_kernel_far_below_float32_and_its_nan_and_minus_inf():
+    """The closed form of a linear RNN with W = g·Q at 1e-600; -inf where no gradient passes (a ReLU RNN whose
+    units are all off); nan where the forward pass overflowed (a ReLU RNN at gain 2), as the XLA engine says."""
+    linear = rnnlab.RNN(16, activation="linear", recurrent_init=rnnlab.init.orthogonal(0.5))
+    params = linear.init(jax.random.PRNGKey(0), input_size=4)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (2000, 8, 4))
+    flow = jax.jit(lambda p, x: rnnlab.gradflow.grad_norms(linear, p, x))
+    assert "rnnlab_gradflow" in flow.lower(params, xs).as_text()
+    measured = np.asarray(flow(params, xs), np.float64)
+    last = np.log10(np.linalg.norm(2.0 * np.asarray(rnnlab.scan(linear, params, xs)[0][-1], np.float64) / 8))
+    np.testing.assert_allclose(measured, (1999 - np.arange(2000)) * np.log10(0.5) + last, rtol=1e-5, atol=1e-4)
+
+    off = rnnlab.RNN(16, activation="relu", bias_init=rnnlab.init.constant(-100.0))
+    assert np.all(np.asarray(rnnlab.gradflow.grad_norms(off, off.init(jax.random.PRNGKey(0), 2),
+                                                        jnp.ones((6, 3, 2)))) == -np.inf)
+    exploding = rnnlab.RNN(16, activation="relu", recurrent_init=rnnlab.init.identity(2.0))
+    params = exploding.init(jax.random.PRNGKey(0), 4)
+    xs = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (300, 3, 4)))
+    carry = exploding.initial_carry((3,))
+    overflowed = np.asarray(rnnlab.gradflow.grad_norms(exploding, params, xs))
+    np.testing.assert_array_equal(np.isnan(overflowed),
+                                  np.isnan(rnnlab.gradflow.log_domain_norms(exploding, params, xs, carry)))
+    assert np.all(np.isnan(overflowed))
+
+
+@needs_kernels
+def test_gradflow_kernel_threads_and_devices(tmp_path):
+    """Configurations shared out over 1 or 3 threads give bit-identical numbers (each runs whole on one thread);
+    split over 2 CPU devices (the sweep's sharding), each device runs the kernel on its own configurations and
+    nothing is gathered."""
+    program = """
+        import os, sys
+        import jax, numpy as np
+        from rnnlab import sweep
+        if sys.argv[-1] == "two":
+            sweep.use_cpu_cores(2)
+        grid = sweep.Grid.product([0.5, 1.0, 1.5], [0, 1])
+        norms, _, _ = sweep.grad_norm_table(sweep.make_cell("lstm", 32), grid, 40, input_size=3, batch=5)
+        np.save(sys.argv[-2], norms)
+        if sys.argv[-1] == "two":
+            cell = sweep.make_cell("lstm", 32)
+            sharding, _ = sweep._config_sharding(6)
+            params = sweep._spread(sweep.init_configs(cell, grid.seeds, grid.gains, 3), sharding)
+            xs = sweep.inputs_configs(sweep._spread(grid.seeds, sharding), 40, 5, 3, 1.0)
+            text = sweep.measure_configs.lower(cell, params, xs).compile().as_text()
+            print("all-gather" in text, "rnnlab_gradflow" in text, "f32[3,40]" in text)
+    """
+    results = {}
+    for name, threads, devices in (("one", "1", "one"), ("three", "3", "one"), ("two-devices", "1", "two")):
+        out = tmp_path / f"{name}.npy"
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(program), str(out), devices], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "RNNLAB_NATIVE_THREADS": threads},
+                                capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr
+        results[name] = np.load(out)
+        if devices == "two":
+            assert result.stdout.split()[-3:] == ["False", "True", "True"], result.stdout
+    np.testing.assert_array_equal(results["three"], results["one"])
+    np.testing.assert_array_equal(results["two-devices"], results["one"])
+    assert np.all(np.isfinite(results["one"]))

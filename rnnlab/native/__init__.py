@@ -53,7 +53,8 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 #: FFI target name -> the library's handler symbol.
 _TARGETS = {"rnnlab_lstm_forward": "RnnlabLstmForward", "rnnlab_lstm_backward": "RnnlabLstmBackward",
             "rnnlab_gru_forward": "RnnlabGruForward", "rnnlab_gru_backward": "RnnlabGruBackward",
-            "rnnlab_rnn_forward": "RnnlabRnnForward", "rnnlab_rnn_backward": "RnnlabRnnBackward"}
+            "rnnlab_rnn_forward": "RnnlabRnnForward", "rnnlab_rnn_backward": "RnnlabRnnBackward",
+            "rnnlab_gradflow": "RnnlabGradflow"}
 #: The kernels split the hidden units in chunks of this many (one vector register of float32).
 LANES = 16
 
@@ -341,7 +342,7 @@ def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: di
 def _primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
                weight_gradient=None):
     """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere (its first
-    operand is ``w_h [H, G·H]``).
+    operand is ``w_h [H, G·H]``, or ``[C, H, G·H]``).
 
     ``out_shapes(*avals) -> [(shape, dtype)]``; ``labels``: the dimensions of operands and results (`_axes`);
     ``aliases``: ``{operand: result}`` pairs the kernel may write in place, each operand read at a step before the
@@ -370,7 +371,7 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
         kernel_rule = jax.ffi.ffi_lowering(target, operand_output_aliases=aliases)
 
         def cpu_rule(ctx, *args, **params):
-            hidden = ctx.avals_in[0].shape[0]  # w_h [H, G·H]
+            hidden = ctx.avals_in[0].shape[-2]  # w_h [H, G·H], or [C, H, G·H] for C configurations
             # `jax.export` refuses custom calls without compatibility guarantees: exported programs get XLA's loops.
             exporting = getattr(ctx.module_context.lowering_parameters, "for_export", False)
             if exporting or not (all(aval.dtype == jnp.float32 for aval in ctx.avals_in)
@@ -491,13 +492,75 @@ rnn_backward_p = _primitive("rnnlab_rnn_backward", _transposed(_reference_rnn_ta
                             _rnn_weight_gradient)
 
 
+# --- gradient flow: log10 ||∂L/∂h_t|| for many configurations at once ---------------------------------------------
+
+
+def _flow_cell(name: str, hidden: int):
+    from rnnlab.cells import GRU, LSTM, RNN
+
+    return LSTM(hidden) if name == "lstm" else GRU(hidden) if name == "gru" else RNN(hidden, activation=name)
+
+
+def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, *, threads, cell):
+    """`rnnlab.gradflow.grad_norms` with its default loss, on XLA, for each configuration: ``[C, T]``."""
+    from rnnlab import gradflow
+
+    rnn = _flow_cell(cell, h0.shape[-1])
+
+    def one(w_h, b_h, w_x, b_x, h0, c0, xs):
+        params = {"w_x": w_x, "w_h": w_h, rnn.bias_names[0]: b_x, **({"b_h": b_h} if cell == "gru" else {})}
+        return gradflow.log_domain_norms(rnn, params, xs, (h0, c0) if cell == "lstm" else h0)
+
+    return (jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 1))(w_h, b_h, w_x, b_x, h0, c0, xs),)
+
+
+gradflow_p = _primitive("rnnlab_gradflow", _reference_gradflow,
+                        lambda w_h, b_h, w_x, b_x, h0, c0, xs: [((xs.shape[1], xs.shape[0]), xs.dtype)],
+                        "b k g, b g, b i g, b g, b n h, b n h, t b n i -> b t", "rnnlab_gradflow")
+
+
+def flow_cell_name(cell) -> str:
+    """The gradient-flow kernel's name for a built-in cell (`rnnlab.fused.supports` holds)."""
+    from rnnlab.cells import GRU, LSTM
+
+    return "lstm" if type(cell) is LSTM else "gru" if type(cell) is GRU else cell.activation
+
+
+def grad_norms(cell, params, xs, carry):
+    """``log10 ||∂L/∂h_t|| [T]`` for ``L = Σ h_T² / N``: `rnnlab.gradflow.grad_norms` with its default loss and no
+    remat, for a built-in cell (`rnnlab.fused.supports`) on ``xs [T, N, input_size]`` from ``carry`` (batch
+    flattened to ``N``), as one call of `gradflow_p`. Under `jax.vmap` (a sweep's configurations) the mapped axis
+    becomes the primitive's configuration axis, which the kernel shares out over its threads and `jax.sharding`
+    splits over devices."""
+    name = flow_cell_name(cell)
+    w_h = params["w_h"]
+    zeros = jnp.zeros(w_h.shape[-1:], w_h.dtype)
+    h0, c0 = carry if name == "lstm" else (carry, jnp.zeros_like(carry))
+    operands = (w_h, params.get("b_h", zeros) if name == "gru" else zeros, params["w_x"],
+                params[cell.bias_names[0]], h0, c0)
+    (log10_norms,) = gradflow_p.bind(*(a[None] for a in operands), xs[:, None], threads=threads(), cell=name)
+    return log10_norms[0]
+
+
+def flow_workspace_bytes(cell, steps: int, rows: int) -> int:
+    """Bytes of the gradient-flow kernel's workspace for one configuration of ``rows`` sequences of ``steps``: per
+    running thread, outside XLA's memory accounting, freed when the call returns (``flow_workspace`` in
+    ``recurrent.cc``): the carries, what each step's Jacobian needs, and per-step rows."""
+    name, hidden = flow_cell_name(cell), cell.hidden_size
+    gates = {"lstm": 4, "gru": 3}.get(name, 1)
+    per_step = rows * hidden
+    states = (steps + 1) * per_step * (2 if name == "lstm" else 1)
+    saved = steps * per_step * {"lstm": 5, "gru": 4}.get(name, 0)
+    return 4 * (states + saved + steps + 1 + per_step * gates * 3 + per_step * 3)
+
+
 # `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this
 # (private) registry; without it the kernels still run, gathered whole on every device.
 try:
     from jax._src import dispatch as _dispatch
 
     _dispatch.prim_requires_devices_during_lowering.update(
-        {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p})
+        {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p, gradflow_p})
 except (ImportError, AttributeError):  # pragma: no cover - a JAX without the registry
     pass
 

@@ -29,6 +29,10 @@
 // `reverse` runs time from the last step to the first, as `lax.scan(..., reverse=True)`.
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <new>
+#include <string>
 #include <chrono>
 #include <memory>
 #include <string_view>
@@ -398,7 +402,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer
   Loop loop;
   if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 4, reverse, threads, &loop); error.failure())
     return error;
-  const int H = loop.hidden, G = 4 * H, B = loop.batch;
+  const int H = loop.hidden, B = loop.batch;
   const float *GATES = gates.typed_data(), *CS = cs.typed_data(), *C0 = c0.typed_data(), *GHS = g_hs.typed_data();
   float *GPX = g_px->typed_data(), *GC0 = g_c0->typed_data();
   struct Part {
@@ -611,22 +615,256 @@ ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0,
   return ffi::Error::Success();
 }
 
-// The FFI signature of a kernel: the thread pool, `Args` float32 operands, `Rets` float32 results, then the
-// attributes `reverse` and `threads`.
-template <int Args, int Rets, typename Binding>
-auto bind(Binding binding) {
-  if constexpr (Args > 0) {
-    return bind<Args - 1, Rets>(std::move(binding).template Arg<Buffer>());
-  } else if constexpr (Rets > 0) {
-    return bind<0, Rets - 1>(std::move(binding).template Ret<Buffer>());
+// --- gradient flow: log10 ||∂L/∂h_t|| of L = Σ h_T² / N for every step and configuration ---------------------------
+//
+// gradflow(w_h [C, H, G], b_h [C, G], w_x [C, I, G], b_x [C, G], h0 [C, N, H], c0 [C, N, H], xs [T, C, N, I])
+//   -> log10 ||∂L/∂h_t|| [C, T], for C configurations of one cell (`cell`: lstm, gru, tanh, relu, linear; b_h is
+//   the GRU's and zero for the others, c0 the LSTM's), as rnnlab/gradflow.py's `grad_norms` with its default loss.
+// Each configuration runs whole on one thread (the threads share out the configurations, with no barrier): the
+// forward loop projects each step's input and keeps the states and gates in the thread's workspace, then the
+// backward loop applies each step's transposed Jacobian to the carry's cotangent, renormalised every step with the
+// log10 of its norm summed in double precision, so vanishing and exploding gradients are exact far past float32's
+// range. W_x, W_h and W_hᵀ stay packed in the thread's cache for all 2T steps.
+
+enum class Cell { kLstm, kGru, kTanh, kRelu, kLinear };
+
+ffi::Error cell_of(std::string_view name, Cell* cell, int* gates) {
+  if (name == "lstm") {
+    *cell = Cell::kLstm, *gates = 4;
+  } else if (name == "gru") {
+    *cell = Cell::kGru, *gates = 3;
+  } else if (Activation activation; activation_of(name, &activation).success()) {
+    *cell = activation == Activation::kTanh ? Cell::kTanh : activation == Activation::kRelu ? Cell::kRelu
+                                                                                            : Cell::kLinear;
+    *gates = 1;
   } else {
-    return std::move(binding).template Attr<bool>("reverse").template Attr<int64_t>("threads");
+    return ffi::Error::InvalidArgument("rnnlab gradflow kernel: cell must be lstm, gru, tanh, relu or linear");
   }
+  return ffi::Error::Success();
+}
+
+Activation activation_of(Cell cell) {
+  return cell == Cell::kTanh ? Activation::kTanh : cell == Cell::kRelu ? Activation::kRelu : Activation::kLinear;
+}
+
+// Floats of one thread's workspace for a configuration: the carries before every step and after the last (h, and
+// c for the LSTM), what the step's Jacobian needs (the LSTM's gates and tanh c, the GRU's gates and a_n), whether
+// each carry is finite, and per-step rows.
+size_t flow_workspace(Cell cell, int steps, int rows, int hidden, int gates) {
+  const size_t per_step = static_cast<size_t>(rows) * hidden;
+  const size_t states = (steps + 1) * per_step * (cell == Cell::kLstm ? 2 : 1);
+  const size_t saved = steps * per_step * (cell == Cell::kLstm ? 5 : cell == Cell::kGru ? 4 : 0);
+  return states + saved + (steps + 1) + per_step * gates * 3 + per_step * 3;
+}
+
+// Σ x² over n floats (n a multiple of 16), summed in float32 as the plain-JAX engine sums (a square past float32's
+// range is inf there too), lanes added in double.
+inline double sum_squares(const float* x, size_t n) {
+  vf acc = splat(0.0f);
+  for (size_t k = 0; k < n; k += kLanes) {
+    const vf v = load(x + k);
+    acc += v * v;
+  }
+  double total = 0.0;
+  for (int lane = 0; lane < kLanes; ++lane) total += acc[lane];
+  return total;
+}
+
+// Whether no lane of a running sum of (x - x) saw inf or nan.
+inline bool none_bad(vf bad) {
+  for (int lane = 0; lane < kLanes; ++lane)
+    if (bad[lane] != 0.0f) return false;
+  return true;
+}
+
+struct Flow {
+  Cell cell;
+  int steps, configs, rows, inputs, hidden, gates;
+};
+
+void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, const float* w_x_all,
+              const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs, float* out,
+              float* work) {
+  const int N = f.rows, H = f.hidden, G = f.gates * H, I = f.inputs, T = f.steps;
+  const size_t NH = static_cast<size_t>(N) * H, NG = static_cast<size_t>(N) * G;
+  const float *w_h = w_h_all + static_cast<size_t>(c) * H * G, *b_h = b_h_all + static_cast<size_t>(c) * G,
+              *w_x = w_x_all + static_cast<size_t>(c) * I * G, *b_x = b_x_all + static_cast<size_t>(c) * G;
+  const bool lstm = f.cell == Cell::kLstm, gru = f.cell == Cell::kGru;
+  const Activation act = activation_of(f.cell);
+  const std::vector<float> panel_x = pack(I, G, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + j]; });
+  const std::vector<float> panel_h = pack(H, G, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + j]; });
+  const std::vector<float> panel_t = pack(G, H, [&](int k, int u) { return w_h[static_cast<size_t>(u) * G + k]; });
+  // hs[t], cs[t]: the carry before step t (t = T: after the last step); finite[t]: whether it is finite.
+  float* hs = work;
+  float* cs = hs + (T + 1) * NH;
+  float* saved = cs + (lstm ? (T + 1) * NH : 0);
+  const size_t saved_width = (lstm ? 5 : gru ? 4 : 0) * static_cast<size_t>(H);
+  float* finite = saved + T * N * saved_width;
+  float* zx = finite + T + 1;
+  float* zh = zx + NG;
+  float* dz = zh + NG;
+  float *gh = dz + NG, *gc = gh + NH, *direct = gc + NH;
+  std::memcpy(hs, h0_all + c * NH, NH * sizeof(float));
+  if (lstm) std::memcpy(cs, c0_all + c * NH, NH * sizeof(float));
+  finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0, which checks the carry after it
+
+  for (int t = 0; t < T; ++t) {
+    const float* x_t = xs + (static_cast<size_t>(t) * f.configs + c) * N * I;
+    matmul(N, G, I, x_t, I, panel_x.data(), zx, G);
+    matmul(N, G, H, hs + t * NH, H, panel_h.data(), zh, G);
+    vf bad = splat(0.0f);
+    for (int b = 0; b < N; ++b) {
+      const float *px = zx + b * G, *ph = zh + b * G, *h_prev = hs + t * NH + b * H;
+      float* h = hs + (t + 1) * NH + b * H;
+      float* s = saved + (static_cast<size_t>(t) * N + b) * saved_width;
+      for (int j = 0; j < H; j += kLanes) {
+        vf h_new;
+        if (lstm) {
+          const vf i = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j));
+          const vf fg = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j));
+          const vf g = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + load(ph + 2 * H + j));
+          const vf o = vsigmoid(load(px + 3 * H + j) + load(b_x + 3 * H + j) + load(ph + 3 * H + j));
+          const vf cell_state = fg * load(cs + t * NH + b * H + j) + i * g;
+          const vf tc = vtanh(cell_state);
+          store(s + j, i), store(s + H + j, fg), store(s + 2 * H + j, g), store(s + 3 * H + j, o);
+          store(s + 4 * H + j, tc);
+          store(cs + (t + 1) * NH + b * H + j, cell_state);
+          bad += cell_state - cell_state;
+          h_new = o * tc;
+        } else if (gru) {
+          const vf a_n = load(ph + 2 * H + j) + load(b_h + 2 * H + j);
+          const vf r = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j) + load(b_h + j));
+          const vf z = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j) + load(b_h + H + j));
+          const vf n = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + r * a_n);
+          store(s + j, r), store(s + H + j, z), store(s + 2 * H + j, n), store(s + 3 * H + j, a_n);
+          h_new = (kOne - z) * n + z * load(h_prev + j);
+        } else {
+          h_new = activate(act, load(px + j) + load(b_x + j) + load(ph + j));
+        }
+        store(h + j, h_new);
+        bad += h_new - h_new;
+      }
+    }
+    finite[t + 1] = none_bad(bad) ? 1.0f : 0.0f;
+  }
+
+  // The default loss's gradient 2 h_T / N starts the backward pass with log10 scale 0. Before each transposed step
+  // the cotangent is renormalised (its inverse norm folded into the step) and its log10 norm added to the scale; a
+  // zero cotangent gets scale -inf, one of norm inf or nan (the loss's gradient at an overflowed state) nan.
+  const float* h_final = hs + T * NH;
+  for (size_t k = 0; k < NH; ++k) gh[k] = 2.0f * h_final[k] / N;
+  if (lstm) std::memset(gc, 0, NH * sizeof(float));
+  double log_scale = 0.0;
+  bool diverged = false;
+  const double minus_inf = -std::numeric_limits<double>::infinity();
+  for (int t = T - 1; t >= 0; --t) {
+    const double squares_h = sum_squares(gh, NH), squares = squares_h + (lstm ? sum_squares(gc, NH) : 0.0);
+    float inverse_f = 1.0f;
+    if (squares == 0.0) {
+      log_scale = minus_inf;
+    } else {
+      inverse_f = static_cast<float>(1.0 / std::sqrt(squares));
+      log_scale += 0.5 * std::log10(squares);
+    }
+    // A non-zero cotangent meeting a state that is not finite makes ∂L/∂h_t and every earlier one undefined.
+    diverged = diverged || (finite[t + 1] == 0.0f && log_scale != minus_inf);
+    out[static_cast<size_t>(c) * T + t] =
+        diverged ? std::numeric_limits<float>::quiet_NaN()
+                 : static_cast<float>(log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares)));
+    const vf inverse = splat(inverse_f);
+    if (lstm) {
+      // The tangent's transpose (rnnlab/fused.py): the cell state's cotangent gathers h's through o·tanh'.
+      for (int b = 0; b < N; ++b) {
+        const float* s = saved + (static_cast<size_t>(t) * N + b) * saved_width;
+        const float* c_old = cs + t * NH + b * H;
+        float *ghb = gh + b * H, *gcb = gc + b * H, *dzb = dz + b * G;
+        for (int j = 0; j < H; j += kLanes) {
+          const vf i = load(s + j), fg = load(s + H + j), g = load(s + 2 * H + j), o = load(s + 3 * H + j);
+          const vf tc = load(s + 4 * H + j), dh = load(ghb + j) * inverse;
+          const vf dc = load(gcb + j) * inverse + o * (kOne - tc * tc) * dh;
+          store(dzb + j, dc * g * i * (kOne - i));
+          store(dzb + H + j, dc * load(c_old + j) * fg * (kOne - fg));
+          store(dzb + 2 * H + j, dc * i * (kOne - g * g));
+          store(dzb + 3 * H + j, dh * tc * o * (kOne - o));
+          store(gcb + j, fg * dc);
+        }
+      }
+      matmul(N, H, G, dz, G, panel_t.data(), gh, H);
+    } else if (gru) {
+      for (int b = 0; b < N; ++b) {
+        const float* s = saved + (static_cast<size_t>(t) * N + b) * saved_width;
+        const float* h_prev = hs + t * NH + b * H;
+        float *ghb = gh + b * H, *dzb = dz + b * G;
+        for (int j = 0; j < H; j += kLanes) {
+          const vf r = load(s + j), z = load(s + H + j), n = load(s + 2 * H + j), a_n = load(s + 3 * H + j);
+          const vf dh = load(ghb + j) * inverse, g_n = (kOne - z) * (kOne - n * n) * dh;
+          store(dzb + j, g_n * r * (kOne - r) * a_n);
+          store(dzb + H + j, (load(h_prev + j) - n) * z * (kOne - z) * dh);
+          store(dzb + 2 * H + j, g_n * r);
+          store(direct + b * H + j, z * dh);
+        }
+      }
+      matmul(N, H, G, dz, G, panel_t.data(), gh, H);
+      for (size_t k = 0; k < NH; k += kLanes) store(gh + k, load(gh + k) + load(direct + k));
+    } else {
+      const float* h_new = hs + (t + 1) * NH;
+      for (size_t k = 0; k < NH; k += kLanes)
+        store(dz + k, load(gh + k) * inverse * derivative(act, load(h_new + k)));
+      matmul(N, H, G, dz, G, panel_t.data(), gh, H);
+    }
+  }
+}
+
+ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
+                        Buffer xs, Result out, int64_t threads, std::string_view cell_name) {
+  Flow f;
+  if (auto error = cell_of(cell_name, &f.cell, &f.gates); error.failure()) return error;
+  const auto dims = xs.dimensions();  // [T, C, N, I]
+  f.steps = static_cast<int>(dims[0]), f.configs = static_cast<int>(dims[1]), f.rows = static_cast<int>(dims[2]);
+  f.inputs = static_cast<int>(dims[3]), f.hidden = static_cast<int>(h0.dimensions()[2]);
+  if (f.hidden % kLanes != 0)
+    return ffi::Error::InvalidArgument("rnnlab gradflow kernel: the hidden size must be a multiple of 16");
+  const size_t floats = flow_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates);
+  std::atomic<bool> out_of_memory{false};
+  team(pool, static_cast<int>(std::min<int64_t>(threads, f.configs)), [&](int part, int parts, Barrier&) {
+    std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
+    if (!work) {
+      out_of_memory = true;
+      return;
+    }
+    for (int c = part; c < f.configs; c += parts)
+      flow_one(f, c, w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(), h0.typed_data(),
+               c0.typed_data(), xs.typed_data(), out->typed_data(), work.get());
+  });
+  if (out_of_memory)
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rnnlab gradflow kernel: no memory for the workspace (" +
+                      std::to_string(floats * sizeof(float) >> 20) + " MiB per thread); use remat");
+  return ffi::Error::Success();
+}
+
+// The FFI signature of a kernel: the thread pool, `Args` float32 operands and `Rets` float32 results, then the
+// attributes that `attributes` adds to the binding (`signature`: `reverse` and `threads`).
+template <int Args, int Rets, typename Binding, typename Attributes>
+auto bind(Binding binding, Attributes attributes) {
+  if constexpr (Args > 0) {
+    return bind<Args - 1, Rets>(std::move(binding).template Arg<Buffer>(), attributes);
+  } else if constexpr (Rets > 0) {
+    return bind<0, Rets - 1>(std::move(binding).template Ret<Buffer>(), attributes);
+  } else {
+    return attributes(std::move(binding));
+  }
+}
+
+template <int Args, int Rets, typename Attributes>
+auto operands(Attributes attributes) {
+  return bind<Args, Rets>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(), attributes);
 }
 
 template <int Args, int Rets>
 auto signature() {
-  return bind<Args, Rets>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>());
+  return operands<Args, Rets>([](auto&& binding) {
+    return std::move(binding).template Attr<bool>("reverse").template Attr<int64_t>("threads");
+  });
 }
 
 }  // namespace
@@ -641,3 +879,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
                               (signature<3, 1>().Attr<std::string_view>("activation")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
                               (signature<5, 3>().Attr<bool>("weight_grad").Attr<std::string_view>("activation")));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGradflow, GradflowImpl,
+                              (operands<7, 1>([](auto&& binding) {
+                                return std::move(binding).template Attr<int64_t>("threads").template Attr<std::string_view>(
+                                    "cell");
+                              })));
