@@ -7,9 +7,26 @@ sweeps); training is `rnnlab.train` with `rnnlab.models`, `rnnlab.tasks` and `rn
 `rnnlab.results`, figures `rnnlab.plots` (imported on demand: it loads matplotlib).
 """
 
-from rnnlab import checkpoint, gradflow, init, interop, models, results, sweep, tasks, theory, train
+import importlib
+
+from rnnlab import init
 from rnnlab.cells import GRU, LSTM, RNN, Stack
 from rnnlab.scan import scan
+
+_SUBMODULES = ("checkpoint", "gradflow", "interop", "models", "results", "sweep", "tasks", "theory", "train")
+
+
+def __getattr__(name: str):
+    # The other submodules load on first use, so that a sweep does not import optax (training) and the tasks: a
+    # fresh process's `import rnnlab` is part of every experiment's run time.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"rnnlab.{name}")
+    raise AttributeError(f"module 'rnnlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_SUBMODULES])
+
 
 __all__ = [
     "GRU", "LSTM", "RNN", "Stack", "checkpoint", "gradflow", "init", "interop", "models", "results", "scan", "sweep",
