@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -132,8 +133,13 @@ def init_configs(cell, seeds: jax.Array, gains: jax.Array, input_size: int):
     """Parameters for every configuration, ``cell.init(PRNGKey(seed), input_size)`` scaled by the gain, stacked
     on a leading axis: one compiled program per cell (and count of distinct seeds), which initialises each distinct
     seed once. Kept apart from `measure_configs` because batched QR (orthogonal weights) in one program with heavy
-    work has hung JAX's CPU thread pool."""
-    return _init_distinct(cell, *_distinct(seeds), gains, input_size)
+    work has hung JAX's CPU thread pool.
+
+    The QRs run on one BLAS thread: OpenBLAS's worker threads (JAX's LAPACK on CPU) spin for a while after each
+    call, and on a small machine they took a core from the measurement that follows (a sweep of 3 cells × 24
+    configurations at T = 500 on 2 cores: 0.90 s with them, 0.75 s without)."""
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        return jax.block_until_ready(_init_distinct(cell, *_distinct(seeds), gains, input_size))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), compiler_options=_LIGHT_COMPILE)
