@@ -550,7 +550,7 @@ def flow_workspace_bytes(cell, steps: int, rows: int) -> int:
     gates = {"lstm": 4, "gru": 3}.get(name, 1)
     per_step = rows * hidden
     states = (steps + 1) * per_step * (2 if name == "lstm" else 1)
-    saved = steps * per_step * {"lstm": 5, "gru": 4}.get(name, 0)
+    saved = steps * per_step * (4 if name in ("lstm", "gru") else 0)
     return 4 * (states + saved + steps + 1 + per_step * gates * 3 + per_step * 3)
 
 

@@ -648,12 +648,12 @@ Activation activation_of(Cell cell) {
 }
 
 // Floats of one thread's workspace for a configuration: the carries before every step and after the last (h, and
-// c for the LSTM), what the step's Jacobian needs (the LSTM's gates and tanh c, the GRU's gates and a_n), whether
+// c for the LSTM), what the step's Jacobian needs (the LSTM's gates, the GRU's gates and a_n), whether
 // each carry is finite, and per-step rows.
 size_t flow_workspace(Cell cell, int steps, int rows, int hidden, int gates) {
   const size_t per_step = static_cast<size_t>(rows) * hidden;
   const size_t states = (steps + 1) * per_step * (cell == Cell::kLstm ? 2 : 1);
-  const size_t saved = steps * per_step * (cell == Cell::kLstm ? 5 : cell == Cell::kGru ? 4 : 0);
+  const size_t saved = steps * per_step * (cell == Cell::kLstm || cell == Cell::kGru ? 4 : 0);
   return states + saved + (steps + 1) + per_step * gates * 3 + per_step * 3;
 }
 
@@ -698,7 +698,7 @@ void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, 
   float* hs = work;
   float* cs = hs + (T + 1) * NH;
   float* saved = cs + (lstm ? (T + 1) * NH : 0);
-  const size_t saved_width = (lstm ? 5 : gru ? 4 : 0) * static_cast<size_t>(H);
+  const size_t saved_width = (lstm || gru ? 4 : 0) * static_cast<size_t>(H);
   float* finite = saved + T * N * saved_width;
   float* zx = finite + T + 1;
   float* zh = zx + NG;
@@ -727,7 +727,6 @@ void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, 
           const vf cell_state = fg * load(cs + t * NH + b * H + j) + i * g;
           const vf tc = vtanh(cell_state);
           store(s + j, i), store(s + H + j, fg), store(s + 2 * H + j, g), store(s + 3 * H + j, o);
-          store(s + 4 * H + j, tc);
           store(cs + (t + 1) * NH + b * H + j, cell_state);
           bad += cell_state - cell_state;
           h_new = o * tc;
@@ -779,8 +778,12 @@ void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, 
         const float* c_old = cs + t * NH + b * H;
         float *ghb = gh + b * H, *gcb = gc + b * H, *dzb = dz + b * G;
         for (int j = 0; j < H; j += kLanes) {
+          if (t > 0) {  // the step before's saved rows, from memory while this step computes
+            for (int q = 0; q < 4; ++q) __builtin_prefetch(s - N * saved_width + q * H + j);
+            __builtin_prefetch(c_old - NH + j);
+          }
           const vf i = load(s + j), fg = load(s + H + j), g = load(s + 2 * H + j), o = load(s + 3 * H + j);
-          const vf tc = load(s + 4 * H + j), dh = load(ghb + j) * inverse;
+          const vf tc = vtanh(load(c_old + NH + j)), dh = load(ghb + j) * inverse;
           const vf dc = load(gcb + j) * inverse + o * (kOne - tc * tc) * dh;
           store(dzb + j, dc * g * i * (kOne - i));
           store(dzb + H + j, dc * load(c_old + j) * fg * (kOne - fg));
