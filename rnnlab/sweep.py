@@ -126,7 +126,7 @@ def _distinct(seeds) -> tuple[jax.Array, jax.Array]:
     if isinstance(seeds, jax.core.Tracer):
         return seeds, jnp.arange(seeds.shape[0])
     distinct, which = np.unique(np.asarray(seeds), return_inverse=True)
-    return jnp.asarray(distinct), jnp.asarray(which.reshape(-1), jnp.int32)
+    return distinct, which.reshape(-1).astype(np.int32)
 
 
 def init_configs(cell, seeds: jax.Array, gains: jax.Array, input_size: int):
@@ -149,15 +149,15 @@ def _init_distinct(cell, distinct: jax.Array, which: jax.Array, gains: jax.Array
         which, gains)
 
 
-def inputs_configs(seeds: jax.Array, seq_len: int, batch: int, input_size: int, input_std: float):
-    """Every configuration's inputs ``[T, configs, batch, input_size]`` from its seed: a program of its own, so the
-    random-number generation compiles once per shape and is shared by every cell's `measure_configs`, and draws
-    each distinct seed's inputs once. Time-major, the layout the vmapped time loops read, so they need no
-    transposed copy. Sharded like ``seeds`` along the configurations."""
+def inputs_configs(seeds, seq_len: int, batch: int, input_size: int, input_std: float, *, sharding=None):
+    """Every configuration's inputs ``[T, configs, batch, input_size]`` from its seed (``seeds``: host values, the
+    same in every process): a program of its own, so the random-number generation compiles once per shape and is
+    shared by every cell's `measure_configs`, and draws each distinct seed's inputs once. Time-major, the layout the
+    vmapped time loops read, so they need no transposed copy. ``sharding`` (of the configurations, as from
+    `_config_sharding`) splits them over the devices of every process."""
     distinct, which = _distinct(seeds)
-    sharding = getattr(seeds, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        which = jax.device_put(which, sharding)
+    if sharding is not None:
+        which = _spread(which, sharding)
     return _inputs_distinct(distinct, which, seq_len, batch, input_size, input_std)
 
 
@@ -200,9 +200,8 @@ def grad_norm_table(cell, grid: Grid, seq_len: int, *, input_size: int, batch: i
     # deadlocked XLA's CPU thread pool. Every process makes all of them (the same values), so the spread works
     # across hosts too.
     params = init_configs(cell, seeds, gains, input_size)
-    spread_params, spread_seeds = (params, seeds) if sharding is None else (_spread(params, sharding),
-                                                                            _spread(seeds, sharding))
-    xs = inputs_configs(spread_seeds, seq_len, batch, input_size, input_std)
+    spread_params = params if sharding is None else _spread(params, sharding)
+    xs = inputs_configs(seeds, seq_len, batch, input_size, input_std, sharding=sharding)
     log10_norms = _gather(measure_configs(cell, spread_params, xs))
     return log10_norms[: len(grid)], params, seeds
 

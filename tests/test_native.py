@@ -326,7 +326,7 @@ def test_gradflow_kernel_threads_and_devices(tmp_path):
             cell = sweep.make_cell("lstm", 32)
             sharding, _ = sweep._config_sharding(6)
             params = sweep._spread(sweep.init_configs(cell, grid.seeds, grid.gains, 3), sharding)
-            xs = sweep.inputs_configs(sweep._spread(grid.seeds, sharding), 40, 5, 3, 1.0)
+            xs = sweep.inputs_configs(grid.seeds, 40, 5, 3, 1.0, sharding=sharding)
             text = sweep.measure_configs.lower(cell, params, xs).compile().as_text()
             print("all-gather" in text, "rnnlab_gradflow" in text, "f32[3,40]" in text)
     """
