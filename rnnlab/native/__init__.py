@@ -15,7 +15,11 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
   tangent from everything but the carry) and the carry's tangent;
 - ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs;
 - ``rnn_forward_p``, ``rnn_tangent_p`` and ``rnn_backward_p`` likewise for `rnnlab.RNN` with a named activation
-  (``tanh``, ``relu``, ``linear``; the tangent's coefficients come from ``hs`` alone).
+  (``tanh``, ``relu``, ``linear``; the tangent's coefficients come from ``hs`` alone);
+- ``gradflow_p(w_h, b_h, w_x, b_x, h0, c0, xs) -> log10 ||∂L/∂h_t|| [C, T]``: `rnnlab.gradflow.grad_norms` with its
+  default loss for C configurations of one cell at once (`grad_norms` here binds it; under `jax.vmap` the mapped
+  axis becomes C). Each configuration runs whole on one thread, forward loop then log-domain backward loop, and the
+  threads share out the configurations: a sweep's small per-configuration matmuls need no barrier.
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
 the kernel does not apply (not a CPU, not float32, a hidden size not a multiple of 16, no C++ compiler,
