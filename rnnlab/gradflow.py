@@ -91,12 +91,14 @@ def _add_scaled(state, term):
 
 
 def _renormalise(state):
-    """Divide the cotangent by its norm and add the norm's log10 to the scale; a zero cotangent gets scale -inf."""
+    """Divide the cotangent by its norm and add the norm's log10 to the scale; a zero cotangent gets scale -inf, one
+    whose norm overflows float32 scale nan (undefined: it would otherwise be scaled to 0 and read as vanished)."""
     cotangent, log_scale, compensation = state
     log_norm = _log10_norm(cotangent)
     is_zero = log_norm == _NEG_INF
     cotangent = _scale(cotangent, jnp.where(is_zero, 1.0, 10.0 ** -log_norm))
     log_scale, compensation = _kahan_add(log_scale, compensation, jnp.where(is_zero, 0.0, log_norm))
+    log_scale = jnp.where(log_norm == jnp.inf, jnp.nan, log_scale)
     return cotangent, jnp.where(is_zero, _NEG_INF, log_scale), compensation
 
 

@@ -306,6 +306,12 @@ def test_gradflow_kernel_far_below_float32_and_its_nan_and_minus_inf():
     np.testing.assert_array_equal(np.isnan(overflowed),
                                   np.isnan(rnnlab.gradflow.log_domain_norms(exploding, params, xs, carry)))
     assert np.all(np.isnan(overflowed))
+    # Finite states whose loss gradient's norm overflows float32 (|h_T| near 1e29): undefined, never a vanished -inf.
+    xs = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (100, 16, 4))
+    assert np.all(np.isfinite(rnnlab.scan(exploding, params, xs)[0]))
+    for engine in (rnnlab.gradflow.grad_norms(exploding, params, xs),
+                   rnnlab.gradflow.log_domain_norms(exploding, params, xs, exploding.initial_carry((16,)))):
+        assert np.all(np.isnan(np.asarray(engine)))
 
 
 @needs_kernels

@@ -765,8 +765,9 @@ void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, 
       inverse_f = static_cast<float>(1.0 / std::sqrt(squares));
       log_scale += 0.5 * std::log10(squares);
     }
-    // A non-zero cotangent meeting a state that is not finite makes ∂L/∂h_t and every earlier one undefined.
-    diverged = diverged || (finite[t + 1] == 0.0f && log_scale != minus_inf);
+    // A non-zero cotangent meeting a state that is not finite makes ∂L/∂h_t and every earlier one undefined; so
+    // does a cotangent whose norm is not finite in float32 (the loss's gradient at a state past 1e19).
+    diverged = diverged || (finite[t + 1] == 0.0f && log_scale != minus_inf) || !std::isfinite(squares);
     out[static_cast<size_t>(c) * T + t] =
         diverged ? std::numeric_limits<float>::quiet_NaN()
                  : static_cast<float>(log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares)));
