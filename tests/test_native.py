@@ -315,6 +315,25 @@ def test_gradflow_kernel_far_below_float32_and_its_nan_and_minus_inf():
 
 
 @needs_kernels
+def test_gradflow_kernel_is_differentiable():
+    """Derivatives of the measurement with respect to the weights (the primitive's rule is its reference's): equal
+    to differentiating the XLA engine, in reverse and forward mode."""
+    cell, params, xs, carry = flow_problem("GRU", [0.8], seq_len=20)
+    params, xs, carry = jax.tree_util.tree_map(lambda a: a[0], (params, xs, carry))
+
+    def total(engine):
+        if engine == "kernel":
+            return lambda p: jnp.sum(rnnlab.gradflow.grad_norms(cell, p, xs, carry=carry))
+        return lambda p: jnp.sum(rnnlab.gradflow.log_domain_norms(cell, p, xs, carry))
+
+    assert_trees_close(jax.jit(jax.grad(total("kernel")))(params), jax.jit(jax.grad(total("xla")))(params),
+                       rtol=1e-4, atol=1e-5)
+    direction = jax.tree_util.tree_map(jnp.cos, params)
+    assert_trees_close(jax.jvp(total("kernel"), (params,), (direction,))[1],
+                       jax.jvp(total("xla"), (params,), (direction,))[1], rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
 def test_gradflow_kernel_threads_and_devices(tmp_path):
     """Configurations shared out over 1 or 3 threads give bit-identical numbers (each runs whole on one thread);
     split over 2 CPU devices (the sweep's sharding), each device runs the kernel on its own configurations and
