@@ -10,8 +10,10 @@ Each measurement is one training-style call, as each library's users make it:
   batch-major ``xs [batch, T, input]``, its default.
 
 Gradients are taken with respect to the parameters only, as in training. The details table also shows rnnlab with
-its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone). Every figure is the median of 7 calls after
-warm-up, the libraries interleaved call by call so that a busy machine slows them alike. Also measured in the same
+its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone). Every figure is the median of 14 calls
+after warm-up: 7 rounds in which each library runs a block of 3 calls back to back, the block's first call not
+counted (it pays for the previous library's lingering threads: `blocked_medians`), so that a busy machine slows
+every library alike and each is measured as its users run it. Also measured in the same
 run: a large float32 matmul (this machine's matmul peak: the best of measurements at the start and beside each row)
 and the per-step matmul shape inside a `lax.scan`, beside which the achieved GFLOP/s is printed.
 
@@ -43,7 +45,7 @@ SHAPES = ((5, 4, 3, 8), (3, 6, 4, 16)) if QUICK else ((32, 100, 64, 128), (64, 2
 STEP_BOUND = SHAPES[0::2]
 CELLS = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-REPEATS, WARMUP = (1, 1) if QUICK else (7, 2)
+ROUNDS, BLOCK, WARMUP = (1, 1, 1) if QUICK else (7, 3, 3)
 PEAK_SIZE = 256 if QUICK else 2048
 TORCH_TARGET, FLAX_TARGET = 1.0, 1.5
 
@@ -118,9 +120,16 @@ def flax_call(shape):
     return lambda: jax.block_until_ready(grad(variables, xs))
 
 
-def interleaved_medians(calls: dict) -> tuple[dict, dict, dict]:
-    """Median and fastest seconds per call of each entry, calls interleaved; also the first call's seconds (compile
-    + run). On a shared machine the fastest call shows what each library does when it gets the cores."""
+def blocked_medians(calls: dict) -> tuple[dict, dict, dict]:
+    """Median and fastest seconds per call of each entry, and the first call's seconds (compile + run).
+
+    Each of `ROUNDS` rounds runs every entry in a block of `BLOCK` calls back to back and keeps all but the block's
+    first call; the blocks alternate round by round, so a busy machine slows every library alike. A library's
+    threads outlive its call: PyTorch's OpenMP workers keep spinning after a call (still ≥ 50 ms later here), and
+    whatever runs next loses a core to them (rnnlab's kernels, which meet at a barrier every step, ran 1.4-1.8x
+    slower right after a torch call, while torch ran as fast after rnnlab as alone). The first call of a block pays
+    for that; the rest run as each library's users run it, one library at a time. On a shared machine the fastest
+    call shows what each library does when it gets the cores."""
     first = {}
     for name, call in calls.items():
         start = time.perf_counter()
@@ -129,11 +138,13 @@ def interleaved_medians(calls: dict) -> tuple[dict, dict, dict]:
         for _ in range(WARMUP - 1):
             call()
     times = {name: [] for name in calls}
-    for _ in range(REPEATS):
+    for _ in range(ROUNDS):
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+            for index in range(BLOCK):
+                start = time.perf_counter()
+                call()
+                if index > 0 or BLOCK == 1:
+                    times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return medians, {name: min(ts) for name, ts in times.items()}, first
 
@@ -201,7 +212,7 @@ def main() -> None:
                      "torch": torch_call(kind, shape)}
             if kind == "LSTM":
                 calls["flax"] = flax_call(shape)
-            medians, fastest, first = interleaved_medians(calls)
+            medians, fastest, first = blocked_medians(calls)
             gflops = train_flops(kind, shape) / medians["rnnlab"] / 1e9
             step_rate = step_matmul_rate(shape[0], shape[3], GATES[kind])
             # Measured again beside each row: on a shared machine the throughput available changes within a run.

@@ -147,8 +147,9 @@ def main():
     one_device = steady_on_one_device()
     first_seconds, ours = rnnlab_sweep()
     steady = steady_seconds()
-    torch_seconds, theirs = torch_sweep()
+    # Before PyTorch's loop: its OpenMP workers keep spinning after it, and would slow the matmul (a lower limit).
     throughput = matmul_throughput()
+    torch_seconds, theirs = torch_sweep()
     limit = unavoidable_flops() / (throughput * 1e9)
     # The two sweeps draw different random weights; their values agree where both are finite (tests/test_gradflow.py
     # checks that with the same weights). What differs is where float32 gives up: 0 (log -inf) or inf.
