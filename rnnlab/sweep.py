@@ -172,8 +172,20 @@ def _inputs_distinct(distinct: jax.Array, which: jax.Array, seq_len: int, batch:
 def measure_configs(cell, params, xs: jax.Array):
     """``log10 ||∂L/∂h_t||`` ``[configs, T]`` for stacked parameters and inputs ``xs [T, configs, batch,
     input_size]`` (as from `inputs_configs`): one program per (cell, shapes), compiled once and reused for any gains
-    and seeds of the same count."""
-    return jax.vmap(lambda p, x: gradflow.grad_norms(cell, p, x), in_axes=(0, 1))(params, xs)
+    and seeds of the same count.
+
+    With several devices (the configurations a multiple of their count, as `grad_norm_table` pads them) each device
+    measures its own configurations (`jax.shard_map`: the configurations are independent, nothing is exchanged).
+    Left to XLA's partitioner, the native kernel would go through `custom_partitioning`, whose Python callback
+    makes the program's persistent-cache key differ in every process: a warm cache would never hold it."""
+    measure = jax.vmap(lambda p, x: gradflow.grad_norms(cell, p, x), in_axes=(0, 1))
+    devices = jax.devices()
+    if len(devices) == 1:
+        return measure(params, xs)
+    mesh = Mesh(np.asarray(devices), ("config",))
+    configs = PartitionSpec("config")
+    return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(None, "config")), out_specs=configs,
+                         check_vma=False)(params, xs)
 
 
 def use_cpu_cores(count: int | None = None) -> None:
