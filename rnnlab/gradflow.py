@@ -163,10 +163,39 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     batch = math.prod(batch_shape)
     xs = xs.reshape(seq_len, batch, xs.shape[-1])
     carry = jax.tree_util.tree_map(lambda leaf: leaf.reshape((batch,) + leaf.shape[len(batch_shape):]), carry)
-    if (loss is None and remat is None and seq_len > 0 and batch > 0 and fused.supports(cell, params, carry, xs)
-            and os.environ.get("RNNLAB_NATIVE", "1") != "0"):
+    if loss is None and remat is None and _in_kernel(cell, params, carry, xs):
         return native.grad_norms(cell, params, xs, carry)
     return log_domain_norms(cell, params, xs, carry, loss=loss, remat=remat, batch_shape=batch_shape)
+
+
+def _in_kernel(cell, params, carry, xs: jax.Array) -> bool:
+    """Whether `rnnlab.native`'s gradient-flow kernel measures ``cell`` on ``xs [T, N, input_size]`` (with the
+    default loss and no remat): a built-in cell with one float dtype, at least one step and one sequence, and the
+    kernels not turned off (``RNNLAB_NATIVE=0``). It lowers to the XLA engine where the C++ kernel does not apply."""
+    return (xs.shape[0] > 0 and xs.shape[1] > 0 and fused.supports(cell, params, carry, xs)
+            and os.environ.get("RNNLAB_NATIVE", "1") != "0")
+
+
+def grad_norms_of_configs(cell, params, xs: jax.Array, which) -> jax.Array:
+    """``log10 ||∂L/∂h_t|| [C, T]`` of C configurations of ``cell`` (`grad_norms` with its default loss and a zero
+    initial carry): ``params`` stacked on a leading axis, configuration ``c`` on the inputs ``xs[:, which[c]]``
+    (``xs [T, U, *batch, input_size]``, ``which [C]`` ints).
+
+    A sweep's gains share their seed's inputs: for the built-in cells every configuration reads its sequence in
+    place, in one call of the native kernel (no copy of the inputs per configuration); any other cell runs
+    `grad_norms` under `jax.vmap`.
+    """
+    which = jnp.asarray(which, jnp.int32)
+    one = jax.tree_util.tree_map(lambda leaf: leaf[0], params)
+    first, carry, _ = prepare(cell, one, xs[:, 0], None)
+    batch_shape = first.shape[1:-1]
+    rows = math.prod(batch_shape)
+    flat_xs = xs.reshape(xs.shape[:2] + (rows, xs.shape[-1]))
+    carry = jax.tree_util.tree_map(lambda leaf: leaf.reshape((rows,) + leaf.shape[len(batch_shape):]), carry)
+    if not _in_kernel(cell, one, carry, flat_xs[:, 0]):
+        return jax.vmap(lambda p, sequence: grad_norms(cell, p, xs[:, sequence]))(params, which)
+    stacked = jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, which.shape + leaf.shape), carry)
+    return native.grad_norms_of_configs(cell, params, stacked, flat_xs, which)
 
 
 def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: int | None = None,

@@ -161,31 +161,49 @@ def inputs_configs(seeds, seq_len: int, batch: int, input_size: int, input_std: 
     return _inputs_distinct(distinct, which, seq_len, batch, input_size, input_std)
 
 
+def _draw(distinct, seq_len: int, batch: int, input_size: int, input_std: float):
+    return jax.vmap(lambda seed: _inputs(seed, seq_len, batch, input_size, input_std), out_axes=1)(distinct)
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), compiler_options=_LIGHT_COMPILE)
 def _inputs_distinct(distinct: jax.Array, which: jax.Array, seq_len: int, batch: int, input_size: int,
                      input_std: float):
-    inputs = jax.vmap(lambda seed: _inputs(seed, seq_len, batch, input_size, input_std), out_axes=1)(distinct)
-    return jnp.take(inputs, which, axis=1)
+    return jnp.take(_draw(distinct, seq_len, batch, input_size, input_std), which, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5), compiler_options=_LIGHT_COMPILE)
+def _distinct_inputs(distinct, seq_len: int, batch: int, input_size: int, input_std: float, replicated):
+    """Each distinct seed's inputs ``[T, U, batch, input_size]``, on every device of ``replicated`` (a sharding,
+    or None for the default device)."""
+    inputs = _draw(distinct, seq_len, batch, input_size, input_std)
+    return inputs if replicated is None else jax.lax.with_sharding_constraint(inputs, replicated)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def measure_configs(cell, params, xs: jax.Array):
-    """``log10 ||∂L/∂h_t||`` ``[configs, T]`` for stacked parameters and inputs ``xs [T, configs, batch,
-    input_size]`` (as from `inputs_configs`): one program per (cell, shapes), compiled once and reused for any gains
-    and seeds of the same count.
+def measure_configs(cell, params, xs: jax.Array, which: jax.Array | None = None):
+    """``log10 ||∂L/∂h_t||`` ``[configs, T]`` for stacked parameters, configuration ``c`` on the inputs
+    ``xs[:, which[c]]`` (``xs [T, U, batch, input_size]``; ``which`` None: ``U`` is the configurations, as from
+    `inputs_configs`): one program per (cell, shapes), compiled once and reused for any gains and seeds of the same
+    count (`gradflow.grad_norms_of_configs`).
 
     With several devices (the configurations a multiple of their count, as `grad_norm_table` pads them) each device
-    measures its own configurations (`jax.shard_map`: the configurations are independent, nothing is exchanged).
-    Left to XLA's partitioner, the native kernel would go through `custom_partitioning`, whose Python callback
-    makes the program's persistent-cache key differ in every process: a warm cache would never hold it."""
-    measure = jax.vmap(lambda p, x: gradflow.grad_norms(cell, p, x), in_axes=(0, 1))
+    measures its own configurations (`jax.shard_map`; every device holds the inputs). Left to XLA's partitioner, the
+    native kernel would go through `custom_partitioning`, whose Python callback makes the program's
+    persistent-cache key differ in every process: a warm cache would never hold it."""
+    def measure(params, xs, which=None):
+        which = jnp.arange(xs.shape[1], dtype=jnp.int32) if which is None else which
+        return gradflow.grad_norms_of_configs(cell, params, xs, which)
+
     devices = jax.devices()
     if len(devices) == 1:
-        return measure(params, xs)
+        return measure(params, xs, which)
     mesh = Mesh(np.asarray(devices), ("config",))
     configs = PartitionSpec("config")
-    return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(None, "config")), out_specs=configs,
-                         check_vma=False)(params, xs)
+    if which is None:  # the inputs split with the configurations
+        return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(None, "config")),
+                             out_specs=configs, check_vma=False)(params, xs)
+    return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(), configs), out_specs=configs,
+                         check_vma=False)(params, xs, which)
 
 
 def use_cpu_cores(count: int | None = None) -> None:
@@ -213,8 +231,12 @@ def grad_norm_table(cell, grid: Grid, seq_len: int, *, input_size: int, batch: i
     # across hosts too.
     params = init_configs(cell, seeds, gains, input_size)
     spread_params = params if sharding is None else _spread(params, sharding)
-    xs = inputs_configs(seeds, seq_len, batch, input_size, input_std, sharding=sharding)
-    log10_norms = _gather(measure_configs(cell, spread_params, xs))
+    # Each distinct seed's inputs once, on every device; each configuration reads its seed's in place.
+    distinct, which = _distinct(seeds)
+    replicated = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
+    xs = _distinct_inputs(distinct, seq_len, batch, input_size, input_std, replicated)
+    which = jnp.asarray(which) if sharding is None else _spread(which, sharding)
+    log10_norms = _gather(measure_configs(cell, spread_params, xs, which))
     return log10_norms[: len(grid)], params, seeds
 
 

@@ -315,6 +315,23 @@ def test_gradflow_kernel_far_below_float32_and_its_nan_and_minus_inf():
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["LSTM", "GRU-16"])
+def test_configurations_sharing_inputs_read_them_in_place(kind):
+    """`gradflow.grad_norms_of_configs`: configuration c on xs[:, which[c]], in one kernel call, equal to the XLA
+    engine on each configuration's own inputs (a GRU of hidden size 16 too; a hidden size the kernel does not take,
+    12, runs the vmapped engine)."""
+    for hidden in ((32, 12) if kind == "LSTM" else (16,)):
+        cell, params, _, _ = flow_problem(kind.split("-")[0], [0.6, 0.9, 1.2, 1.5], hidden=hidden)
+        xs = jax.random.normal(jax.random.PRNGKey(3), (25, 2, 3, 5))
+        which = jnp.asarray([0, 1, 1, 0])
+        shared = jax.jit(lambda p, x, w: rnnlab.gradflow.grad_norms_of_configs(cell, p, x, w))
+        assert ("rnnlab_gradflow" in shared.lower(params, xs, which).as_text()) == (hidden % 16 == 0)
+        carry = cell.initial_carry((3,))
+        each = jax.vmap(lambda p, w: rnnlab.gradflow.log_domain_norms(cell, p, xs[:, w], carry))(params, which)
+        np.testing.assert_allclose(shared(params, xs, which), each, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_gradflow_kernel_is_differentiable():
     """Derivatives of the measurement with respect to the weights (the primitive's rule is its reference's): equal
     to differentiating the XLA engine, in reverse and forward mode."""

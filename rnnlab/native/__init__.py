@@ -16,9 +16,9 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
 - ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs;
 - ``rnn_forward_p``, ``rnn_tangent_p`` and ``rnn_backward_p`` likewise for `rnnlab.RNN` with a named activation
   (``tanh``, ``relu``, ``linear``; the tangent's coefficients come from ``hs`` alone);
-- ``gradflow_p(w_h, b_h, w_x, b_x, h0, c0, xs) -> log10 ||∂L/∂h_t|| [C, T]``: `rnnlab.gradflow.grad_norms` with its
-  default loss for C configurations of one cell at once (`grad_norms` here binds it; under `jax.vmap` the mapped
-  axis becomes C). Each configuration runs whole on one thread, forward loop then log-domain backward loop, and the
+- ``gradflow_p(w_h, b_h, w_x, b_x, h0, c0, xs, which) -> log10 ||∂L/∂h_t|| [C, T]``: `rnnlab.gradflow.grad_norms`
+  with its default loss for C configurations of one cell at once, configuration c on ``xs[:, which[c]]``
+  (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). Each configuration runs whole on one thread, forward loop then log-domain backward loop, and the
   threads share out the configurations: a sweep's small per-configuration matmuls need no barrier.
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
@@ -47,6 +47,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -286,7 +287,11 @@ def _transposed(tangent, residuals: int):
 
 
 def _instantiate(tangent, like):
-    return jnp.zeros(like.shape, like.dtype) if type(tangent) is ad.Zero else tangent
+    if type(tangent) is not ad.Zero:
+        return tangent
+    if not jnp.issubdtype(like.dtype, jnp.inexact):  # an index (the gradient-flow kernel's `which`)
+        return np.zeros(like.shape, jax.dtypes.float0)
+    return jnp.zeros(like.shape, like.dtype)
 
 
 def _axes(labels: str) -> tuple[tuple, tuple]:
@@ -378,8 +383,8 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
             hidden = ctx.avals_in[0].shape[-2]  # w_h [H, G·H], or [C, H, G·H] for C configurations
             # `jax.export` refuses custom calls without compatibility guarantees: exported programs get XLA's loops.
             exporting = getattr(ctx.module_context.lowering_parameters, "for_export", False)
-            if exporting or not (all(aval.dtype == jnp.float32 for aval in ctx.avals_in)
-                                 and applies(hidden, jnp.float32)):
+            floats = [aval.dtype for aval in ctx.avals_in if jnp.issubdtype(aval.dtype, jnp.floating)]
+            if exporting or not (all(dtype == jnp.float32 for dtype in floats) and applies(hidden, jnp.float32)):
                 return reference_rule(ctx, *args, **params)
             axis_context = ctx.module_context.axis_context
             # A jit over several devices (JAX names them to the lowering of the primitives registered below).
@@ -505,22 +510,47 @@ def _flow_cell(name: str, hidden: int):
     return LSTM(hidden) if name == "lstm" else GRU(hidden) if name == "gru" else RNN(hidden, activation=name)
 
 
-def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, *, threads, cell):
-    """`rnnlab.gradflow.grad_norms` with its default loss, on XLA, for each configuration: ``[C, T]``."""
+def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell):
+    """`rnnlab.gradflow.grad_norms` with its default loss, on XLA, for each configuration c on ``xs[:, which[c]]``:
+    ``[C, T]``."""
     from rnnlab import gradflow
 
     rnn = _flow_cell(cell, h0.shape[-1])
 
-    def one(w_h, b_h, w_x, b_x, h0, c0, xs):
+    def one(w_h, b_h, w_x, b_x, h0, c0, sequence):
         params = {"w_x": w_x, "w_h": w_h, rnn.bias_names[0]: b_x, **({"b_h": b_h} if cell == "gru" else {})}
-        return gradflow.log_domain_norms(rnn, params, xs, (h0, c0) if cell == "lstm" else h0)
+        return gradflow.log_domain_norms(rnn, params, xs[:, sequence], (h0, c0) if cell == "lstm" else h0)
 
-    return (jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 1))(w_h, b_h, w_x, b_x, h0, c0, xs),)
+    return (jax.vmap(one)(w_h, b_h, w_x, b_x, h0, c0, which),)
 
 
 gradflow_p = _primitive("rnnlab_gradflow", _reference_gradflow,
-                        lambda w_h, b_h, w_x, b_x, h0, c0, xs: [((xs.shape[1], xs.shape[0]), xs.dtype)],
-                        "b k g, b g, b i g, b g, b n h, b n h, t b n i -> b t", "rnnlab_gradflow")
+                        lambda w_h, b_h, w_x, b_x, h0, c0, xs, which: [((w_h.shape[0], xs.shape[0]), xs.dtype)],
+                        "b k g, b g, b i g, b g, b n h, b n h, t u n i, b -> b t", "rnnlab_gradflow")
+
+
+def _gradflow_batch(args, dims, **params):
+    """vmap of `gradflow_p`: the mapped axis joins the configurations; mapped inputs join the sequences, each
+    example's indices shifted to its own."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    *per_config, xs, which = args
+    *config_dims, xs_dim, which_dim = dims
+
+    def leading(a, d):
+        return jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+
+    which = leading(which, which_dim)
+    if xs_dim is not None:
+        xs = jnp.moveaxis(xs, xs_dim, 1)  # [T, size, U, N, I]
+        which = which + (jnp.arange(size, dtype=which.dtype) * xs.shape[2])[:, None]
+        xs = xs.reshape((xs.shape[0], -1) + xs.shape[3:])
+    merged = [leading(a, d) for a, d in zip(per_config, config_dims)]  # [size, C, ...]
+    merged = [a.reshape((-1,) + a.shape[2:]) for a in merged]
+    (log10_norms,) = gradflow_p.bind(*merged, xs, which.reshape(-1), **params)
+    return [log10_norms.reshape((size, -1) + log10_norms.shape[1:])], [0]
+
+
+batching.primitive_batchers[gradflow_p] = _gradflow_batch
 
 
 def flow_cell_name(cell) -> str:
@@ -536,14 +566,22 @@ def grad_norms(cell, params, xs, carry):
     flattened to ``N``), as one call of `gradflow_p`. Under `jax.vmap` (a sweep's configurations) the mapped axis
     becomes the primitive's configuration axis, which the kernel shares out over its threads and `jax.sharding`
     splits over devices."""
+    stacked = jax.tree_util.tree_map(lambda a: a[None], (params, carry))
+    return grad_norms_of_configs(cell, *stacked, xs[:, None], jnp.zeros((1,), jnp.int32))[0]
+
+
+def grad_norms_of_configs(cell, params, carry, xs, which):
+    """``log10 ||∂L/∂h_t|| [C, T]`` of C configurations of a built-in cell in one call of `gradflow_p`: ``params``
+    and ``carry`` stacked on a leading axis, configuration c on ``xs[:, which[c]]`` (``xs [T, U, N, input_size]``,
+    ``which [C]`` int32): configurations that share inputs read them from one place."""
     name = flow_cell_name(cell)
     w_h = params["w_h"]
-    zeros = jnp.zeros(w_h.shape[-1:], w_h.dtype)
+    zeros = jnp.zeros(w_h.shape[:1] + w_h.shape[-1:], w_h.dtype)
     h0, c0 = carry if name == "lstm" else (carry, jnp.zeros_like(carry))
-    operands = (w_h, params.get("b_h", zeros) if name == "gru" else zeros, params["w_x"],
-                params[cell.bias_names[0]], h0, c0)
-    (log10_norms,) = gradflow_p.bind(*(a[None] for a in operands), xs[:, None], threads=threads(), cell=name)
-    return log10_norms[0]
+    (log10_norms,) = gradflow_p.bind(w_h, params["b_h"] if name == "gru" else zeros, params["w_x"],
+                                     params[cell.bias_names[0]], h0, c0, xs, jnp.asarray(which, jnp.int32),
+                                     threads=threads(), cell=name)
+    return log10_norms
 
 
 def flow_workspace_bytes(cell, steps: int, rows: int) -> int:

@@ -617,9 +617,10 @@ ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0,
 
 // --- gradient flow: log10 ||∂L/∂h_t|| of L = Σ h_T² / N for every step and configuration ---------------------------
 //
-// gradflow(w_h [C, H, G], b_h [C, G], w_x [C, I, G], b_x [C, G], h0 [C, N, H], c0 [C, N, H], xs [T, C, N, I])
-//   -> log10 ||∂L/∂h_t|| [C, T], for C configurations of one cell (`cell`: lstm, gru, tanh, relu, linear; b_h is
-//   the GRU's and zero for the others, c0 the LSTM's), as rnnlab/gradflow.py's `grad_norms` with its default loss.
+// gradflow(w_h [C, H, G], b_h [C, G], w_x [C, I, G], b_x [C, G], h0 [C, N, H], c0 [C, N, H], xs [T, U, N, I],
+//          which [C] int32) -> log10 ||∂L/∂h_t|| [C, T], for C configurations of one cell (`cell`: lstm, gru, tanh,
+//   relu, linear; b_h is the GRU's and zero for the others, c0 the LSTM's), configuration c on inputs
+//   xs[:, which[c]], as rnnlab/gradflow.py's `grad_norms` with its default loss.
 // Each configuration runs whole on one thread (the threads share out the configurations, with no barrier): the
 // forward loop projects each step's input and keeps the states and gates in the thread's workspace, then the
 // backward loop applies each step's transposed Jacobian to the carry's cotangent, renormalised every step with the
@@ -679,10 +680,10 @@ inline bool none_bad(vf bad) {
 
 struct Flow {
   Cell cell;
-  int steps, configs, rows, inputs, hidden, gates;
+  int steps, sequences, rows, inputs, hidden, gates;  // sequences: U, the inputs' second axis
 };
 
-void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, const float* w_x_all,
+void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const float* b_h_all, const float* w_x_all,
               const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs, float* out,
               float* work) {
   const int N = f.rows, H = f.hidden, G = f.gates * H, I = f.inputs, T = f.steps;
@@ -709,7 +710,7 @@ void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, 
   finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0, which checks the carry after it
 
   for (int t = 0; t < T; ++t) {
-    const float* x_t = xs + (static_cast<size_t>(t) * f.configs + c) * N * I;
+    const float* x_t = xs + (static_cast<size_t>(t) * f.sequences + sequence) * N * I;
     matmul(N, G, I, x_t, I, panel_x.data(), zx, G);
     matmul(N, G, H, hs + t * NH, H, panel_h.data(), zh, G);
     vf bad = splat(0.0f);
@@ -820,24 +821,29 @@ void flow_one(const Flow& f, int c, const float* w_h_all, const float* b_h_all, 
 }
 
 ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
-                        Buffer xs, Result out, int64_t threads, std::string_view cell_name) {
+                        Buffer xs, ffi::Buffer<ffi::S32> which, Result out, int64_t threads,
+                        std::string_view cell_name) {
   Flow f;
   if (auto error = cell_of(cell_name, &f.cell, &f.gates); error.failure()) return error;
-  const auto dims = xs.dimensions();  // [T, C, N, I]
-  f.steps = static_cast<int>(dims[0]), f.configs = static_cast<int>(dims[1]), f.rows = static_cast<int>(dims[2]);
+  const auto dims = xs.dimensions();  // [T, U, N, I]
+  const int configs = static_cast<int>(which.element_count());
+  f.steps = static_cast<int>(dims[0]), f.sequences = static_cast<int>(dims[1]), f.rows = static_cast<int>(dims[2]);
+  for (int c = 0; c < configs; ++c)
+    if (which.typed_data()[c] < 0 || which.typed_data()[c] >= f.sequences)
+      return ffi::Error::InvalidArgument("rnnlab gradflow kernel: an index in `which` is outside the inputs");
   f.inputs = static_cast<int>(dims[3]), f.hidden = static_cast<int>(h0.dimensions()[2]);
   if (f.hidden % kLanes != 0)
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: the hidden size must be a multiple of 16");
   const size_t floats = flow_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates);
   std::atomic<bool> out_of_memory{false};
-  team(pool, static_cast<int>(std::min<int64_t>(threads, f.configs)), [&](int part, int parts, Barrier&) {
+  team(pool, static_cast<int>(std::min<int64_t>(threads, configs)), [&](int part, int parts, Barrier&) {
     std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
     if (!work) {
       out_of_memory = true;
       return;
     }
-    for (int c = part; c < f.configs; c += parts)
-      flow_one(f, c, w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(), h0.typed_data(),
+    for (int c = part; c < configs; c += parts)
+      flow_one(f, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(), h0.typed_data(),
                c0.typed_data(), xs.typed_data(), out->typed_data(), work.get());
   });
   if (out_of_memory)
@@ -884,7 +890,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
                               (signature<5, 3>().Attr<bool>("weight_grad").Attr<std::string_view>("activation")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGradflow, GradflowImpl,
-                              (operands<7, 1>([](auto&& binding) {
-                                return std::move(binding).template Attr<int64_t>("threads").template Attr<std::string_view>(
-                                    "cell");
+                              (operands<7, 0>([](auto&& binding) {
+                                return std::move(binding)
+                                    .template Arg<ffi::Buffer<ffi::S32>>()
+                                    .template Ret<Buffer>()
+                                    .template Attr<int64_t>("threads")
+                                    .template Attr<std::string_view>("cell");
                               })));
