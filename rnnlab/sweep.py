@@ -151,14 +151,14 @@ def _init_distinct(cell, distinct: jax.Array, which: jax.Array, gains: jax.Array
 
 def inputs_configs(seeds, seq_len: int, batch: int, input_size: int, input_std: float, *, sharding=None):
     """Every configuration's inputs ``[T, configs, batch, input_size]`` from its seed (``seeds``: host values, the
-    same in every process): a program of its own, so the random-number generation compiles once per shape and is
-    shared by every cell's `measure_configs`, and draws each distinct seed's inputs once. Time-major, the layout the
-    vmapped time loops read, so they need no transposed copy. ``sharding`` (of the configurations, as from
-    `_config_sharding`) splits them over the devices of every process."""
+    same in every process), each distinct seed's drawn once: a program of its own, compiled once per shape and
+    shared by every cell. Time-major, the layout the time loops read. ``sharding`` (of the configurations, as from
+    `_config_sharding`) splits them over the devices of every process. (`grad_norm_table` does not copy them per
+    configuration: its measurement reads each seed's inputs in place.)"""
     distinct, which = _distinct(seeds)
     if sharding is not None:
         which = _spread(which, sharding)
-    return _inputs_distinct(distinct, which, seq_len, batch, input_size, input_std)
+    return _inputs_gathered(distinct, which, seq_len, batch, input_size, input_std)
 
 
 def _draw(distinct, seq_len: int, batch: int, input_size: int, input_std: float):
@@ -166,13 +166,13 @@ def _draw(distinct, seq_len: int, batch: int, input_size: int, input_std: float)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), compiler_options=_LIGHT_COMPILE)
-def _inputs_distinct(distinct: jax.Array, which: jax.Array, seq_len: int, batch: int, input_size: int,
+def _inputs_gathered(distinct: jax.Array, which: jax.Array, seq_len: int, batch: int, input_size: int,
                      input_std: float):
     return jnp.take(_draw(distinct, seq_len, batch, input_size, input_std), which, axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5), compiler_options=_LIGHT_COMPILE)
-def _distinct_inputs(distinct, seq_len: int, batch: int, input_size: int, input_std: float, replicated):
+def _seed_inputs(distinct, seq_len: int, batch: int, input_size: int, input_std: float, replicated):
     """Each distinct seed's inputs ``[T, U, batch, input_size]``, on every device of ``replicated`` (a sharding,
     or None for the default device)."""
     inputs = _draw(distinct, seq_len, batch, input_size, input_std)
@@ -234,7 +234,7 @@ def grad_norm_table(cell, grid: Grid, seq_len: int, *, input_size: int, batch: i
     # Each distinct seed's inputs once, on every device; each configuration reads its seed's in place.
     distinct, which = _distinct(seeds)
     replicated = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
-    xs = _distinct_inputs(distinct, seq_len, batch, input_size, input_std, replicated)
+    xs = _seed_inputs(distinct, seq_len, batch, input_size, input_std, replicated)
     which = jnp.asarray(which) if sharding is None else _spread(which, sharding)
     log10_norms = _gather(measure_configs(cell, spread_params, xs, which))
     return log10_norms[: len(grid)], params, seeds
