@@ -54,8 +54,7 @@ def peak_gib(compiled, workspace: int = 0) -> float:
 
 def workspace_bytes(cell, name: str, seq_len: int, remat) -> int:
     """The gradient-flow kernel's own workspace (one thread: one configuration), where the program calls it."""
-    uses_kernel = name == "gradflow" and remat is None and native.available()
-    return native.flow_workspace_bytes(cell, seq_len, BATCH) if uses_kernel else 0
+    return native.flow_workspace_bytes(cell, seq_len, BATCH) if name == "gradflow" and remat is None else 0
 
 
 def main():

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -246,8 +245,7 @@ def _native(kernel: _Kernel, unroll: int, px, valid) -> bool:
     """Whether this recurrence runs on `rnnlab.native`'s primitives: any built-in cell, no padding mask,
     ``unroll=1``, at least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in XLA
     elsewhere."""
-    return (valid is None and unroll == 1 and px.shape[0] > 0
-            and os.environ.get("RNNLAB_NATIVE", "1") != "0")
+    return valid is None and unroll == 1 and px.shape[0] > 0 and native.enabled()
 
 
 def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, d_params=None, d_carry=None, dpx=None):

@@ -13,7 +13,6 @@ Conventions: ``h_t`` is the hidden state after consuming ``x_t`` (``t = 0 … T-
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable
 
 import jax
@@ -155,25 +154,31 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     and no ``remat`` the whole measurement is one call of `rnnlab.native`'s gradient-flow kernel (C++ on CPU in
     float32, the same maths on XLA elsewhere), which under `jax.vmap` runs every configuration of a sweep at once.
     """
-    xs, carry, _ = prepare(cell, params, xs, carry)
-    seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
+    xs, carry, batch_shape = _flattened(cell, params, xs, carry)
+    seq_len = xs.shape[0]
     if remat is not None and (not isinstance(remat, int) or remat < 1 or seq_len % remat):
         raise ValueError(f"remat must be a positive int dividing T = {seq_len}, got {remat!r}.")
-    # The batch is flattened to one axis N: norms do not depend on its shape, and the fused kernels want [N, ...].
-    batch = math.prod(batch_shape)
-    xs = xs.reshape(seq_len, batch, xs.shape[-1])
-    carry = jax.tree_util.tree_map(lambda leaf: leaf.reshape((batch,) + leaf.shape[len(batch_shape):]), carry)
     if loss is None and remat is None and _in_kernel(cell, params, carry, xs):
         return native.grad_norms(cell, params, xs, carry)
     return log_domain_norms(cell, params, xs, carry, loss=loss, remat=remat, batch_shape=batch_shape)
 
 
+def _flattened(cell, params, xs: jax.Array, carry):
+    """Checked inputs ``[T, N, input_size]`` and carry with the batch flattened to one axis ``N`` (norms do not
+    depend on its shape, and the fused kernels want ``[N, ...]``), and the batch's shape."""
+    xs, carry, _ = prepare(cell, params, xs, carry)
+    batch_shape = xs.shape[1:-1]
+    batch = math.prod(batch_shape)
+    carry = jax.tree_util.tree_map(lambda leaf: leaf.reshape((batch,) + leaf.shape[len(batch_shape):]), carry)
+    return xs.reshape(xs.shape[0], batch, xs.shape[-1]), carry, batch_shape
+
+
 def _in_kernel(cell, params, carry, xs: jax.Array) -> bool:
     """Whether `rnnlab.native`'s gradient-flow kernel measures ``cell`` on ``xs [T, N, input_size]`` (with the
     default loss and no remat): a built-in cell with one float dtype, at least one step and one sequence, and the
-    kernels not turned off (``RNNLAB_NATIVE=0``). It lowers to the XLA engine where the C++ kernel does not apply."""
-    return (xs.shape[0] > 0 and xs.shape[1] > 0 and fused.supports(cell, params, carry, xs)
-            and os.environ.get("RNNLAB_NATIVE", "1") != "0")
+    kernels switched on (`rnnlab.native.enabled`). It lowers to the XLA engine where the C++ kernel does not
+    apply."""
+    return xs.shape[0] > 0 and xs.shape[1] > 0 and fused.supports(cell, params, carry, xs) and native.enabled()
 
 
 def grad_norms_of_configs(cell, params, xs: jax.Array, which) -> jax.Array:
@@ -187,13 +192,10 @@ def grad_norms_of_configs(cell, params, xs: jax.Array, which) -> jax.Array:
     """
     which = jnp.asarray(which, jnp.int32)
     one = jax.tree_util.tree_map(lambda leaf: leaf[0], params)
-    first, carry, _ = prepare(cell, one, xs[:, 0], None)
-    batch_shape = first.shape[1:-1]
-    rows = math.prod(batch_shape)
-    flat_xs = xs.reshape(xs.shape[:2] + (rows, xs.shape[-1]))
-    carry = jax.tree_util.tree_map(lambda leaf: leaf.reshape((rows,) + leaf.shape[len(batch_shape):]), carry)
-    if not _in_kernel(cell, one, carry, flat_xs[:, 0]):
+    first, carry, _ = _flattened(cell, one, xs[:, 0], None)
+    if not _in_kernel(cell, one, carry, first):
         return jax.vmap(lambda p, sequence: grad_norms(cell, p, xs[:, sequence]))(params, which)
+    flat_xs = xs.reshape(xs.shape[:2] + first.shape[1:])
     stacked = jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, which.shape + leaf.shape), carry)
     return native.grad_norms_of_configs(cell, params, stacked, flat_xs, which)
 

@@ -107,22 +107,34 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
+def enabled() -> bool:
+    """Whether the kernels are switched on (``RNNLAB_NATIVE`` is not ``0``): read when a program is traced, so that
+    callers route the built-in cells to the primitives. Where the C++ kernels cannot run, the primitives lower to
+    their plain-JAX references."""
+    return os.environ.get("RNNLAB_NATIVE", "1") != "0"
+
+
 def available() -> bool:
-    """Whether the kernels are on (``RNNLAB_NATIVE`` is not ``0``), built, loaded and registered with XLA's CPU
-    backend (built on the first call)."""
-    return os.environ.get("RNNLAB_NATIVE", "1") != "0" and _loaded()
+    """Whether the kernels are on (`enabled`), built, loaded and registered with XLA's CPU backend (built on the
+    first call)."""
+    return enabled() and _loaded()
 
 
 @functools.cache
-def _loaded() -> bool:
+def _library() -> ctypes.CDLL | None:
+    """The kernels' library, built and loaded, its targets registered with XLA (None where it cannot be built)."""
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
     except (RuntimeError, OSError) as error:
         _log.warning("rnnlab.native unavailable, the LSTM, GRU and RNN run on XLA alone: %s", error)
-        return False
+        return None
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return True
+    return library
+
+
+def _loaded() -> bool:
+    return _library() is not None
 
 
 def threads() -> int:
@@ -585,15 +597,15 @@ def grad_norms_of_configs(cell, params, carry, xs, which):
 
 
 def flow_workspace_bytes(cell, steps: int, rows: int) -> int:
-    """Bytes of the gradient-flow kernel's workspace for one configuration of ``rows`` sequences of ``steps``: per
-    running thread, outside XLA's memory accounting, freed when the call returns (``flow_workspace`` in
-    ``recurrent.cc``): the carries, what each step's Jacobian needs, and per-step rows."""
-    name, hidden = flow_cell_name(cell), cell.hidden_size
-    gates = {"lstm": 4, "gru": 3}.get(name, 1)
-    per_step = rows * hidden
-    states = (steps + 1) * per_step * (2 if name == "lstm" else 1)
-    saved = steps * per_step * (4 if name in ("lstm", "gru") else 0)
-    return 4 * (states + saved + steps + 1 + per_step * gates * 3 + per_step * 3)
+    """Bytes of the gradient-flow kernel's workspace for one configuration of ``rows`` sequences of ``steps`` (the
+    carries, what each step's Jacobian needs, per-step rows): per running thread, outside XLA's memory accounting,
+    freed when the call returns. Asked of the library itself (0 where it cannot be built: then no kernel runs)."""
+    library = _library() if enabled() else None
+    if library is None:
+        return 0
+    size = library.RnnlabFlowWorkspaceFloats
+    size.restype = ctypes.c_int64
+    return 4 * size(flow_cell_name(cell).encode(), steps, rows, cell.hidden_size)
 
 
 # `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this

@@ -879,6 +879,15 @@ auto signature() {
 
 }  // namespace
 
+// The gradient-flow kernel's workspace per thread, in floats (for rnnlab.native.flow_workspace_bytes); -1 for an
+// unknown cell.
+extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden) {
+  Cell cell;
+  int gates;
+  if (cell_of(cell_name, &cell, &gates).failure()) return -1;
+  return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates));
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
                               (signature<9, 4>().Attr<bool>("weight_grad")));
