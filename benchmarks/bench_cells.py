@@ -9,8 +9,16 @@ Each measurement is one training-style call, as each library's users make it:
 - flax (LSTM only): ``jax.jit(jax.grad(loss))(variables, xs)`` with ``nn.RNN(nn.OptimizedLSTMCell(hidden))``,
   batch-major ``xs [batch, T, input]``, its default.
 
+- jax cuDNN (LSTM, on a GPU only): ``jax.jit(jax.grad(loss))(weights, xs)`` with `jax.experimental.rnn.lstm`,
+  its flat cuDNN weights and batch-major ``xs``.
+
+On a GPU torch runs on CUDA (cuDNN), and every library keeps its default precision (TF32 tensor cores allowed in
+float32 by JAX's default matmul precision, by ``jax.experimental.rnn`` and by ``torch.backends.cudnn.allow_tf32``);
+the targets there are to stay within 1.5x of each cuDNN peer.
+
 Gradients are taken with respect to the parameters only, as in training. The details table also shows rnnlab with
-its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone). Every figure is the median of 14 calls
+its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone) on CPU, and with ``unroll=8`` (fewer,
+longer loop iterations) on other backends. Every figure is the median of 14 calls
 after warm-up: 7 rounds in which each library runs a block of 3 calls back to back, the block's first call not
 counted (it pays for the previous library's lingering threads: `blocked_medians`), so that a busy machine slows
 every library alike and each is measured as its users run it. Also measured in the same
@@ -37,6 +45,7 @@ import jax.numpy as jnp
 
 import rnnlab
 
+GPU = jax.default_backend() == "gpu"
 QUICK = "--quick" in sys.argv[1:] or bool(os.environ.get("RNNLAB_BENCH_QUICK"))
 #: (batch, T, input, hidden), from the speed issue.
 SHAPES = ((5, 4, 3, 8), (3, 6, 4, 16)) if QUICK else ((32, 100, 64, 128), (64, 200, 128, 256), (16, 1000, 32, 128),
@@ -46,8 +55,12 @@ STEP_BOUND = SHAPES[0::2]
 CELLS = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 ROUNDS, BLOCK, WARMUP = (1, 1, 1) if QUICK else (7, 3, 3)
-PEAK_SIZE = 256 if QUICK else 2048
+PEAK_SIZE = 256 if QUICK else 8192 if GPU else 2048
 TORCH_TARGET, FLAX_TARGET = 1.0, 1.5
+#: On a GPU: rnnlab within 1.5x of cuDNN (peer time / rnnlab time >= 1 / 1.5).
+CUDNN_TARGET = 1 / 1.5
+#: The second rnnlab column: the native kernels off on CPU; on a GPU (no native kernels) a longer loop body.
+VARIANT = "rnnlab unroll 8" if GPU else "rnnlab XLA only"
 
 
 def _torch():
@@ -61,16 +74,16 @@ def _torch_device(torch) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rnnlab_call(kind: str, shape, native: bool = True):
+def rnnlab_call(kind: str, shape, native: bool = True, unroll: int = 1):
     """``native=False``: the same call with `rnnlab.native`'s C++ kernels off (``RNNLAB_NATIVE=0`` while tracing),
-    i.e. XLA alone, to show what the kernels bring."""
+    i.e. XLA alone, to show what the kernels bring. ``unroll``: passed to `rnnlab.scan`."""
     batch, seq_len, input_size, hidden = shape
     cell = getattr(rnnlab, kind)(hidden_size=hidden)
     params = cell.init(jax.random.PRNGKey(0), input_size)
     xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
 
     def loss(params, xs):
-        ys, _ = rnnlab.scan(cell, params, xs)
+        ys, _ = rnnlab.scan(cell, params, xs, unroll=unroll)
         return jnp.mean(ys**2)
 
     grad = jax.jit(jax.grad(loss))
@@ -118,6 +131,25 @@ def flax_call(shape):
 
     grad = jax.jit(jax.grad(loss))
     return lambda: jax.block_until_ready(grad(variables, xs))
+
+
+def jax_cudnn_call(shape):
+    """`jax.experimental.rnn.lstm` (cuDNN; GPU only) as its users call it: flat weights, batch-major inputs."""
+    from jax.experimental import rnn
+
+    batch, seq_len, input_size, hidden = shape
+    weights = rnn.init_lstm_weight(jax.random.PRNGKey(0), input_size, hidden, 1, False)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (batch, seq_len, input_size))
+    zeros = jnp.zeros((1, batch, hidden))
+    seq_lengths = jnp.full((batch,), seq_len, jnp.int32)
+
+    def loss(weights, xs):
+        ys, _, _ = rnn.lstm(xs, zeros, zeros, weights, seq_lengths=seq_lengths, input_size=input_size,
+                            hidden_size=hidden, num_layers=1, dropout=0.0, bidirectional=False)
+        return jnp.mean(ys**2)
+
+    grad = jax.jit(jax.grad(loss))
+    return lambda: jax.block_until_ready(grad(weights, xs))
 
 
 def blocked_medians(calls: dict) -> tuple[dict, dict, dict]:
@@ -203,15 +235,18 @@ def main() -> None:
     print(f"bench_cells: jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"({_torch_device(torch)}, {torch.get_num_threads()} threads), {os.cpu_count()} CPU cores"
           + (", QUICK mode" if QUICK else ""))
-    print(f"float32 matmul peak ([{PEAK_SIZE}, {PEAK_SIZE}] @ [{PEAK_SIZE}, {PEAK_SIZE}]): {peak:.0f} GFLOP/s\n")
+    print(f"float32 matmul peak ([{PEAK_SIZE}, {PEAK_SIZE}] @ [{PEAK_SIZE}, {PEAK_SIZE}], default precision"
+          + (f", {jax.devices()[0].device_kind}: TF32 allowed" if GPU else "") + f"): {peak:.0f} GFLOP/s\n")
     details, targets, compute_bound = [], [], []
     for shape in SHAPES:
         shape_name = ",".join(map(str, shape))
         for kind in CELLS:
-            calls = {"rnnlab": rnnlab_call(kind, shape), "rnnlab XLA only": rnnlab_call(kind, shape, native=False),
-                     "torch": torch_call(kind, shape)}
+            variant = rnnlab_call(kind, shape, unroll=8) if GPU else rnnlab_call(kind, shape, native=False)
+            calls = {"rnnlab": rnnlab_call(kind, shape), VARIANT: variant, "torch": torch_call(kind, shape)}
             if kind == "LSTM":
                 calls["flax"] = flax_call(shape)
+                if GPU:
+                    calls["jax cuDNN"] = jax_cudnn_call(shape)
             medians, fastest, first = blocked_medians(calls)
             gflops = train_flops(kind, shape) / medians["rnnlab"] / 1e9
             step_rate = step_matmul_rate(shape[0], shape[3], GATES[kind])
@@ -219,23 +254,30 @@ def main() -> None:
             peak = max(peak, matmul_peak())
             details.append([kind, shape_name] + [
                 f"{_ms(medians[name])} ({_ms(fastest[name])})" if name in medians else "—"
-                for name in ("rnnlab", "rnnlab XLA only", "torch", "flax")
+                for name in ("rnnlab", VARIANT, "torch", "flax") + (("jax cuDNN",) if GPU else ())
             ] + [f"{first['rnnlab']:.2f} s", f"{gflops:.0f}", f"{step_rate:.0f}"])
-            ratio = medians["torch"] / medians["rnnlab"]
-            targets.append((f"{kind} {shape_name} vs torch.nn.{kind}", _ms(medians["rnnlab"]), _ms(medians["torch"]),
-                            f"{ratio:.2f}x", f">= {TORCH_TARGET}x", "yes" if ratio >= TORCH_TARGET else "no"))
-            if kind == "LSTM" and shape in STEP_BOUND:
+            peers = [(f"torch.nn.{kind}" + (" (cuDNN)" if GPU else ""), "torch")]
+            if GPU and kind == "LSTM":
+                peers.append(("jax.experimental.rnn (cuDNN)", "jax cuDNN"))
+            target = CUDNN_TARGET if GPU else TORCH_TARGET
+            for peer_name, peer in peers:
+                ratio = medians[peer] / medians["rnnlab"]
+                targets.append((f"{kind} {shape_name} vs {peer_name}", _ms(medians["rnnlab"]), _ms(medians[peer]),
+                                f"{ratio:.2f}x", f">= {target:.2f}x", "yes" if ratio >= target else "no"))
+            if kind == "LSTM" and (shape in STEP_BOUND or GPU):
+                # The flax target is a CPU one (fixed cost per step); on a GPU the ratio is printed.
                 ratio = medians["flax"] / medians["rnnlab"]
+                holds = "info" if GPU else "yes" if ratio >= FLAX_TARGET else "no"
                 targets.append((f"LSTM {shape_name} vs flax OptimizedLSTMCell", _ms(medians["rnnlab"]),
-                                _ms(medians["flax"]), f"{ratio:.2f}x", f">= {FLAX_TARGET}x",
-                                "yes" if ratio >= FLAX_TARGET else "no"))
+                                _ms(medians["flax"]), f"{ratio:.2f}x", "printed" if GPU else f">= {FLAX_TARGET}x",
+                                holds))
             if shape not in STEP_BOUND:
                 compute_bound.append((len(targets), f"{kind} {shape_name} GFLOP/s vs matmul peak", gflops))
     for index, name, gflops in reversed(compute_bound):
         targets.insert(index, (name, f"{gflops:.0f}", f"{peak:.0f}", f"{gflops / peak:.2f}", "printed", "info"))
     print(f"float32 matmul peak, best over the run: {peak:.0f} GFLOP/s\n")
-    _table(("cell", "batch,T,input,hidden", "rnnlab median (fastest)", "rnnlab XLA only", "torch", "flax",
-            "rnnlab 1st call",
+    _table(("cell", "batch,T,input,hidden", "rnnlab median (fastest)", VARIANT, "torch", "flax")
+           + (("jax cuDNN",) if GPU else ()) + ("rnnlab 1st call",
             "rnnlab GFLOP/s",
             "step-matmul GFLOP/s"), details)
     print()

@@ -3,7 +3,7 @@
 3 cells (tanh RNN, LSTM, GRU) × 6 gains × 4 seeds, batch 16, input 32, hidden 128, T = 500: log ||∂L/∂h_t|| for
 every t, L = Σ h_T² / batch. rnnlab shows each core to JAX as a device (`sweep.use_cpu_cores`, as the experiment
 does), so the configurations are sharded over both cores. PyTorch: a loop over the 72 configurations, a Python loop over steps with
-``retain_grad`` on every h_t, one backward each (torch.set_num_threads(2)). rnnlab: `rnnlab.sweep` — one
+``retain_grad`` on every h_t, one backward each (torch.set_num_threads(2); on CUDA where torch sees a GPU). rnnlab: `rnnlab.sweep` — one
 ``jit(vmap)`` program per cell over its 24 configurations, in the log domain.
 
 Also printed: the arithmetic limit, i.e. the multiply-adds the sweep cannot avoid (recurrent matmuls forward and
@@ -48,20 +48,21 @@ def torch_sweep():
     import torch
 
     torch.set_num_threads(2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     modules = {"rnn_tanh": torch.nn.RNNCell, "lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}
     start, all_norms = time.perf_counter(), []
     for name in CELLS:
         for gain in GAINS:
             for seed in range(SEEDS):
                 torch.manual_seed(seed)
-                cell = modules[name](INPUT, HIDDEN)
+                cell = modules[name](INPUT, HIDDEN, device=device)
                 with torch.no_grad():
                     for block in cell.weight_hh.chunk(GATES[name], 0):
                         torch.nn.init.orthogonal_(block)
                         block.mul_(gain)
-                xs = torch.randn(SEQ_LEN, BATCH, INPUT)
-                h = torch.zeros(BATCH, HIDDEN)
-                state = (h, torch.zeros(BATCH, HIDDEN)) if name == "lstm" else h
+                xs = torch.randn(SEQ_LEN, BATCH, INPUT, device=device)
+                h = torch.zeros(BATCH, HIDDEN, device=device)
+                state = (h, torch.zeros(BATCH, HIDDEN, device=device)) if name == "lstm" else h
                 hs = []
                 for x in xs:
                     state = cell(x, state)
@@ -135,6 +136,14 @@ def steady_seconds() -> float:
     return statistics.median(rnnlab_sweep()[0] for _ in range(REPEATS))
 
 
+def _machine() -> str:
+    import torch
+
+    device = jax.devices()[0]
+    torch_device = "CUDA" if torch.cuda.is_available() else "CPU"
+    return f"jax {jax.__version__} on {device.platform} ({device.device_kind}), PyTorch's loop on {torch_device}"
+
+
 def _row(name, ours, peer, ratio, target, holds):
     return f"| {name} | {ours} | {peer} | {ratio} | {target} | {holds} |"
 
@@ -155,7 +164,7 @@ def main():
     # checks that with the same weights). What differs is where float32 gives up: 0 (log -inf) or inf.
     finite_ours, finite_theirs = np.isfinite(ours).mean(), np.isfinite(theirs).mean()
     print(f"gradient-flow sweep: {len(CELLS)} cells × {len(GAINS)} gains × {SEEDS} seeds, batch {BATCH}, "
-          f"input {INPUT}, hidden {HIDDEN}, T = {SEQ_LEN}; 2-core CPU. Matmul throughput at the sweep's shape "
+          f"input {INPUT}, hidden {HIDDEN}, T = {SEQ_LEN}; {_machine()}. Matmul throughput at the sweep's shape "
           f"[{len(GAINS) * SEEDS}, {BATCH}, {HIDDEN}] @ [.., {HIDDEN}, {4 * HIDDEN}]: {throughput:.0f} GFLOP/s; "
           f"unavoidable work {unavoidable_flops() / 1e9:.0f} GFLOP, so the arithmetic limit is {limit:.3f} s.")
     print()

@@ -19,6 +19,10 @@ flax.linen layouts (one ``Dense`` per gate, kernels ``[in, H]``):
   bias [H]}``; the flax carry is ``(c, h)``, rnnlab's is ``(h, c)``.
 - ``GRUCell``: ``ir, iz, in {kernel [I, H], bias [H]}``, ``hr, hz {kernel [H, H]}``, ``hn {kernel [H, H], bias [H]}``.
 
+cuDNN's LSTM as `jax.experimental.rnn.lstm` takes it (one layer, one direction): one flat vector holding torch's
+four arrays one after the other, each flattened row-major: ``weight_ih [4H, I]``, ``weight_hh [4H, H]``,
+``bias_ih [4H]``, ``bias_hh [4H]``, gates (i, f, g, o).
+
 torch is a development dependency only, so it is imported inside the functions that need it.
 """
 
@@ -132,6 +136,37 @@ def to_torch(cell, params):
         module.bias_ih_l0.copy_(tensor(b_ih))
         module.bias_hh_l0.copy_(tensor(b_hh))
     return module
+
+
+def to_cudnn_lstm(cell, params) -> jax.Array:
+    """The flat weight vector with which `jax.experimental.rnn.lstm` (cuDNN) computes what an `rnnlab.LSTM` computes.
+
+    **Arguments:** ``cell``: an `rnnlab.LSTM`; ``params``: its parameters (``w_x [I, 4H]``, ``w_h [H, 4H]``,
+    ``b [4H]``).
+
+    **Returns:** ``weights [4H·(I + H + 2)]``, with ``bias_ih = b`` and ``bias_hh = 0``. Built from ``params`` by
+    transposes and concatenation, so gradients flow back to them. Pass ``input_size=I, hidden_size=H,
+    num_layers=1, bidirectional=False`` to `jax.experimental.rnn.lstm`, whose inputs are batch-major.
+    """
+    if type(cell) is not LSTM:
+        raise TypeError(f"to_cudnn_lstm converts an rnnlab.LSTM; got {type(cell).__name__}.")
+    bias = params["b"]
+    return jnp.concatenate([params["w_x"].T.ravel(), params["w_h"].T.ravel(), bias, jnp.zeros_like(bias)])
+
+
+def from_cudnn_lstm(weights, input_size: int, hidden_size: int, dtype: Any = jnp.float32):
+    """``(cell, params)`` computing what `jax.experimental.rnn.lstm` computes with the flat ``weights`` of a
+    one-layer, one-direction LSTM (``weights [4H·(I + H + 2)]``, e.g. from ``jax.experimental.rnn.init_lstm_weight``).
+    """
+    gates = 4 * hidden_size
+    sizes = (gates * input_size, gates * hidden_size, gates, gates)
+    weights = jnp.asarray(weights, dtype)
+    if weights.shape != (sum(sizes),):
+        raise ValueError(f"weights has shape {weights.shape}; a one-layer, one-direction cuDNN LSTM with "
+                         f"input_size={input_size}, hidden_size={hidden_size} has ({sum(sizes)},).")
+    w_ih, w_hh, b_ih, b_hh = jnp.split(weights, np.cumsum(sizes)[:-1])
+    return LSTM(hidden_size=hidden_size), _gated_params(
+        "lstm", w_ih.reshape(gates, input_size), w_hh.reshape(gates, hidden_size), b_ih, b_hh)
 
 
 def _check_gate_functions(flax_cell) -> None:

@@ -279,3 +279,47 @@ def test_from_flax_rejects_what_rnnlab_cells_do_not_compute(flax_cell, message):
     variables = flax_cell.init(jax.random.PRNGKey(0), carry, jnp.zeros(INPUT_SIZE))
     with pytest.raises(ValueError, match=message):
         interop.from_flax(flax_cell, variables)
+
+
+# ---- cuDNN's flat LSTM weights (jax.experimental.rnn) ----
+
+
+def lstm_ref_loss(weights, xs, carry):
+    """``jax.experimental.rnn.lstm_ref`` (JAX's own pure-JAX reference of its cuDNN LSTM) on time-major ``xs``, the
+    same loss as `rnnlab_loss_and_grads`."""
+    from jax.experimental import rnn
+
+    h0, c0 = (jnp.asarray(a)[None] for a in carry)
+    w_ih, w_hh, b_ih, b_hh = rnn.unpack_lstm_weights(weights, INPUT_SIZE, HIDDEN, 1, False)
+    ys, h_n, c_n = rnn.lstm_ref(jnp.swapaxes(xs, 0, 1), h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                seq_lengths=jnp.full((BATCH,), SEQ_LEN, jnp.int32), input_size=INPUT_SIZE,
+                                hidden_size=HIDDEN, num_layers=1, dropout=0.0, bidirectional=False)
+    ys = jnp.swapaxes(ys, 0, 1)
+    return jnp.sum(ys * output_weights(ys.shape)), (ys, (h_n[0], c_n[0]))
+
+
+def test_cudnn_lstm_weights_compute_what_jax_reference_lstm_computes():
+    from jax.experimental import rnn
+
+    weights = rnn.init_lstm_weight(jax.random.PRNGKey(3), INPUT_SIZE, HIDDEN, 1, False)
+    xs, carry = inputs_and_carry(is_lstm=True)
+    cell, params = interop.from_cudnn_lstm(weights, INPUT_SIZE, HIDDEN)
+    (grads, x_grad), (ys, final) = rnnlab_loss_and_grads(cell, params, xs, carry)
+    (ref_w_grad, ref_x_grad), (ref_ys, ref_final) = jax.grad(lstm_ref_loss, argnums=(0, 1), has_aux=True)(
+        weights, jnp.asarray(xs), carry)
+    close(ys, ref_ys)
+    jax.tree_util.tree_map(close, final, ref_final)
+    close(x_grad, ref_x_grad)
+    # Back through the conversion, rnnlab's gradients land where cuDNN's layout has them.
+    pulled_back = jax.vjp(lambda p: interop.to_cudnn_lstm(cell, p), params)[1](ref_w_grad)[0]
+    jax.tree_util.tree_map(close, grads, pulled_back)
+    round_trip = interop.to_cudnn_lstm(*interop.from_cudnn_lstm(interop.to_cudnn_lstm(cell, params), INPUT_SIZE,
+                                                                HIDDEN))
+    close(round_trip, interop.to_cudnn_lstm(cell, params))
+
+
+def test_cudnn_lstm_conversions_reject_other_cells_and_sizes():
+    with pytest.raises(TypeError, match="to_cudnn_lstm converts an rnnlab.LSTM; got GRU"):
+        interop.to_cudnn_lstm(rnnlab.GRU(4), rnnlab.GRU(4).init(jax.random.PRNGKey(0), 3))
+    with pytest.raises(ValueError, match=r"weights has shape \(10,\).*input_size=3, hidden_size=5 has \(200,\)"):
+        interop.from_cudnn_lstm(jnp.zeros(10), 3, 5)

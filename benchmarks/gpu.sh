@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: the GPU checks, then the benchmarks, each under a time limit, each one's output in
+# a file of OUT_DIR. Runs with the machine's own python3 and its jax (CUDA), torch, flax and optax; nothing is
+# installed. The cuDNN comparisons of tests/test_gpu.py and the tests of scan, the fused rules and gradient flow run
+# with float32 matmuls in full precision (JAX's default on a GPU allows TF32, which the float64 truths of those tests
+# would not accept); the benchmarks run at each library's default precision.
+#
+#     bash benchmarks/gpu.sh [OUT_DIR]        # default: ./gpu_results; PYTHON=... for another interpreter
+set -u
+python=${PYTHON:-python3}
+out=${1:-gpu_results}
+mkdir -p "$out"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$python" -c "import jax, torch, flax, optax; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__,
+torch.cuda.get_device_name(0), 'cudnn', torch.backends.cudnn.version(), '| flax', flax.__version__, '| optax',
+optax.__version__)"
+  git log -1 --format='commit %H %cd' 2>/dev/null
+} > "$out/machine.txt" 2>&1
+
+timeout "${GPU_BENCH_CELLS_S:-240}" "$python" benchmarks/run.py cells > "$out/bench_cells.txt" 2>&1
+echo "exit $?" >> "$out/bench_cells.txt"
+
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${GPU_TESTS_S:-150}" "$python" -m pytest -q -p no:cacheprovider \
+  -n 8 tests/test_gpu.py tests/test_fused.py tests/test_scan.py tests/test_gradflow.py > "$out/tests.txt" 2>&1
+echo "exit $?" >> "$out/tests.txt"
+
+timeout "${GPU_BENCH_REST_S:-200}" "$python" benchmarks/run.py gradflow long > "$out/bench_sweep_long.txt" 2>&1
+echo "exit $?" >> "$out/bench_sweep_long.txt"
+
+timeout "${GPU_PROBE_S:-60}" "$python" benchmarks/probe_precision.py > "$out/probe_precision.txt" 2>&1
+echo "exit $?" >> "$out/probe_precision.txt"

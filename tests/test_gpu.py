@@ -1,0 +1,97 @@
+"""On a GPU: rnnlab's cells compute what cuDNN computes with the same weights — outputs, final carries, and the
+gradients of a loss with respect to the weights and the inputs.
+
+Two independent cuDNN front ends are the reference: `jax.experimental.rnn.lstm` (JAX's cuDNN LSTM) and
+``torch.nn.RNN / LSTM / GRU`` on CUDA. Both are asked for full float32 arithmetic (no TF32), as the comparison is of
+the maths, not of the precision each library picks by default. Skipped where JAX has no GPU (CI); run on a GPU
+machine with ``python -m pytest tests/test_gpu.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnlab
+from rnnlab import interop
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: compares with cuDNN")
+
+SEQ_LEN, BATCH, INPUT_SIZE, HIDDEN = 40, 8, 24, 64
+# float32 through 40 steps, cuDNN summing in its own order: agreement to a few hundred ulps.
+RTOL, ATOL = 2e-4, 2e-5
+
+
+def close(actual, expected):
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=RTOL, atol=ATOL)
+
+
+def data(seed=0):
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((SEQ_LEN, BATCH, INPUT_SIZE)).astype(np.float32)
+    out_weights = np.cos(np.arange(SEQ_LEN * BATCH * HIDDEN, dtype=np.float32)).reshape(SEQ_LEN, BATCH, HIDDEN)
+    return xs, out_weights
+
+
+def rnnlab_loss(cell, params, xs, out_weights):
+    ys, final = rnnlab.scan(cell, params, xs)
+    return jnp.sum(ys * out_weights), (ys, final)
+
+
+@jax.default_matmul_precision("float32")
+def test_lstm_matches_jax_cudnn_lstm():
+    from jax.experimental import rnn
+
+    xs, out_weights = data()
+    cell = rnnlab.LSTM(HIDDEN)
+    params = cell.init(jax.random.PRNGKey(0), INPUT_SIZE)
+    zeros = jnp.zeros((1, BATCH, HIDDEN))
+
+    def cudnn_loss(weights, xs):
+        ys, h_n, c_n = rnn.lstm(jnp.swapaxes(xs, 0, 1), zeros, zeros, weights,
+                                seq_lengths=jnp.full((BATCH,), SEQ_LEN, jnp.int32), input_size=INPUT_SIZE,
+                                hidden_size=HIDDEN, num_layers=1, dropout=0.0, bidirectional=False,
+                                precision=jax.lax.Precision.HIGHEST)
+        ys = jnp.swapaxes(ys, 0, 1)
+        return jnp.sum(ys * out_weights), (ys, (h_n[0], c_n[0]))
+
+    weights = interop.to_cudnn_lstm(cell, params)
+    (w_grad, x_grad), (ys, final) = jax.jit(jax.grad(cudnn_loss, argnums=(0, 1), has_aux=True))(weights, xs)
+    (grads, our_x_grad), (our_ys, our_final) = jax.jit(
+        jax.grad(lambda p, x: rnnlab_loss(cell, p, x, out_weights), argnums=(0, 1), has_aux=True))(params, xs)
+    close(our_ys, ys)
+    jax.tree_util.tree_map(close, our_final, final)
+    close(our_x_grad, x_grad)
+    jax.tree_util.tree_map(close, grads, jax.vjp(lambda p: interop.to_cudnn_lstm(cell, p), params)[1](w_grad)[0])
+
+
+@pytest.mark.parametrize("cell", [rnnlab.RNN(HIDDEN, activation="tanh"), rnnlab.RNN(HIDDEN, activation="relu"),
+                                  rnnlab.LSTM(HIDDEN), rnnlab.GRU(HIDDEN)], ids=["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@jax.default_matmul_precision("float32")
+def test_cells_match_torch_cudnn(cell):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    xs, out_weights = data(1)
+    params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(1), INPUT_SIZE))
+    module = interop.to_torch(cell, params).cuda()
+    torch_xs = torch.tensor(xs, device="cuda", requires_grad=True)
+    ys, final = module(torch_xs)
+    (ys * torch.tensor(out_weights, device="cuda")).sum().backward()
+
+    (grads, our_x_grad), (our_ys, our_final) = jax.jit(
+        jax.grad(lambda p, x: rnnlab_loss(cell, p, x, out_weights), argnums=(0, 1), has_aux=True))(params, xs)
+    close(our_ys, ys.detach().cpu().numpy())
+    torch_final = final if isinstance(final, tuple) else (final,)
+    for ours, theirs in zip(jax.tree_util.tree_leaves(our_final), torch_final):
+        close(ours, theirs[0].detach().cpu().numpy())
+    close(our_x_grad, torch_xs.grad.cpu().numpy())
+    close(grads["w_x"], module.weight_ih_l0.grad.cpu().numpy().T)
+    close(grads["w_h"], module.weight_hh_l0.grad.cpu().numpy().T)
+    if isinstance(cell, rnnlab.GRU):
+        close(grads["b_x"], module.bias_ih_l0.grad.cpu().numpy())
+        close(grads["b_h"], module.bias_hh_l0.grad.cpu().numpy())
+    else:
+        close(grads["b"], module.bias_ih_l0.grad.cpu().numpy())
