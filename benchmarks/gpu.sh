@@ -12,6 +12,7 @@ out=${1:-gpu_results}
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -21,15 +22,15 @@ optax.__version__)"
   git log -1 --format='commit %H %cd' 2>/dev/null
 } > "$out/machine.txt" 2>&1
 
-timeout "${GPU_BENCH_CELLS_S:-240}" "$python" benchmarks/run.py cells > "$out/bench_cells.txt" 2>&1
+timeout "${GPU_BENCH_CELLS_S:-220}" "$python" benchmarks/run.py cells > "$out/bench_cells.txt" 2>&1
 echo "exit $?" >> "$out/bench_cells.txt"
 
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${GPU_TESTS_S:-150}" "$python" -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${GPU_TESTS_S:-140}" "$python" -m pytest -q -p no:cacheprovider \
   -n 8 tests/test_gpu.py tests/test_fused.py tests/test_scan.py tests/test_gradflow.py > "$out/tests.txt" 2>&1
 echo "exit $?" >> "$out/tests.txt"
 
-timeout "${GPU_BENCH_REST_S:-200}" "$python" benchmarks/run.py gradflow long > "$out/bench_sweep_long.txt" 2>&1
-echo "exit $?" >> "$out/bench_sweep_long.txt"
-
-timeout "${GPU_PROBE_S:-60}" "$python" benchmarks/probe_precision.py > "$out/probe_precision.txt" 2>&1
+timeout "${GPU_PROBE_S:-50}" "$python" benchmarks/probe_precision.py > "$out/probe_precision.txt" 2>&1
 echo "exit $?" >> "$out/probe_precision.txt"
+
+timeout "${GPU_BENCH_REST_S:-170}" "$python" benchmarks/run.py gradflow long > "$out/bench_sweep_long.txt" 2>&1
+echo "exit $?" >> "$out/bench_sweep_long.txt"
