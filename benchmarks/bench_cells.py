@@ -17,8 +17,8 @@ float32 by JAX's default matmul precision, by ``jax.experimental.rnn`` and by ``
 the targets there are to stay within 1.5x of each cuDNN peer.
 
 Gradients are taken with respect to the parameters only, as in training. The details table also shows rnnlab with
-its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone) on CPU, and with ``unroll=8`` (fewer,
-longer loop iterations) on other backends. Every figure is the median of 14 calls
+its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone) on CPU, and on a GPU with its loops
+unrolled 1 and 16 steps per iteration instead of the default 8 (``RNNLAB_GPU_UNROLL``). Every figure is the median of 14 calls
 after warm-up: 7 rounds in which each library runs a block of 3 calls back to back, the block's first call not
 counted (it pays for the previous library's lingering threads: `blocked_medians`), so that a busy machine slows
 every library alike and each is measured as its users run it. Also measured in the same
@@ -59,8 +59,10 @@ PEAK_SIZE = 256 if QUICK else 8192 if GPU else 2048
 TORCH_TARGET, FLAX_TARGET = 1.0, 1.5
 #: On a GPU: rnnlab within 1.5x of cuDNN (peer time / rnnlab time >= 1 / 1.5).
 CUDNN_TARGET = 1 / 1.5
-#: The second rnnlab column: the native kernels off on CPU; on a GPU (no native kernels) a longer loop body.
-VARIANT = "rnnlab unroll 8" if GPU else "rnnlab XLA only"
+#: More rnnlab columns, each the same call under other settings (environment variables read while it is lowered):
+#: the native kernels off on CPU; on a GPU (no native kernels) other numbers of steps per loop iteration.
+VARIANTS = ({"rnnlab unroll 1": {"RNNLAB_GPU_UNROLL": "1"}, "rnnlab unroll 16": {"RNNLAB_GPU_UNROLL": "16"}} if GPU
+            else {"rnnlab XLA only": {"RNNLAB_NATIVE": "0"}})
 
 
 def _torch():
@@ -74,28 +76,32 @@ def _torch_device(torch) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rnnlab_call(kind: str, shape, native: bool = True, unroll: int = 1):
-    """``native=False``: the same call with `rnnlab.native`'s C++ kernels off (``RNNLAB_NATIVE=0`` while tracing),
-    i.e. XLA alone, to show what the kernels bring. ``unroll``: passed to `rnnlab.scan`."""
+def rnnlab_call(kind: str, shape, settings: dict | None = None):
+    """``settings``: environment variables set while the call is traced and lowered (its first call), e.g.
+    ``{"RNNLAB_NATIVE": "0"}``: `rnnlab.native`'s C++ kernels off, i.e. XLA alone, to show what the kernels bring."""
     batch, seq_len, input_size, hidden = shape
     cell = getattr(rnnlab, kind)(hidden_size=hidden)
     params = cell.init(jax.random.PRNGKey(0), input_size)
     xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
 
     def loss(params, xs):
-        ys, _ = rnnlab.scan(cell, params, xs, unroll=unroll)
+        ys, _ = rnnlab.scan(cell, params, xs)
         return jnp.mean(ys**2)
 
     grad = jax.jit(jax.grad(loss))
 
     def call():
-        # The setting is read while tracing (the first call); each jit object keeps its own compiled program.
-        previous = os.environ.get("RNNLAB_NATIVE", "1")
-        os.environ["RNNLAB_NATIVE"] = "1" if native else "0"
+        # The settings are read while tracing and lowering (the first call); each jit object keeps its own program.
+        previous = {name: os.environ.get(name) for name in settings or {}}
+        os.environ.update(settings or {})
         try:
             return jax.block_until_ready(grad(params, xs))
         finally:
-            os.environ["RNNLAB_NATIVE"] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
 
     return call
 
@@ -241,8 +247,9 @@ def main() -> None:
     for shape in SHAPES:
         shape_name = ",".join(map(str, shape))
         for kind in CELLS:
-            variant = rnnlab_call(kind, shape, unroll=8) if GPU else rnnlab_call(kind, shape, native=False)
-            calls = {"rnnlab": rnnlab_call(kind, shape), VARIANT: variant, "torch": torch_call(kind, shape)}
+            calls = {"rnnlab": rnnlab_call(kind, shape),
+                     **{name: rnnlab_call(kind, shape, settings) for name, settings in VARIANTS.items()},
+                     "torch": torch_call(kind, shape)}
             if kind == "LSTM":
                 calls["flax"] = flax_call(shape)
                 if GPU:
@@ -254,7 +261,7 @@ def main() -> None:
             peak = max(peak, matmul_peak())
             details.append([kind, shape_name] + [
                 f"{_ms(medians[name])} ({_ms(fastest[name])})" if name in medians else "—"
-                for name in ("rnnlab", VARIANT, "torch", "flax") + (("jax cuDNN",) if GPU else ())
+                for name in ("rnnlab", *VARIANTS, "torch", "flax") + (("jax cuDNN",) if GPU else ())
             ] + [f"{first['rnnlab']:.2f} s", f"{gflops:.0f}", f"{step_rate:.0f}"])
             peers = [(f"torch.nn.{kind}" + (" (cuDNN)" if GPU else ""), "torch")]
             if GPU and kind == "LSTM":
@@ -276,7 +283,7 @@ def main() -> None:
     for index, name, gflops in reversed(compute_bound):
         targets.insert(index, (name, f"{gflops:.0f}", f"{peak:.0f}", f"{gflops / peak:.2f}", "printed", "info"))
     print(f"float32 matmul peak, best over the run: {peak:.0f} GFLOP/s\n")
-    _table(("cell", "batch,T,input,hidden", "rnnlab median (fastest)", VARIANT, "torch", "flax")
+    _table(("cell", "batch,T,input,hidden", "rnnlab median (fastest)", *VARIANTS, "torch", "flax")
            + (("jax cuDNN",) if GPU else ()) + ("rnnlab 1st call",
             "rnnlab GFLOP/s",
             "step-matmul GFLOP/s"), details)

@@ -18,12 +18,15 @@ from rnnlab import interop
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: compares with cuDNN")
 
 SEQ_LEN, BATCH, INPUT_SIZE, HIDDEN = 40, 8, 24, 64
-# float32 through 40 steps, cuDNN summing in its own order: agreement to a few hundred ulps.
-RTOL, ATOL = 2e-4, 2e-5
+# float32 through 40 steps, cuDNN summing in its own order: agreement to a few hundred ulps of each array's largest
+# values (an element small by cancellation carries the absolute error of the large terms it sums: 9.5e-5 where a
+# weight gradient's largest element is 6, on an H200).
+RTOL = 2e-4
 
 
 def close(actual, expected):
-    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=RTOL, atol=ATOL)
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=RTOL, atol=RTOL * float(np.abs(expected).max()))
 
 
 def data(seed=0):

@@ -236,6 +236,27 @@ def test_jax_export_lowers_to_xla_loops():
     assert_trees_close(exported.call(params, xs, carry), grad(params, xs, carry), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
+def test_on_a_gpu_the_loops_lower_unrolled(kind, monkeypatch):
+    """A GPU runs an XLA loop's iterations one launch sequence at a time, so there the primitives' loops are
+    unrolled (`native.gpu_unroll`; run and timed on a GPU by `benchmarks/gpu.sh`). Lowered for CUDA here (no GPU
+    needed): ``$RNNLAB_GPU_UNROLL`` steps of the body per iteration, each an outlined call; the CPU program does not
+    change."""
+    cell, params, xs, carry, weights = problem(16, (3,), 20, kind=kind)
+
+    def lowered(platform, unroll):
+        monkeypatch.setenv("RNNLAB_GPU_UNROLL", unroll)
+        grad = jax.jit(jax.grad(loss_fn(cell, weights, False)))  # a new function: JAX caches lowerings
+        return jax.export.export(grad, platforms=(platform,))(params, xs, carry).mlir_module()
+
+    def calls(text):
+        return text.count("call @")
+
+    # Forward and backward loops: 7 more calls of each body per iteration.
+    assert calls(lowered("cuda", "8")) - calls(lowered("cuda", "1")) >= 2 * 7
+    assert calls(lowered("cpu", "8")) == calls(lowered("cpu", "1"))
+
+
 # --- the gradient-flow kernel ---------------------------------------------------------------------------------------
 
 FLOW_KINDS = ["LSTM", "GRU", "RNN-tanh", "RNN-relu", "RNN-linear"]
