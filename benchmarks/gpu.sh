@@ -19,7 +19,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   "$python" -c "import jax, torch, flax, optax; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__,
 torch.cuda.get_device_name(0), 'cudnn', torch.backends.cudnn.version(), '| flax', flax.__version__, '| optax',
 optax.__version__)"
-  git log -1 --format='commit %H %cd' 2>/dev/null
 } > "$out/machine.txt" 2>&1
 
 timeout "${GPU_BENCH_CELLS_S:-220}" "$python" benchmarks/run.py cells > "$out/bench_cells.txt" 2>&1
