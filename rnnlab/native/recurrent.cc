@@ -50,7 +50,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The vector width: 16 floats (one 512-bit register) with AVX-512, else 8 (AVX2's 256-bit registers); kRows rows of
+// a block of the matmul keep 2·kRows accumulators and 2 rows of B in the 32 (AVX-512) or 16 (AVX2) registers.
+#ifdef __AVX512F__
 constexpr int kLanes = 16;
+constexpr int kRows = 8;
+#else
+constexpr int kLanes = 8;
+constexpr int kRows = 6;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -121,12 +129,13 @@ inline void block(int k_size, const float* a, int lda, const float* b, int ldb, 
     for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
 }
 
-// All m rows of one column block: blocks of 8 rows, then 4, 2, 1.
+// All m rows of one column block: blocks of kRows rows, then 4, 2, 1.
 template <int NV, bool Transposed>
 inline void rows(int m, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
   const int row_step = Transposed ? 1 : lda;  // from one row of C to the next, in A
   int i = 0;
-  for (; i + 8 <= m; i += 8) block<8, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
+  for (; i + kRows <= m; i += kRows)
+    block<kRows, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
   if (i + 4 <= m) block<4, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 4;
   if (i + 2 <= m) block<2, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 2;
   if (i < m) block<1, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
