@@ -402,8 +402,8 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
             unrolled = functools.partial(reference, unroll=gpu_unroll())
             return mlir.lower_fun(unrolled, multiple_results=True)(ctx, *args, **params)
 
-        for platform in ("cuda", "rocm"):
-            mlir.register_lowering(p, gpu_rule, platform=platform)
+        for gpu in ("cuda", "rocm"):
+            mlir.register_lowering(p, gpu_rule, platform=gpu)
     if target is not None:
         kernel_rule = jax.ffi.ffi_lowering(target, operand_output_aliases=aliases)
 
