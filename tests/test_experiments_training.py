@@ -30,6 +30,7 @@ def _run(script: str, out: Path, *flags: str) -> dict[str, np.ndarray]:
     return results.read_csv(out / "records.csv")
 
 
+@pytest.mark.slow  # 21 s; many-to-one classification is tested in test_models, the script in `make test-all`
 def test_sequential_digits_script_beats_chance(tmp_path):
     table = _run("sequential_digits.py", tmp_path, "--cells=gru", "--orders=permuted", "--steps=120",
                  "--hidden_size=32", "--lr=1e-2", "--eval_every=60")
@@ -47,6 +48,7 @@ def test_sequential_digits_majority_baseline():
     assert 0.05 < task.baseline_accuracy < 0.15
 
 
+@pytest.mark.slow  # 25 s; the seq2seq model's learning is tested in test_models, the script in `make test-all`
 def test_seq2seq_words_script_beats_the_input_blind_baseline(tmp_path):
     table = _run("seq2seq_words.py", tmp_path, "--cells=gru", "--max_digits=3", "--steps=200", "--hidden_size=64",
                  "--lr=1e-2", "--eval_every=100", "--examples=5")

@@ -76,6 +76,7 @@ def test_two_processes_give_the_numbers_of_one_device(tmp_path):
             np.testing.assert_allclose(values[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # 45 s on 2 cores: the experiment script in three processes; the test above covers two hosts
 @pytest.mark.timeout(300)
 def test_gradient_flow_experiment_on_two_processes_writes_the_records_of_one(tmp_path):
     """`experiments/gradient_flow.py --coordinator=...` on two processes (each showing its 2 cores as devices: 4
