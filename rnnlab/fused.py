@@ -20,7 +20,7 @@ keeps forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) working through `rnn
 Without a padding mask (and with ``unroll=1``) the recurrence, its tangent and the tangent's transpose are
 `rnnlab.native`'s primitives: on CPU in float32 they run as C++ kernels that split each step's matmul and gate
 maths over the cores (XLA runs the per-step matmul of a loop on one core); elsewhere they lower to the same maths
-written here.
+written here (on a GPU with 8 steps per loop iteration).
 
 `linearised_steps` hands the same kernels to `rnnlab.gradflow`: a forward loop that saves the gates and a transposed
 step built from them, so the log-domain backward pass needs one matmul per step and recomputes nothing.

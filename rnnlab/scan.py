@@ -143,7 +143,8 @@ def scan(
       sequence's carry after its own last valid step, and outputs at padded steps are exactly zero.
     - ``reverse``: run each sequence from its last valid step back to its first; outputs stay aligned with inputs
       (``ys[t]`` is the output after consuming ``xs[t]``).
-    - ``unroll``: passed to `jax.lax.scan`.
+    - ``unroll``: passed to `jax.lax.scan`. With the default 1, the built-in cells' loops run on a GPU
+      ``$RNNLAB_GPU_UNROLL`` (8) steps per loop iteration all the same (`rnnlab.native`); the numbers do not change.
     - ``remat``: a chunk length dividing ``T``; only carries at chunk boundaries are kept for the backward pass and
       each chunk is recomputed (`jax.checkpoint`), so memory grows as ``T / remat + remat`` instead of ``T``.
 
