@@ -2,9 +2,10 @@
 
 3 cells (tanh RNN, LSTM, GRU) × 6 gains × 4 seeds, batch 16, input 32, hidden 128, T = 500: log ||∂L/∂h_t|| for
 every t, L = Σ h_T² / batch. rnnlab shows each core to JAX as a device (`sweep.use_cpu_cores`, as the experiment
-does), so the configurations are sharded over both cores. PyTorch: a loop over the 72 configurations, a Python loop over steps with
-``retain_grad`` on every h_t, one backward each (torch.set_num_threads(2); on CUDA where torch sees a GPU). rnnlab: `rnnlab.sweep` — one
-``jit(vmap)`` program per cell over its 24 configurations, in the log domain.
+does), so the configurations are sharded over both cores. PyTorch: a loop over the 72 configurations, a Python
+loop over steps with ``retain_grad`` on every h_t, one backward each (torch.set_num_threads(2); on CUDA where torch
+sees a GPU). rnnlab: `rnnlab.sweep` — one ``jit(vmap)`` program per cell over its 24 configurations, in the log
+domain.
 
 Also printed: the arithmetic limit, i.e. the multiply-adds the sweep cannot avoid (recurrent matmuls forward and
 backward, input projections) divided by the throughput of the sweep's own batched matmul shape measured in this run.
@@ -43,12 +44,18 @@ BATCH, INPUT, HIDDEN, SEQ_LEN = (4, 8, 16, 20) if QUICK else (16, 32, 128, 500)
 REPEATS = 1 if QUICK else 3
 
 
+def _torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def torch_sweep():
     """The sweep as a PyTorch user writes it; returns (seconds, log10 norms [configs, T])."""
     import torch
 
     torch.set_num_threads(2)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _torch_device()
     modules = {"rnn_tanh": torch.nn.RNNCell, "lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}
     start, all_norms = time.perf_counter(), []
     for name in CELLS:
@@ -137,11 +144,9 @@ def steady_seconds() -> float:
 
 
 def _machine() -> str:
-    import torch
-
     device = jax.devices()[0]
-    torch_device = "CUDA" if torch.cuda.is_available() else "CPU"
-    return f"jax {jax.__version__} on {device.platform} ({device.device_kind}), PyTorch's loop on {torch_device}"
+    return (f"jax {jax.__version__} on {device.platform} ({device.device_kind}), PyTorch's loop on "
+            f"{_torch_device().upper()}")
 
 
 def _row(name, ours, peer, ratio, target, holds):

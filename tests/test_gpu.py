@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_fused import assert_trees_close
+from test_interop import torch_grads_in_rnnlab_layout
 
 import rnnlab
 from rnnlab import interop
@@ -25,8 +27,7 @@ RTOL = 2e-4
 
 
 def close(actual, expected):
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=RTOL, atol=RTOL * float(np.abs(expected).max()))
+    assert_trees_close(actual, expected, rtol=RTOL, atol=0.0, scaled=True)
 
 
 def data(seed=0):
@@ -73,15 +74,23 @@ def test_lstm_matches_jax_cudnn_lstm():
     jax.tree_util.tree_map(close, grads, jax.vjp(lambda p: interop.to_cudnn_lstm(cell, p), params)[1](w_grad)[0])
 
 
-@pytest.mark.parametrize("cell", [rnnlab.RNN(HIDDEN, activation="tanh"), rnnlab.RNN(HIDDEN, activation="relu"),
-                                  rnnlab.LSTM(HIDDEN), rnnlab.GRU(HIDDEN)], ids=["rnn_tanh", "rnn_relu", "lstm", "gru"])
-@jax.default_matmul_precision("float32")
-def test_cells_match_torch_cudnn(cell):
+@pytest.fixture
+def torch_in_float32():
+    """torch with TF32 off in cuDNN and cuBLAS for the test, its settings restored after."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield torch
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("cell", [rnnlab.RNN(HIDDEN, activation="tanh"), rnnlab.RNN(HIDDEN, activation="relu"),
+                                  rnnlab.LSTM(HIDDEN), rnnlab.GRU(HIDDEN)], ids=["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@jax.default_matmul_precision("float32")
+def test_cells_match_torch_cudnn(cell, torch_in_float32):
+    torch = torch_in_float32
     xs, out_weights = data(1)
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(1), INPUT_SIZE))
     module = interop.to_torch(cell, params).cuda()
@@ -96,10 +105,8 @@ def test_cells_match_torch_cudnn(cell):
     for ours, theirs in zip(jax.tree_util.tree_leaves(our_final), torch_final):
         close(ours, theirs[0].detach().cpu().numpy())
     close(our_x_grad, torch_xs.grad.cpu().numpy())
-    close(grads["w_x"], module.weight_ih_l0.grad.cpu().numpy().T)
-    close(grads["w_h"], module.weight_hh_l0.grad.cpu().numpy().T)
-    if isinstance(cell, rnnlab.GRU):
-        close(grads["b_x"], module.bias_ih_l0.grad.cpu().numpy())
-        close(grads["b_h"], module.bias_hh_l0.grad.cpu().numpy())
-    else:
-        close(grads["b"], module.bias_ih_l0.grad.cpu().numpy())
+    torch_grads = torch_grads_in_rnnlab_layout("gru" if isinstance(cell, rnnlab.GRU) else "lstm_or_rnn",
+                                               module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0,
+                                               module.bias_hh_l0)
+    for name, grad in torch_grads.items():
+        close(grads[name], grad)

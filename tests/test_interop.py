@@ -60,12 +60,12 @@ TORCH_CELLS = {
 def torch_grads_in_rnnlab_layout(kind, weight_ih, weight_hh, bias_ih, bias_hh):
     """torch's parameter gradients laid out as rnnlab's (``w = weight.T``; the LSTM/RNN ``b`` gets the gradient of
     either torch bias, since both enter the same sum)."""
-    grads = {"w_x": weight_ih.grad.numpy().T, "w_h": weight_hh.grad.numpy().T}
+    grads = {"w_x": weight_ih.grad.cpu().numpy().T, "w_h": weight_hh.grad.cpu().numpy().T}
     if bias_ih is not None:
         if kind == "gru":
-            grads["b_x"], grads["b_h"] = bias_ih.grad.numpy(), bias_hh.grad.numpy()
+            grads["b_x"], grads["b_h"] = bias_ih.grad.cpu().numpy(), bias_hh.grad.cpu().numpy()
         else:
-            grads["b"] = bias_ih.grad.numpy()
+            grads["b"] = bias_ih.grad.cpu().numpy()
     return grads
 
 

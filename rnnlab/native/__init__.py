@@ -63,7 +63,8 @@ _TARGETS = {"rnnlab_lstm_forward": "RnnlabLstmForward", "rnnlab_lstm_backward": 
             "rnnlab_gru_forward": "RnnlabGruForward", "rnnlab_gru_backward": "RnnlabGruBackward",
             "rnnlab_rnn_forward": "RnnlabRnnForward", "rnnlab_rnn_backward": "RnnlabRnnBackward",
             "rnnlab_gradflow": "RnnlabGradflow"}
-#: The kernels split the hidden units in chunks of this many (one vector register of float32).
+#: The hidden size the kernels take must be a multiple of this: their widest vector of float32 (AVX-512's 16; with
+#: AVX2 alone they work in vectors of 8, `recurrent.cc`'s kLanes).
 LANES = 16
 
 _log = logging.getLogger(__name__)
