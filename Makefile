@@ -23,8 +23,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --timeout 600 tests
 
+# Every test, compiled at full optimisation as users' programs are (`make test` compiles less: tests/conftest.py).
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2 --timeout 1800 -m '' tests
+	JAX_DISABLE_MOST_OPTIMIZATIONS=0 $(PY) -m pytest -q -n 2 --timeout 1800 -m '' tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -199,7 +199,8 @@ def test_remat_gives_the_same_numbers_with_less_memory(per_step_loss):
     xs = jax.random.normal(jax.random.PRNGKey(1), (64, 2, 3))
     loss = (lambda hs: jnp.sum(hs**2)) if per_step_loss else None
     plain = gradflow.grad_norms(cell, params, xs, loss=loss)
-    np.testing.assert_allclose(gradflow.grad_norms(cell, params, xs, loss=loss, remat=8), plain, rtol=1e-6)
+    # float32 rounding: log10 norms near 0 get an absolute tolerance (1e-6 in log10 is 2.3e-6 relative in the norm).
+    np.testing.assert_allclose(gradflow.grad_norms(cell, params, xs, loss=loss, remat=8), plain, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="remat must be a positive int dividing T = 64"):
         gradflow.grad_norms(cell, params, xs, remat=7)
 

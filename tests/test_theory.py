@@ -47,12 +47,16 @@ def test_mean_field_rate_matches_measured_tanh_rnn_at_large_hidden_size(gain):
 
 @pytest.mark.parametrize("cell_type, bias_name", [(rnnlab.LSTM, "b"), (rnnlab.GRU, "b_x")])
 def test_gate_path_rate_closed_form(cell_type, bias_name):
-    """With zero weights every keep gate is σ(bias): the path rate is log10 σ(bias) exactly."""
+    """With zero weights every keep gate is σ(bias): the path rate is log10 σ(bias) exactly (in float64, so the
+    check is to 1e-12 rather than to float32's rounding of σ, log10 and the mean)."""
     cell = cell_type(4, bias_init=rnnlab.init.forget_bias(2.0))
-    params = cell.init(jax.random.PRNGKey(0), 3)
-    params = {**params, "w_x": jnp.zeros_like(params["w_x"]), "w_h": jnp.zeros_like(params["w_h"])}
-    rate = theory.gate_path_rate(cell, params, jax.random.normal(jax.random.PRNGKey(1), (7, 2, 3)))
-    assert float(rate) == pytest.approx(np.log10(1 / (1 + np.exp(-2.0))), rel=1e-6)
+    with jax.enable_x64(True):
+        params = cell.init(jax.random.PRNGKey(0), 3, jnp.float64)
+        params = {**params, "w_x": jnp.zeros_like(params["w_x"]), "w_h": jnp.zeros_like(params["w_h"])}
+        xs = jax.random.normal(jax.random.PRNGKey(1), (7, 2, 3), jnp.float64)
+        rate = theory.gate_path_rate(cell, params, xs)
+        assert rate.dtype == jnp.float64
+    assert float(rate) == pytest.approx(np.log10(1 / (1 + np.exp(-2.0))), rel=1e-12)
 
 
 def test_predicted_rates_linear_is_log_gain_and_relu_has_none():
