@@ -3,7 +3,8 @@
 # a file of OUT_DIR. Runs with the machine's own python3 and its jax (CUDA), torch, flax and optax; nothing is
 # installed. The cuDNN comparisons of tests/test_gpu.py and the tests of scan, the fused rules and gradient flow run
 # with float32 matmuls in full precision (JAX's default on a GPU allows TF32, which the float64 truths of those tests
-# would not accept); the benchmarks run at each library's default precision.
+# would not accept), and compiled at full optimisation as users' programs are (`make test` compiles less); the
+# benchmarks run at each library's default precision.
 #
 #     bash benchmarks/gpu.sh [OUT_DIR]        # default: ./gpu_results; PYTHON=... for another interpreter
 set -u
@@ -24,7 +25,7 @@ optax.__version__)"
 timeout "${GPU_BENCH_CELLS_S:-220}" "$python" benchmarks/run.py cells > "$out/bench_cells.txt" 2>&1
 echo "exit $?" >> "$out/bench_cells.txt"
 
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${GPU_TESTS_S:-140}" "$python" -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 timeout "${GPU_TESTS_S:-140}" "$python" -m pytest -q -p no:cacheprovider \
   -n 8 tests/test_gpu.py tests/test_fused.py tests/test_scan.py tests/test_gradflow.py \
   tests/test_native.py::test_on_a_gpu_the_loops_lower_unrolled > "$out/tests.txt" 2>&1
 echo "exit $?" >> "$out/tests.txt"
