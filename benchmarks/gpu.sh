@@ -25,8 +25,9 @@ optax.__version__)"
 timeout "${GPU_BENCH_CELLS_S:-220}" "$python" benchmarks/run.py cells > "$out/bench_cells.txt" 2>&1
 echo "exit $?" >> "$out/bench_cells.txt"
 
-JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 timeout "${GPU_TESTS_S:-140}" "$python" -m pytest -q -p no:cacheprovider \
-  -n 8 tests/test_gpu.py tests/test_fused.py tests/test_scan.py tests/test_gradflow.py \
+JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 \
+  timeout "${GPU_TESTS_S:-140}" "$python" -m pytest -q -p no:cacheprovider -n 8 \
+  tests/test_gpu.py tests/test_fused.py tests/test_scan.py tests/test_gradflow.py \
   tests/test_native.py::test_on_a_gpu_the_loops_lower_unrolled > "$out/tests.txt" 2>&1
 echo "exit $?" >> "$out/tests.txt"
 
