@@ -14,6 +14,8 @@ backward, input projections) divided by the throughput of the sweep's own batche
     RNNLAB_BENCH_QUICK=1 python benchmarks/bench_gradflow_sweep.py   # tiny sizes: checks the code runs
 
 Scaling: the steady state again in a fresh process that shows JAX a single CPU device, against the sharded one.
+On a GPU, also the steady state in a fresh process whose gradient-flow loops run 8 steps per iteration
+(``RNNLAB_GPU_FLOW_UNROLL=8``; rnnlab's default there is 1 until this row has been measured).
 
 End to end: a fresh process importing rnnlab and running the sweep once, with an empty persistent compilation cache
 (cold) and again with the cache it filled (warm), against the PyTorch loop's time.
@@ -42,6 +44,7 @@ GAINS = (0.5, 0.8, 1.0, 1.2, 1.5, 2.0)
 SEEDS = 2 if QUICK else 4
 BATCH, INPUT, HIDDEN, SEQ_LEN = (4, 8, 16, 20) if QUICK else (16, 32, 128, 500)
 REPEATS = 1 if QUICK else 3
+FLOW_UNROLL = {"RNNLAB_GPU_FLOW_UNROLL": "8"}
 
 
 def _torch_device() -> str:
@@ -130,11 +133,12 @@ def end_to_end(cache_dir: str) -> float:
     return time.perf_counter() - start
 
 
-def steady_on_one_device() -> float:
-    """Steady-state seconds of the sweep in a fresh process that shows JAX one CPU device (no sharding), for the
-    scaling row."""
-    command = [sys.executable, __file__, "--steady-on-one-device"]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+def steady_in_fresh_process(one_device: bool = False, env: dict | None = None) -> float:
+    """Steady-state seconds of the sweep in a fresh process with ``env`` added to the environment; ``one_device``:
+    JAX shown one CPU device (no sharding), for the scaling row."""
+    command = [sys.executable, __file__, "--steady", *(["--one-device"] if one_device else [])]
+    output = subprocess.run(command, check=True, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}).stdout
     return float(output.split("STEADY")[-1])
 
 
@@ -158,7 +162,9 @@ def main():
         cold = end_to_end(cache_dir)
         warm = end_to_end(cache_dir)
     jax.config.update("jax_compilation_cache_dir", "")  # in this process: cold compiles, then steady state
-    one_device = steady_on_one_device()
+    one_device = steady_in_fresh_process(one_device=True)
+    # Asked here, not at import: the first question about devices fixes them, and `use_cpu_cores` comes first.
+    flow_unrolled = steady_in_fresh_process(env=FLOW_UNROLL) if jax.default_backend() == "gpu" else None
     first_seconds, ours = rnnlab_sweep()
     steady = steady_seconds()
     # Before PyTorch's loop: its OpenMP workers keep spinning after it, and would slow the matmul (a lower limit).
@@ -189,13 +195,16 @@ def main():
                "info"))
     print(_row(f"sweep steady state, configurations sharded over {len(jax.devices())} devices vs 1 device (s)",
                f"{steady:.2f}", f"{one_device:.2f}", f"{one_device / steady:.2f}x", "", "info"))
+    if flow_unrolled is not None:
+        print(_row("sweep steady state, gradient-flow loops unrolled 8 steps vs 1 (s)", f"{flow_unrolled:.3f}",
+                   f"{steady:.3f}", f"{steady / flow_unrolled:.2f}x", "", "info"))
     print(_row("fraction of (config, t) finite and non-zero", f"{finite_ours:.3f}", f"{finite_theirs:.3f}", "",
                "", "info"))
 
 
 if __name__ == "__main__":
-    if "--steady-on-one-device" in sys.argv:
-        sweep.use_cpu_cores(1)
+    if "--steady" in sys.argv:
+        sweep.use_cpu_cores(1 if "--one-device" in sys.argv else None)
         rnnlab_sweep()  # compiles
         print(f"STEADY {steady_seconds()}")
         sys.exit()

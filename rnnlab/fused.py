@@ -359,9 +359,10 @@ def recurrence(cell, params, carry, projected: jax.Array, *, valid: jax.Array | 
     return final, hs.reshape((seq_len,) + batch_shape + hs.shape[-1:])
 
 
-def linearised_steps(cell, params, carry, xs: jax.Array):
-    """The recurrence over ``xs [T, N, input_size]`` from ``carry`` (batch flattened to ``N``), with what a backward
-    pass over the carry alone needs: ``(final_carry, before, per_step, transpose)``.
+def linearised_steps(cell, params, carry, xs: jax.Array, *, unroll: int = 1):
+    """The recurrence over ``xs [T, N, input_size]`` from ``carry`` (batch flattened to ``N``; ``unroll`` steps per
+    loop iteration), with what a backward pass over the carry alone needs: ``(final_carry, before, per_step,
+    transpose)``.
 
     ``before``: the carry before each step, ``[T, N, ...]`` per leaf. ``transpose(cotangent, after, per_step[t])``
     applies the transposed Jacobian of step ``t`` (``after``: the carry after the step) and returns the cotangent of
@@ -380,7 +381,7 @@ def linearised_steps(cell, params, carry, xs: jax.Array):
         new_carry, saved_t = kernel.step(recurrent_params, carry, px_t)
         return new_carry, (saved_t, carry)
 
-    final, (saved, before) = jax.lax.scan(body, carry, xs)
+    final, (saved, before) = jax.lax.scan(body, carry, xs, unroll=unroll)
     no_input = jnp.zeros(jax.eval_shape(cell.project_inputs, params, xs[0]).shape, xs.dtype)
 
     def transpose(cotangent, after, per_step_t):

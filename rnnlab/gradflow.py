@@ -101,8 +101,9 @@ def _renormalise(state):
     return cotangent, jnp.where(is_zero, _NEG_INF, log_scale), compensation
 
 
-def _linearise(cell, params, xs: jax.Array, carry):
-    """Run the cell over ``xs [T, N, input_size]`` from ``carry``, keeping what the backward pass needs.
+def _linearise(cell, params, xs: jax.Array, carry, unroll: int = 1):
+    """Run the cell over ``xs [T, N, input_size]`` from ``carry`` (``unroll`` steps per loop iteration), keeping
+    what the backward pass needs.
 
     **Returns:** ``(final_carry, before, per_step, transpose)``: ``before`` the carry before each step, and
     ``transpose(cotangent, after, per_step[t])`` the cotangent of the carry before step ``t`` given the one after it
@@ -111,13 +112,13 @@ def _linearise(cell, params, xs: jax.Array, carry):
     step at the stored carry.
     """
     if fused.supports(cell, params, carry, xs):
-        return fused.linearised_steps(cell, params, carry, xs)
+        return fused.linearised_steps(cell, params, carry, xs, unroll=unroll)
     step, inputs = step_and_inputs(cell, params, xs)
 
     def advance(carry, x):
         return step(carry, x)[0], carry
 
-    final, before = jax.lax.scan(advance, carry, inputs)
+    final, before = jax.lax.scan(advance, carry, inputs, unroll=unroll)
 
     def transpose(cotangent, after, carry_and_input):
         carry_before, x = carry_and_input
@@ -201,10 +202,10 @@ def grad_norms_of_configs(cell, params, xs: jax.Array, which) -> jax.Array:
 
 
 def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: int | None = None,
-                     batch_shape: tuple[int, ...] | None = None) -> jax.Array:
+                     batch_shape: tuple[int, ...] | None = None, unroll: int = 1) -> jax.Array:
     """`grad_norms` on XLA for ``xs [T, N, input_size]`` and ``carry`` with the batch flattened to ``N``
     (``batch_shape``: its shape for ``loss``, default ``(N,)``): the plain engine, and the reference of the
-    gradient-flow kernel."""
+    gradient-flow kernel. ``unroll``: steps per iteration of every loop over steps (the numbers do not change)."""
     seq_len = xs.shape[0]
     batch_shape = xs.shape[1:-1] if batch_shape is None else batch_shape
     if remat:  # keep the carry before every chunk of `remat` steps; chunks are linearised again on the way back
@@ -212,12 +213,13 @@ def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: in
         by_chunk = xs.reshape((seq_len // remat, remat) + xs.shape[1:])
 
         def advance_chunk(carry, chunk_xs):
-            return jax.lax.scan(lambda c, x: (step(c, x)[0], None), carry, chunk_xs)[0], carry
+            return jax.lax.scan(lambda c, x: (step(c, x)[0], None), carry, chunk_xs, unroll=unroll)[0], carry
 
         final, chunk_starts = jax.lax.scan(advance_chunk, carry, by_chunk)
-        before = None if loss is None else jax.lax.scan(lambda c, x: (step(c, x)[0], c), carry, xs)[1]
+        before = None if loss is None else jax.lax.scan(lambda c, x: (step(c, x)[0], c), carry, xs,
+                                                        unroll=unroll)[1]
     else:
-        final, before, per_step, transpose = _linearise(cell, params, xs, carry)
+        final, before, per_step, transpose = _linearise(cell, params, xs, carry, unroll)
     # cell.hidden selects part of the carry, so its transpose injects ∂L/∂h into a carry-shaped cotangent.
     _, hidden_vjp = jax.vjp(cell.hidden, final)
     h_final = cell.hidden(final)
@@ -250,7 +252,7 @@ def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: in
 
         state, diverged = state_and_diverged
         (state, _, diverged), log10_norms = jax.lax.scan(backward_step, (state, after, diverged), (per_step, direct),
-                                                         length=length, reverse=True)
+                                                         length=length, reverse=True, unroll=unroll)
         return (state, diverged), log10_norms
 
     if not remat:
@@ -258,7 +260,7 @@ def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: in
 
     def backward_chunk(state_and_diverged, per_chunk):
         chunk_start, chunk_xs, chunk_direct = per_chunk
-        chunk_end, _, per_step, transpose = _linearise(cell, params, chunk_xs, chunk_start)
+        chunk_end, _, per_step, transpose = _linearise(cell, params, chunk_xs, chunk_start, unroll)
         return backward_steps(state_and_diverged, transpose, chunk_end, per_step, chunk_direct, remat)
 
     by_chunk_direct = None if direct is None else direct.reshape((seq_len // remat, remat) + direct.shape[1:])

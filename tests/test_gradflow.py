@@ -205,6 +205,29 @@ def test_remat_gives_the_same_numbers_with_less_memory(per_step_loss):
         gradflow.grad_norms(cell, params, xs, remat=7)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "indrnn"])
+def test_unrolled_loops_give_the_same_numbers(kind):
+    """``unroll`` (how a GPU runs the engine: `rnnlab.native.gpu_flow_unroll`) changes how the loops are written, not
+    what they compute: against one step per iteration, with and without remat, through `rnnlab.fused`'s steps (the
+    LSTM; every built-in cell's loops are the same code) and a user's cell (IndRNN: its step's vjp)."""
+    from tests.user_cell import IndRNN
+
+    cell = {"lstm": rnnlab.LSTM(8), "indrnn": IndRNN(8)}[kind]
+    params = cell.init(jax.random.PRNGKey(0), 3)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (24, 2, 3))
+    carry = cell.initial_carry((2,))
+    loss = lambda hs: jnp.sum(hs**2)  # noqa: E731  (a per-step loss: every loop of the engine runs)
+
+    @jax.jit
+    def norms(params, xs, carry):  # one program for the four
+        return [gradflow.log_domain_norms(cell, params, xs, carry, loss=loss, remat=remat, unroll=unroll)
+                for remat in (None, 6) for unroll in (1, 4)]
+
+    plain, unrolled, plain_remat, unrolled_remat = norms(params, xs, carry)
+    np.testing.assert_allclose(unrolled, plain, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(unrolled_remat, plain_remat, rtol=1e-6, atol=1e-6)
+
+
 def test_remat_memory_grows_as_sqrt_of_sequence_length(monkeypatch):
     """XLA's own buffer accounting of the compiled programs: plain storage is linear in T, remat=√T far less. The
     plain engine here is XLA's: the native gradient-flow kernel keeps the same per-step storage in a workspace of

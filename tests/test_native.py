@@ -291,6 +291,27 @@ def flow_norms(cell, params, xs, carry, engine):
     return jax.jit(jax.vmap(one))(params, xs, carry)
 
 
+def test_on_a_gpu_the_gradient_flow_loops_unroll_when_asked(monkeypatch):
+    """On a GPU the gradient-flow primitive lowers to the XLA engine with ``$RNNLAB_GPU_FLOW_UNROLL`` steps per loop
+    iteration (default 1; `benchmarks/bench_gradflow_sweep.py` times 8 there). Lowered for CUDA here: 8 puts more
+    copies of the step into the program than 1 or the default, and the CPU program does not change."""
+    cell, params, xs, carry = flow_problem("LSTM", [0.5, 1.0], hidden=16, seq_len=16)
+
+    def lowered(platform, unroll):
+        if unroll is None:
+            monkeypatch.delenv("RNNLAB_GPU_FLOW_UNROLL", raising=False)
+        else:
+            monkeypatch.setenv("RNNLAB_GPU_FLOW_UNROLL", unroll)
+        norms = jax.jit(jax.vmap(lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c)))  # not cached
+        text = jax.export.export(norms, platforms=(platform,))(params, xs, carry).mlir_module()
+        return text.count("call @") + text.count("stablehlo.dot_general")
+
+    assert lowered("cuda", None) == lowered("cuda", "1")
+    # Forward and backward loops: 7 more copies of each step per iteration.
+    assert lowered("cuda", "8") - lowered("cuda", "1") >= 2 * 7
+    assert lowered("cpu", "8") == lowered("cpu", "1")
+
+
 @needs_kernels
 @pytest.mark.parametrize("kind", FLOW_KINDS)
 def test_gradflow_kernel_equals_the_log_domain_engine(kind):

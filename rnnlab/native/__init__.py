@@ -27,6 +27,8 @@ the kernel does not apply (not a CPU, not float32, a hidden size not a multiple 
 the cells' references lower with their loops unrolled ``$RNNLAB_GPU_UNROLL`` times (default 8): each iteration of
 an XLA loop on a GPU costs launches and a host round trip whatever its work, and unrolling 8 steps made the cells'
 gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/bench_cells.py`` (``benchmarks/README.md``).
+The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per iteration (default 1, until
+unrolling them is measured on a GPU).
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
@@ -153,6 +155,13 @@ def threads() -> int:
 def gpu_unroll() -> int:
     """Steps per loop iteration in the cells' loops on a GPU: ``$RNNLAB_GPU_UNROLL``, default 8; read at lowering."""
     return max(1, int(os.environ.get("RNNLAB_GPU_UNROLL", "8")))
+
+
+def gpu_flow_unroll() -> int:
+    """Steps per loop iteration in the gradient-flow engine's loops on a GPU: ``$RNNLAB_GPU_FLOW_UNROLL``, default 1
+    (unrolling them is not yet measured on a GPU; `benchmarks/bench_gradflow_sweep.py` times 8 there); read at
+    lowering."""
+    return max(1, int(os.environ.get("RNNLAB_GPU_FLOW_UNROLL", "1")))
 
 
 def applies(hidden: int, dtype) -> bool:
@@ -370,10 +379,10 @@ def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: di
 
 
 def _primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
-               weight_gradient=None, unrolls_on_gpu: bool = True):
+               weight_gradient=None, gpu_steps=gpu_unroll):
     """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere (its first
-    operand is ``w_h [H, G·H]``, or ``[C, H, G·H]``); on a GPU, with ``unrolls_on_gpu``, to ``reference`` called
-    with ``unroll=gpu_unroll()``.
+    operand is ``w_h [H, G·H]``, or ``[C, H, G·H]``); on a GPU to ``reference`` called with
+    ``unroll=gpu_steps()``.
 
     ``out_shapes(*avals) -> [(shape, dtype)]``; ``labels``: the dimensions of operands and results (`_axes`);
     ``aliases``: ``{operand: result}`` pairs the kernel may write in place, each operand read at a step before the
@@ -398,13 +407,13 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
 
     reference_rule = mlir.lower_fun(reference, multiple_results=True)
     mlir.register_lowering(p, reference_rule)
-    if unrolls_on_gpu:
-        def gpu_rule(ctx, *args, **params):
-            unrolled = functools.partial(reference, unroll=gpu_unroll())
-            return mlir.lower_fun(unrolled, multiple_results=True)(ctx, *args, **params)
 
-        for gpu in ("cuda", "rocm"):
-            mlir.register_lowering(p, gpu_rule, platform=gpu)
+    def gpu_rule(ctx, *args, **params):
+        unrolled = functools.partial(reference, unroll=gpu_steps())
+        return mlir.lower_fun(unrolled, multiple_results=True)(ctx, *args, **params)
+
+    for gpu in ("cuda", "rocm"):
+        mlir.register_lowering(p, gpu_rule, platform=gpu)
     if target is not None:
         kernel_rule = jax.ffi.ffi_lowering(target, operand_output_aliases=aliases)
 
@@ -539,7 +548,7 @@ def _flow_cell(name: str, hidden: int):
     return LSTM(hidden) if name == "lstm" else GRU(hidden) if name == "gru" else RNN(hidden, activation=name)
 
 
-def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell):
+def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell, unroll=1):
     """`rnnlab.gradflow.grad_norms` with its default loss, on XLA, for each configuration c on ``xs[:, which[c]]``:
     ``[C, T]``."""
     from rnnlab import gradflow
@@ -548,7 +557,8 @@ def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell)
 
     def one(w_h, b_h, w_x, b_x, h0, c0, sequence):
         params = {"w_x": w_x, "w_h": w_h, rnn.bias_names[0]: b_x, **({"b_h": b_h} if cell == "gru" else {})}
-        return gradflow.log_domain_norms(rnn, params, xs[:, sequence], (h0, c0) if cell == "lstm" else h0)
+        return gradflow.log_domain_norms(rnn, params, xs[:, sequence], (h0, c0) if cell == "lstm" else h0,
+                                         unroll=unroll)
 
     return (jax.vmap(one)(w_h, b_h, w_x, b_x, h0, c0, which),)
 
@@ -556,7 +566,7 @@ def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell)
 gradflow_p = _primitive("rnnlab_gradflow", _reference_gradflow,
                         lambda w_h, b_h, w_x, b_x, h0, c0, xs, which: [((w_h.shape[0], xs.shape[0]), xs.dtype)],
                         "b k g, b g, b i g, b g, b n h, b n h, t u n i, b -> b t", "rnnlab_gradflow",
-                        unrolls_on_gpu=False)
+                        gpu_steps=gpu_flow_unroll)
 
 
 def _gradflow_batch(args, dims, **params):
