@@ -92,7 +92,9 @@ DIRECTED_CASES = [
 
 @needs_kernels
 @pytest.mark.parametrize("kind,hidden,batch_shape,seq_len,reverse", DIRECTED_CASES)
-def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, reverse):
+def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, reverse, monkeypatch):
+    # Every cell's kernel sum of W_h's gradient runs here on every CPU, also where XLA forms the LSTM's by default.
+    monkeypatch.setattr(native, "XLA_WEIGHT_GRAD_WITHOUT_AVX512", frozenset())
     cell, params, xs, carry, weights = problem(hidden, batch_shape, seq_len, kind=kind)
     native_loss, plain_loss = loss_fn(cell, weights, reverse), loss_fn(plain_twin(cell), weights, reverse)
     assert calls_kernel(jax.grad(native_loss, argnums=(0, 1, 2)), params, xs, carry)
@@ -121,6 +123,24 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
             got_error = np.max(np.abs(np.asarray(got_leaf, np.float64) - true_leaf)) / scale
             plain_error = np.max(np.abs(np.asarray(plain_leaf, np.float64) - true_leaf)) / scale
             assert got_error <= max(10 * plain_error, 1e-6), (got_error, plain_error)
+
+
+@needs_kernels
+def test_where_the_weight_gradient_is_formed():
+    """The kernels' vector width is the CPU's (built with -march=native): 16 floats with AVX-512, else 8. From
+    MIN_ROWS_FOR_WEIGHT_GRAD rows the kernels sum W_h's gradient, except the LSTM's without AVX-512 (XLA's matmul
+    after the loop was faster there), and the program says so."""
+    lanes = native.vector_lanes()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        assert lanes == (16 if " avx512f" in cpuinfo.read_text() else 8)
+    rows = native.MIN_ROWS_FOR_WEIGHT_GRAD
+    assert [native.weight_grad_mode(cell, rows - 1) for cell in ("lstm", "gru", "rnn")] == ["xla"] * 3
+    assert native.weight_grad_mode("gru", rows) == native.weight_grad_mode("rnn", rows) == "kernel"
+    assert native.weight_grad_mode("lstm", rows) == ("kernel" if lanes == 16 else "xla")
+    cell, params, xs, carry, weights = problem(32, (rows,), 3, kind="LSTM")
+    lowered = jax.jit(jax.grad(loss_fn(cell, weights, False))).lower(params, xs, carry).as_text()
+    assert f"weight_grad = {str(lanes == 16).lower()}" in lowered
 
 
 @needs_kernels

@@ -652,8 +652,30 @@ except (ImportError, AttributeError):  # pragma: no cover - a JAX without the re
 #: ms); from 32 rows it is as fast or faster (tanh RNN at batch 64, hidden 256: 47 against 67 ms).
 MIN_ROWS_FOR_WEIGHT_GRAD = 32
 
+#: Cells whose W_h gradient XLA forms at any row count where the kernels are built without AVX-512 (8-float
+#: vectors). Measured on a 2-core AVX2 CPU, 2026-11-26, ms per LSTM gradient, kernel sum against XLA's matmul,
+#: medians of two runs: 330-430 against 300-380 at 64,200,128,256 and 650-660 against 590-620 at 128,50,256,512
+#: (equal at 32,100,64,128); the GRU's were even within noise and the tanh RNN's kernel sum 20-25 % faster.
+XLA_WEIGHT_GRAD_WITHOUT_AVX512 = frozenset({"lstm"})
 
-def _transpose_rule(backward_p, residuals: int, like: int):
+
+def vector_lanes() -> int:
+    """Floats per vector in the built kernels: 16 with AVX-512, else 8 (0 where they cannot be built)."""
+    library = _library() if enabled() else None
+    return 0 if library is None else library.RnnlabVectorLanes()
+
+
+def weight_grad_mode(cell: str, rows: int) -> str:
+    """Where the backward kernel of ``cell`` (``"lstm"``, ``"gru"``, ``"rnn"``) over ``rows`` sequences has W_h's
+    gradient formed: ``"kernel"`` (summed in its loop) or ``"xla"`` (one matmul after it)."""
+    if rows < MIN_ROWS_FOR_WEIGHT_GRAD:
+        return "xla"
+    if cell in XLA_WEIGHT_GRAD_WITHOUT_AVX512 and vector_lanes() < 16:
+        return "xla"
+    return "kernel"
+
+
+def _transpose_rule(backward_p, residuals: int, like: int, cell: str):
     """The transpose of a tangent primitive whose first ``residuals`` operands are residuals (``operands[like]``
     shaped like the sequence of dh's it returns) and the rest linear (``u``, ``Ẇ_h`` and the carry's tangent): the
     backward primitive on the cotangents of the tangent's results, symbolic zeros made real."""
@@ -662,13 +684,13 @@ def _transpose_rule(backward_p, residuals: int, like: int):
         fixed, linear = operands[:residuals], operands[residuals:]
         likes = [operands[like]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[2:]]
         arguments = (*fixed, *(_instantiate(ct, shape) for ct, shape in zip(cotangents, likes)))
-        mode = "kernel" if operands[like].shape[1] >= MIN_ROWS_FOR_WEIGHT_GRAD else "xla"
+        mode = weight_grad_mode(cell, operands[like].shape[1])
         grads = backward_p.bind(*arguments, **params, weight_grad=mode)
         return [None] * residuals + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
 
     return rule
 
 
-ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, 6, 4)
-ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 5, 3)
-ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, 3, 1)
+ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, 6, 4, "lstm")
+ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 5, 3, "gru")
+ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, 3, 1, "rnn")

@@ -897,6 +897,9 @@ extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, i
   return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates));
 }
 
+// Floats per vector in this build (16 with AVX-512, else 8): for rnnlab.native.vector_lanes.
+extern "C" int RnnlabVectorLanes() { return kLanes; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
                               (signature<9, 4>().Attr<bool>("weight_grad")));
