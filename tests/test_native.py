@@ -397,7 +397,8 @@ def test_configurations_sharing_inputs_read_them_in_place(kind):
         shared = jax.jit(lambda p, x, w: rnnlab.gradflow.grad_norms_of_configs(cell, p, x, w))
         assert ("rnnlab_gradflow" in shared.lower(params, xs, which).as_text()) == (hidden % 16 == 0)
         carry = cell.initial_carry((3,))
-        each = jax.vmap(lambda p, w: rnnlab.gradflow.log_domain_norms(cell, p, xs[:, w], carry))(params, which)
+        each = jax.jit(jax.vmap(lambda p, w: rnnlab.gradflow.log_domain_norms(cell, p, xs[:, w], carry)))(
+            params, which)
         np.testing.assert_allclose(shared(params, xs, which), each, rtol=1e-4, atol=1e-4)
 
 
@@ -416,8 +417,8 @@ def test_gradflow_kernel_is_differentiable():
     assert_trees_close(jax.jit(jax.grad(total("kernel")))(params), jax.jit(jax.grad(total("xla")))(params),
                        rtol=1e-4, atol=1e-5)
     direction = jax.tree_util.tree_map(jnp.cos, params)
-    assert_trees_close(jax.jvp(total("kernel"), (params,), (direction,))[1],
-                       jax.jvp(total("xla"), (params,), (direction,))[1], rtol=1e-4, atol=1e-5)
+    jvp = lambda engine: jax.jit(lambda p, d: jax.jvp(total(engine), (p,), (d,))[1])(params, direction)  # noqa: E731
+    assert_trees_close(jvp("kernel"), jvp("xla"), rtol=1e-4, atol=1e-5)
 
 
 @needs_kernels
