@@ -263,6 +263,19 @@ def test_jax_export_lowers_to_xla_loops():
     assert_trees_close(exported.call(params, xs, carry), grad(params, xs, carry), rtol=2e-5, atol=2e-6)
 
 
+def step_copies(make_function, args, platform, variable, value, monkeypatch) -> int:
+    """Copies of a loop's step in ``make_function()`` exported for ``platform`` (no such device needed) with
+    ``$variable`` set to ``value`` (unset: None). A step's body is an outlined function called once per step (jax
+    0.10) or inlined (jax 0.11): each copy adds a call or at least one matmul."""
+    if value is None:
+        monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv(variable, value)
+    function = jax.jit(make_function())  # a new function each time: JAX caches lowerings
+    text = jax.export.export(function, platforms=(platform,))(*args).mlir_module()
+    return text.count("call @") + text.count("stablehlo.dot_general")
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
 def test_on_a_gpu_the_loops_lower_unrolled(kind, monkeypatch):
     """A GPU runs an XLA loop's iterations one launch sequence at a time, so there the primitives' loops are
@@ -270,19 +283,13 @@ def test_on_a_gpu_the_loops_lower_unrolled(kind, monkeypatch):
     needed): ``$RNNLAB_GPU_UNROLL`` steps of the body per iteration; the CPU program does not change."""
     cell, params, xs, carry, weights = problem(16, (3,), 20, kind=kind)
 
-    def lowered(platform, unroll):
-        monkeypatch.setenv("RNNLAB_GPU_UNROLL", unroll)
-        grad = jax.jit(jax.grad(loss_fn(cell, weights, False)))  # a new function: JAX caches lowerings
-        return jax.export.export(grad, platforms=(platform,))(params, xs, carry).mlir_module()
-
-    def steps(text):
-        # A step's body is an outlined function called once per step (jax 0.10) or inlined (jax 0.11): each copy
-        # adds a call or at least one matmul.
-        return text.count("call @") + text.count("stablehlo.dot_general")
+    def copies(platform, unroll):
+        return step_copies(lambda: jax.grad(loss_fn(cell, weights, False)), (params, xs, carry), platform,
+                           "RNNLAB_GPU_UNROLL", unroll, monkeypatch)
 
     # Forward and backward loops: 7 more copies of each body per iteration.
-    assert steps(lowered("cuda", "8")) - steps(lowered("cuda", "1")) >= 2 * 7
-    assert steps(lowered("cpu", "8")) == steps(lowered("cpu", "1"))
+    assert copies("cuda", "8") - copies("cuda", "1") >= 2 * 7
+    assert copies("cpu", "8") == copies("cpu", "1")
 
 
 # --- the gradient-flow kernel ---------------------------------------------------------------------------------------
@@ -317,19 +324,14 @@ def test_on_a_gpu_the_gradient_flow_loops_unroll_when_asked(monkeypatch):
     copies of the step into the program than 1 or the default, and the CPU program does not change."""
     cell, params, xs, carry = flow_problem("LSTM", [0.5, 1.0], hidden=16, seq_len=16)
 
-    def lowered(platform, unroll):
-        if unroll is None:
-            monkeypatch.delenv("RNNLAB_GPU_FLOW_UNROLL", raising=False)
-        else:
-            monkeypatch.setenv("RNNLAB_GPU_FLOW_UNROLL", unroll)
-        norms = jax.jit(jax.vmap(lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c)))  # not cached
-        text = jax.export.export(norms, platforms=(platform,))(params, xs, carry).mlir_module()
-        return text.count("call @") + text.count("stablehlo.dot_general")
+    def copies(platform, unroll):
+        return step_copies(lambda: jax.vmap(lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c)),
+                           (params, xs, carry), platform, "RNNLAB_GPU_FLOW_UNROLL", unroll, monkeypatch)
 
-    assert lowered("cuda", None) == lowered("cuda", "1")
+    assert copies("cuda", None) == copies("cuda", "1")
     # Forward and backward loops: 7 more copies of each step per iteration.
-    assert lowered("cuda", "8") - lowered("cuda", "1") >= 2 * 7
-    assert lowered("cpu", "8") == lowered("cpu", "1")
+    assert copies("cuda", "8") - copies("cuda", "1") >= 2 * 7
+    assert copies("cpu", "8") == copies("cpu", "1")
 
 
 @needs_kernels

@@ -152,16 +152,20 @@ def threads() -> int:
     return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
 
 
+def _steps_per_iteration(variable: str, default: int) -> int:
+    return max(1, int(os.environ.get(variable, str(default))))
+
+
 def gpu_unroll() -> int:
     """Steps per loop iteration in the cells' loops on a GPU: ``$RNNLAB_GPU_UNROLL``, default 8; read at lowering."""
-    return max(1, int(os.environ.get("RNNLAB_GPU_UNROLL", "8")))
+    return _steps_per_iteration("RNNLAB_GPU_UNROLL", 8)
 
 
 def gpu_flow_unroll() -> int:
     """Steps per loop iteration in the gradient-flow engine's loops on a GPU: ``$RNNLAB_GPU_FLOW_UNROLL``, default 1
     (unrolling them is not yet measured on a GPU; `benchmarks/bench_gradflow_sweep.py` times 8 there); read at
     lowering."""
-    return max(1, int(os.environ.get("RNNLAB_GPU_FLOW_UNROLL", "1")))
+    return _steps_per_iteration("RNNLAB_GPU_FLOW_UNROLL", 1)
 
 
 def applies(hidden: int, dtype) -> bool:
@@ -655,7 +659,8 @@ MIN_ROWS_FOR_WEIGHT_GRAD = 32
 #: Cells whose W_h gradient XLA forms at any row count where the kernels are built without AVX-512 (8-float
 #: vectors). Measured on a 2-core AVX2 CPU, 2026-11-26, ms per LSTM gradient, kernel sum against XLA's matmul,
 #: medians of two runs: 330-430 against 300-380 at 64,200,128,256 and 650-660 against 590-620 at 128,50,256,512
-#: (equal at 32,100,64,128); the GRU's were even within noise and the tanh RNN's kernel sum 20-25 % faster.
+#: (equal at 32,100,64,128). The GRU's kernel sum was faster at 64,200,128,256 and undecided at 128,50,256,512, the
+#: tanh RNN's 13-25 % faster (benchmarks/README.md).
 XLA_WEIGHT_GRAD_WITHOUT_AVX512 = frozenset({"lstm"})
 
 
