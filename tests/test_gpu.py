@@ -110,3 +110,32 @@ def test_cells_match_torch_cudnn(cell, torch_in_float32):
                                                module.bias_hh_l0)
     for name, grad in torch_grads.items():
         close(grads[name], grad)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@jax.default_matmul_precision("float32")
+def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, monkeypatch):
+    """The plain RNN's Pallas kernels (`rnnlab.native.pallas`, the default on a GPU) against the same `rnnlab.scan`
+    with XLA's loops (``RNNLAB_PALLAS=0``), both compiled for this GPU: the loss's gradients, and per-example
+    gradients under `jax.vmap` (the batch joins the kernel's rows; W_h's gradient per example formed by XLA).
+    Batch 20: padded to two programs of 16 rows."""
+    cell = rnnlab.RNN(HIDDEN, activation=activation)
+    params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
+    xs = jax.random.normal(jax.random.PRNGKey(3), (SEQ_LEN, 20, INPUT_SIZE))
+    weights = jax.random.normal(jax.random.PRNGKey(4), (SEQ_LEN, 20, HIDDEN))
+
+    def loss(params, xs, weights):
+        ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)
+        return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
+
+    def gradients(pallas):
+        monkeypatch.setenv("RNNLAB_PALLAS", pallas)
+        whole = jax.jit(jax.grad(loss, argnums=(0, 1)))  # a new jit each time: the variable is read at lowering
+        per_example = jax.jit(jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])),
+                                       in_axes=(None, 1, 1)))
+        text = whole.lower(params, xs, weights).as_text()
+        assert (text.count("xla.gpu.triton") == 2) == (pallas == "1")
+        return whole(params, xs, weights), per_example(params, xs, weights)
+
+    close(gradients("1"), gradients("0"))

@@ -27,8 +27,10 @@ the kernel does not apply (not a CPU, not float32, a hidden size not a multiple 
 the cells' references lower with their loops unrolled ``$RNNLAB_GPU_UNROLL`` times (default 8): each iteration of
 an XLA loop on a GPU costs launches and a host round trip whatever its work, and unrolling 8 steps made the cells'
 gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/bench_cells.py`` (``benchmarks/README.md``).
-The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per iteration (default 1, until
-unrolling them is measured on a GPU).
+The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per iteration (default 8: the sweep's
+steady state 1.30x faster than with 1 on an H200). The plain RNN's loops there are Pallas kernels instead
+(`rnnlab.native.pallas`: one program per 16 rows runs every step, ``W_h`` held in registers; hidden sizes 16 to 128,
+one device, ``RNNLAB_PALLAS=0`` turns them off).
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
@@ -162,10 +164,16 @@ def gpu_unroll() -> int:
 
 
 def gpu_flow_unroll() -> int:
-    """Steps per loop iteration in the gradient-flow engine's loops on a GPU: ``$RNNLAB_GPU_FLOW_UNROLL``, default 1
-    (unrolling them is not yet measured on a GPU; `benchmarks/bench_gradflow_sweep.py` times 8 there); read at
+    """Steps per loop iteration in the gradient-flow engine's loops on a GPU: ``$RNNLAB_GPU_FLOW_UNROLL``, default 8
+    (the sweep's steady state 1.30x faster than with 1 on an H200, `benchmarks/bench_gradflow_sweep.py`); read at
     lowering."""
-    return _steps_per_iteration("RNNLAB_GPU_FLOW_UNROLL", 1)
+    return _steps_per_iteration("RNNLAB_GPU_FLOW_UNROLL", 8)
+
+
+def gpu_pallas() -> bool:
+    """Whether the plain RNN's loops run as Pallas kernels on a GPU where they apply (`rnnlab.native.pallas`):
+    ``$RNNLAB_PALLAS`` is not ``0``; read at lowering."""
+    return os.environ.get("RNNLAB_PALLAS", "1") != "0"
 
 
 def applies(hidden: int, dtype) -> bool:
@@ -301,6 +309,34 @@ def _rnn_weight_gradient(operands, g_u, reverse, flat):
     return _weight_gradient(hs, h0, g_u, reverse, flat)
 
 
+def _rnn_gpu_forward(avals, params, interpret=False):
+    """`rnn_forward_p` as a Pallas kernel where `pallas.applies` (``interpret``: run by Pallas's interpreter, to test
+    it without a GPU), else None."""
+    from rnnlab.native import pallas
+
+    if not pallas.applies(avals[0].shape, [aval.dtype for aval in avals], params["activation"]):
+        return None
+    return lambda w_h, h0, px: (pallas.rnn_forward(w_h, h0, px, reverse=params["reverse"],
+                                                   activation=params["activation"], interpret=interpret),)
+
+
+def _rnn_gpu_backward(avals, params, interpret=False):
+    """`rnn_backward_p` as a Pallas kernel and W_h's gradient as one XLA matmul after it, or None."""
+    from rnnlab.native import pallas
+
+    if not pallas.applies(avals[0].shape, [aval.dtype for aval in avals], params["activation"]):
+        return None
+
+    def backward(w_h, hs, h0, g_hs, g_h):
+        g_u, g_h0 = pallas.rnn_backward(w_h, hs, g_hs, g_h, reverse=params["reverse"],
+                                        activation=params["activation"], interpret=interpret)
+        g_w = (jnp.zeros_like(w_h) if params.get("weight_grad") == "none"
+               else _weight_gradient(hs, h0, g_u, params["reverse"], True))
+        return g_u, g_w, g_h0
+
+    return backward
+
+
 def _transposed(tangent, residuals: int):
     """The backward reference of a tangent reference ``tangent(*residuals, u, dw, *d_carry)``: its transpose in
     ``(u, dw, *d_carry)``, applied to the cotangents of ``(dhs, *d_final_carry)``. Returns ``(g_u, g_w,
@@ -382,10 +418,22 @@ def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: di
     return function
 
 
+def _several_devices(ctx) -> bool:
+    """Whether the primitive is lowered in a jit over several devices (JAX names them to the lowering)."""
+    axis_context = ctx.module_context.axis_context
+    return (getattr(axis_context, "num_devices", 1) > 1
+            and getattr(axis_context, "device_assignment", None) is not None)
+
+
+def _exporting(ctx) -> bool:
+    return getattr(ctx.module_context.lowering_parameters, "for_export", False)
+
+
 def _primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
-               weight_gradient=None, gpu_steps=gpu_unroll):
+               weight_gradient=None, gpu_steps=gpu_unroll, gpu_kernel=None):
     """A primitive lowered to ``target`` on CPU where the kernels apply and to ``reference`` elsewhere (its first
-    operand is ``w_h [H, G·H]``, or ``[C, H, G·H]``); on a GPU to ``reference`` called with
+    operand is ``w_h [H, G·H]``, or ``[C, H, G·H]``); on a GPU to ``gpu_kernel(avals, params)`` where that returns
+    a function (of the operands, with the results of ``reference``), else to ``reference`` called with
     ``unroll=gpu_steps()``.
 
     ``out_shapes(*avals) -> [(shape, dtype)]``; ``labels``: the dimensions of operands and results (`_axes`);
@@ -413,6 +461,12 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
     mlir.register_lowering(p, reference_rule)
 
     def gpu_rule(ctx, *args, **params):
+        # One device only: the Pallas kernels are opaque to XLA's partitioner, which would gather a split batch.
+        # Not in `jax.export` either, which refuses Triton calls (no compatibility guarantee).
+        kernel = (gpu_kernel(ctx.avals_in, params) if gpu_kernel is not None and gpu_pallas()
+                  and not _several_devices(ctx) and not _exporting(ctx) else None)
+        if kernel is not None:
+            return mlir.lower_fun(kernel, multiple_results=True)(ctx, *args)
         unrolled = functools.partial(reference, unroll=gpu_steps())
         return mlir.lower_fun(unrolled, multiple_results=True)(ctx, *args, **params)
 
@@ -424,14 +478,10 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
         def cpu_rule(ctx, *args, **params):
             hidden = ctx.avals_in[0].shape[-2]  # w_h [H, G·H], or [C, H, G·H] for C configurations
             # `jax.export` refuses custom calls without compatibility guarantees: exported programs get XLA's loops.
-            exporting = getattr(ctx.module_context.lowering_parameters, "for_export", False)
             floats = [aval.dtype for aval in ctx.avals_in if jnp.issubdtype(aval.dtype, jnp.floating)]
-            if exporting or not (all(dtype == jnp.float32 for dtype in floats) and applies(hidden, jnp.float32)):
+            if _exporting(ctx) or not (all(dtype == jnp.float32 for dtype in floats) and applies(hidden, jnp.float32)):
                 return reference_rule(ctx, *args, **params)
-            axis_context = ctx.module_context.axis_context
-            # A jit over several devices (JAX names them to the lowering of the primitives registered below).
-            several = (getattr(axis_context, "num_devices", 1) > 1
-                       and getattr(axis_context, "device_assignment", None) is not None)
+            several = _several_devices(ctx)
             mode = params.pop("weight_grad", None)
             if mode is not None:
                 params["weight_grad"] = mode == "kernel"
@@ -532,7 +582,7 @@ gru_backward_p = _primitive("rnnlab_gru_backward", _transposed(_reference_gru_ta
                             {1: 0}, _gru_weight_gradient)
 rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
                            lambda w_h, h0, px: [(px.shape, px.dtype)], "k h, b h, t b h -> t b h",
-                           "rnnlab_rnn_forward", {2: 0})
+                           "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_rnn_gpu_forward)
 rnn_tangent_p = _primitive("rnnlab_rnn_tangent", _reference_rnn_tangent,
                            lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
                            "k h, t b h, b h, t b h, k h, b h -> t b h, b h", None)
@@ -540,7 +590,7 @@ rnn_backward_p = _primitive("rnnlab_rnn_backward", _transposed(_reference_rnn_ta
                             lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype),
                                                             (g_h.shape, g_h.dtype)],
                             "k h, t b h, b h, t b h, b h -> t b h, k h, b h", "rnnlab_rnn_backward", {3: 0},
-                            _rnn_weight_gradient)
+                            _rnn_weight_gradient, gpu_kernel=_rnn_gpu_backward)
 
 
 # --- gradient flow: log10 ||∂L/∂h_t|| for many configurations at once ---------------------------------------------
