@@ -27,10 +27,11 @@ the kernel does not apply (not a CPU, not float32, a hidden size not a multiple 
 the cells' references lower with their loops unrolled ``$RNNLAB_GPU_UNROLL`` times (default 8): each iteration of
 an XLA loop on a GPU costs launches and a host round trip whatever its work, and unrolling 8 steps made the cells'
 gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/bench_cells.py`` (``benchmarks/README.md``).
-The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per iteration (default 8: the sweep's
-steady state 1.30x faster than with 1 on an H200). The plain RNN's loops there are Pallas kernels instead
-(`rnnlab.native.pallas`: one program per 16 rows runs every step, ``W_h`` held in registers; hidden sizes 16 to 128,
-one device, ``RNNLAB_PALLAS=0`` turns them off).
+The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per iteration (default 1: 8 ran the
+sweep's steady state 1.2-1.3x faster on an H200 but compiled it seconds longer). The plain RNN's loops there are
+Pallas kernels instead (`rnnlab.native.pallas`: one program per 16 rows runs every step, ``W_h`` held in registers;
+hidden sizes 16 to 128, one device; ``RNNLAB_PALLAS=0`` turns them off): 2.3x faster than the XLA loops at batch
+16, T = 1000 on an H200.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
@@ -49,6 +50,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -164,10 +166,11 @@ def gpu_unroll() -> int:
 
 
 def gpu_flow_unroll() -> int:
-    """Steps per loop iteration in the gradient-flow engine's loops on a GPU: ``$RNNLAB_GPU_FLOW_UNROLL``, default 8
-    (the sweep's steady state 1.30x faster than with 1 on an H200, `benchmarks/bench_gradflow_sweep.py`); read at
-    lowering."""
-    return _steps_per_iteration("RNNLAB_GPU_FLOW_UNROLL", 8)
+    """Steps per loop iteration in the gradient-flow engine's loops on a GPU: ``$RNNLAB_GPU_FLOW_UNROLL``, default 1;
+    read at lowering. On an H200 8 made the sweep's steady state 1.2-1.3x faster (by 16-21 ms) but its compilation
+    3-6 s longer, and a fresh process's sweep with a cold cache 1.8x slower (`benchmarks/bench_gradflow_sweep.py`,
+    benchmarks/README.md): a sweep is compiled more often than it is rerun."""
+    return _steps_per_iteration("RNNLAB_GPU_FLOW_UNROLL", 1)
 
 
 def gpu_pallas() -> bool:
@@ -466,7 +469,9 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
         kernel = (gpu_kernel(ctx.avals_in, params) if gpu_kernel is not None and gpu_pallas()
                   and not _several_devices(ctx) and not _exporting(ctx) else None)
         if kernel is not None:
-            return mlir.lower_fun(kernel, multiple_results=True)(ctx, *args)
+            with warnings.catch_warnings():  # see `rnnlab.native.pallas`
+                warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated", DeprecationWarning)
+                return mlir.lower_fun(kernel, multiple_results=True)(ctx, *args)
         unrolled = functools.partial(reference, unroll=gpu_steps())
         return mlir.lower_fun(unrolled, multiple_results=True)(ctx, *args, **params)
 

@@ -3,8 +3,8 @@
 On a GPU, XLA runs a `lax.scan` as a loop whose every iteration launches its kernels and waits for the loop
 condition: about 4 µs a step for the tanh RNN at batch 16, hidden 128 on an H200, whatever the step's work (see
 benchmarks/README.md, "On a GPU"). Here one program runs all ``T`` steps of its 16 rows, with ``W_h`` loaded once
-and held in registers (``[H, H]`` float32, 64 KB at hidden 128) and each step's input read one step ahead, so a step
-costs one small matmul, the activation and a store.
+and held in registers (``[H, H]`` float32, 64 KB at hidden 128), so a step costs a load of its input, one small
+matmul, the activation and a store.
 
 The forward kernel maps ``(W_h [H, H], h0 [B, H], px [T, B, H])`` to ``hs [T, B, H]``, ``h_t = φ(px_t + h_{t-1}
 W_h)``; the backward kernel is the transpose of its tangent: with ``λ`` the cotangent of the carry (``g_h`` at the
@@ -13,8 +13,13 @@ last step), ``g_z_t = (g_hs_t + λ) ⊙ φ'(h_t)`` and ``λ ← g_z_t W_hᵀ``, 
 the kernel. ``reverse`` runs the recurrence from ``t = T - 1`` down, as `lax.scan` does.
 
 The LSTM and GRU are not here: their ``W_h`` (256 and 192 KB at hidden 128) does not fit in one program's
-registers, and read from the L2 cache every step one program per 16 rows ran 2-5x slower than XLA's loop (probe of
-2026-11-26, benchmarks/README.md).
+registers. Read from the L2 cache every step, one program per 16 rows ran the LSTM 2x slower than XLA's loop; four
+programs each holding one gate's block and meeting at a barrier every step were 10 % faster than it, forward only
+(probes of 2026-11-26 on an H200, benchmarks/README.md).
+
+Pallas's Triton backend is deprecated from jax 0.11 (a DeprecationWarning at each lowering, silenced here: a user
+cannot act on it). Where a JAX has none, `applies` is False and the XLA loops run; porting these two kernels to
+Mosaic GPU is what keeps them.
 """
 
 from __future__ import annotations
@@ -30,8 +35,6 @@ ROWS = 16
 HIDDEN_SIZES = (16, 32, 64, 128)
 #: Warps per program: 8 ran the H200 probe 5-20 % faster than 4.
 NUM_WARPS = 8
-#: Read each step's input one step ahead (issued before the step's matmul, used after it).
-PREFETCH = True
 
 _DERIVATIVES = {"tanh": lambda h: 1.0 - h * h, "relu": lambda h: (h > 0).astype(h.dtype), "linear": None}
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda z: z}
@@ -55,57 +58,39 @@ def _compiler_params():
 
 
 def _time(step, steps: int, reverse: bool):
-    """The time index of loop iteration ``step`` (clamped to the sequence, for the read one step ahead)."""
-    step = jnp.minimum(step, steps - 1)
+    """The time index of loop iteration ``step``."""
     return steps - 1 - step if reverse else step
 
 
-def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, prefetch, precision):
+def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, precision):
     phi = _ACTIVATIONS[activation]
     w_h = w_ref[...]  # loaded once: held in registers for all steps
 
-    def step(s, carry):
-        h, px_t = carry
+    def step(s, h):
         t = _time(s, steps, reverse)
-        px_next = px_ref[_time(s + 1, steps, reverse), :, :] if prefetch else None
-        if not prefetch:
-            px_t = px_ref[t, :, :]
-        h = phi(px_t + jnp.dot(h, w_h, precision=precision, preferred_element_type=jnp.float32))
+        h = phi(px_ref[t, :, :] + jnp.dot(h, w_h, precision=precision, preferred_element_type=jnp.float32))
         hs_ref[t, :, :] = h
-        return h, px_next if prefetch else px_t
+        return h
 
-    first = px_ref[_time(0, steps, reverse), :, :]
-    jax.lax.fori_loop(0, steps, step, (h0_ref[...], first))
+    jax.lax.fori_loop(0, steps, step, h0_ref[...])
 
 
-def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, prefetch,
-                     precision):
+def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, precision):
     derivative = _DERIVATIVES[activation]
     w_h = w_ref[...]
-    # The recurrence ran forward in time for `reverse=False`: its transpose runs the other way.
-    back = not reverse
 
-    def load(s):
-        t = _time(s, steps, back)
-        return hs_ref[t, :, :], g_hs_ref[t, :, :]
-
-    def step(s, carry):
-        g_carry, (h_t, g_h_t) = carry
-        t = _time(s, steps, back)
-        ahead = load(s + 1) if prefetch else None
-        if not prefetch:
-            h_t, g_h_t = load(s)
-        g_z = g_h_t + g_carry
+    def step(s, g_carry):
+        # The recurrence ran forward in time for `reverse=False`: its transpose runs the other way.
+        t = _time(s, steps, not reverse)
+        g_z = g_hs_ref[t, :, :] + g_carry
         if derivative is not None:
-            g_z = g_z * derivative(h_t)
+            g_z = g_z * derivative(hs_ref[t, :, :])
         g_z_ref[t, :, :] = g_z
         # g_z W_hᵀ: contract g_z's hidden axis with W_h's output axis.
-        g_carry = jax.lax.dot_general(g_z, w_h, (((1,), (1,)), ((), ())), precision=precision,
-                                      preferred_element_type=jnp.float32)
-        return g_carry, ahead if prefetch else (h_t, g_h_t)
+        return jax.lax.dot_general(g_z, w_h, (((1,), (1,)), ((), ())), precision=precision,
+                                   preferred_element_type=jnp.float32)
 
-    g_carry, _ = jax.lax.fori_loop(0, steps, step, (g_h_ref[...], load(0)))
-    g_h0_ref[...] = g_carry
+    g_h0_ref[...] = jax.lax.fori_loop(0, steps, step, g_h_ref[...])
 
 
 def _precision():
@@ -151,21 +136,20 @@ def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret):
     return [jax.lax.slice_in_dim(o, 0, batch, axis=axis) for o, axis in zip(outs, out_batch_axes)]
 
 
-def rnn_forward(w_h, h0, px, *, reverse: bool, activation: str, prefetch: bool = PREFETCH, interpret: bool = False):
+def rnn_forward(w_h, h0, px, *, reverse: bool, activation: str, interpret: bool = False):
     """``hs [T, B, H]`` of ``h_t = φ(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B, H]``)."""
     steps = px.shape[0]
     kernel = functools.partial(_forward_kernel, steps=steps, reverse=reverse, activation=activation,
-                               prefetch=prefetch, precision=_precision())
+                               precision=_precision())
     (hs,) = _call(kernel, [w_h, h0, px], [px.shape], [None, 0, 1], [1], interpret)
     return hs
 
 
-def rnn_backward(w_h, hs, g_hs, g_h, *, reverse: bool, activation: str, prefetch: bool = PREFETCH,
-                 interpret: bool = False):
+def rnn_backward(w_h, hs, g_hs, g_h, *, reverse: bool, activation: str, interpret: bool = False):
     """``(g_z [T, B, H], g_h0 [B, H])``: the cotangents of ``px`` and ``h0`` given those of ``hs`` and of the last
     carry, ``g_hs [T, B, H]`` and ``g_h [B, H]``."""
     steps = hs.shape[0]
     kernel = functools.partial(_backward_kernel, steps=steps, reverse=reverse, activation=activation,
-                               prefetch=prefetch, precision=_precision())
+                               precision=_precision())
     g_z, g_h0 = _call(kernel, [w_h, hs, g_hs, g_h], [hs.shape, g_h.shape], [None, 1, 1, 0], [1, 0], interpret)
     return g_z, g_h0
