@@ -349,6 +349,24 @@ def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64, platform="cpu")[0] == 0
 
 
+def test_the_pallas_kernels_apply_where_their_offsets_fit():
+    """Where `native.pallas` runs: one square W_h of a held size, float32, a sequence whose padded rows fit Triton's
+    32-bit offsets."""
+    from rnnlab.native import pallas
+
+    f32 = [jnp.float32] * 3
+    assert pallas.applies((128, 128), (1000, 16, 128), f32, "tanh")
+    assert pallas.applies((16, 16), (3, 1, 16), f32, "linear")
+    assert not pallas.applies((256, 256), (10, 16, 256), f32, "tanh")  # W_h too large to hold
+    assert not pallas.applies((3, 64, 64), (10, 16, 64), f32, "tanh")  # one W_h per configuration
+    assert not pallas.applies((64, 64), (10, 16, 64), [jnp.float32, jnp.float64, jnp.float32], "tanh")
+    assert not pallas.applies((64, 64), (10, 16, 64), f32, "softplus")
+    # 2^24 steps of 16 rows: 2^35 elements; 2^20 steps of 9 rows (padded to 16) x 128: 2^31.
+    assert not pallas.applies((128, 128), (2**24, 16, 128), f32, "tanh")
+    assert not pallas.applies((128, 128), (2**20, 9, 128), f32, "tanh")
+    assert pallas.applies((128, 128), (2**20 - 1, 9, 128), f32, "tanh")
+
+
 # --- the gradient-flow kernel ---------------------------------------------------------------------------------------
 
 FLOW_KINDS = ["LSTM", "GRU", "RNN-tanh", "RNN-relu", "RNN-linear"]

@@ -317,7 +317,7 @@ def _rnn_gpu_forward(avals, params, interpret=False):
     it without a GPU), else None."""
     from rnnlab.native import pallas
 
-    if not pallas.applies(avals[0].shape, [aval.dtype for aval in avals], params["activation"]):
+    if not pallas.applies(avals[0].shape, avals[2].shape, [aval.dtype for aval in avals], params["activation"]):
         return None
     return lambda w_h, h0, px: (pallas.rnn_forward(w_h, h0, px, reverse=params["reverse"],
                                                    activation=params["activation"], interpret=interpret),)
@@ -327,7 +327,7 @@ def _rnn_gpu_backward(avals, params, interpret=False):
     """`rnn_backward_p` as a Pallas kernel and W_h's gradient as one XLA matmul after it, or None."""
     from rnnlab.native import pallas
 
-    if not pallas.applies(avals[0].shape, [aval.dtype for aval in avals], params["activation"]):
+    if not pallas.applies(avals[0].shape, avals[1].shape, [aval.dtype for aval in avals], params["activation"]):
         return None
 
     def backward(w_h, hs, h0, g_hs, g_h):

@@ -40,12 +40,15 @@ _DERIVATIVES = {"tanh": lambda h: 1.0 - h * h, "relu": lambda h: (h > 0).astype(
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda z: z}
 
 
-def applies(w_h_shape, dtypes, activation) -> bool:
+def applies(w_h_shape, sequence_shape, dtypes, activation) -> bool:
     """Whether the kernels run this recurrence: ``W_h [H, H]`` (one set of weights) with ``H`` in `HIDDEN_SIZES`,
-    float32 throughout, a built-in activation, and a Pallas that lowers to Triton."""
-    return (len(w_h_shape) == 2 and w_h_shape[0] == w_h_shape[1] and w_h_shape[0] in HIDDEN_SIZES
-            and all(dtype == jnp.float32 for dtype in dtypes) and activation in _ACTIVATIONS
-            and _compiler_params() is not None)
+    a sequence ``[T, B, H]`` of fewer than 2³¹ elements (Triton's offsets are 32-bit), float32 throughout, a
+    built-in activation, and a Pallas that lowers to Triton."""
+    steps, batch, hidden = sequence_shape
+    padded_batch = -(-batch // ROWS) * ROWS
+    return (len(w_h_shape) == 2 and w_h_shape[0] == w_h_shape[1] == hidden and hidden in HIDDEN_SIZES
+            and steps * padded_batch * hidden < 2**31 and all(dtype == jnp.float32 for dtype in dtypes)
+            and activation in _ACTIVATIONS and _compiler_params() is not None)
 
 
 def _compiler_params():
