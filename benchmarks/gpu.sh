@@ -28,7 +28,9 @@ echo "exit $?" >> "$out/bench_cells.txt"
 JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 \
   timeout "${GPU_TESTS_S:-140}" "$python" -m pytest -q -p no:cacheprovider -n 8 \
   tests/test_gpu.py tests/test_fused.py tests/test_scan.py tests/test_gradflow.py \
-  tests/test_native.py::test_on_a_gpu_the_loops_lower_unrolled > "$out/tests.txt" 2>&1
+  tests/test_native.py::test_on_a_gpu_the_loops_lower_unrolled \
+  tests/test_native.py::test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels \
+  tests/test_native.py::test_pallas_rnn_kernels_equal_the_float64_references > "$out/tests.txt" 2>&1
 echo "exit $?" >> "$out/tests.txt"
 
 timeout "${GPU_PROBE_S:-50}" "$python" benchmarks/probe_precision.py > "$out/probe_precision.txt" 2>&1
