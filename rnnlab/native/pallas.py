@@ -36,19 +36,18 @@ HIDDEN_SIZES = (16, 32, 64, 128)
 #: Warps per program: 8 ran the H200 probe 5-20 % faster than 4.
 NUM_WARPS = 8
 
-_DERIVATIVES = {"tanh": lambda h: 1.0 - h * h, "relu": lambda h: (h > 0).astype(h.dtype), "linear": None}
-_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda z: z}
-
 
 def applies(w_h_shape, sequence_shape, dtypes, activation) -> bool:
     """Whether the kernels run this recurrence: ``W_h [H, H]`` (one set of weights) with ``H`` in `HIDDEN_SIZES`,
     a sequence ``[T, B, H]`` of fewer than 2³¹ elements (Triton's offsets are 32-bit), float32 throughout, a
     built-in activation, and a Pallas that lowers to Triton."""
+    from rnnlab.fused import _RNN_DERIVATIVES
+
     steps, batch, hidden = sequence_shape
     padded_batch = -(-batch // ROWS) * ROWS
     return (len(w_h_shape) == 2 and w_h_shape[0] == w_h_shape[1] == hidden and hidden in HIDDEN_SIZES
             and steps * padded_batch * hidden < 2**31 and all(dtype == jnp.float32 for dtype in dtypes)
-            and activation in _ACTIVATIONS and _compiler_params() is not None)
+            and activation in _RNN_DERIVATIVES and _compiler_params() is not None)
 
 
 def _compiler_params():
@@ -66,6 +65,8 @@ def _time(step, steps: int, reverse: bool):
 
 
 def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, precision):
+    from rnnlab.cells import _ACTIVATIONS
+
     phi = _ACTIVATIONS[activation]
     w_h = w_ref[...]  # loaded once: held in registers for all steps
 
@@ -79,7 +80,9 @@ def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation
 
 
 def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, precision):
-    derivative = _DERIVATIVES[activation]
+    from rnnlab.fused import _RNN_DERIVATIVES
+
+    derivative = _RNN_DERIVATIVES[activation]
     w_h = w_ref[...]
 
     def step(s, g_carry):
