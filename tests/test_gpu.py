@@ -112,18 +112,19 @@ def test_cells_match_torch_cudnn(cell, torch_in_float32):
         close(grads[name], grad)
 
 
+@pytest.mark.parametrize("hidden", [16, HIDDEN])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @jax.default_matmul_precision("float32")
-def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, monkeypatch):
+def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, monkeypatch):
     """The plain RNN's Pallas kernels (`rnnlab.native.pallas`, the default on a GPU) against the same `rnnlab.scan`
     with XLA's loops (``RNNLAB_PALLAS=0``), both compiled for this GPU: the loss's gradients, and per-example
     gradients under `jax.vmap` (the batch joins the kernel's rows; W_h's gradient per example formed by XLA).
-    Batch 20: padded to two programs of 16 rows."""
-    cell = rnnlab.RNN(HIDDEN, activation=activation)
+    Batch 20: padded to two programs of 16 rows; the smallest hidden size the kernels take, and a larger one."""
+    cell = rnnlab.RNN(hidden, activation=activation)
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
     xs = jax.random.normal(jax.random.PRNGKey(3), (SEQ_LEN, 20, INPUT_SIZE))
-    weights = jax.random.normal(jax.random.PRNGKey(4), (SEQ_LEN, 20, HIDDEN))
+    weights = jax.random.normal(jax.random.PRNGKey(4), (SEQ_LEN, 20, hidden))
 
     def loss(params, xs, weights):
         ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)

@@ -6,6 +6,7 @@ differentiated by JAX, and the truth is that reference in float64. Each case als
 really calls the kernel, so a silent fallback cannot pass for it.
 """
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -22,6 +23,7 @@ from test_fused import assert_trees_close, plain_twin
 
 import rnnlab
 from rnnlab import native
+from rnnlab.native import pallas
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INPUT_SIZE = 3
@@ -280,7 +282,9 @@ def step_copies(make_function, args, platform, variable, value, monkeypatch) -> 
 def test_on_a_gpu_the_loops_lower_unrolled(kind, monkeypatch):
     """A GPU runs an XLA loop's iterations one launch sequence at a time, so there the primitives' loops are
     unrolled (`native.gpu_unroll`; run and timed on a GPU by `benchmarks/gpu.sh`). Lowered for CUDA here (no GPU
-    needed): ``$RNNLAB_GPU_UNROLL`` steps of the body per iteration; the CPU program does not change."""
+    needed): ``$RNNLAB_GPU_UNROLL`` steps of the body per iteration; the CPU program does not change. (The plain
+    RNN's loops are Pallas kernels there by default: here with those off, as where they do not apply.)"""
+    monkeypatch.setenv("RNNLAB_PALLAS", "0")
     cell, params, xs, carry, weights = problem(16, (3,), 20, kind=kind)
 
     def copies(platform, unroll):
@@ -294,7 +298,11 @@ def test_on_a_gpu_the_loops_lower_unrolled(kind, monkeypatch):
 
 # --- the plain RNN on a GPU: Pallas kernels ------------------------------------------------------------------------
 
+needs_pallas_triton = pytest.mark.skipif(pallas._compiler_params() is None,
+                                         reason="this JAX has no Pallas Triton backend: the XLA loops run on a GPU")
 
+
+@needs_pallas_triton
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse):
@@ -325,6 +333,7 @@ def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse):
         np.testing.assert_allclose(g_h0, truth[2], rtol=1e-5, atol=1e-5)
 
 
+@needs_pallas_triton
 def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
     """Lowered for CUDA here (no GPU needed; run and timed on a GPU by `benchmarks/gpu.sh`): the tanh RNN's forward
     and backward loops are two Triton calls and no XLA loop; ``RNNLAB_PALLAS=0``, a hidden size the kernels do not
@@ -349,11 +358,10 @@ def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64, platform="cpu")[0] == 0
 
 
+@needs_pallas_triton
 def test_the_pallas_kernels_apply_where_their_offsets_fit():
     """Where `native.pallas` runs: one square W_h of a held size, float32, a sequence whose padded rows fit Triton's
     32-bit offsets."""
-    from rnnlab.native import pallas
-
     f32 = [jnp.float32] * 3
     assert pallas.applies((128, 128), (1000, 16, 128), f32, "tanh")
     assert pallas.applies((16, 16), (3, 1, 16), f32, "linear")
@@ -365,6 +373,47 @@ def test_the_pallas_kernels_apply_where_their_offsets_fit():
     assert not pallas.applies((128, 128), (2**24, 16, 128), f32, "tanh")
     assert not pallas.applies((128, 128), (2**20, 9, 128), f32, "tanh")
     assert pallas.applies((128, 128), (2**20 - 1, 9, 128), f32, "tanh")
+    assert not pallas.applies((128, 128), (10, 0, 128), f32, "tanh")  # no rows: no grid
+
+
+@needs_kernels
+@needs_pallas_triton
+@pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
+def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, monkeypatch):
+    """The GPU lowering rule of the plain RNN's primitives (`p.gpu_rule`: the Pallas kernels and W_h's gradient
+    after them; lowered for a CPU, the kernels run in Pallas's interpreter) put in place of their CPU lowering, so
+    `rnnlab.scan` runs it here, against `rnnlab.scan` on XLA's loops (``RNNLAB_NATIVE=0``): the loss's gradients
+    in both directions, per-example gradients under `jax.vmap` (batch 17 joins the kernels' rows, padded to 32),
+    and gradients for stacked weights (one call per example)."""
+    from jax._src.interpreters import mlir
+
+    cell = rnnlab.RNN(hidden_size=16, activation=activation)
+    params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 0.9 * a]), params)
+    xs = jax.random.normal(jax.random.PRNGKey(3), (6, 17, INPUT_SIZE))
+    weights = jax.random.normal(jax.random.PRNGKey(4), (6, 17, 16))
+
+    def gradients(native_on):
+        monkeypatch.setenv("RNNLAB_NATIVE", native_on)
+        results = []
+        for reverse in (False, True):
+            def loss(params, xs, weights):
+                ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)
+                return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
+
+            per_example = jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])), in_axes=(None, 1, 1))
+            results += [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs, weights),
+                        jax.jit(per_example)(params, xs, weights),
+                        jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None, None)))(stacked, xs, weights)]
+        return results
+
+    expected = gradients("0")
+    for primitive in (native.rnn_forward_p, native.rnn_backward_p):
+        rules = mlir._platform_specific_lowerings["cpu"]
+        monkeypatch.setitem(rules, primitive, dataclasses.replace(rules[primitive], rule=primitive.gpu_rule))
+    text = jax.jit(jax.grad(lambda p: jnp.sum(rnnlab.scan(cell, p, xs)[0]))).lower(params).as_text()
+    assert "rnnlab_rnn" not in text  # the C++ kernels' calls: the rule under test replaced them
+    assert_trees_close(gradients("1"), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- the gradient-flow kernel ---------------------------------------------------------------------------------------

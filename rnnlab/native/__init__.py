@@ -30,7 +30,7 @@ gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/bench_cells.
 The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per iteration (default 1: 8 ran the
 sweep's steady state 1.2-1.3x faster on an H200 but compiled it seconds longer). The plain RNN's loops there are
 Pallas kernels instead (`rnnlab.native.pallas`: one program per 16 rows runs every step, ``W_h`` held in registers;
-hidden sizes 16 to 128, one device; ``RNNLAB_PALLAS=0`` turns them off): 2.3x faster than the XLA loops at batch
+hidden sizes 16 to 128, one device; ``RNNLAB_PALLAS=0`` turns them off): 2.0x faster than the XLA loops at batch
 16, T = 1000 on an H200.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
@@ -167,9 +167,9 @@ def gpu_unroll() -> int:
 
 def gpu_flow_unroll() -> int:
     """Steps per loop iteration in the gradient-flow engine's loops on a GPU: ``$RNNLAB_GPU_FLOW_UNROLL``, default 1;
-    read at lowering. On an H200 8 made the sweep's steady state 1.2-1.3x faster (by 16-21 ms) but its compilation
-    3-6 s longer, and a fresh process's sweep with a cold cache 1.8x slower (`benchmarks/bench_gradflow_sweep.py`,
-    benchmarks/README.md): a sweep is compiled more often than it is rerun."""
+    read at lowering. On an H200 8 made the sweep's steady state 1.2-1.3x faster (by 16-21 ms), but its compilation
+    in process 2.9 s longer and a fresh process's sweep with a cold cache 6.6 s slower (14.6 against 8.0 s, in two
+    runs; `benchmarks/bench_gradflow_sweep.py`, benchmarks/README.md): a sweep is compiled more often than rerun."""
     return _steps_per_iteration("RNNLAB_GPU_FLOW_UNROLL", 1)
 
 
@@ -465,8 +465,10 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
 
     def gpu_rule(ctx, *args, **params):
         # One device only: the Pallas kernels are opaque to XLA's partitioner, which would gather a split batch.
-        # Not in `jax.export` either, which refuses Triton calls (no compatibility guarantee).
-        kernel = (gpu_kernel(ctx.avals_in, params) if gpu_kernel is not None and gpu_pallas()
+        # Not in `jax.export` either, which refuses Triton calls (no compatibility guarantee). Lowered for a CPU
+        # (only a test does that: `p.gpu_rule`), they run in Pallas's interpreter.
+        interpret = "cpu" in ctx.module_context.platforms
+        kernel = (gpu_kernel(ctx.avals_in, params, interpret=interpret) if gpu_kernel is not None and gpu_pallas()
                   and not _several_devices(ctx) and not _exporting(ctx) else None)
         if kernel is not None:
             with warnings.catch_warnings():  # see `rnnlab.native.pallas`
@@ -477,6 +479,7 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
 
     for gpu in ("cuda", "rocm"):
         mlir.register_lowering(p, gpu_rule, platform=gpu)
+    p.gpu_rule = gpu_rule
     if target is not None:
         kernel_rule = jax.ffi.ffi_lowering(target, operand_output_aliases=aliases)
 
