@@ -337,7 +337,7 @@ def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse):
 def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
     """Lowered for CUDA here (no GPU needed; run and timed on a GPU by `benchmarks/gpu.sh`): the tanh RNN's forward
     and backward loops are two Triton calls and no XLA loop; ``RNNLAB_PALLAS=0``, a hidden size the kernels do not
-    hold, the LSTM, `jax.export` and the CPU keep XLA's loops."""
+    hold, the LSTM, `jax.export`, ROCm and the CPU keep XLA's loops."""
 
     def lowered(kind, hidden, platform="cuda", pallas="1", export=False):
         monkeypatch.setenv("RNNLAB_PALLAS", pallas)
@@ -356,6 +356,7 @@ def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
     assert lowered("LSTM", 64)[0] == 0
     assert lowered("RNN-tanh", 64, export=True)[0] == 0
     assert lowered("RNN-tanh", 64, platform="cpu")[0] == 0
+    assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
 
 
 @needs_pallas_triton

@@ -465,10 +465,12 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
 
     def gpu_rule(ctx, *args, **params):
         # One device only: the Pallas kernels are opaque to XLA's partitioner, which would gather a split batch.
-        # Not in `jax.export` either, which refuses Triton calls (no compatibility guarantee). Lowered for a CPU
-        # (only a test does that: `p.gpu_rule`), they run in Pallas's interpreter.
-        interpret = "cpu" in ctx.module_context.platforms
-        kernel = (gpu_kernel(ctx.avals_in, params, interpret=interpret) if gpu_kernel is not None and gpu_pallas()
+        # Not in `jax.export` either, which refuses Triton calls (no compatibility guarantee), nor on ROCm, where
+        # they have never run. Lowered for a CPU (only a test does that: `p.gpu_rule`), they run in Pallas's
+        # interpreter.
+        platforms = ctx.module_context.platforms
+        kernel = (gpu_kernel(ctx.avals_in, params, interpret="cpu" in platforms)
+                  if gpu_kernel is not None and gpu_pallas() and "rocm" not in platforms
                   and not _several_devices(ctx) and not _exporting(ctx) else None)
         if kernel is not None:
             with warnings.catch_warnings():  # see `rnnlab.native.pallas`
