@@ -379,13 +379,13 @@ def test_the_pallas_kernels_apply_where_their_offsets_fit():
 
 @needs_kernels
 @needs_pallas_triton
-@pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
-def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, monkeypatch):
+@pytest.mark.parametrize("activation,reverse", [("tanh", False), ("relu", True), ("linear", True), ("tanh", True)])
+def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, reverse, monkeypatch):
     """The GPU lowering rule of the plain RNN's primitives (`p.gpu_rule`: the Pallas kernels and W_h's gradient
     after them; lowered for a CPU, the kernels run in Pallas's interpreter) put in place of their CPU lowering, so
-    `rnnlab.scan` runs it here, against `rnnlab.scan` on XLA's loops (``RNNLAB_NATIVE=0``): the loss's gradients
-    in both directions, per-example gradients under `jax.vmap` (batch 17 joins the kernels' rows, padded to 32),
-    and gradients for stacked weights (one call per example)."""
+    `rnnlab.scan` runs it here, against `rnnlab.scan` on XLA's loops (``RNNLAB_NATIVE=0``): the loss's gradients,
+    per-example gradients under `jax.vmap` (batch 17 joins the kernels' rows, padded to 32), and gradients for
+    stacked weights (one call per example)."""
     from jax._src.interpreters import mlir
 
     cell = rnnlab.RNN(hidden_size=16, activation=activation)
@@ -394,19 +394,15 @@ def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, monk
     xs = jax.random.normal(jax.random.PRNGKey(3), (6, 17, INPUT_SIZE))
     weights = jax.random.normal(jax.random.PRNGKey(4), (6, 17, 16))
 
+    def loss(params, xs, weights):
+        ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)
+        return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
+
     def gradients(native_on):
         monkeypatch.setenv("RNNLAB_NATIVE", native_on)
-        results = []
-        for reverse in (False, True):
-            def loss(params, xs, weights):
-                ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)
-                return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
-
-            per_example = jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])), in_axes=(None, 1, 1))
-            results += [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs, weights),
-                        jax.jit(per_example)(params, xs, weights),
-                        jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None, None)))(stacked, xs, weights)]
-        return results
+        per_example = jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])), in_axes=(None, 1, 1))
+        return [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs, weights), jax.jit(per_example)(params, xs, weights),
+                jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None, None)))(stacked, xs, weights)]
 
     expected = gradients("0")
     for primitive in (native.rnn_forward_p, native.rnn_backward_p):
