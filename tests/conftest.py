@@ -45,3 +45,13 @@ def pytest_generate_tests(metafunc):
     if "cell" in metafunc.fixturenames and "cell" not in explicit:
         cells = {**LIBRARY_CELLS, **getattr(metafunc.module, "EXTRA_CELLS", {})}
         metafunc.parametrize("cell", list(cells.values()), ids=list(cells))
+
+
+#: The modules with the suite's longest tests (`pytest --durations`: other processes, several devices, experiment
+#: scripts), run first: under `pytest -n 2` the two workers then finish on short tests together, rather than one of
+#: them on a long test while the other waits.
+_LONG_FIRST = ("test_multihost.py", "test_train_sharding.py", "test_experiments_training.py", "test_sweep.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in _LONG_FIRST)  # stable: the order within each group stays
