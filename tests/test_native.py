@@ -305,11 +305,11 @@ needs_pallas_triton = pytest.mark.skipif(pallas._compiler_params() is None,
 @needs_pallas_triton
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse):
+def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse, monkeypatch):
     """The plain RNN's GPU kernels (`native.pallas`), run here by Pallas's interpreter, against the primitives'
     references in float64: the states, and the backward pass (the transpose of the reference tangent by
-    `jax.linear_transpose`: cotangents of the inputs, of W_h in each of its modes, of h0). Batch 20 is padded to 32
-    rows (two programs)."""
+    `jax.linear_transpose`: cotangents of the inputs, of W_h in each of its modes, of h0), each step's inputs read
+    when used and one step ahead (``RNNLAB_PALLAS_AHEAD``). Batch 20 is padded to 32 rows (two programs)."""
     steps, batch, hidden = 9, 20, 32
     keys = jax.random.split(jax.random.PRNGKey(3), 5)
     w_h = jax.random.normal(keys[0], (hidden, hidden)) / math.sqrt(hidden)
@@ -322,15 +322,17 @@ def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse):
         truth = native._transposed(native._reference_rnn_tangent, 3)(*as64(w_h, hs, h0, g_hs, g_h), **params)
         hs, truth = np.asarray(hs), [np.asarray(t) for t in truth]
     aval = lambda *arrays: [jax.core.ShapedArray(a.shape, jnp.float32) for a in arrays]  # noqa: E731
-    forward = native._rnn_gpu_forward(aval(w_h, h0, px), params, interpret=True)
-    np.testing.assert_allclose(forward(w_h, h0, px)[0], hs, rtol=1e-5, atol=1e-5)
-    for mode in ("kernel", "xla", "none"):
-        backward = native._rnn_gpu_backward(aval(w_h, hs, h0, g_hs, g_h), {**params, "weight_grad": mode},
-                                            interpret=True)
-        g_u, g_w, g_h0 = backward(w_h, jnp.asarray(hs, jnp.float32), h0, g_hs, g_h)
-        np.testing.assert_allclose(g_u, truth[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(g_w, 0 * truth[1] if mode == "none" else truth[1], rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(g_h0, truth[2], rtol=1e-5, atol=1e-5)
+    for ahead, modes in (("0", ("kernel", "xla", "none")), ("1", ("xla",))):
+        monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", ahead)
+        forward = native._rnn_gpu_forward(aval(w_h, h0, px), params, interpret=True)
+        np.testing.assert_allclose(forward(w_h, h0, px)[0], hs, rtol=1e-5, atol=1e-5)
+        for mode in modes:
+            backward = native._rnn_gpu_backward(aval(w_h, hs, h0, g_hs, g_h), {**params, "weight_grad": mode},
+                                                interpret=True)
+            g_u, g_w, g_h0 = backward(w_h, jnp.asarray(hs, jnp.float32), h0, g_hs, g_h)
+            np.testing.assert_allclose(g_u, truth[0], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(g_w, 0 * truth[1] if mode == "none" else truth[1], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(g_h0, truth[2], rtol=1e-5, atol=1e-5)
 
 
 @needs_pallas_triton
@@ -350,6 +352,9 @@ def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
         return text.count("xla.gpu.triton"), text.count("stablehlo.while")
 
     assert lowered("RNN-tanh", 64) == (2, 0)
+    monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", "1")
+    assert lowered("RNN-tanh", 64) == (2, 0)  # each step's inputs read one step ahead
+    monkeypatch.delenv("RNNLAB_PALLAS_AHEAD")
     assert lowered("RNN-relu", 16) == (2, 0)
     assert lowered("RNN-tanh", 64, pallas="0")[0] == 0
     assert lowered("RNN-tanh", 48)[0] == 0

@@ -4,7 +4,7 @@ On a GPU, XLA runs a `lax.scan` as a loop whose every iteration launches its ker
 condition: about 4 µs a step for the tanh RNN at batch 16, hidden 128 on an H200, whatever the step's work (see
 benchmarks/README.md, "On a GPU"). Here one program runs all ``T`` steps of its 16 rows, with ``W_h`` loaded once
 and held in registers (``[H, H]`` float32, 64 KB at hidden 128), so a step costs a load of its input, one small
-matmul, the activation and a store.
+matmul, the activation and a store (``RNNLAB_PALLAS_AHEAD=1``: the load issued a step ahead, `read_ahead`).
 
 The forward kernel maps ``(W_h [H, H], h0 [B, H], px [T, B, H])`` to ``hs [T, B, H]``, ``h_t = φ(px_t + h_{t-1}
 W_h)``; the backward kernel is the transpose of its tangent: with ``λ`` the cotangent of the carry (``g_h`` at the
@@ -25,6 +25,7 @@ Mosaic GPU is what keeps them.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -59,44 +60,84 @@ def _compiler_params():
     return None if params is None else params(num_warps=NUM_WARPS, num_stages=1)
 
 
+def read_ahead() -> bool:
+    """Whether the kernels read each step's input one step ahead (issued before the step's matmul, used after it):
+    ``$RNNLAB_PALLAS_AHEAD`` is ``1``; read while tracing. Not the default: it has not been timed against the kernels
+    without it in one run (benchmarks/README.md, "Runs 4-6"); `benchmarks/bench_cells.py` times both on a GPU."""
+    return os.environ.get("RNNLAB_PALLAS_AHEAD", "0") == "1"
+
+
 def _time(step, steps: int, reverse: bool):
     """The time index of loop iteration ``step``."""
     return steps - 1 - step if reverse else step
 
 
-def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, precision):
+def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, precision, ahead):
     from rnnlab.cells import _ACTIVATIONS
 
     phi = _ACTIVATIONS[activation]
     w_h = w_ref[...]  # loaded once: held in registers for all steps
 
+    def new_state(h, px_t):
+        return phi(px_t + jnp.dot(h, w_h, precision=precision, preferred_element_type=jnp.float32))
+
     def step(s, h):
         t = _time(s, steps, reverse)
-        h = phi(px_ref[t, :, :] + jnp.dot(h, w_h, precision=precision, preferred_element_type=jnp.float32))
+        h = new_state(h, px_ref[t, :, :])
         hs_ref[t, :, :] = h
         return h
 
-    jax.lax.fori_loop(0, steps, step, h0_ref[...])
+    def read(s):  # clamped: the read one past the last step is never used
+        return px_ref[_time(jnp.minimum(s, steps - 1), steps, reverse), :, :]
+
+    def step_ahead(s, carry):
+        h, px_t = carry
+        px_next = read(s + 1)
+        h = new_state(h, px_t)
+        hs_ref[_time(s, steps, reverse), :, :] = h
+        return h, px_next
+
+    if ahead:
+        jax.lax.fori_loop(0, steps, step_ahead, (h0_ref[...], read(0)))
+    else:
+        jax.lax.fori_loop(0, steps, step, h0_ref[...])
 
 
-def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, precision):
+def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, precision,
+                     ahead):
     from rnnlab.fused import _RNN_DERIVATIVES
 
     derivative = _RNN_DERIVATIVES[activation]
     w_h = w_ref[...]
+    # The recurrence ran forward in time for `reverse=False`: its transpose runs the other way.
+    back = not reverse
 
-    def step(s, g_carry):
-        # The recurrence ran forward in time for `reverse=False`: its transpose runs the other way.
-        t = _time(s, steps, not reverse)
-        g_z = g_hs_ref[t, :, :] + g_carry
+    def carried(g_carry, t, h_t, g_h_t):
+        g_z = g_h_t + g_carry
         if derivative is not None:
-            g_z = g_z * derivative(hs_ref[t, :, :])
+            g_z = g_z * derivative(h_t)
         g_z_ref[t, :, :] = g_z
         # g_z W_hᵀ: contract g_z's hidden axis with W_h's output axis.
         return jax.lax.dot_general(g_z, w_h, (((1,), (1,)), ((), ())), precision=precision,
                                    preferred_element_type=jnp.float32)
 
-    g_h0_ref[...] = jax.lax.fori_loop(0, steps, step, g_h_ref[...])
+    def step(s, g_carry):
+        t = _time(s, steps, back)
+        return carried(g_carry, t, hs_ref[t, :, :], g_hs_ref[t, :, :])
+
+    def read(s):  # clamped: the read one past the last step is never used
+        t = _time(jnp.minimum(s, steps - 1), steps, back)
+        return hs_ref[t, :, :], g_hs_ref[t, :, :]
+
+    def step_ahead(s, carry):
+        g_carry, inputs = carry
+        upcoming = read(s + 1)
+        return carried(g_carry, _time(s, steps, back), *inputs), upcoming
+
+    if ahead:
+        g_h0_ref[...] = jax.lax.fori_loop(0, steps, step_ahead, (g_h_ref[...], read(0)))[0]
+    else:
+        g_h0_ref[...] = jax.lax.fori_loop(0, steps, step, g_h_ref[...])
 
 
 def _precision():
@@ -146,7 +187,7 @@ def rnn_forward(w_h, h0, px, *, reverse: bool, activation: str, interpret: bool 
     """``hs [T, B, H]`` of ``h_t = φ(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B, H]``)."""
     steps = px.shape[0]
     kernel = functools.partial(_forward_kernel, steps=steps, reverse=reverse, activation=activation,
-                               precision=_precision())
+                               precision=_precision(), ahead=read_ahead())
     (hs,) = _call(kernel, [w_h, h0, px], [px.shape], [None, 0, 1], [1], interpret)
     return hs
 
@@ -156,6 +197,6 @@ def rnn_backward(w_h, hs, g_hs, g_h, *, reverse: bool, activation: str, interpre
     carry, ``g_hs [T, B, H]`` and ``g_h [B, H]``."""
     steps = hs.shape[0]
     kernel = functools.partial(_backward_kernel, steps=steps, reverse=reverse, activation=activation,
-                               precision=_precision())
+                               precision=_precision(), ahead=read_ahead())
     g_z, g_h0 = _call(kernel, [w_h, hs, g_hs, g_h], [hs.shape, g_h.shape], [None, 1, 1, 0], [1, 0], interpret)
     return g_z, g_h0
