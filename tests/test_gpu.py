@@ -120,7 +120,8 @@ def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, m
     """The plain RNN's Pallas kernels (`rnnlab.native.pallas`, the default on a GPU) against the same `rnnlab.scan`
     with XLA's loops (``RNNLAB_PALLAS=0``), both compiled for this GPU: the loss's gradients, and per-example
     gradients under `jax.vmap` (the batch joins the kernel's rows; W_h's gradient per example formed by XLA).
-    Batch 20: padded to two programs of 16 rows; the smallest hidden size the kernels take, and a larger one."""
+    Batch 20: padded to two programs of 16 rows; the smallest hidden size the kernels take, and a larger one; the
+    kernels as by default and reading ahead (``RNNLAB_PALLAS_AHEAD=1``)."""
     cell = rnnlab.RNN(hidden, activation=activation)
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
     xs = jax.random.normal(jax.random.PRNGKey(3), (SEQ_LEN, 20, INPUT_SIZE))
@@ -130,8 +131,9 @@ def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, m
         ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)
         return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
 
-    def gradients(pallas):
+    def gradients(pallas, ahead="0"):
         monkeypatch.setenv("RNNLAB_PALLAS", pallas)
+        monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", ahead)
         whole = jax.jit(jax.grad(loss, argnums=(0, 1)))  # a new jit each time: the variable is read at lowering
         per_example = jax.jit(jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])),
                                        in_axes=(None, 1, 1)))
@@ -139,4 +141,6 @@ def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, m
         assert (text.count("xla.gpu.triton") == 2) == (pallas == "1")
         return whole(params, xs, weights), per_example(params, xs, weights)
 
-    close(gradients("1"), gradients("0"))
+    xla_loops = gradients("0")
+    close(gradients("1"), xla_loops)
+    close(gradients("1", ahead="1"), xla_loops)  # each step's inputs read one step ahead
