@@ -134,12 +134,12 @@ def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, m
     def gradients(pallas, ahead="0"):
         monkeypatch.setenv("RNNLAB_PALLAS", pallas)
         monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", ahead)
-        whole = jax.jit(jax.grad(loss, argnums=(0, 1)))  # a new jit each time: the variable is read at lowering
+        # Lowered afresh each time: the variables are read at lowering.
+        whole = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs, weights)
         per_example = jax.jit(jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])),
                                        in_axes=(None, 1, 1)))
-        text = whole.lower(params, xs, weights).as_text()
-        assert (text.count("xla.gpu.triton") == 2) == (pallas == "1")
-        return whole(params, xs, weights), per_example(params, xs, weights)
+        assert (whole.as_text().count("xla.gpu.triton") == 2) == (pallas == "1")
+        return whole.compile()(params, xs, weights), per_example(params, xs, weights)
 
     xla_loops = gradients("0")
     close(gradients("1"), xla_loops)

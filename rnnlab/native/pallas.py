@@ -17,6 +17,9 @@ registers. Read from the L2 cache every step, one program per 16 rows ran the LS
 programs each holding one gate's block and meeting at a barrier every step were 10 % faster than it, forward only
 (probes of 2026-11-26 on an H200, benchmarks/README.md).
 
+The kernels' matmuls follow `jax.default_matmul_precision` as XLA's do (`jnp.dot` reads it while tracing): TF32
+allowed on a GPU by default, float32 under ``"highest"``.
+
 Pallas's Triton backend is deprecated from jax 0.11 (a DeprecationWarning at each lowering, silenced here: a user
 cannot act on it). Where a JAX has none, `applies` is False and the XLA loops run; porting these two kernels to
 Mosaic GPU is what keeps them.
@@ -45,12 +48,12 @@ def applies(w_h_shape, sequence_shape, dtypes, activation) -> bool:
     from rnnlab.fused import _RNN_DERIVATIVES
 
     steps, batch, hidden = sequence_shape
-    padded_batch = -(-batch // ROWS) * ROWS
     return (len(w_h_shape) == 2 and w_h_shape[0] == w_h_shape[1] == hidden and hidden in HIDDEN_SIZES
-            and 0 < steps * padded_batch * hidden < 2**31 and all(dtype == jnp.float32 for dtype in dtypes)
+            and 0 < steps * _padded_rows(batch) * hidden < 2**31 and all(dtype == jnp.float32 for dtype in dtypes)
             and activation in _RNN_DERIVATIVES and _compiler_params() is not None)
 
 
+@functools.cache
 def _compiler_params():
     try:
         from jax.experimental.pallas import triton as pallas_triton
@@ -72,14 +75,14 @@ def _time(step, steps: int, reverse: bool):
     return steps - 1 - step if reverse else step
 
 
-def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, precision, ahead):
+def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, ahead):
     from rnnlab.cells import _ACTIVATIONS
 
     phi = _ACTIVATIONS[activation]
     w_h = w_ref[...]  # loaded once: held in registers for all steps
 
     def new_state(h, px_t):
-        return phi(px_t + jnp.dot(h, w_h, precision=precision, preferred_element_type=jnp.float32))
+        return phi(px_t + jnp.dot(h, w_h, preferred_element_type=jnp.float32))
 
     def step(s, h):
         t = _time(s, steps, reverse)
@@ -103,8 +106,7 @@ def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation
         jax.lax.fori_loop(0, steps, step, h0_ref[...])
 
 
-def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, precision,
-                     ahead):
+def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, ahead):
     from rnnlab.fused import _RNN_DERIVATIVES
 
     derivative = _RNN_DERIVATIVES[activation]
@@ -118,8 +120,7 @@ def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, ste
             g_z = g_z * derivative(h_t)
         g_z_ref[t, :, :] = g_z
         # g_z W_hᵀ: contract g_z's hidden axis with W_h's output axis.
-        return jax.lax.dot_general(g_z, w_h, (((1,), (1,)), ((), ())), precision=precision,
-                                   preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(g_z, w_h, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     def step(s, g_carry):
         t = _time(s, steps, back)
@@ -140,20 +141,8 @@ def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, ste
         g_h0_ref[...] = jax.lax.fori_loop(0, steps, step, g_h_ref[...])
 
 
-def _precision():
-    """The kernels' matmul precision, read while tracing: JAX's default (TF32 allowed on a GPU, as in XLA's own
-    matmuls) unless `jax.default_matmul_precision` asks for float32."""
-    setting = jax.config.jax_default_matmul_precision
-    return jax.lax.Precision.HIGHEST if setting in ("highest", "float32", "fp32") else None
-
-
-def _padded(array, axis: int, rows: int):
-    extra = -array.shape[axis] % rows
-    if not extra:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(array, widths)
+def _padded_rows(batch: int) -> int:
+    return -(-batch // ROWS) * ROWS
 
 
 def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret):
@@ -162,8 +151,9 @@ def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret):
     from jax.experimental import pallas as pl
 
     batch = next(a.shape[axis] for a, axis in zip(args, batch_axes) if axis is not None)
-    args = [a if axis is None else _padded(a, axis, ROWS) for a, axis in zip(args, batch_axes)]
-    padded = -(-batch // ROWS) * ROWS
+    padded = _padded_rows(batch)
+    args = [a if axis is None else jnp.pad(a, [(0, padded - batch if d == axis else 0) for d in range(a.ndim)])
+            for a, axis in zip(args, batch_axes)]
 
     def spec(shape, axis):
         if axis is None:
@@ -187,7 +177,7 @@ def rnn_forward(w_h, h0, px, *, reverse: bool, activation: str, interpret: bool 
     """``hs [T, B, H]`` of ``h_t = φ(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B, H]``)."""
     steps = px.shape[0]
     kernel = functools.partial(_forward_kernel, steps=steps, reverse=reverse, activation=activation,
-                               precision=_precision(), ahead=read_ahead())
+                               ahead=read_ahead())
     (hs,) = _call(kernel, [w_h, h0, px], [px.shape], [None, 0, 1], [1], interpret)
     return hs
 
@@ -197,6 +187,6 @@ def rnn_backward(w_h, hs, g_hs, g_h, *, reverse: bool, activation: str, interpre
     carry, ``g_hs [T, B, H]`` and ``g_h [B, H]``."""
     steps = hs.shape[0]
     kernel = functools.partial(_backward_kernel, steps=steps, reverse=reverse, activation=activation,
-                               precision=_precision(), ahead=read_ahead())
+                               ahead=read_ahead())
     g_z, g_h0 = _call(kernel, [w_h, hs, g_hs, g_h], [hs.shape, g_h.shape], [None, 1, 1, 0], [1, 0], interpret)
     return g_z, g_h0
