@@ -720,7 +720,10 @@ MIN_ROWS_FOR_WEIGHT_GRAD = 32
 #: vectors). Measured on a 2-core AVX2 CPU, 2026-11-26, ms per LSTM gradient, kernel sum against XLA's matmul,
 #: medians of two runs: 330-430 against 300-380 at 64,200,128,256 and 650-660 against 590-620 at 128,50,256,512
 #: (equal at 32,100,64,128). The GRU's kernel sum was faster at 64,200,128,256 and undecided at 128,50,256,512, the
-#: tanh RNN's 13-25 % faster (benchmarks/README.md).
+#: tanh RNN's 13-25 % faster (benchmarks/README.md). With the sums packed and run over several steps at a time
+#: (since the afternoon), interleaved in one process: LSTM 29 / 394 / 627 ms against XLA's 25 / 344 / 614 at
+#: 32,100,64,128 / 64,200,128,256 / 128,50,256,512, still XLA's; the GRU's 12 % and the RNN's 19-23 % faster at the
+#: two larger shapes.
 XLA_WEIGHT_GRAD_WITHOUT_AVX512 = frozenset({"lstm"})
 
 

@@ -107,21 +107,15 @@ inline vf vtanh(vf x) {
   return a < splat(0.625f) ? small : large;
 }
 
-// One block of MR rows and NV vectors of columns of C[m, n] = A @ B[k, n] (row-major, leading dimensions), with
-// A [m, k] (Transposed false: the recurrent matmul) or, accumulating into C, Aᵀ for A [k, m] (Transposed true: the
-// weight gradient's h_{t-1}ᵀ g_t, summed step by step).
-template <int MR, int NV, bool Transposed>
+// One block of MR rows and NV vectors of columns of C[m, n] = A[m, k] @ B[k, n] (row-major, leading dimensions).
+template <int MR, int NV>
 inline void block(int k_size, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
   vf acc[MR][NV] = {};
-  if (Transposed) {
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) acc[i][v] = load(c + i * ldc + v * kLanes);
-  }
   for (int k = 0; k < k_size; ++k) {
     vf bk[NV];
     for (int v = 0; v < NV; ++v) bk[v] = load(b + k * ldb + v * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const float aik = Transposed ? a[k * lda + i] : a[i * lda + k];
+      const float aik = a[i * lda + k];
       for (int v = 0; v < NV; ++v) acc[i][v] += aik * bk[v];
     }
   }
@@ -130,15 +124,13 @@ inline void block(int k_size, const float* a, int lda, const float* b, int ldb, 
 }
 
 // All m rows of one column block: blocks of kRows rows, then 4, 2, 1.
-template <int NV, bool Transposed>
+template <int NV>
 inline void rows(int m, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  const int row_step = Transposed ? 1 : lda;  // from one row of C to the next, in A
   int i = 0;
-  for (; i + kRows <= m; i += kRows)
-    block<kRows, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
-  if (i + 4 <= m) block<4, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 4;
-  if (i + 2 <= m) block<2, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 2;
-  if (i < m) block<1, NV, Transposed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
+  for (; i + kRows <= m; i += kRows) block<kRows, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+  if (i + 4 <= m) block<4, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc), i += 4;
+  if (i + 2 <= m) block<2, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc), i += 2;
+  if (i < m) block<1, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
 }
 
 // B[k, n] (n a multiple of 16) packed for `matmul`: column blocks of 32 (the last may be 16), each [k, width]
@@ -160,18 +152,95 @@ void matmul(int m, int n, int k, const float* a, int lda, const float* packed, f
   for (int j = 0; j < n; j += 2 * kLanes) {
     const float* b = packed + static_cast<size_t>(j) * k;
     if (n - j >= 2 * kLanes) {
-      rows<2, false>(m, k, a, lda, b, 2 * kLanes, c + j, ldc);
+      rows<2>(m, k, a, lda, b, 2 * kLanes, c + j, ldc);
     } else {
-      rows<1, false>(m, k, a, lda, b, kLanes, c + j, ldc);
+      rows<1>(m, k, a, lda, b, kLanes, c + j, ldc);
     }
   }
 }
 
-// C[m, n] += Aᵀ @ B for A [k, m] and B [k, n] row-major (n a multiple of 16).
-void matmul_tn_add(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  int j = 0;
-  for (; j + 2 * kLanes <= n; j += 2 * kLanes) rows<2, true>(m, k, a, lda, b + j, ldb, c + j, ldc);
-  if (j < n) rows<1, true>(m, k, a, lda, b + j, ldb, c + j, ldc);
+// --- W_h's gradient: C += Σ_r a_rᵀ b_r over rows r of the steps' h_{t-1} and recurrent cotangents ----------------
+//
+// Summed step by step straight from the rows, the sum ran at 28-41 GFLOP/s on one AVX2 core (a part's share at
+// the benchmark's shapes, operands fresh from memory): every row of a block's k-loop touched a new cache line of A
+// and of B (rows a page apart), and every step read and wrote the whole of C. It now runs over kGradRows rows
+// (several steps) at a time, both operands packed into panels as `matmul` packs W_h, so the k-loop reads them in
+// order: 40-62 GFLOP/s in the same test (2026-11-26). In the whole gradient that was 14 % off the GRU at
+// 128,50,256,512 and the tanh RNN at 64,200,128,256 (medians of 5 processes each).
+
+constexpr int kGradDepth = 256;  // rows of the sum packed at a time
+constexpr int kGradRows = 512;   // rows summed at a time: whole steps of the batch, at least one
+
+// Steps of `batch` rows whose contributions to W_h's gradient are summed at once.
+int grad_steps(int batch) { return std::max(1, kGradRows / batch); }
+
+// One block of MR rows and NV vectors of columns of C += Aᵀ B from panels: a [k][kRows] (A's columns, kRows at a
+// time, interleaved row by row), b [k][NV·kLanes].
+template <int MR, int NV>
+inline void block_tn(int k_size, const float* a, const float* b, float* c, int ldc) {
+  vf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = load(c + i * ldc + v * kLanes);
+  for (int k = 0; k < k_size; ++k) {
+    vf bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = load(b + (k * NV + v) * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const float aik = a[k * kRows + i];
+      for (int v = 0; v < NV; ++v) acc[i][v] += aik * bk[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
+}
+
+// All m rows of C for one panel of B: a's panel for rows [i, i + kRows) of C starts at a + i·k.
+template <int NV>
+inline void rows_tn(int m, int k, const float* a, const float* b, float* c, int ldc) {
+  int i = 0;
+  for (; i + kRows <= m; i += kRows) block_tn<kRows, NV>(k, a + i * k, b, c + i * ldc, ldc);
+  // m (the hidden size) is a multiple of 16: with kRows = 6 it leaves 4 or 2 rows, the last (zero-padded) panel.
+  if (i + 4 == m) block_tn<4, NV>(k, a + i * k, b, c + i * ldc, ldc);
+  if (i + 2 == m) block_tn<2, NV>(k, a + i * k, b, c + i * ldc, ldc);
+}
+
+// A part's columns of W_h's gradient: for each gate block q < gates and unit u < nu,
+//   g_w[i, q·H + u0 + u] += Σ_{r < k} a(r)[i] · b(r)[q·H + u0 + u],   i < H,
+// with a(r) the r-th row [H] (an h_{t-1}) and b(r) the r-th row [gates·H] (the step's recurrent cotangent), which
+// `a_row` and `b_row` return. `pa` and `pb` hold the panels.
+template <typename ARow, typename BRow>
+void weight_grad_add(int H, int gates, int u0, int nu, int k, ARow a_row, BRow b_row, float* g_w,
+                     std::vector<float>& pa, std::vector<float>& pb) {
+  const int G = gates * H, groups = (H + kRows - 1) / kRows;
+  pa.resize(static_cast<size_t>(groups) * kRows * kGradDepth);
+  pb.resize(static_cast<size_t>(nu) * kGradDepth);
+  for (int k0 = 0; k0 < k; k0 += kGradDepth) {
+    const int kc = std::min(kGradDepth, k - k0);
+    for (int kk = 0; kk < kc; ++kk) {
+      const float* row = a_row(k0 + kk);
+      for (int g = 0; g < groups; ++g) {
+        float* out = &pa[(static_cast<size_t>(g) * kc + kk) * kRows];
+        const int width = std::min(kRows, H - g * kRows);
+        for (int r = 0; r < width; ++r) out[r] = row[g * kRows + r];
+        for (int r = width; r < kRows; ++r) out[r] = 0.0f;
+      }
+    }
+    for (int q = 0; q < gates; ++q) {
+      const int col = q * H + u0;
+      for (int j = 0; j < nu; j += 2 * kLanes) {
+        const int width = std::min(2 * kLanes, nu - j);
+        float* out = &pb[static_cast<size_t>(j) * kc];
+        for (int kk = 0; kk < kc; ++kk) std::memcpy(out + kk * width, b_row(k0 + kk) + col + j, width * sizeof(float));
+      }
+      for (int j = 0; j < nu; j += 2 * kLanes) {
+        const float* panel = &pb[static_cast<size_t>(j) * kc];
+        if (nu - j >= 2 * kLanes) {
+          rows_tn<2>(H, kc, pa.data(), panel, g_w + col + j, G);
+        } else {
+          rows_tn<1>(H, kc, pa.data(), panel, g_w + col + j, G);
+        }
+      }
+    }
+  }
 }
 
 // A barrier for a fixed team: spins briefly, then yields (the team may share cores with other work).
@@ -325,8 +394,9 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 //   carry(dh): adds to g_h_{t-1} = row(s) W_hᵀ (already in dh, [B, nu]) the direct terms of the cell;
 //   finish(): writes the cotangents of the initial carry other than h's.
 // g_h0 gets this part's units of the hidden state's cotangent at the end. With g_w (not null), each part also
-// accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s), from its own columns of the row before the
-// barrier, while the row is in cache (hs [T, B, H] and h0 give h_{t-1}).
+// accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s), from its own columns of the rows, every
+// grad_steps(B) steps, before the barrier (hs [T, B, H] and h0 give h_{t-1}); row(s) must stay readable, in this
+// part's columns, for that many steps.
 template <typename MakePart>
 void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* hs, const float* h0,
                    const float* g_h, float* g_h0, float* g_w, MakePart make_part) {
@@ -344,13 +414,19 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
         for (int q = 0; q < loop.gates; ++q) std::memset(g_w + k * G + q * H + u0, 0, nu * sizeof(float));
     }
     auto cell = make_part(u0, nu);
+    std::vector<float> panel_a, panel_b;
+    const int flush = grad_steps(B);
+    int pending = loop.steps;  // steps [s + 1, pending) are not yet in g_w
     for (int s = loop.steps - 1; s >= 0; --s) {
       for (int b = 0; b < B; ++b) cell.step(s, b, &dh[b * nu]);
-      if (g_w != nullptr) {
-        const int prev = loop.previous(s);
-        const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
-        for (int q = 0; q < loop.gates; ++q)
-          matmul_tn_add(H, nu, B, h_prev, H, cell.row(s) + q * H + u0, G, g_w + q * H + u0, G);
+      if (g_w != nullptr && (pending - s == flush || s == 0)) {
+        auto h_prev = [&](int r) {
+          const int prev = loop.previous(s + r / B);
+          return (prev < 0 ? h0 : hs + loop.row(prev, 0) * H) + static_cast<size_t>(r % B) * H;
+        };
+        auto cotangent = [&](int r) { return cell.row(s + r / B) + static_cast<size_t>(r % B) * G; };
+        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * B, h_prev, cotangent, g_w, panel_a, panel_b);
+        pending = s;
       }
       barrier.wait();  // every unit's recurrent cotangent of the step is written
       matmul(B, nu, G, cell.row(s), G, panel.data(), dh.data(), nu);
@@ -497,13 +573,15 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
   const float *GATES = gates.typed_data(), *AN = a_n.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(),
               *GHS = g_hs.typed_data();
   float* GU = g_u->typed_data();
-  // The cotangent of each step's h W_h, [B, 3H], in two buffers used in turn: a part may write the next step's
-  // while another still reads this one's.
-  std::vector<float> recurrent(static_cast<size_t>(2) * B * 3 * H);
+  // The cotangent of each step's h W_h, [B, 3H], in `slots` buffers used in turn: at least two, since a part may
+  // write the next step's while another still reads this one's, and the grad_steps(B) steps whose contributions
+  // to W_h's gradient are summed at once.
+  const int slots = std::max(2, grad_steps(B));
+  std::vector<float> recurrent(static_cast<size_t>(slots) * B * 3 * H);
   struct Part {
     // z ⊙ g_h_t for this part's units, [B, nu]: the direct path from h_{t-1} to h_t.
     std::vector<float> direct;
-    int u0, nu;
+    int u0, nu, slots;
     const Loop& loop;
     const float *GATES, *AN, *HS, *H0, *GHS;
     float *GU, *recurrent;
@@ -513,7 +591,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
       const float* gb = GATES + loop.row(t, b) * G + u0;
       const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
       float* gu = GU + loop.row(t, b) * G + u0;
-      float* ga = recurrent + (static_cast<size_t>(s % 2) * loop.batch + b) * G + u0;
+      float* ga = recurrent + (static_cast<size_t>(s % slots) * loop.batch + b) * G + u0;
       const size_t at = loop.row(t, b) * H + u0;
       for (int j = 0; j < nu; j += kLanes) {
         // g_u is written over the gates (aliased): each unit's gates are read before its g_u is written.
@@ -531,7 +609,9 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
         store(&direct[static_cast<size_t>(b) * nu + j], z * gh);
       }
     }
-    const float* row(int s) const { return recurrent + static_cast<size_t>(s % 2) * loop.batch * 3 * loop.hidden; }
+    const float* row(int s) const {
+      return recurrent + static_cast<size_t>(s % slots) * loop.batch * 3 * loop.hidden;
+    }
     void carry(std::vector<float>& dh) const {
       for (size_t k = 0; k < dh.size(); ++k) dh[k] += direct[k];
     }
@@ -539,7 +619,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
   };
   backward_loop(pool, loop, w.typed_data(), HS, H0, g_h.typed_data(), g_h0->typed_data(),
                 weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
-    return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, GATES, AN, HS, H0, GHS, GU,
+    return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, slots, loop, GATES, AN, HS, H0, GHS, GU,
                 recurrent.data()};
   });
   return ffi::Error::Success();
