@@ -108,6 +108,8 @@ def test_number_words_baseline_is_the_positional_frequency_model():
     assert 0 < task.baseline_accuracy < 0.2 and task.baseline_exact_match == 0.0
 
 
+@pytest.mark.slow  # 29 s; CharCorpus and the training loop are tested here and in test_train, the script in
+# `make test-all`
 def test_char_lm_script_beats_unigram_and_writes_samples(tmp_path):
     table = _run("char_lm.py", tmp_path, "--steps=100", "--hidden_size=64", "--seq_len=32", "--lr=1e-2",
                  "--eval_every=100", "--sample_len=40", "--temperatures=0,1")
@@ -144,6 +146,8 @@ def test_char_corpus_split_windows_and_unigram_baseline():
     assert task.baseline == pytest.approx(train_entropy, rel=0.05)
 
 
+@pytest.mark.slow  # 14 s; the sunspots task is tested here, many-to-many models in test_models, the script in
+# `make test-all`
 def test_sunspots_script_beats_persistence(tmp_path):
     table = _run("sunspots.py", tmp_path, "--cells=gru", "--seeds=1", "--steps=100", "--eval_every=50")
     assert CURVE_COLUMNS | {"test_rmse"} <= set(table)

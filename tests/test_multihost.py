@@ -2,7 +2,7 @@
 
 Each process sees one CPU device of its own and the two talk through JAX's CPU collectives (gloo), as two hosts
 would over a network. Both run this file as a worker: `train.train_on_task` (its batch split over the two processes'
-devices), `sweep.grad_norm_table` and `sweep.gradient_flow` (configurations split over them). The reference is the
+devices), `sweep.gradient_flow` (its configurations split over them). The reference is the
 same calls in the test process, on one device: the numbers must agree to float32 summation order, and both
 processes must hold the same whole results.
 """
@@ -31,11 +31,11 @@ def computations() -> dict[str, np.ndarray]:
     """Everything compared, as flat arrays: training history and parameters, the sweep's norms and records."""
     result = train.train_on_task(TASK, MODEL, seed=0, steps=4, batch_size=8, learning_rate=1e-2, test_size=16,
                                  eval_every=2, progress=False)
-    norms, _, _ = sweep.grad_norm_table(rnnlab.GRU(8), GRID, 20, input_size=3, batch=2)
+    # `gradient_flow` measures through `grad_norm_table`: GRID's 6 configurations, 3 a process.
     records = sweep.gradient_flow(["lstm"], [0.5, 1.0, 1.5], 2, [12], hidden_size=8, input_size=3, batch=2)
     flat_params = np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(jax.device_get(result.params))])
     return {"loss": result.history["loss"], "grad_norm": result.history["grad_norm"],
-            "test_loss": result.evals["test_loss"], "params": flat_params, "norms": norms,
+            "test_loss": result.evals["test_loss"], "params": flat_params,
             "records": records["log10_grad_norm"], "theory": records["theory_rate"]}
 
 

@@ -192,15 +192,21 @@ def _run(code: str, env: dict, timeout: int = 240) -> subprocess.CompletedProces
                           text=True, timeout=timeout)
 
 
+# W_h's LSTM gradient under each setting of `runs` in turn (the settings are read when a program is traced), saved
+# as <name>.npy in `folder`.
 _GRAD_PROGRAM = """
-    import jax, jax.numpy as jnp, numpy as np, rnnlab
+    import os, jax, jax.numpy as jnp, numpy as np, rnnlab
     from rnnlab import native
     cell = rnnlab.LSTM(hidden_size=64)
     params = cell.init(jax.random.PRNGKey(0), 8)
     xs = jax.random.normal(jax.random.PRNGKey(1), (50, 16, 8))
-    grad = jax.jit(jax.grad(lambda p: jnp.mean(rnnlab.scan(cell, p, xs)[0] ** 2)))
-    np.save("{out}", np.asarray(grad(params)["w_h"]))
-    print("available", native.available())
+    for name, env in {runs!r}.items():
+        os.environ.update(env)
+        grad = jax.jit(jax.grad(lambda p: jnp.mean(rnnlab.scan(cell, p, xs)[0] ** 2)))
+        np.save(os.path.join({folder!r}, name + ".npy"), np.asarray(grad(params)["w_h"]))
+        print(name, "available", native.available())
+        for key in env:
+            del os.environ[key]
 """
 
 
@@ -210,21 +216,18 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
     compiler: a warning, and XLA runs the LSTM); and with the batch split over 2 CPU devices running at once, 3
     threads per kernel (more than XLA's pool, so a kernel's helper task may never start: it must not hang), where
     each device must run the kernels on its own rows."""
-    runs = {
-        "one-thread": {"RNNLAB_NATIVE_THREADS": "1"},
-        "three-threads": {"RNNLAB_NATIVE_THREADS": "3"},
-        "off": {"RNNLAB_NATIVE": "0"},
-        "no-compiler": {"CXX": "no-such-compiler", "RNNLAB_NATIVE_CACHE": str(tmp_path / "cache")},
-    }
-    results = {}
-    for name, env in runs.items():
-        out = tmp_path / f"{name}.npy"
-        result = _run(_GRAD_PROGRAM.format(out=out), env)
-        assert result.returncode == 0, result.stderr
-        results[name] = np.load(out)
-        assert ("available True" in result.stdout) == (name in ("one-thread", "three-threads")), result.stdout
-    assert "no C++ compiler 'no-such-compiler'" in _run(
-        "import rnnlab.native as n; print(n.available())", runs["no-compiler"]).stderr
+    runs = {"one-thread": {"RNNLAB_NATIVE_THREADS": "1"}, "three-threads": {"RNNLAB_NATIVE_THREADS": "3"},
+            "off": {"RNNLAB_NATIVE": "0"}}
+    together = _run(_GRAD_PROGRAM.format(runs=runs, folder=str(tmp_path)), {})
+    assert together.returncode == 0, together.stderr
+    # A process whose kernels cannot be built (the library is built once per process).
+    no_compiler = _run(_GRAD_PROGRAM.format(runs={"no-compiler": {}}, folder=str(tmp_path)),
+                       {"CXX": "no-such-compiler", "RNNLAB_NATIVE_CACHE": str(tmp_path / "cache")})
+    assert no_compiler.returncode == 0, no_compiler.stderr
+    assert "no C++ compiler 'no-such-compiler'" in no_compiler.stderr
+    assert together.stdout.split("\n")[:3] == [f"{name} available {name != 'off'}" for name in runs], together.stdout
+    assert "no-compiler available False" in no_compiler.stdout
+    results = {name: np.load(tmp_path / f"{name}.npy") for name in [*runs, "no-compiler"]}
     # Each unit is computed by one thread in a fixed order whatever the split: bit-identical.
     np.testing.assert_array_equal(results["three-threads"], results["one-thread"])
     for name in ("off", "no-compiler"):
