@@ -174,6 +174,8 @@ def test_sunspots_standardisation_and_persistence_baseline():
     assert np.isin(batch["targets"].ravel(), series[:249].astype(np.float32)).all()
 
 
+@pytest.mark.slow  # 21 s; the readout's gradient norms are tested below, the sweep's in test_sweep, the script
+# in `make test-all`
 def test_gradflow_training_script(tmp_path):
     _run("gradflow_training.py", tmp_path, "--cells=lstm", "--seq_len=20", "--steps=20",
          "--measure_at=0,10", "--eval_every=10", "--measure_batch=16", "--hidden_size=16")
