@@ -573,10 +573,10 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
   const float *GATES = gates.typed_data(), *AN = a_n.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(),
               *GHS = g_hs.typed_data();
   float* GU = g_u->typed_data();
-  // The cotangent of each step's h W_h, [B, 3H], in `slots` buffers used in turn: at least two, since a part may
-  // write the next step's while another still reads this one's, and the grad_steps(B) steps whose contributions
-  // to W_h's gradient are summed at once.
-  const int slots = std::max(2, grad_steps(B));
+  // The cotangent of each step's h W_h, [B, 3H], in `slots` buffers used in turn: two, since a part may write the
+  // next step's while another still reads this one's, or, when the kernel forms W_h's gradient, the grad_steps(B)
+  // steps whose contributions to it are summed at once if more.
+  const int slots = weight_grad ? std::max(2, grad_steps(B)) : 2;
   std::vector<float> recurrent(static_cast<size_t>(slots) * B * 3 * H);
   struct Part {
     // z ⊙ g_h_t for this part's units, [B, nu]: the direct path from h_{t-1} to h_t.
