@@ -117,21 +117,6 @@ def matmul_throughput() -> float:
     return 200 * 2 * configs * BATCH * HIDDEN * 4 * HIDDEN / statistics.median(times) / 1e9
 
 
-def large_matmul_peak(size: int = 2048) -> float:
-    """GFLOP/s of one large float32 matmul, ``[n, n] @ [n, n]`` (as `bench_cells.py` measures the peak): a steadier
-    reference than the sweep's small batched matmuls, whose rate moved from 92 to 10-49 GFLOP/s between two days on
-    the same kind of machine, with the large matmul's at 113-158."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(a).block_until_ready()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2.0 * size**3 / statistics.median(times) / 1e9
-
-
 def unavoidable_flops() -> float:
     """Multiply-adds × 2 the sweep cannot avoid: per step and configuration, the recurrent matmul forward and its
     transpose backward, and the input projection."""
@@ -184,7 +169,12 @@ def main():
     first_seconds, ours = rnnlab_sweep()
     steady = steady_seconds()
     # Before PyTorch's loop: its OpenMP workers keep spinning after it, and would slow the matmul (a lower limit).
-    throughput, peak = matmul_throughput(), large_matmul_peak()
+    # A steadier reference beside it: the sweep's small batched matmuls ran at 92 GFLOP/s one day and 10-49 the
+    # next on the same kind of machine, a large matmul at 113-158. Imported here: `bench_cells` asks for the
+    # devices when imported, which must come after `use_cpu_cores`.
+    from bench_cells import PEAK_SIZE, matmul_peak
+
+    throughput, peak = matmul_throughput(), matmul_peak()
     torch_seconds, theirs = torch_sweep()
     limit, peak_limit = (unavoidable_flops() / (rate * 1e9) for rate in (throughput, peak))
     # The two sweeps draw different random weights; their values agree where both are finite (tests/test_gradflow.py
@@ -194,7 +184,7 @@ def main():
           f"input {INPUT}, hidden {HIDDEN}, T = {SEQ_LEN}; {_machine()}. Matmul throughput at the sweep's shape "
           f"[{len(GAINS) * SEEDS}, {BATCH}, {HIDDEN}] @ [.., {HIDDEN}, {4 * HIDDEN}]: {throughput:.0f} GFLOP/s; "
           f"unavoidable work {unavoidable_flops() / 1e9:.0f} GFLOP, so the arithmetic limit is {limit:.3f} s "
-          f"({peak_limit:.3f} s at a 2048² matmul's {peak:.0f} GFLOP/s).")
+          f"({peak_limit:.3f} s at a {PEAK_SIZE}² matmul's {peak:.0f} GFLOP/s).")
     print()
     print(_row(*HEADER))
     print(_row(*["---"] * 6))
@@ -208,7 +198,7 @@ def main():
                    "yes" if ratio >= target else "no"))
     print(_row("sweep steady state / arithmetic limit", f"{steady:.2f}", f"{limit:.3f}", f"{steady / limit:.2f}x",
                "<= 1.5x", "yes" if steady / limit <= 1.5 else "no"))
-    print(_row("sweep steady state / limit at a 2048² matmul's rate", f"{steady:.2f}", f"{peak_limit:.3f}",
+    print(_row(f"sweep steady state / limit at a {PEAK_SIZE}² matmul's rate", f"{steady:.2f}", f"{peak_limit:.3f}",
                f"{steady / peak_limit:.2f}x", "", "info"))
     print(_row("compile time in process (first call - steady, s)", f"{first_seconds - steady:.2f}", "", "", "",
                "info"))

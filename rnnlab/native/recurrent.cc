@@ -107,15 +107,20 @@ inline vf vtanh(vf x) {
   return a < splat(0.625f) ? small : large;
 }
 
-// One block of MR rows and NV vectors of columns of C[m, n] = A[m, k] @ B[k, n] (row-major, leading dimensions).
-template <int MR, int NV>
+// One block of MR rows and NV vectors of columns of C[m, n] = A[m, k] @ B[k, n] (row-major, leading dimensions),
+// or, Packed, C += Aᵀ B with A's columns read from a panel [k][kRows] (`weight_grad_add`).
+template <int MR, int NV, bool Packed>
 inline void block(int k_size, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
   vf acc[MR][NV] = {};
+  if (Packed) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = load(c + i * ldc + v * kLanes);
+  }
   for (int k = 0; k < k_size; ++k) {
     vf bk[NV];
     for (int v = 0; v < NV; ++v) bk[v] = load(b + k * ldb + v * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const float aik = a[i * lda + k];
+      const float aik = Packed ? a[k * kRows + i] : a[i * lda + k];
       for (int v = 0; v < NV; ++v) acc[i][v] += aik * bk[v];
     }
   }
@@ -123,14 +128,17 @@ inline void block(int k_size, const float* a, int lda, const float* b, int ldb, 
     for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
 }
 
-// All m rows of one column block: blocks of kRows rows, then 4, 2, 1.
-template <int NV>
+// All m rows of one column block: blocks of kRows rows, then 4, 2, 1. Packed, the panel for rows [i, i + kRows)
+// starts at a + i·k; m is then a hidden size, a multiple of 16, which leaves at most one of those (4 or 2 rows with
+// kRows = 6), at the start of the last, zero-padded panel.
+template <int NV, bool Packed>
 inline void rows(int m, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  const int row_step = Packed ? k : lda;  // from one row of C to the next, in A
   int i = 0;
-  for (; i + kRows <= m; i += kRows) block<kRows, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
-  if (i + 4 <= m) block<4, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc), i += 4;
-  if (i + 2 <= m) block<2, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc), i += 2;
-  if (i < m) block<1, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+  for (; i + kRows <= m; i += kRows) block<kRows, NV, Packed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
+  if (i + 4 <= m) block<4, NV, Packed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 4;
+  if (i + 2 <= m) block<2, NV, Packed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc), i += 2;
+  if (i < m) block<1, NV, Packed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
 }
 
 // B[k, n] (n a multiple of 16) packed for `matmul`: column blocks of 32 (the last may be 16), each [k, width]
@@ -147,14 +155,15 @@ std::vector<float> pack(int k, int n, At at) {
   return packed;
 }
 
-// C[m, n] = A[m, k] @ B[k, n], B as from `pack`.
+// C[m, n] = A[m, k] @ B[k, n], B as from `pack`; Packed, C += Aᵀ B with A's columns in panels (`rows`).
+template <bool Packed = false>
 void matmul(int m, int n, int k, const float* a, int lda, const float* packed, float* c, int ldc) {
   for (int j = 0; j < n; j += 2 * kLanes) {
     const float* b = packed + static_cast<size_t>(j) * k;
     if (n - j >= 2 * kLanes) {
-      rows<2>(m, k, a, lda, b, 2 * kLanes, c + j, ldc);
+      rows<2, Packed>(m, k, a, lda, b, 2 * kLanes, c + j, ldc);
     } else {
-      rows<1>(m, k, a, lda, b, kLanes, c + j, ldc);
+      rows<1, Packed>(m, k, a, lda, b, kLanes, c + j, ldc);
     }
   }
 }
@@ -174,45 +183,16 @@ constexpr int kGradRows = 512;   // rows summed at a time: whole steps of the ba
 // Steps of `batch` rows whose contributions to W_h's gradient are summed at once.
 int grad_steps(int batch) { return std::max(1, kGradRows / batch); }
 
-// One block of MR rows and NV vectors of columns of C += Aᵀ B from panels: a [k][kRows] (A's columns, kRows at a
-// time, interleaved row by row), b [k][NV·kLanes].
-template <int MR, int NV>
-inline void block_tn(int k_size, const float* a, const float* b, float* c, int ldc) {
-  vf acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = load(c + i * ldc + v * kLanes);
-  for (int k = 0; k < k_size; ++k) {
-    vf bk[NV];
-    for (int v = 0; v < NV; ++v) bk[v] = load(b + (k * NV + v) * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const float aik = a[k * kRows + i];
-      for (int v = 0; v < NV; ++v) acc[i][v] += aik * bk[v];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
-}
-
-// All m rows of C for one panel of B: a's panel for rows [i, i + kRows) of C starts at a + i·k.
-template <int NV>
-inline void rows_tn(int m, int k, const float* a, const float* b, float* c, int ldc) {
-  int i = 0;
-  for (; i + kRows <= m; i += kRows) block_tn<kRows, NV>(k, a + i * k, b, c + i * ldc, ldc);
-  // m (the hidden size) is a multiple of 16: with kRows = 6 it leaves 4 or 2 rows, the last (zero-padded) panel.
-  if (i + 4 == m) block_tn<4, NV>(k, a + i * k, b, c + i * ldc, ldc);
-  if (i + 2 == m) block_tn<2, NV>(k, a + i * k, b, c + i * ldc, ldc);
-}
-
 // A part's columns of W_h's gradient: for each gate block q < gates and unit u < nu,
 //   g_w[i, q·H + u0 + u] += Σ_{r < k} a(r)[i] · b(r)[q·H + u0 + u],   i < H,
 // with a(r) the r-th row [H] (an h_{t-1}) and b(r) the r-th row [gates·H] (the step's recurrent cotangent), which
-// `a_row` and `b_row` return. `pa` and `pb` hold the panels.
+// `a_row` and `b_row` return. A's columns are packed kRows at a time into `pa`, B's as `matmul`'s W_h (`pack`).
 template <typename ARow, typename BRow>
 void weight_grad_add(int H, int gates, int u0, int nu, int k, ARow a_row, BRow b_row, float* g_w,
-                     std::vector<float>& pa, std::vector<float>& pb) {
+                     std::vector<float>& pa) {
   const int G = gates * H, groups = (H + kRows - 1) / kRows;
   pa.resize(static_cast<size_t>(groups) * kRows * kGradDepth);
-  pb.resize(static_cast<size_t>(nu) * kGradDepth);
+  std::vector<const float*> b_rows(kGradDepth);
   for (int k0 = 0; k0 < k; k0 += kGradDepth) {
     const int kc = std::min(kGradDepth, k - k0);
     for (int kk = 0; kk < kc; ++kk) {
@@ -223,22 +203,12 @@ void weight_grad_add(int H, int gates, int u0, int nu, int k, ARow a_row, BRow b
         for (int r = 0; r < width; ++r) out[r] = row[g * kRows + r];
         for (int r = width; r < kRows; ++r) out[r] = 0.0f;
       }
+      b_rows[kk] = b_row(k0 + kk);
     }
     for (int q = 0; q < gates; ++q) {
       const int col = q * H + u0;
-      for (int j = 0; j < nu; j += 2 * kLanes) {
-        const int width = std::min(2 * kLanes, nu - j);
-        float* out = &pb[static_cast<size_t>(j) * kc];
-        for (int kk = 0; kk < kc; ++kk) std::memcpy(out + kk * width, b_row(k0 + kk) + col + j, width * sizeof(float));
-      }
-      for (int j = 0; j < nu; j += 2 * kLanes) {
-        const float* panel = &pb[static_cast<size_t>(j) * kc];
-        if (nu - j >= 2 * kLanes) {
-          rows_tn<2>(H, kc, pa.data(), panel, g_w + col + j, G);
-        } else {
-          rows_tn<1>(H, kc, pa.data(), panel, g_w + col + j, G);
-        }
-      }
+      const std::vector<float> pb = pack(kc, nu, [&](int kk, int j) { return b_rows[kk][col + j]; });
+      matmul<true>(H, nu, kc, pa.data(), 0, pb.data(), g_w + col, G);
     }
   }
 }
@@ -414,7 +384,7 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
         for (int q = 0; q < loop.gates; ++q) std::memset(g_w + k * G + q * H + u0, 0, nu * sizeof(float));
     }
     auto cell = make_part(u0, nu);
-    std::vector<float> panel_a, panel_b;
+    std::vector<float> panel_a;
     const int flush = grad_steps(B);
     int pending = loop.steps;  // steps [s + 1, pending) are not yet in g_w
     for (int s = loop.steps - 1; s >= 0; --s) {
@@ -425,7 +395,7 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
           return (prev < 0 ? h0 : hs + loop.row(prev, 0) * H) + static_cast<size_t>(r % B) * H;
         };
         auto cotangent = [&](int r) { return cell.row(s + r / B) + static_cast<size_t>(r % B) * G; };
-        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * B, h_prev, cotangent, g_w, panel_a, panel_b);
+        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * B, h_prev, cotangent, g_w, panel_a);
         pending = s;
       }
       barrier.wait();  // every unit's recurrent cotangent of the step is written
