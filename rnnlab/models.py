@@ -42,12 +42,48 @@ def dense(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return x @ params["w"] + params["b"]
 
 
-def run_sequence(cell, params, xs: jax.Array, *, carry=None, lengths=None, unroll: int = 1):
+def run_sequence(cell, params, xs: jax.Array, *, carry=None, lengths=None, unroll: int = 1,
+                 remat: int | None = None):
     """``xs [T, *batch, I] -> (ys [T, *batch, O], final_carry)`` for a cell or a `Stack` alike. ``unroll`` steps per
-    loop iteration (`jax.lax.scan`'s option): on CPU, 4–8 often halves the time of a small model."""
+    loop iteration (`jax.lax.scan`'s option): on CPU, 4–8 often halves the time of a small model. ``remat``: a chunk
+    length dividing ``T``; the backward pass keeps the carry at chunk boundaries and recomputes each chunk
+    (`rnnlab.scan`)."""
     if hasattr(cell, "initial_carry"):
-        return scan(cell, params, xs, carry=carry, lengths=lengths, unroll=unroll)
-    return cell(params, xs, carry=carry, lengths=lengths, unroll=unroll)
+        return scan(cell, params, xs, carry=carry, lengths=lengths, unroll=unroll, remat=remat)
+    return cell(params, xs, carry=carry, lengths=lengths, unroll=unroll, **({} if remat is None else {"remat": remat}))
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepingLastOutput:
+    """A plain ``cell`` whose carry also holds its latest output ``y``, with an empty output per step.
+
+    Scanned with ``lengths`` (the carry stops at each sequence's last valid step), its final carry holds the output
+    `last_valid` would read from ``ys``, but no ``[T, *batch, O]`` output is formed, nor its cotangent: with
+    ``remat`` the backward pass keeps ``T / remat + remat`` steps' worth instead of ``2·T`` outputs.
+    """
+
+    cell: Any
+    output: jax.ShapeDtypeStruct  # one step's ``y [*batch, O]``
+
+    def initial_carry(self, batch_shape=(), dtype: Any = jnp.float32):
+        return self.cell.initial_carry(batch_shape, dtype), jnp.zeros(self.output.shape, self.output.dtype)
+
+    def hidden(self, carry) -> jax.Array:
+        return self.cell.hidden(carry[0])
+
+    def __call__(self, params, carry, x: jax.Array):
+        carry, y = self.cell(params, carry[0], x)
+        return (carry, y), y[..., :0]
+
+
+def _last_output(cell, params, xs: jax.Array, lengths, unroll: int, remat: int) -> jax.Array:
+    """``last_valid(run_sequence(cell, params, xs, ...)[0], lengths)`` for a plain cell, without ``ys``."""
+    carry = cell.initial_carry(xs.shape[1:-1], xs.dtype)
+    output = jax.eval_shape(lambda: cell(params, carry, xs[0])[1])
+    keeping = _KeepingLastOutput(cell, output)
+    _, (_, last) = scan(keeping, params, xs, carry=keeping.initial_carry(xs.shape[1:-1], xs.dtype), lengths=lengths,
+                        unroll=unroll, remat=remat)
+    return last
 
 
 def cell_output_size(cell, params, input_size: int, dtype: Any = jnp.float32) -> int:
@@ -75,18 +111,25 @@ def last_valid(ys: jax.Array, lengths: jax.Array | None) -> jax.Array:
 class ManyToOne:
     """Many-to-one: ``xs [T, *batch, I] -> [*batch, output_size]``, a dense readout of ``y`` at the last valid step.
 
-    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``. ``unroll``: see `run_sequence`.
+    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``. ``unroll``, ``remat``: see
+    `run_sequence`. With ``remat`` and a plain cell the output at the last valid step is carried along instead of
+    read from all the outputs, so the gradient's memory grows as ``T / remat + remat`` (as ``√T`` with
+    ``remat ≈ √T``) besides the inputs themselves; a `Stack` passes every layer's outputs to the next, ``T`` of them.
     """
 
     cell: Any
     output_size: int
     unroll: int = 1
+    remat: int | None = None
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> dict:
         return _init_with_readout(self.cell, key, input_size, self.output_size, dtype)
 
     def __call__(self, params, xs: jax.Array, *, lengths: jax.Array | None = None) -> jax.Array:
-        ys, _ = run_sequence(self.cell, params["cell"], xs, lengths=lengths, unroll=self.unroll)
+        if self.remat is not None and hasattr(self.cell, "initial_carry"):
+            return dense(params["readout"], _last_output(self.cell, params["cell"], jnp.asarray(xs), lengths,
+                                                         self.unroll, self.remat))
+        ys, _ = run_sequence(self.cell, params["cell"], xs, lengths=lengths, unroll=self.unroll, remat=self.remat)
         return dense(params["readout"], last_valid(ys, lengths))
 
 
@@ -97,19 +140,21 @@ class ManyToMany:
     The call takes and returns the carry, so truncated BPTT can feed one chunk's final carry to the next; with
     ``carry=None`` the run starts from the cell's initial carry.
 
-    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``. ``unroll``: see `run_sequence`.
+    **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``. ``unroll``, ``remat``: see
+    `run_sequence` (the outputs at every step are ``T`` of them whatever ``remat``).
     """
 
     cell: Any
     output_size: int
     unroll: int = 1
+    remat: int | None = None
 
     def init(self, key: jax.Array, input_size: int, dtype: Any = jnp.float32) -> dict:
         return _init_with_readout(self.cell, key, input_size, self.output_size, dtype)
 
     def __call__(self, params, xs: jax.Array, *, carry=None, lengths: jax.Array | None = None):
         ys, final_carry = run_sequence(self.cell, params["cell"], xs, carry=carry, lengths=lengths,
-                                       unroll=self.unroll)
+                                       unroll=self.unroll, remat=self.remat)
         return dense(params["readout"], ys), final_carry
 
 

@@ -146,7 +146,9 @@ def scan(
     - ``unroll``: passed to `jax.lax.scan`. With the default 1, the built-in cells' loops run on a GPU
       ``$RNNLAB_GPU_UNROLL`` (8) steps per loop iteration all the same (`rnnlab.native`); the numbers do not change.
     - ``remat``: a chunk length dividing ``T``; only carries at chunk boundaries are kept for the backward pass and
-      each chunk is recomputed (`jax.checkpoint`), so memory grows as ``T / remat + remat`` instead of ``T``.
+      each chunk is recomputed (`jax.checkpoint`), so memory grows as ``T / remat + remat`` instead of ``T``,
+      besides ``ys`` (``T`` outputs, and their cotangent when a loss reads them; a loss on the final carry reads
+      none, as `rnnlab.models.ManyToOne` with ``remat`` does).
 
     **Returns:** ``(ys, final_carry)`` with ``ys [T, *batch, output_size]`` (time at ``time_axis``).
 

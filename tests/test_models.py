@@ -35,6 +35,41 @@ def test_many_to_one_with_lengths_reads_each_sequence_at_its_end():
         np.testing.assert_allclose(batched[b], alone[0], rtol=1e-5, atol=1e-6)
 
 
+def test_many_to_one_with_remat_equals_plain_bptt(cell):
+    """With ``remat`` a plain cell's last output is carried along the scan instead of read from ``ys`` (a Stack's is
+    still read from ``ys``): the outputs and every gradient are plain BPTT's."""
+    plain, remat = models.ManyToOne(cell, 2), models.ManyToOne(cell, 2, remat=4)
+    params = plain.init(KEY, 3)
+    xs = jax.random.normal(KEY, (12, 4, 3))
+    for lengths in (None, jnp.array([12, 1, 5, 8])):
+        def value_and_grad(model):
+            return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(model(p, xs, lengths=lengths)))))(params)
+
+        got, want = value_and_grad(remat), value_and_grad(plain)
+        for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+            # float32, summed in another order: within 1e-5 of the leaf's largest entry
+            np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-5 * np.max(np.abs(want_leaf)))
+
+
+def test_many_to_one_with_remat_stores_memory_growing_as_sqrt_T():
+    """XLA's accounting of the gradient's temporaries (the inputs are arguments): with ``remat = √T`` a 16x longer
+    sequence needs about 4x the memory (T / remat + remat), without it 16x."""
+    cell = rnnlab.LSTM(32)
+
+    def stored_bytes(seq_len, remat):
+        model = models.ManyToOne(cell, 1, remat=remat)
+        params = model.init(KEY, 3)
+        xs = jax.ShapeDtypeStruct((seq_len, 2, 3), jnp.float32)
+        loss = jax.grad(lambda p, xs: jnp.sum(model(p, xs) ** 2))
+        return jax.jit(loss).lower(params, xs).compile().memory_analysis().temp_size_in_bytes
+
+    def exponent(remat_short, remat_long):
+        return math.log(stored_bytes(4096, remat_long) / stored_bytes(256, remat_short)) / math.log(16)
+
+    assert exponent(16, 64) <= 0.5
+    assert exponent(None, None) >= 0.9
+
+
 def test_many_to_many_carry_chains_chunks():
     model = models.ManyToMany(rnnlab.GRU(6), 2)
     params = model.init(KEY, 3)
