@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rnnlab import fused
 from rnnlab.scan import scan
 
 
@@ -79,6 +80,11 @@ class _KeepingLastOutput:
 def _last_output(cell, params, xs: jax.Array, lengths, unroll: int, remat: int) -> jax.Array:
     """``last_valid(run_sequence(cell, params, xs, ...)[0], lengths)`` for a plain cell, without ``ys``."""
     carry = cell.initial_carry(xs.shape[1:-1], xs.dtype)
+    if fused.supports(cell, params, carry, xs):
+        # rnnlab's own cells output their hidden state, so the final carry holds the last valid output (and the
+        # scan keeps its fused recurrence, the native kernels on a CPU).
+        _, final = scan(cell, params, xs, carry=carry, lengths=lengths, unroll=unroll, remat=remat)
+        return cell.hidden(final)
     output = jax.eval_shape(lambda: cell(params, carry, xs[0])[1])
     keeping = _KeepingLastOutput(cell, output)
     _, (_, last) = scan(keeping, params, xs, carry=keeping.initial_carry(xs.shape[1:-1], xs.dtype), lengths=lengths,

@@ -60,11 +60,12 @@ def _check_lengths(lengths, batch_shape, seq_len) -> jax.Array:
     return lengths
 
 
-def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int):
+def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int = 1, loop: bool = True):
     """`lax.scan` of ``body`` storing only the carry at chunk boundaries; each chunk is recomputed on the way back.
 
     Peak memory for the backward pass is O(T / chunk + chunk) steps instead of O(T); ``chunk ≈ √T`` minimises it.
-    ``T`` must be a multiple of ``chunk``.
+    ``T`` must be a multiple of ``chunk``. ``loop=False``: ``body(carry, chunk_inputs) -> (carry, chunk_ys)`` runs a
+    whole chunk itself (``None`` leaves of ``inputs`` stay ``None``).
     """
     seq_len = jax.tree_util.tree_leaves(inputs)[0].shape[0]
     if seq_len % chunk:
@@ -73,6 +74,8 @@ def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int):
 
     @jax.checkpoint
     def run_chunk(carry, chunk_inputs):
+        if not loop:
+            return body(carry, chunk_inputs)
         return jax.lax.scan(body, carry, chunk_inputs, reverse=reverse, unroll=unroll)
 
     carry, ys = jax.lax.scan(run_chunk, carry, chunked, reverse=reverse)
@@ -153,9 +156,10 @@ def scan(
     **Returns:** ``(ys, final_carry)`` with ``ys [T, *batch, output_size]`` (time at ``time_axis``).
 
     When the cell defines ``project_inputs`` (and ``recur``), the input matmul runs once for all steps before the
-    loop; the numbers are those of the plain step. The built-in cells (without ``remat``) run a fused recurrence
-    with a hand-written tangent rule whose weight gradients are one matmul over all steps (`rnnlab.fused`); the
-    results equal those of the plain step to rounding.
+    loop; the numbers are those of the plain step. The built-in cells run a fused recurrence with a hand-written
+    tangent rule whose weight gradients are one matmul over all steps (`rnnlab.fused`; on a CPU the native kernels);
+    the results equal those of the plain step to rounding. With ``remat`` each chunk projects its own inputs and runs
+    the fused recurrence, recomputed on the way back.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
@@ -179,9 +183,19 @@ def scan(
 
         scan_inputs = (jnp.arange(seq_len), inputs)
     scan_reverse = reverse and lengths is None
+    valid = None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
     if remat is None and fused.supports(cell, params, carry, inputs):
-        valid = None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
         carry, ys = fused.recurrence(cell, params, carry, inputs, valid=valid, reverse=scan_reverse, unroll=unroll)
+    elif fused.supports(cell, params, carry, inputs):
+        # Each chunk projects its own inputs and runs the fused recurrence (the native kernels on a CPU), all of it
+        # recomputed on the way back: the projection of a chunk, not of all T steps, is what is stored at a time.
+        def run_chunk(carry, chunk_inputs):
+            chunk_xs, chunk_valid = chunk_inputs
+            projected = fused.over_steps(lambda x: cell.project_inputs(params, x), chunk_xs)
+            return fused.recurrence(cell, params, carry, projected, valid=chunk_valid, reverse=scan_reverse,
+                                    unroll=unroll)
+
+        carry, ys = _remat_scan(run_chunk, carry, (inputs, valid), chunk=remat, reverse=scan_reverse, loop=False)
     elif remat is None:
         carry, ys = jax.lax.scan(body, carry, scan_inputs, reverse=scan_reverse, unroll=unroll)
     else:

@@ -12,7 +12,11 @@ import rnnlab
 from rnnlab import models, tasks, train
 
 KEY = jax.random.key(0)
-EXTRA_CELLS = {"bidirectional_stack": rnnlab.Stack.repeat(rnnlab.GRU(5), 2, bidirectional=True)}
+EXTRA_CELLS = {
+    "bidirectional_stack": rnnlab.Stack.repeat(rnnlab.GRU(5), 2, bidirectional=True),
+    # an activation by function: not one of rnnlab's fused cells, so `ManyToOne` with remat carries its output
+    "rnn_soft_sign": rnnlab.RNN(5, activation=jax.nn.soft_sign),
+}
 
 
 def test_shapes_over_every_cell(cell):
@@ -36,8 +40,9 @@ def test_many_to_one_with_lengths_reads_each_sequence_at_its_end():
 
 
 def test_many_to_one_with_remat_equals_plain_bptt(cell):
-    """With ``remat`` a plain cell's last output is carried along the scan instead of read from ``ys`` (a Stack's is
-    still read from ``ys``): the outputs and every gradient are plain BPTT's."""
+    """With ``remat`` the last output comes from the final carry (rnnlab's fused cells, whose output is their hidden
+    state), is carried along the scan (other cells), or is read from ``ys`` (a Stack): the outputs and every gradient
+    are plain BPTT's."""
     plain, remat = models.ManyToOne(cell, 2), models.ManyToOne(cell, 2, remat=4)
     params = plain.init(KEY, 3)
     xs = jax.random.normal(KEY, (12, 4, 3))
@@ -51,10 +56,11 @@ def test_many_to_one_with_remat_equals_plain_bptt(cell):
             np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-5 * np.max(np.abs(want_leaf)))
 
 
-def test_many_to_one_with_remat_stores_memory_growing_as_sqrt_T():
+@pytest.mark.parametrize("cell", [rnnlab.LSTM(32), rnnlab.RNN(32, activation=jax.nn.soft_sign)],
+                         ids=["fused", "output_carried"])
+def test_many_to_one_with_remat_stores_memory_growing_as_sqrt_T(cell):
     """XLA's accounting of the gradient's temporaries (the inputs are arguments): with ``remat = √T`` a 16x longer
     sequence needs about 4x the memory (T / remat + remat), without it 16x."""
-    cell = rnnlab.LSTM(32)
 
     def stored_bytes(seq_len, remat):
         model = models.ManyToOne(cell, 1, remat=remat)

@@ -22,7 +22,7 @@ import pytest
 from test_fused import assert_trees_close, plain_twin
 
 import rnnlab
-from rnnlab import native
+from rnnlab import models, native
 from rnnlab.native import pallas
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -127,6 +127,29 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
             got_error = np.max(np.abs(np.asarray(got_leaf, np.float64) - true_leaf)) / scale
             plain_error = np.max(np.abs(np.asarray(plain_leaf, np.float64) - true_leaf)) / scale
             assert got_error <= max(10 * plain_error, 1e-6), (got_error, plain_error)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
+def test_remat_runs_the_kernels_chunk_by_chunk(kind):
+    """With ``remat`` each chunk projects its inputs and runs the kernels, recomputed on the way back: the values and
+    gradients of the unchunked kernels (a loss on the outputs and the final carry; in reverse for the GRU)."""
+    cell, params, xs, carry, weights = problem(32, (9,), 12, kind=kind)
+
+    def value_and_grad(remat):
+        def loss(params, xs, carry):
+            ys, final = rnnlab.scan(cell, params, xs, carry=carry, reverse=kind == "GRU", remat=remat)
+            return jnp.sum(weights * jnp.sin(ys)) + sum(jnp.sum(jnp.cos(leaf)) for leaf in jax.tree.leaves(final))
+
+        assert calls_kernel(jax.grad(loss, argnums=(0, 1, 2)), params, xs, carry)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, xs, carry)
+
+    for got, want in zip(jax.tree.leaves(value_and_grad(4)), jax.tree.leaves(value_and_grad(None)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+    # and so does `models.ManyToOne` with remat, reading its last output from the final carry
+    model = models.ManyToOne(cell, 1, remat=4)
+    model_params = {"cell": params, "readout": models.dense_init(jax.random.PRNGKey(0), 32, 1)}
+    assert calls_kernel(jax.grad(lambda p, xs: jnp.sum(model(p, xs))), model_params, xs)
 
 
 @needs_kernels
