@@ -1,12 +1,13 @@
 """Training with the batch split over devices (`train`'s ``batch_axes``): on 4 devices the numbers of one device,
 the batch really split, a resumed run included; bad ``batch_axes`` raise.
 
-A process fixes its device count when JAX starts, so each 4-device run is this file run as a script in a fresh
-process with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (4 virtual CPU devices); the reference is the
-same run on one CPU device in the test process. The child runs without the persistent compilation cache: the
-sharding it reports is seen while compiling, which a cached program skips.
+A process fixes its device count when JAX starts, so the 4-device runs are this file run as a script in one fresh
+process with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (4 virtual CPU devices), every case in turn; the
+reference is the same run on one CPU device in the test process. The child runs without the persistent compilation
+cache: the sharding it reports is seen while compiling, which a cached program skips.
 """
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -94,8 +95,12 @@ def _numbers(result) -> dict[str, np.ndarray]:
     return numbers
 
 
+CASES = ("full_bptt", "truncated_bptt", "on_task_resumed", "batch_of_6")
+
+
 def _child(case: str, out: str) -> None:
     """The 4-device side of a test: run ``case`` and write its numbers, `SPLITS` and the devices to ``out``."""
+    SPLITS.clear()
     numbers = {"devices": np.asarray(len(jax.devices()))}
     if case == "full_bptt":
         numbers.update(_numbers(run_full_bptt({"inputs": 1, "targets": 0})))
@@ -114,16 +119,25 @@ def _child(case: str, out: str) -> None:
     np.savez(out, **numbers)
 
 
-def _on_devices(case: str, tmp_path) -> dict[str, np.ndarray]:
-    out = tmp_path / "numbers.npz"
-    env = {name: value for name, value in os.environ.items() if name != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} "
-               f"--xla_force_host_platform_device_count={DEVICES}".strip())
-    completed = subprocess.run([sys.executable, __file__, case, str(out)], env=env, capture_output=True, text=True,
-                               timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    numbers = dict(np.load(out))
-    assert numbers["devices"] == DEVICES
+@pytest.fixture(scope="session")
+def on_devices(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
+    """Every case's numbers from one fresh process with 4 devices (one start of JAX for all of them), started once
+    per test session: under `pytest -n 2` the first worker to ask runs it, the other waits for it and reads it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, shared by the workers
+    folder = shared / "train_sharding_four_devices"
+    with open(shared / "train_sharding_four_devices.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            env = {name: value for name, value in os.environ.items() if name != "JAX_COMPILATION_CACHE_DIR"}
+            env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} "
+                       f"--xla_force_host_platform_device_count={DEVICES}".strip())
+            completed = subprocess.run([sys.executable, __file__, str(folder)], env=env, capture_output=True,
+                                       text=True, timeout=300)
+            assert completed.returncode == 0, completed.stderr[-3000:]
+            (folder / "done").touch()
+    numbers = {case: dict(np.load(folder / case / "numbers.npz")) for case in CASES}
+    assert all(case_numbers["devices"] == DEVICES for case_numbers in numbers.values())
     return numbers
 
 
@@ -147,8 +161,8 @@ def _assert_same_numbers(sharded, reference):
     ("full_bptt", run_full_bptt, None, 4),
     ("truncated_bptt", run_truncated_bptt, None, 6),
 ])
-def test_split_batch_trains_as_on_one_device(tmp_path, case, run, batch_axes, updates):
-    sharded = _on_devices(case, tmp_path)
+def test_split_batch_trains_as_on_one_device(on_devices, case, run, batch_axes, updates):
+    sharded = on_devices[case]
     reference = _on_one_cpu(run, batch_axes)
     assert len(reference["history_loss"]) == updates
     _assert_same_numbers(sharded, reference)
@@ -156,15 +170,15 @@ def test_split_batch_trains_as_on_one_device(tmp_path, case, run, batch_axes, up
     assert len(sharded["splits"]) and np.all(sharded["splits"] == [DEVICES, BATCH // DEVICES])
 
 
-def test_train_on_task_splits_by_default_and_resumes(tmp_path):
-    sharded = _on_devices("on_task_resumed", tmp_path)
+def test_train_on_task_splits_by_default_and_resumes(on_devices):
+    sharded = on_devices["on_task_resumed"]
     reference = _on_one_cpu(run_on_task, batch_axes=None)
     assert reference["evals_step"].tolist() == [0, 2, 4, 6]
     _assert_same_numbers(sharded, reference)
 
 
-def test_batch_size_not_a_multiple_of_the_device_count_raises(tmp_path):
-    message = str(_on_devices("batch_of_6", tmp_path)["error"])
+def test_batch_size_not_a_multiple_of_the_device_count_raises(on_devices):
+    message = str(on_devices["batch_of_6"]["error"])
     assert "batch_axes" in message and "size 6" in message and f"device count ({DEVICES})" in message
 
 
@@ -185,4 +199,6 @@ def test_bad_batch_axes_raise_on_one_device_too(batch_axes, match):
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:])
+    for name in CASES:
+        os.makedirs(os.path.join(sys.argv[1], name), exist_ok=True)
+        _child(name, os.path.join(sys.argv[1], name, "numbers.npz"))
