@@ -12,11 +12,7 @@ import rnnlab
 from rnnlab import models, tasks, train
 
 KEY = jax.random.key(0)
-EXTRA_CELLS = {
-    "bidirectional_stack": rnnlab.Stack.repeat(rnnlab.GRU(5), 2, bidirectional=True),
-    # an activation by function: not one of rnnlab's fused cells, so `ManyToOne` with remat carries its output
-    "rnn_soft_sign": rnnlab.RNN(5, activation=jax.nn.soft_sign),
-}
+EXTRA_CELLS = {"bidirectional_stack": rnnlab.Stack.repeat(rnnlab.GRU(5), 2, bidirectional=True)}
 
 
 def test_shapes_over_every_cell(cell):
@@ -39,10 +35,13 @@ def test_many_to_one_with_lengths_reads_each_sequence_at_its_end():
         np.testing.assert_allclose(batched[b], alone[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cell", [rnnlab.LSTM(5), rnnlab.GRU(5), rnnlab.RNN(5),
+                                  rnnlab.RNN(5, activation=jax.nn.soft_sign)],
+                         ids=["lstm", "gru", "rnn_tanh", "rnn_soft_sign"])
 def test_many_to_one_with_remat_equals_plain_bptt(cell):
     """With ``remat`` the last output comes from the final carry (rnnlab's fused cells, whose output is their hidden
-    state), is carried along the scan (other cells), or is read from ``ys`` (a Stack): the outputs and every gradient
-    are plain BPTT's."""
+    state) or is carried along the scan (other cells, such as an RNN with an activation given as a function): the
+    outputs and every gradient are plain BPTT's. (A Stack reads it from ``ys``: `rnnlab.scan`'s remat tests.)"""
     plain, remat = models.ManyToOne(cell, 2), models.ManyToOne(cell, 2, remat=4)
     params = plain.init(KEY, 3)
     xs = jax.random.normal(KEY, (12, 4, 3))
