@@ -70,7 +70,7 @@ def stored_gib(compiled, workspace: int = 0) -> float:
 
 def workspace_bytes(cell, name: str, seq_len: int, remat) -> int:
     """The gradient-flow kernel's own workspace (one thread: one configuration), where the program calls it."""
-    return native.flow_workspace_bytes(cell, seq_len, BATCH) if name == "gradflow" and remat is None else 0
+    return native.flow_workspace_bytes(cell, seq_len, BATCH, remat) if name == "gradflow" else 0
 
 
 def growth_exponent(small: float, large: float, t_small: int, t_large: int) -> float:

@@ -152,15 +152,16 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     The backward (cotangent) vector is renormalised after every step and the log of its norm accumulated, so the
     result is exact far beyond float32's range. For the built-in cells a backward step applies the step's Jacobian
     from coefficients saved by the forward loop (`rnnlab.fused`), so nothing is recomputed; with the default loss
-    and no ``remat`` the whole measurement is one call of `rnnlab.native`'s gradient-flow kernel (C++ on CPU in
-    float32, the same maths on XLA elsewhere), which under `jax.vmap` runs every configuration of a sweep at once.
+    the whole measurement is one call of `rnnlab.native`'s gradient-flow kernel (C++ on CPU in float32, the same
+    maths on XLA elsewhere; with ``remat`` it keeps the carry before each chunk and runs the chunk's steps again on
+    the way back), which under `jax.vmap` runs every configuration of a sweep at once.
     """
     xs, carry, batch_shape = _flattened(cell, params, xs, carry)
     seq_len = xs.shape[0]
     if remat is not None and (not isinstance(remat, int) or remat < 1 or seq_len % remat):
         raise ValueError(f"remat must be a positive int dividing T = {seq_len}, got {remat!r}.")
-    if loss is None and remat is None and _in_kernel(cell, params, carry, xs):
-        return native.grad_norms(cell, params, xs, carry)
+    if loss is None and _in_kernel(cell, params, carry, xs):
+        return native.grad_norms(cell, params, xs, carry, remat)
     return log_domain_norms(cell, params, xs, carry, loss=loss, remat=remat, batch_shape=batch_shape)
 
 

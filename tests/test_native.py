@@ -463,12 +463,12 @@ def flow_problem(kind, gains, hidden=32, batch=3, seq_len=60, input_size=5):
     return cell, params, xs, carry
 
 
-def flow_norms(cell, params, xs, carry, engine):
+def flow_norms(cell, params, xs, carry, engine, remat=None):
     """log10 ||∂L/∂h_t|| of every configuration: through `gradflow.grad_norms` (the kernel) or the XLA engine."""
     if engine == "kernel":
-        one = lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c)  # noqa: E731
+        one = lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c, remat=remat)  # noqa: E731
     else:
-        one = lambda p, x, c: rnnlab.gradflow.log_domain_norms(cell, p, x, c)  # noqa: E731
+        one = lambda p, x, c: rnnlab.gradflow.log_domain_norms(cell, p, x, c, remat=remat)  # noqa: E731
     return jax.jit(jax.vmap(one))(params, xs, carry)
 
 
@@ -506,6 +506,25 @@ def test_gradflow_kernel_equals_the_log_domain_engine(kind):
     assert np.all(np.isfinite(truth)) and truth.min() < -5  # the gains reach vanishing gradients
     got_error, plain_error = np.max(np.abs(got - truth)), np.max(np.abs(plain - truth))
     assert got_error <= max(10 * plain_error, 1e-5), (got_error, plain_error)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu"])
+def test_gradflow_kernel_with_remat_runs_each_chunk_again(kind):
+    """With ``remat`` the kernel keeps the carry before each chunk and runs the chunk's steps again on the way back:
+    exactly the numbers without remat (the same float32 operations in the same order), those of the XLA engine with
+    the same remat to float32 rounding, and a workspace of T / remat + remat steps instead of T."""
+    cell, params, xs, carry = flow_problem(kind, [0.5, 1.4])
+    text = jax.jit(jax.vmap(lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c, remat=6))).lower(
+        params, xs, carry).as_text()
+    assert text.count("rnnlab_gradflow") == 1
+    whole = np.asarray(flow_norms(cell, params, xs, carry, "kernel"))
+    for remat in (1, 6, 20):
+        np.testing.assert_array_equal(np.asarray(flow_norms(cell, params, xs, carry, "kernel", remat)), whole)
+    engine = np.asarray(flow_norms(cell, params, xs, carry, "xla", 6))
+    np.testing.assert_allclose(whole, engine, rtol=0, atol=1e-4)
+    # what the kernel allocates (`GradflowImpl`), at T = 10 000: 199 steps' worth against 10 001
+    assert native.flow_workspace_bytes(cell, 10_000, 3, 100) < native.flow_workspace_bytes(cell, 10_000, 3) / 20
 
 
 @needs_kernels

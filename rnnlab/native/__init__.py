@@ -612,9 +612,9 @@ def _flow_cell(name: str, hidden: int):
     return LSTM(hidden) if name == "lstm" else GRU(hidden) if name == "gru" else RNN(hidden, activation=name)
 
 
-def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell, unroll=1):
+def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell, chunk, unroll=1):
     """`rnnlab.gradflow.grad_norms` with its default loss, on XLA, for each configuration c on ``xs[:, which[c]]``:
-    ``[C, T]``."""
+    ``[C, T]`` (``chunk``: its ``remat``, 0 for none)."""
     from rnnlab import gradflow
 
     rnn = _flow_cell(cell, h0.shape[-1])
@@ -622,7 +622,7 @@ def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell,
     def one(w_h, b_h, w_x, b_x, h0, c0, sequence):
         params = {"w_x": w_x, "w_h": w_h, rnn.bias_names[0]: b_x, **({"b_h": b_h} if cell == "gru" else {})}
         return gradflow.log_domain_norms(rnn, params, xs[:, sequence], (h0, c0) if cell == "lstm" else h0,
-                                         unroll=unroll)
+                                         remat=chunk if 0 < chunk < xs.shape[0] else None, unroll=unroll)
 
     return (jax.vmap(one)(w_h, b_h, w_x, b_x, h0, c0, which),)
 
@@ -664,40 +664,42 @@ def flow_cell_name(cell) -> str:
     return "lstm" if type(cell) is LSTM else "gru" if type(cell) is GRU else cell.activation
 
 
-def grad_norms(cell, params, xs, carry):
-    """``log10 ||∂L/∂h_t|| [T]`` for ``L = Σ h_T² / N``: `rnnlab.gradflow.grad_norms` with its default loss and no
-    remat, for a built-in cell (`rnnlab.fused.supports`) on ``xs [T, N, input_size]`` from ``carry`` (batch
-    flattened to ``N``), as one call of `gradflow_p`. Under `jax.vmap` (a sweep's configurations) the mapped axis
-    becomes the primitive's configuration axis, which the kernel shares out over its threads and `jax.sharding`
-    splits over devices."""
+def grad_norms(cell, params, xs, carry, remat: int | None = None):
+    """``log10 ||∂L/∂h_t|| [T]`` for ``L = Σ h_T² / N``: `rnnlab.gradflow.grad_norms` with its default loss, for a
+    built-in cell (`rnnlab.fused.supports`) on ``xs [T, N, input_size]`` from ``carry`` (batch flattened to ``N``),
+    as one call of `gradflow_p` (``remat``: chunks of that many steps, each run forward again on the way back).
+    Under `jax.vmap` (a sweep's configurations) the mapped axis becomes the primitive's configuration axis, which the
+    kernel shares out over its threads and `jax.sharding` splits over devices."""
     stacked = jax.tree_util.tree_map(lambda a: a[None], (params, carry))
-    return grad_norms_of_configs(cell, *stacked, xs[:, None], jnp.zeros((1,), jnp.int32))[0]
+    return grad_norms_of_configs(cell, *stacked, xs[:, None], jnp.zeros((1,), jnp.int32), remat)[0]
 
 
-def grad_norms_of_configs(cell, params, carry, xs, which):
+def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = None):
     """``log10 ||∂L/∂h_t|| [C, T]`` of C configurations of a built-in cell in one call of `gradflow_p`: ``params``
     and ``carry`` stacked on a leading axis, configuration c on ``xs[:, which[c]]`` (``xs [T, U, N, input_size]``,
-    ``which [C]`` int32): configurations that share inputs read them from one place."""
+    ``which [C]`` int32): configurations that share inputs read them from one place. ``remat``: a chunk length
+    dividing T; the kernel keeps the carry before each chunk and runs the chunk's steps again on the way back."""
     name = flow_cell_name(cell)
     w_h = params["w_h"]
     zeros = jnp.zeros(w_h.shape[:1] + w_h.shape[-1:], w_h.dtype)
     h0, c0 = carry if name == "lstm" else (carry, jnp.zeros_like(carry))
     (log10_norms,) = gradflow_p.bind(w_h, params["b_h"] if name == "gru" else zeros, params["w_x"],
                                      params[cell.bias_names[0]], h0, c0, xs, jnp.asarray(which, jnp.int32),
-                                     threads=threads(), cell=name)
+                                     threads=threads(), cell=name, chunk=int(remat or 0))
     return log10_norms
 
 
-def flow_workspace_bytes(cell, steps: int, rows: int) -> int:
+def flow_workspace_bytes(cell, steps: int, rows: int, remat: int | None = None) -> int:
     """Bytes of the gradient-flow kernel's workspace for one configuration of ``rows`` sequences of ``steps`` (the
-    carries, what each step's Jacobian needs, per-step rows): per running thread, outside XLA's memory accounting,
-    freed when the call returns. Asked of the library itself (0 where it cannot be built: then no kernel runs)."""
+    carries, what each step's Jacobian needs, per-step rows; with ``remat``, the carry before each chunk and one
+    chunk's): per running thread, outside XLA's memory accounting, freed when the call returns. Asked of the library
+    itself (0 where it cannot be built: then no kernel runs)."""
     library = _library() if enabled() else None
     if library is None:
         return 0
     size = library.RnnlabFlowWorkspaceFloats
     size.restype = ctypes.c_int64
-    return 4 * size(flow_cell_name(cell).encode(), steps, rows, cell.hidden_size)
+    return 4 * size(flow_cell_name(cell).encode(), steps, rows, cell.hidden_size, int(remat or 0))
 
 
 # `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this

@@ -684,7 +684,10 @@ ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0,
 // forward loop projects each step's input and keeps the states and gates in the thread's workspace, then the
 // backward loop applies each step's transposed Jacobian to the carry's cotangent, renormalised every step with the
 // log10 of its norm summed in double precision, so vanishing and exploding gradients are exact far past float32's
-// range. W_x, W_h and W_hᵀ stay packed in the thread's cache for all 2T steps.
+// range. W_x, W_h and W_hᵀ stay packed in the thread's cache for all 2T steps. With `chunk` (a divisor of T; 0 or T:
+// none) the forward loop keeps only the carry before every chunk of that many steps, and the backward loop runs
+// each chunk's forward steps again (the last chunk's are still there) before its transposed steps: the workspace
+// holds T / chunk carries and one chunk's states and gates instead of T's.
 
 enum class Cell { kLstm, kGru, kTanh, kRelu, kLinear };
 
@@ -707,14 +710,13 @@ Activation activation_of(Cell cell) {
   return cell == Cell::kTanh ? Activation::kTanh : cell == Cell::kRelu ? Activation::kRelu : Activation::kLinear;
 }
 
-// Floats of one thread's workspace for a configuration: the carries before every step and after the last (h, and
-// c for the LSTM), what the step's Jacobian needs (the LSTM's gates, the GRU's gates and a_n), whether
-// each carry is finite, and per-step rows.
-size_t flow_workspace(Cell cell, int steps, int rows, int hidden, int gates) {
-  const size_t per_step = static_cast<size_t>(rows) * hidden;
-  const size_t states = (steps + 1) * per_step * (cell == Cell::kLstm ? 2 : 1);
-  const size_t saved = steps * per_step * (cell == Cell::kLstm || cell == Cell::kGru ? 4 : 0);
-  return states + saved + (steps + 1) + per_step * gates * 3 + per_step * 3;
+// Floats of one thread's workspace for a configuration: the carry before every chunk of `chunk` steps, a chunk's
+// carries before every step and after its last (h, and c for the LSTM) and what its steps' Jacobians need (the
+// LSTM's gates, the GRU's gates and a_n), whether each carry is finite, and per-step rows.
+size_t flow_workspace(Cell cell, int steps, int rows, int hidden, int gates, int chunk) {
+  const size_t per_step = static_cast<size_t>(rows) * hidden, carry = per_step * (cell == Cell::kLstm ? 2 : 1);
+  const size_t saved = static_cast<size_t>(chunk) * per_step * (cell == Cell::kLstm || cell == Cell::kGru ? 4 : 0);
+  return (steps / chunk) * carry + (chunk + 1) * carry + saved + (steps + 1) + per_step * gates * 3 + per_step * 3;
 }
 
 // Σ x² over n floats (n a multiple of 16), summed in float32 as the plain-JAX engine sums (a square past float32's
@@ -740,6 +742,7 @@ inline bool none_bad(vf bad) {
 struct Flow {
   Cell cell;
   int steps, sequences, rows, inputs, hidden, gates;  // sequences: U, the inputs' second axis
+  int chunk;                                          // steps per chunk, a divisor of steps
 };
 
 void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const float* b_h_all, const float* w_x_all,
@@ -754,69 +757,89 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   const std::vector<float> panel_x = pack(I, G, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + j]; });
   const std::vector<float> panel_h = pack(H, G, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + j]; });
   const std::vector<float> panel_t = pack(G, H, [&](int k, int u) { return w_h[static_cast<size_t>(u) * G + k]; });
-  // hs[t], cs[t]: the carry before step t (t = T: after the last step); finite[t]: whether it is finite.
-  float* hs = work;
-  float* cs = hs + (T + 1) * NH;
-  float* saved = cs + (lstm ? (T + 1) * NH : 0);
+  // bounds: the carry before each chunk (h, then c for the LSTM); hs[l], cs[l]: the carry before step l of the chunk
+  // in hand (l = K: after its last step), saved[l] what its Jacobian needs; finite[t]: whether the carry before step
+  // t (of the whole sequence) is finite.
+  const int K = f.chunk, chunks = T / K;
+  const size_t carry_floats = (lstm ? 2 : 1) * NH;
+  float* bounds = work;
+  float* hs = bounds + chunks * carry_floats;
+  float* cs = hs + (K + 1) * NH;
+  float* saved = cs + (lstm ? (K + 1) * NH : 0);
   const size_t saved_width = (lstm || gru ? 4 : 0) * static_cast<size_t>(H);
-  float* finite = saved + T * N * saved_width;
+  float* finite = saved + K * N * saved_width;
   float* zx = finite + T + 1;
   float* zh = zx + NG;
   float* dz = zh + NG;
   float *gh = dz + NG, *gc = gh + NH, *direct = gc + NH;
-  std::memcpy(hs, h0_all + c * NH, NH * sizeof(float));
-  if (lstm) std::memcpy(cs, c0_all + c * NH, NH * sizeof(float));
+  std::memcpy(bounds, h0_all + c * NH, NH * sizeof(float));
+  if (lstm) std::memcpy(bounds + NH, c0_all + c * NH, NH * sizeof(float));
   finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0, which checks the carry after it
 
-  for (int t = 0; t < T; ++t) {
-    const float* x_t = xs + (static_cast<size_t>(t) * f.sequences + sequence) * N * I;
-    matmul(N, G, I, x_t, I, panel_x.data(), zx, G);
-    matmul(N, G, H, hs + t * NH, H, panel_h.data(), zh, G);
-    vf bad = splat(0.0f);
-    for (int b = 0; b < N; ++b) {
-      const float *px = zx + b * G, *ph = zh + b * G, *h_prev = hs + t * NH + b * H;
-      float* h = hs + (t + 1) * NH + b * H;
-      float* s = saved + (static_cast<size_t>(t) * N + b) * saved_width;
-      for (int j = 0; j < H; j += kLanes) {
-        vf h_new;
-        if (lstm) {
-          const vf i = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j));
-          const vf fg = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j));
-          const vf g = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + load(ph + 2 * H + j));
-          const vf o = vsigmoid(load(px + 3 * H + j) + load(b_x + 3 * H + j) + load(ph + 3 * H + j));
-          const vf cell_state = fg * load(cs + t * NH + b * H + j) + i * g;
-          const vf tc = vtanh(cell_state);
-          store(s + j, i), store(s + H + j, fg), store(s + 2 * H + j, g), store(s + 3 * H + j, o);
-          store(cs + (t + 1) * NH + b * H + j, cell_state);
-          bad += cell_state - cell_state;
-          h_new = o * tc;
-        } else if (gru) {
-          const vf a_n = load(ph + 2 * H + j) + load(b_h + 2 * H + j);
-          const vf r = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j) + load(b_h + j));
-          const vf z = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j) + load(b_h + H + j));
-          const vf n = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + r * a_n);
-          store(s + j, r), store(s + H + j, z), store(s + 2 * H + j, n), store(s + 3 * H + j, a_n);
-          h_new = (kOne - z) * n + z * load(h_prev + j);
-        } else {
-          h_new = activate(act, load(px + j) + load(b_x + j) + load(ph + j));
+  // Runs chunk j's steps from its carry in `bounds`, keeping their carries and gates.
+  const auto forward_chunk = [&](int chunk_index) {
+    std::memcpy(hs, bounds + chunk_index * carry_floats, NH * sizeof(float));
+    if (lstm) std::memcpy(cs, bounds + chunk_index * carry_floats + NH, NH * sizeof(float));
+    for (int l = 0; l < K; ++l) {
+      const int t = chunk_index * K + l;
+      const float* x_t = xs + (static_cast<size_t>(t) * f.sequences + sequence) * N * I;
+      matmul(N, G, I, x_t, I, panel_x.data(), zx, G);
+      matmul(N, G, H, hs + l * NH, H, panel_h.data(), zh, G);
+      vf bad = splat(0.0f);
+      for (int b = 0; b < N; ++b) {
+        const float *px = zx + b * G, *ph = zh + b * G, *h_prev = hs + l * NH + b * H;
+        float* h = hs + (l + 1) * NH + b * H;
+        float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width;
+        for (int j = 0; j < H; j += kLanes) {
+          vf h_new;
+          if (lstm) {
+            const vf i = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j));
+            const vf fg = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j));
+            const vf g = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + load(ph + 2 * H + j));
+            const vf o = vsigmoid(load(px + 3 * H + j) + load(b_x + 3 * H + j) + load(ph + 3 * H + j));
+            const vf cell_state = fg * load(cs + l * NH + b * H + j) + i * g;
+            const vf tc = vtanh(cell_state);
+            store(s + j, i), store(s + H + j, fg), store(s + 2 * H + j, g), store(s + 3 * H + j, o);
+            store(cs + (l + 1) * NH + b * H + j, cell_state);
+            bad += cell_state - cell_state;
+            h_new = o * tc;
+          } else if (gru) {
+            const vf a_n = load(ph + 2 * H + j) + load(b_h + 2 * H + j);
+            const vf r = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j) + load(b_h + j));
+            const vf z = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j) + load(b_h + H + j));
+            const vf n = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + r * a_n);
+            store(s + j, r), store(s + H + j, z), store(s + 2 * H + j, n), store(s + 3 * H + j, a_n);
+            h_new = (kOne - z) * n + z * load(h_prev + j);
+          } else {
+            h_new = activate(act, load(px + j) + load(b_x + j) + load(ph + j));
+          }
+          store(h + j, h_new);
+          bad += h_new - h_new;
         }
-        store(h + j, h_new);
-        bad += h_new - h_new;
       }
+      finite[t + 1] = none_bad(bad) ? 1.0f : 0.0f;
     }
-    finite[t + 1] = none_bad(bad) ? 1.0f : 0.0f;
+  };
+  for (int j = 0; j < chunks; ++j) {
+    forward_chunk(j);
+    if (j + 1 < chunks) {
+      std::memcpy(bounds + (j + 1) * carry_floats, hs + K * NH, NH * sizeof(float));
+      if (lstm) std::memcpy(bounds + (j + 1) * carry_floats + NH, cs + K * NH, NH * sizeof(float));
+    }
   }
 
   // The default loss's gradient 2 h_T / N starts the backward pass with log10 scale 0. Before each transposed step
   // the cotangent is renormalised (its inverse norm folded into the step) and its log10 norm added to the scale; a
   // zero cotangent gets scale -inf, one of norm inf or nan (the loss's gradient at an overflowed state) nan.
-  const float* h_final = hs + T * NH;
+  const float* h_final = hs + K * NH;
   for (size_t k = 0; k < NH; ++k) gh[k] = 2.0f * h_final[k] / N;
   if (lstm) std::memset(gc, 0, NH * sizeof(float));
   double log_scale = 0.0;
   bool diverged = false;
   const double minus_inf = -std::numeric_limits<double>::infinity();
   for (int t = T - 1; t >= 0; --t) {
+    const int l = t % K;  // the step within its chunk, whose forward steps run again unless it is the last
+    if (l == K - 1 && t + 1 < T) forward_chunk(t / K);
     const double squares_h = sum_squares(gh, NH), squares = squares_h + (lstm ? sum_squares(gc, NH) : 0.0);
     float inverse_f = 1.0f;
     if (squares == 0.0) {
@@ -835,11 +858,11 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
     if (lstm) {
       // The tangent's transpose (rnnlab/fused.py): the cell state's cotangent gathers h's through o·tanh'.
       for (int b = 0; b < N; ++b) {
-        const float* s = saved + (static_cast<size_t>(t) * N + b) * saved_width;
-        const float* c_old = cs + t * NH + b * H;
+        const float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width;
+        const float* c_old = cs + l * NH + b * H;
         float *ghb = gh + b * H, *gcb = gc + b * H, *dzb = dz + b * G;
         for (int j = 0; j < H; j += kLanes) {
-          if (t > 0) {  // the step before's saved rows, from memory while this step computes
+          if (l > 0) {  // the step before's saved rows, from memory while this step computes
             for (int q = 0; q < 4; ++q) __builtin_prefetch(s - N * saved_width + q * H + j);
             __builtin_prefetch(c_old - NH + j);
           }
@@ -856,8 +879,8 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
       matmul(N, H, G, dz, G, panel_t.data(), gh, H);
     } else if (gru) {
       for (int b = 0; b < N; ++b) {
-        const float* s = saved + (static_cast<size_t>(t) * N + b) * saved_width;
-        const float* h_prev = hs + t * NH + b * H;
+        const float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width;
+        const float* h_prev = hs + l * NH + b * H;
         float *ghb = gh + b * H, *dzb = dz + b * G;
         for (int j = 0; j < H; j += kLanes) {
           const vf r = load(s + j), z = load(s + H + j), n = load(s + 2 * H + j), a_n = load(s + 3 * H + j);
@@ -871,7 +894,7 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
       matmul(N, H, G, dz, G, panel_t.data(), gh, H);
       for (size_t k = 0; k < NH; k += kLanes) store(gh + k, load(gh + k) + load(direct + k));
     } else {
-      const float* h_new = hs + (t + 1) * NH;
+      const float* h_new = hs + (l + 1) * NH;
       for (size_t k = 0; k < NH; k += kLanes)
         store(dz + k, load(gh + k) * inverse * derivative(act, load(h_new + k)));
       matmul(N, H, G, dz, G, panel_t.data(), gh, H);
@@ -881,7 +904,7 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
 
 ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
                         Buffer xs, ffi::Buffer<ffi::S32> which, Result out, int64_t threads,
-                        std::string_view cell_name) {
+                        std::string_view cell_name, int64_t chunk) {
   Flow f;
   if (auto error = cell_of(cell_name, &f.cell, &f.gates); error.failure()) return error;
   const auto dims = xs.dimensions();  // [T, U, N, I]
@@ -893,7 +916,10 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
   f.inputs = static_cast<int>(dims[3]), f.hidden = static_cast<int>(h0.dimensions()[2]);
   if (f.hidden % kLanes != 0)
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: the hidden size must be a multiple of 16");
-  const size_t floats = flow_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates);
+  f.chunk = chunk <= 0 || chunk >= f.steps ? std::max(f.steps, 1) : static_cast<int>(chunk);
+  if (f.steps % f.chunk != 0)
+    return ffi::Error::InvalidArgument("rnnlab gradflow kernel: chunk must divide the number of steps");
+  const size_t floats = flow_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates, f.chunk);
   std::atomic<bool> out_of_memory{false};
   team(pool, static_cast<int>(std::min<int64_t>(threads, configs)), [&](int part, int parts, Barrier&) {
     std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
@@ -940,11 +966,12 @@ auto signature() {
 
 // The gradient-flow kernel's workspace per thread, in floats (for rnnlab.native.flow_workspace_bytes); -1 for an
 // unknown cell.
-extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden) {
+extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden, int chunk) {
   Cell cell;
   int gates;
   if (cell_of(cell_name, &cell, &gates).failure()) return -1;
-  return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates));
+  chunk = chunk <= 0 || chunk >= steps ? std::max(steps, 1) : chunk;
+  return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates, chunk));
 }
 
 // Floats per vector in this build (16 with AVX-512, else 8): for rnnlab.native.vector_lanes.
@@ -966,5 +993,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGradflow, GradflowImpl,
                                     .template Arg<ffi::Buffer<ffi::S32>>()
                                     .template Ret<Buffer>()
                                     .template Attr<int64_t>("threads")
-                                    .template Attr<std::string_view>("cell");
+                                    .template Attr<std::string_view>("cell")
+                                    .template Attr<int64_t>("chunk");
                               })));
