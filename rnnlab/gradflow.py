@@ -177,8 +177,8 @@ def _flattened(cell, params, xs: jax.Array, carry):
 
 def _in_kernel(cell, params, carry, xs: jax.Array) -> bool:
     """Whether `rnnlab.native`'s gradient-flow kernel measures ``cell`` on ``xs [T, N, input_size]`` (with the
-    default loss, with or without remat): a built-in cell with one float dtype, at least one step and one sequence, and the
-    kernels switched on (`rnnlab.native.enabled`). It lowers to the XLA engine where the C++ kernel does not
+    default loss, with or without remat): a built-in cell with one float dtype, at least one step and one sequence,
+    and the kernels switched on (`rnnlab.native.enabled`). It lowers to the XLA engine where the C++ kernel does not
     apply."""
     return xs.shape[0] > 0 and xs.shape[1] > 0 and fused.supports(cell, params, carry, xs) and native.enabled()
 
