@@ -36,11 +36,6 @@ BUDGET_GIB = 4.0
 REMAT_EXPONENT = 0.5
 
 
-def divisor_near_sqrt(n: int) -> int:
-    """The divisor of ``n`` closest to √n: the chunk length that minimises T / k + k."""
-    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: abs(k - math.sqrt(n)))
-
-
 def programs(cell, params, seq_len: int, remat):
     xs = jax.ShapeDtypeStruct((seq_len, BATCH, INPUT), jnp.float32)
     model = models.ManyToOne(cell, 1, remat=remat)
@@ -87,7 +82,7 @@ def main():
     print(f"{'T':>8} {'remat':>6} {'gradflow GiB':>13} {'stored':>8} {'training GiB':>13} {'stored':>8}")
     compiled, stored = {}, {}
     for seq_len in SEQ_LENS:
-        for remat in (None, divisor_near_sqrt(seq_len)):
+        for remat in (None, rnnlab.remat_near_sqrt(seq_len)):
             compiled[seq_len, remat] = programs(cell, params["cell"], seq_len, remat)
             row = []
             for name, program in compiled[seq_len, remat].items():
@@ -96,7 +91,7 @@ def main():
                 row.append(f"{peak_gib(program, workspace):>13.3f} {stored[seq_len, remat, name]:>8.3f}")
             print(f"{seq_len:>8} {remat or '-':>6} {' '.join(row)}")
     longest, shorter = SEQ_LENS[-1], SEQ_LENS[-2]
-    remat = divisor_near_sqrt(longest)
+    remat = rnnlab.remat_near_sqrt(longest)
     xs = jax.random.normal(jax.random.PRNGKey(1), (longest, BATCH, INPUT))
     for name, program in compiled[longest, remat].items():
         start = time.perf_counter()
@@ -113,7 +108,7 @@ def main():
     for name in ("gradflow", "training"):
         exponents = {method: growth_exponent(stored[shorter, chunk, name], stored[longest, chunk_long, name], shorter,
                                              longest)
-                     for method, chunk, chunk_long in (("remat", divisor_near_sqrt(shorter), remat),
+                     for method, chunk, chunk_long in (("remat", rnnlab.remat_near_sqrt(shorter), remat),
                                                        ("plain", None, None))}
         print(f"| {name}: growth of the memory BPTT stores, T = {shorter} to {longest}, remat vs plain (exponent) | "
               f"{exponents['remat']:.2f} | {exponents['plain']:.2f} | | <= {REMAT_EXPONENT} | "

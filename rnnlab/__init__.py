@@ -11,7 +11,7 @@ import importlib
 
 from rnnlab import init
 from rnnlab.cells import GRU, LSTM, RNN, Stack
-from rnnlab.scan import scan
+from rnnlab.scan import remat_near_sqrt, scan
 
 _SUBMODULES = ("checkpoint", "gradflow", "interop", "models", "results", "sweep", "tasks", "theory", "train")
 
@@ -29,7 +29,7 @@ def __dir__():
 
 
 __all__ = [
-    "GRU", "LSTM", "RNN", "Stack", "checkpoint", "gradflow", "init", "interop", "models", "results", "scan", "sweep",
-    "tasks", "theory", "train",
+    "GRU", "LSTM", "RNN", "Stack", "checkpoint", "gradflow", "init", "interop", "models", "remat_near_sqrt",
+    "results", "scan", "sweep", "tasks", "theory", "train",
 ]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ cell hoists its input matmul), and handles batch axes, per-sequence lengths, rev
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -58,6 +59,14 @@ def _check_lengths(lengths, batch_shape, seq_len) -> jax.Array:
             raise ValueError(f"lengths must lie in [1, T] = [1, {seq_len}]; got values from {values.min()} "
                              f"to {values.max()}.")
     return lengths
+
+
+def remat_near_sqrt(seq_len: int) -> int:
+    """The divisor of ``seq_len`` nearest ``√seq_len``: a ``remat`` chunk length for `scan` (and
+    `rnnlab.gradflow.grad_norms`, `rnnlab.models`) that keeps memory near its least, ``T / remat + remat``."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be at least 1, got {seq_len}.")
+    return min((k for k in range(1, seq_len + 1) if seq_len % k == 0), key=lambda k: abs(k - math.sqrt(seq_len)))
 
 
 def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int = 1, loop: bool = True):

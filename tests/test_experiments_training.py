@@ -41,6 +41,17 @@ def test_sequential_digits_script_beats_chance(tmp_path):
     assert {"learning_curves.png", "accuracy_curves.png", "summary.csv"} <= {p.name for p in tmp_path.iterdir()}
 
 
+@pytest.mark.slow  # 50 s: two runs of the script; ManyToOne's remat itself is tested in test_models
+def test_adding_problem_script_with_remat_gives_the_numbers_without(tmp_path):
+    flags = ("--cells=lstm,rnn_tanh", "--seq_lens=12", "--steps=4", "--eval_every=2", "--hidden_size=16", "--batch=8")
+    plain = _run("adding_problem.py", tmp_path / "plain", *flags)
+    remat = _run("adding_problem.py", tmp_path / "remat", *flags, "--remat=sqrt")
+    assert set(plain) == set(remat) and CURVE_COLUMNS <= set(plain)
+    for column in ("train_loss", "test_loss", "max_grad_norm"):
+        np.testing.assert_allclose(remat[column], plain[column], rtol=1e-5)
+    assert json.loads((tmp_path / "remat" / "records.json").read_text())["config"]["remat"] == "sqrt"
+
+
 def test_sequential_digits_majority_baseline():
     task = tasks.SequentialDigits()
     majority = np.argmax(np.bincount(np.asarray(task.train_labels), minlength=10))

@@ -284,6 +284,13 @@ def test_stack_dropout_zeroes_and_rescales_between_layers():
     assert np.any((np.asarray(again) != 0.0) != kept)
 
 
+def test_remat_near_sqrt_is_the_divisor_nearest_the_square_root():
+    # 100 000 = 2^5·5^5: its divisors nearest 316.2 are 250 and 400; a prime has only 1 and itself
+    assert [rnnlab.remat_near_sqrt(t) for t in (100_000, 10_000, 1_000, 12, 13, 1)] == [250, 100, 25, 3, 1, 1]
+    with pytest.raises(ValueError, match="seq_len must be at least 1"):
+        rnnlab.remat_near_sqrt(0)
+
+
 def test_stack_remat_and_grads_match_no_remat():
     stack = rnnlab.Stack.repeat(rnnlab.GRU(4), 2, bidirectional=True)
     params = stack.init(jax.random.PRNGKey(0), INPUT_SIZE)
