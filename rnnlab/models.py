@@ -118,9 +118,10 @@ class ManyToOne:
     """Many-to-one: ``xs [T, *batch, I] -> [*batch, output_size]``, a dense readout of ``y`` at the last valid step.
 
     **Parameters:** ``{"cell": ..., "readout": {"w": [H, O], "b": [O]}}``. ``unroll``, ``remat``: see
-    `run_sequence`. With ``remat`` and a plain cell the output at the last valid step is carried along instead of
-    read from all the outputs, so the gradient's memory grows as ``T / remat + remat`` (as ``√T`` with
-    ``remat ≈ √T``) besides the inputs themselves; a `Stack` passes every layer's outputs to the next, ``T`` of them.
+    `run_sequence`. With ``remat`` and a plain cell the output at the last valid step is taken from the final carry
+    (rnnlab's cells, whose output is their hidden state) or carried along the scan (any other cell) instead of read
+    from all the outputs, so the gradient's memory grows as ``T / remat + remat`` (as ``√T`` with ``remat ≈ √T``,
+    `rnnlab.remat_near_sqrt`) besides the inputs themselves; a `Stack` passes every layer's outputs to the next.
     """
 
     cell: Any
