@@ -36,18 +36,17 @@ BUDGET_GIB = 4.0
 REMAT_EXPONENT = 0.5
 
 
-def programs(cell, params, seq_len: int, remat):
+def programs(model, params, seq_len: int):
+    """The two programs for ``model`` (a `models.ManyToOne`, with its remat) and its ``params``, compiled."""
     xs = jax.ShapeDtypeStruct((seq_len, BATCH, INPUT), jnp.float32)
-    model = models.ManyToOne(cell, 1, remat=remat)
-    model_params = {"cell": params, "readout": models.dense_init(jax.random.PRNGKey(2), HIDDEN, 1)}
 
     def flow(p, x):
-        return gradflow.grad_norms(cell, p["cell"], x, remat=remat)
+        return gradflow.grad_norms(model.cell, p["cell"], x, remat=model.remat)
 
     def train_grad(p, x):
         return jax.grad(lambda p: jnp.mean((model(p, x) - 1.0) ** 2))(p)
 
-    return {name: jax.jit(fn).lower(model_params, xs).compile()
+    return {name: jax.jit(fn).lower(params, xs).compile()
             for name, fn in (("gradflow", flow), ("training", train_grad))}
 
 
@@ -75,15 +74,14 @@ def growth_exponent(small: float, large: float, t_small: int, t_large: int) -> f
 
 def main():
     cell = rnnlab.LSTM(HIDDEN)
-    params = {"cell": cell.init(jax.random.PRNGKey(0), INPUT),
-              "readout": models.dense_init(jax.random.PRNGKey(2), HIDDEN, 1)}
+    params = models.ManyToOne(cell, 1).init(jax.random.PRNGKey(0), INPUT)
     print(f"long sequences: LSTM, batch {BATCH}, input {INPUT}, hidden {HIDDEN}; peak memory from XLA's accounting "
           "(stored: without the arguments and results, i.e. without the inputs)")
     print(f"{'T':>8} {'remat':>6} {'gradflow GiB':>13} {'stored':>8} {'training GiB':>13} {'stored':>8}")
     compiled, stored = {}, {}
     for seq_len in SEQ_LENS:
         for remat in (None, rnnlab.remat_near_sqrt(seq_len)):
-            compiled[seq_len, remat] = programs(cell, params["cell"], seq_len, remat)
+            compiled[seq_len, remat] = programs(models.ManyToOne(cell, 1, remat=remat), params, seq_len)
             row = []
             for name, program in compiled[seq_len, remat].items():
                 workspace = workspace_bytes(cell, name, seq_len, remat)

@@ -69,25 +69,18 @@ def remat_near_sqrt(seq_len: int) -> int:
     return min((k for k in range(1, seq_len + 1) if seq_len % k == 0), key=lambda k: abs(k - math.sqrt(seq_len)))
 
 
-def _remat_scan(body, carry, inputs, *, chunk: int, reverse: bool, unroll: int = 1, loop: bool = True):
-    """`lax.scan` of ``body`` storing only the carry at chunk boundaries; each chunk is recomputed on the way back.
+def _remat_scan(run_steps, carry, inputs, *, chunk: int, reverse: bool):
+    """``run_steps(carry, inputs) -> (carry, ys)`` over chunks of ``chunk`` steps of ``inputs`` (``None`` leaves stay
+    ``None``), storing only the carry at chunk boundaries; each chunk is recomputed on the way back.
 
     Peak memory for the backward pass is O(T / chunk + chunk) steps instead of O(T); ``chunk ≈ √T`` minimises it.
-    ``T`` must be a multiple of ``chunk``. ``loop=False``: ``body(carry, chunk_inputs) -> (carry, chunk_ys)`` runs a
-    whole chunk itself (``None`` leaves of ``inputs`` stay ``None``).
+    ``T`` must be a multiple of ``chunk``.
     """
     seq_len = jax.tree_util.tree_leaves(inputs)[0].shape[0]
     if seq_len % chunk:
         raise ValueError(f"remat={chunk} must divide the sequence length T={seq_len}.")
     chunked = jax.tree_util.tree_map(lambda a: a.reshape((seq_len // chunk, chunk) + a.shape[1:]), inputs)
-
-    @jax.checkpoint
-    def run_chunk(carry, chunk_inputs):
-        if not loop:
-            return body(carry, chunk_inputs)
-        return jax.lax.scan(body, carry, chunk_inputs, reverse=reverse, unroll=unroll)
-
-    carry, ys = jax.lax.scan(run_chunk, carry, chunked, reverse=reverse)
+    carry, ys = jax.lax.scan(jax.checkpoint(run_steps), carry, chunked, reverse=reverse)
     return carry, jax.tree_util.tree_map(lambda a: a.reshape((seq_len,) + a.shape[2:]), ys)
 
 
@@ -192,23 +185,26 @@ def scan(
 
         scan_inputs = (jnp.arange(seq_len), inputs)
     scan_reverse = reverse and lengths is None
-    valid = None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
-    if remat is None and fused.supports(cell, params, carry, inputs):
-        carry, ys = fused.recurrence(cell, params, carry, inputs, valid=valid, reverse=scan_reverse, unroll=unroll)
-    elif fused.supports(cell, params, carry, inputs):
-        # Each chunk projects its own inputs and runs the fused recurrence (the native kernels on a CPU), all of it
-        # recomputed on the way back: the projection of a chunk, not of all T steps, is what is stored at a time.
-        def run_chunk(carry, chunk_inputs):
-            chunk_xs, chunk_valid = chunk_inputs
-            projected = fused.over_steps(lambda x: cell.project_inputs(params, x), chunk_xs)
-            return fused.recurrence(cell, params, carry, projected, valid=chunk_valid, reverse=scan_reverse,
-                                    unroll=unroll)
+    if fused.supports(cell, params, carry, inputs):
+        valid = None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
+        steps = (inputs, valid)
 
-        carry, ys = _remat_scan(run_chunk, carry, (inputs, valid), chunk=remat, reverse=scan_reverse, loop=False)
-    elif remat is None:
-        carry, ys = jax.lax.scan(body, carry, scan_inputs, reverse=scan_reverse, unroll=unroll)
+        def run_steps(carry, steps):
+            steps_inputs, steps_valid = steps
+            if remat is not None:  # a chunk's raw inputs: only one chunk's projection is stored at a time
+                steps_inputs = step_and_inputs(cell, params, steps_inputs)[1]
+            return fused.recurrence(cell, params, carry, steps_inputs, valid=steps_valid, reverse=scan_reverse,
+                                    unroll=unroll)
     else:
-        carry, ys = _remat_scan(body, carry, scan_inputs, chunk=remat, reverse=scan_reverse, unroll=unroll)
+        steps = scan_inputs
+
+        def run_steps(carry, steps):
+            return jax.lax.scan(body, carry, steps, reverse=scan_reverse, unroll=unroll)
+
+    if remat is None:
+        carry, ys = run_steps(carry, steps)
+    else:
+        carry, ys = _remat_scan(run_steps, carry, steps, chunk=remat, reverse=scan_reverse)
     if lengths is not None and reverse:
         ys = reverse_padded(ys, lengths)
     return jnp.moveaxis(ys, 0, axis), carry

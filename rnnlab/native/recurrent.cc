@@ -141,17 +141,23 @@ inline void rows(int m, int k, const float* a, int lda, const float* b, int ldb,
   if (i < m) block<1, NV, Packed>(k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc);
 }
 
-// B[k, n] (n a multiple of 16) packed for `matmul`: column blocks of 32 (the last may be 16), each [k, width]
-// contiguous, so a block's k rows stream through L1 in order. `at(kk, j)` reads B[kk, j].
+// B[k, n] (n a multiple of 16) packed for `matmul` into `packed`: column blocks of 32 (the last may be 16), each
+// [k, width] contiguous, so a block's k rows stream through L1 in order. `at(kk, j)` reads B[kk, j].
 template <typename At>
-std::vector<float> pack(int k, int n, At at) {
-  std::vector<float> packed(static_cast<size_t>(k) * n);
+void pack_into(std::vector<float>& packed, int k, int n, At at) {
+  packed.resize(static_cast<size_t>(k) * n);
   for (int j = 0; j < n; j += 2 * kLanes) {
     const int width = std::min(2 * kLanes, n - j);
     float* out = &packed[static_cast<size_t>(j) * k];
     for (int kk = 0; kk < k; ++kk)
       for (int jj = 0; jj < width; ++jj) out[kk * width + jj] = at(kk, j + jj);
   }
+}
+
+template <typename At>
+std::vector<float> pack(int k, int n, At at) {
+  std::vector<float> packed;
+  pack_into(packed, k, n, at);
   return packed;
 }
 
@@ -186,13 +192,14 @@ int grad_steps(int batch) { return std::max(1, kGradRows / batch); }
 // A part's columns of W_h's gradient: for each gate block q < gates and unit u < nu,
 //   g_w[i, q·H + u0 + u] += Σ_{r < k} a(r)[i] · b(r)[q·H + u0 + u],   i < H,
 // with a(r) the r-th row [H] (an h_{t-1}) and b(r) the r-th row [gates·H] (the step's recurrent cotangent), which
-// `a_row` and `b_row` return. A's columns are packed kRows at a time into `pa`, B's as `matmul`'s W_h (`pack`).
+// `a_row` and `b_row` return. A's columns are packed kRows at a time into `pa`, B's into `pb` as `matmul`'s W_h
+// (`pack_into`): the caller's buffers, kept from one sum to the next.
 template <typename ARow, typename BRow>
 void weight_grad_add(int H, int gates, int u0, int nu, int k, ARow a_row, BRow b_row, float* g_w,
-                     std::vector<float>& pa) {
+                     std::vector<float>& pa, std::vector<float>& pb) {
   const int G = gates * H, groups = (H + kRows - 1) / kRows;
   pa.resize(static_cast<size_t>(groups) * kRows * kGradDepth);
-  std::vector<const float*> b_rows(kGradDepth);
+  const float* b_rows[kGradDepth];
   for (int k0 = 0; k0 < k; k0 += kGradDepth) {
     const int kc = std::min(kGradDepth, k - k0);
     for (int kk = 0; kk < kc; ++kk) {
@@ -207,7 +214,7 @@ void weight_grad_add(int H, int gates, int u0, int nu, int k, ARow a_row, BRow b
     }
     for (int q = 0; q < gates; ++q) {
       const int col = q * H + u0;
-      const std::vector<float> pb = pack(kc, nu, [&](int kk, int j) { return b_rows[kk][col + j]; });
+      pack_into(pb, kc, nu, [&](int kk, int j) { return b_rows[kk][col + j]; });
       matmul<true>(H, nu, kc, pa.data(), 0, pb.data(), g_w + col, G);
     }
   }
@@ -384,7 +391,7 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
         for (int q = 0; q < loop.gates; ++q) std::memset(g_w + k * G + q * H + u0, 0, nu * sizeof(float));
     }
     auto cell = make_part(u0, nu);
-    std::vector<float> panel_a;
+    std::vector<float> panel_a, panel_b;
     const int flush = grad_steps(B);
     int pending = loop.steps;  // steps [s + 1, pending) are not yet in g_w
     for (int s = loop.steps - 1; s >= 0; --s) {
@@ -395,7 +402,7 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
           return (prev < 0 ? h0 : hs + loop.row(prev, 0) * H) + static_cast<size_t>(r % B) * H;
         };
         auto cotangent = [&](int r) { return cell.row(s + r / B) + static_cast<size_t>(r % B) * G; };
-        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * B, h_prev, cotangent, g_w, panel_a);
+        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * B, h_prev, cotangent, g_w, panel_a, panel_b);
         pending = s;
       }
       barrier.wait();  // every unit's recurrent cotangent of the step is written
@@ -739,6 +746,11 @@ inline bool none_bad(vf bad) {
   return true;
 }
 
+// The steps per chunk of the gradient-flow kernel: `chunk`, or all `steps` for 0 (no remat) or more than there are.
+int flow_chunk(int steps, int64_t chunk) {
+  return chunk <= 0 || chunk >= steps ? std::max(steps, 1) : static_cast<int>(chunk);
+}
+
 struct Flow {
   Cell cell;
   int steps, sequences, rows, inputs, hidden, gates;  // sequences: U, the inputs' second axis
@@ -776,7 +788,7 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   if (lstm) std::memcpy(bounds + NH, c0_all + c * NH, NH * sizeof(float));
   finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0, which checks the carry after it
 
-  // Runs chunk j's steps from its carry in `bounds`, keeping their carries and gates.
+  // Runs chunk `chunk_index`'s steps from its carry in `bounds`, keeping their carries and gates.
   const auto forward_chunk = [&](int chunk_index) {
     std::memcpy(hs, bounds + chunk_index * carry_floats, NH * sizeof(float));
     if (lstm) std::memcpy(cs, bounds + chunk_index * carry_floats + NH, NH * sizeof(float));
@@ -916,7 +928,7 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
   f.inputs = static_cast<int>(dims[3]), f.hidden = static_cast<int>(h0.dimensions()[2]);
   if (f.hidden % kLanes != 0)
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: the hidden size must be a multiple of 16");
-  f.chunk = chunk <= 0 || chunk >= f.steps ? std::max(f.steps, 1) : static_cast<int>(chunk);
+  f.chunk = flow_chunk(f.steps, chunk);
   if (f.steps % f.chunk != 0)
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: chunk must divide the number of steps");
   const size_t floats = flow_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates, f.chunk);
@@ -970,8 +982,7 @@ extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, i
   Cell cell;
   int gates;
   if (cell_of(cell_name, &cell, &gates).failure()) return -1;
-  chunk = chunk <= 0 || chunk >= steps ? std::max(steps, 1) : chunk;
-  return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates, chunk));
+  return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates, flow_chunk(steps, chunk)));
 }
 
 // Floats per vector in this build (16 with AVX-512, else 8): for rnnlab.native.vector_lanes.
