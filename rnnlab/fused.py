@@ -17,8 +17,8 @@ Reverse mode comes from JAX transposing the (linear) tangent rule, so the backwa
 propagates only the carry cotangent and emits the per-step pre-activation cotangents. Unlike `jax.custom_vjp`, this
 keeps forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) working through `rnnlab.scan`.
 
-Without a padding mask (and with ``unroll=1``) the recurrence, its tangent and the tangent's transpose are
-`rnnlab.native`'s primitives: on CPU in float32 they run as C++ kernels that split each step's matmul and gate
+With ``unroll=1`` the recurrence, its tangent and the tangent's transpose are `rnnlab.native`'s primitives (their
+masked twins with a padding mask): on CPU in float32 they run as C++ kernels that split each step's matmul and gate
 maths over the cores (XLA runs the per-step matmul of a loop on one core); elsewhere they lower to the same maths
 written here (on a GPU with 8 steps per loop iteration).
 
@@ -241,49 +241,57 @@ def _split_valid(inputs, valid):
     return (inputs, None) if valid is None else inputs
 
 
-def _native(kernel: _Kernel, unroll: int, px, valid) -> bool:
-    """Whether this recurrence runs on `rnnlab.native`'s primitives: any built-in cell, no padding mask,
-    ``unroll=1``, at least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in XLA
-    elsewhere."""
-    return valid is None and unroll == 1 and px.shape[0] > 0 and native.enabled()
+def _native(kernel: _Kernel, unroll: int, px) -> bool:
+    """Whether this recurrence runs on `rnnlab.native`'s primitives (masked ones with a padding mask): any built-in
+    cell, ``unroll=1``, at least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in
+    XLA elsewhere."""
+    return unroll == 1 and px.shape[0] > 0 and native.enabled()
 
 
-def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, d_params=None, d_carry=None, dpx=None):
+def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid, d_params=None, d_carry=None,
+                       dpx=None):
     """The recurrence on `rnnlab.native`'s primitives: ``(hs, final_carry)``, and with tangents also ``(d_hs,
     d_final_carry)``. The weights' tangent ``Ẇ_h`` goes to the tangent primitive itself, whose transpose forms W_h's
-    gradient inside the backward loop."""
+    gradient inside the backward loop. With ``valid`` the masked primitives run: their ``hs`` are the carries, kept
+    through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here."""
     last, options = (0 if reverse else -1), {"reverse": reverse, "threads": native.threads()}
+    mask = () if valid is None else (valid,)
+
+    def primitive(name):
+        return getattr(native, f"{name}{'' if valid is None else '_masked'}_p")
+
     w_h = params["w_h"]
     if kernel == _LSTM:
         h0, c0 = carry
-        hs, cs, gates = native.lstm_forward_p.bind(w_h, h0, c0, px, **options)
-        primal = hs, (hs[last], cs[last])
+        hs, cs, gates = primitive("lstm_forward").bind(w_h, h0, c0, px, *mask, **options)
+        primal = _outputs(hs, valid), (hs[last], cs[last])
         if d_params is None:
             return primal
-        d_hs, d_h, d_c = native.lstm_tangent_p.bind(w_h, gates, cs, c0, hs, h0, dpx, d_params["w_h"], *d_carry,
-                                                     **options)
-        return primal, (d_hs, (d_h, d_c))
+        d_hs, d_h, d_c = primitive("lstm_tangent").bind(w_h, gates, cs, c0, hs, h0, *mask, dpx, d_params["w_h"],
+                                                         *d_carry, **options)
+        return primal, (_outputs(d_hs, valid), (d_h, d_c))
     h0 = carry
     if kernel == _GRU:
-        hs, gates, a_n = native.gru_forward_p.bind(w_h, params["b_h"], h0, px, **options)
+        hs, gates, a_n = primitive("gru_forward").bind(w_h, params["b_h"], h0, px, *mask, **options)
         if d_params is None:
-            return hs, hs[last]
+            return _outputs(hs, valid), hs[last]
         u = dpx + _through_reset(gates[..., : h0.shape[-1]], jnp.broadcast_to(d_params["b_h"], px.shape))
-        d_hs, d_h = native.gru_tangent_p.bind(w_h, gates, a_n, hs, h0, u, d_params["w_h"], d_carry, **options)
-        return (hs, hs[last]), (d_hs, d_h)
+        d_hs, d_h = primitive("gru_tangent").bind(w_h, gates, a_n, hs, h0, *mask, u, d_params["w_h"], d_carry,
+                                                  **options)
+        return (_outputs(hs, valid), hs[last]), (_outputs(d_hs, valid), d_h)
     activation = next(name for name, rnn in _RNN.items() if rnn == kernel)
-    (hs,) = native.rnn_forward_p.bind(w_h, h0, px, activation=activation, **options)
+    (hs,) = primitive("rnn_forward").bind(w_h, h0, px, *mask, activation=activation, **options)
     if d_params is None:
-        return hs, hs[last]
-    d_hs, d_h = native.rnn_tangent_p.bind(w_h, hs, h0, dpx, d_params["w_h"], d_carry, activation=activation,
-                                          **options)
-    return (hs, hs[last]), (d_hs, d_h)
+        return _outputs(hs, valid), hs[last]
+    d_hs, d_h = primitive("rnn_tangent").bind(w_h, hs, h0, *mask, dpx, d_params["w_h"], d_carry,
+                                              activation=activation, **options)
+    return (_outputs(hs, valid), hs[last]), (_outputs(d_hs, valid), d_h)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, valid):
-    if _native(kernel, unroll, px, valid):
-        return _native_recurrence(kernel, reverse, params, carry, px)
+    if _native(kernel, unroll, px):
+        return _native_recurrence(kernel, reverse, params, carry, px, valid)
 
     def body(carry, inputs):
         px_t, valid_t = _split_valid(inputs, valid)
@@ -299,8 +307,8 @@ def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, 
 def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
     params, carry0, px, valid = primals
     d_params, d_carry0, dpx, _ = tangents
-    if _native(kernel, unroll, px, valid):
-        return _native_recurrence(kernel, reverse, params, carry0, px, d_params, d_carry0, dpx)
+    if _native(kernel, unroll, px):
+        return _native_recurrence(kernel, reverse, params, carry0, px, valid, d_params, d_carry0, dpx)
 
     def body(carry, inputs):
         px_t, valid_t = _split_valid(inputs, valid)

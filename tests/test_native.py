@@ -1,7 +1,7 @@
 """The native kernels (`rnnlab.native`, C++ through XLA's FFI) against plain autodiff of each cell's step.
 
-`rnnlab.scan` sends the LSTM, the GRU and the Elman RNN (float32, hidden size a multiple of 16, no padding mask) to
-the kernels on CPU; the reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan`
+`rnnlab.scan` sends the LSTM, the GRU and the Elman RNN (float32, hidden size a multiple of 16) to the kernels on
+CPU, their masked twins when sequences are padded (``lengths``); the reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan`
 differentiated by JAX, and the truth is that reference in float64. Each case also checks that the compiled program
 really calls the kernel, so a silent fallback cannot pass for it.
 """
@@ -51,9 +51,9 @@ def problem(hidden, batch_shape, seq_len, seed=0, kind="LSTM"):
     return cell, params, xs, carry, weights
 
 
-def loss_fn(the_cell, weights, reverse):
+def loss_fn(the_cell, weights, reverse, lengths=None):
     def loss(params, xs, carry):
-        ys, final = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse)
+        ys, final = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse, lengths=lengths)
         # Every leaf of the final carry in the loss, each with its own weight.
         carry_terms = sum(jnp.sum(jnp.cos((i + 1) * leaf)) for i, leaf in enumerate(jax.tree_util.tree_leaves(final)))
         return jnp.sum(weights * jnp.sin(ys)) + carry_terms
@@ -61,9 +61,33 @@ def loss_fn(the_cell, weights, reverse):
     return loss
 
 
-def calls_kernel(fn, *args) -> bool:
+def calls_kernel(fn, *args, masked=False) -> bool:
     text = jax.jit(fn).lower(*args).as_text()
-    return any(f"rnnlab_{name}_forward" in text for name in ("lstm", "gru", "rnn"))
+    return any(f"rnnlab_{name}_forward{'_masked' if masked else ''}" in text for name in ("lstm", "gru", "rnn"))
+
+
+def assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths=None):
+    """The outputs and final carry of `rnnlab.scan`, a loss on both, and its gradient, from ``cell`` (the kernels)
+    against plain autodiff of its step in float64. Float32 rounding grows along the recurrence (at 30 steps with
+    these weights, to ~1e-5 relative) and two float32 runs summing in different orders land anywhere in that spread,
+    so the kernels are held to within 10x XLA's own float32 error (at least 1e-6); a wrong term would be off by
+    orders of magnitude more."""
+
+    def results(the_cell, weights, params, xs, carry):
+        outputs = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse, lengths=lengths)
+        loss = loss_fn(the_cell, weights, reverse, lengths)
+        return outputs, jax.value_and_grad(loss, argnums=(0, 1, 2))(params, xs, carry)
+
+    got = jax.jit(lambda: results(cell, weights, params, xs, carry))()
+    plain = jax.jit(lambda: results(plain_twin(cell), weights, params, xs, carry))()
+    with jax.enable_x64(True):
+        as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        truth = jax.jit(lambda: results(plain_twin(cell), *as64((weights, params, xs, carry))))()
+        for got_leaf, plain_leaf, true_leaf in zip(*map(jax.tree_util.tree_leaves, (got, plain, truth)), strict=True):
+            scale = np.max(np.abs(true_leaf)) + 1e-30
+            got_error = np.max(np.abs(np.asarray(got_leaf, np.float64) - true_leaf)) / scale
+            plain_error = np.max(np.abs(np.asarray(plain_leaf, np.float64) - true_leaf)) / scale
+            assert got_error <= max(10 * plain_error, 1e-6), (got_error, plain_error)
 
 
 @needs_kernels
@@ -107,26 +131,39 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
     lowered = jax.jit(jax.grad(native_loss, argnums=(0, 1, 2))).lower(params, xs, carry).as_text()
     in_kernel = math.prod(batch_shape) >= native.MIN_ROWS_FOR_WEIGHT_GRAD
     assert f"weight_grad = {str(in_kernel).lower()}" in lowered
+    assert_near_float64_truth(cell, weights, reverse, params, xs, carry)
 
-    def results(the_cell, loss, params, xs, carry):
-        outputs = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse)
-        return outputs, jax.value_and_grad(loss, argnums=(0, 1, 2))(params, xs, carry)
 
-    got = jax.jit(lambda: results(cell, native_loss, params, xs, carry))()
-    plain = jax.jit(lambda: results(plain_twin(cell), plain_loss, params, xs, carry))()
-    with jax.enable_x64(True):
-        # The truth: plain autodiff in float64. Float32 rounding grows along the recurrence (at 30 steps with these
-        # weights, to ~1e-5 relative) and two float32 runs summing in different orders land anywhere in that
-        # spread, so the kernels are held to within 10x XLA's own float32 error (at least 1e-6); a wrong term
-        # would be off by orders of magnitude more.
-        as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
-        truth = jax.jit(lambda: results(plain_twin(cell), loss_fn(plain_twin(cell), as64(weights), reverse),
-                                        *as64((params, xs, carry))))()
-        for got_leaf, plain_leaf, true_leaf in zip(*map(jax.tree_util.tree_leaves, (got, plain, truth)), strict=True):
-            scale = np.max(np.abs(true_leaf)) + 1e-30
-            got_error = np.max(np.abs(np.asarray(got_leaf, np.float64) - true_leaf)) / scale
-            plain_error = np.max(np.abs(np.asarray(plain_leaf, np.float64) - true_leaf)) / scale
-            assert got_error <= max(10 * plain_error, 1e-6), (got_error, plain_error)
+# (kind, rows, reverse): rows 9 leave W_h's gradient to XLA, 40 have the kernels sum it (the LSTM's too, here).
+MASKED_CASES = [("LSTM", 9, False), ("LSTM", 40, True), ("GRU", 9, True), ("GRU", 40, False),
+                ("RNN-tanh", 40, True), ("RNN-relu", 9, False), ("RNN-linear", 40, False)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,rows,reverse", MASKED_CASES, ids=[f"{k}-b{r}-{'reverse' if v else 'forward'}"
+                                                                  for k, r, v in MASKED_CASES])
+def test_padded_sequences_run_the_masked_kernels(kind, rows, reverse, monkeypatch):
+    """With ``lengths`` the masked kernels run: a padded step keeps its row's carry, and its cotangent passes back
+    unchanged. Outputs, final carry, gradients and a forward-mode derivative against plain autodiff of the masked
+    step (float64 truth); and `models.ManyToOne` with lengths reaches them."""
+    monkeypatch.setattr(native, "XLA_WEIGHT_GRAD_WITHOUT_AVX512", frozenset())
+    cell, params, xs, carry, weights = problem(32, (rows,), 11, kind=kind)
+    lengths = jax.random.randint(jax.random.PRNGKey(7), (rows,), 1, 12).at[0].set(11).at[1].set(1)
+    native_loss = loss_fn(cell, weights, reverse, lengths)
+    grad = jax.grad(native_loss, argnums=(0, 1, 2))
+    lowered = jax.jit(grad).lower(params, xs, carry).as_text()
+    name = kind.split("-")[0].lower()
+    assert f"rnnlab_{name}_forward_masked" in lowered and f"rnnlab_{name}_backward_masked" in lowered
+    assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths)
+    tangents = jax.tree_util.tree_map(jnp.cos, (params, xs, carry))
+    jvp = lambda loss: jax.jvp(loss, (params, xs, carry), tangents)[1]  # noqa: E731
+    np.testing.assert_allclose(jax.jit(lambda: jvp(native_loss))(),
+                               jax.jit(lambda: jvp(loss_fn(plain_twin(cell), weights, reverse, lengths)))(),
+                               rtol=1e-4)
+    model = models.ManyToOne(cell, 1)
+    model_params = {"cell": params, "readout": models.dense_init(jax.random.PRNGKey(0), 32, 1)}
+    assert calls_kernel(jax.grad(lambda p, xs: jnp.sum(model(p, xs, lengths=lengths))), model_params, xs,
+                        masked=True)
 
 
 @needs_kernels

@@ -16,6 +16,10 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
 - ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs;
 - ``rnn_forward_p``, ``rnn_tangent_p`` and ``rnn_backward_p`` likewise for `rnnlab.RNN` with a named activation
   (``tanh``, ``relu``, ``linear``; the tangent's coefficients come from ``hs`` alone);
+- a masked twin of each (``lstm_forward_masked_p`` and so on) for padded sequences (`rnnlab.scan` with
+  ``lengths``): one more operand, ``valid [T, B]`` booleans, after the forward primitive's operands and after the
+  others' residuals. At an invalid step a row keeps its carry (so ``hs`` holds carries, not the zeroed outputs) and
+  the backward pass hands the carry's cotangent through it unchanged;
 - ``gradflow_p(w_h, b_h, w_x, b_x, h0, c0, xs, which) -> log10 ||∂L/∂h_t|| [C, T]``: `rnnlab.gradflow.grad_norms`
   with its default loss for C configurations of one cell at once, configuration c on ``xs[:, which[c]]``
   (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). Each configuration runs whole on one thread, forward loop then log-domain backward loop, and the
@@ -69,6 +73,8 @@ _TARGETS = {"rnnlab_lstm_forward": "RnnlabLstmForward", "rnnlab_lstm_backward": 
             "rnnlab_gru_forward": "RnnlabGruForward", "rnnlab_gru_backward": "RnnlabGruBackward",
             "rnnlab_rnn_forward": "RnnlabRnnForward", "rnnlab_rnn_backward": "RnnlabRnnBackward",
             "rnnlab_gradflow": "RnnlabGradflow"}
+_TARGETS.update({f"{target}_masked": f"{symbol}Masked" for target, symbol in list(_TARGETS.items())
+                 if target != "rnnlab_gradflow"})
 #: The hidden size the kernels take must be a multiple of this: their widest vector of float32 (AVX-512's 16; with
 #: AVX2 alone they work in vectors of 8, `recurrent.cc`'s kLanes).
 LANES = 16
@@ -187,24 +193,31 @@ def applies(hidden: int, dtype) -> bool:
 # --- references: the same maths in plain JAX ------------------------------------------------------------------------
 
 
-def _scan(body, carry, xs, reverse, unroll):
-    return jax.lax.scan(body, carry, xs, reverse=reverse, unroll=unroll)
-
-
 def _previous(seq, first, reverse):
     from rnnlab import fused
 
     return fused._previous(seq, first, reverse)
 
 
-def _reference_forward(w_h, h0, c0, px, *, reverse, threads, unroll=1):
+def _masked_scan(step, carry, xs, valid, reverse, unroll):
+    """``lax.scan`` of ``step(carry, x_t) -> (new_carry, extra_t)``, each step's outputs ``(new_carry, extra_t)``; with
+    ``valid [T, N]`` a step where ``valid[t, n]`` is false keeps row n's carry (the masked kernels' rule)."""
     from rnnlab import fused
 
-    def body(carry, px_t):
-        new_carry, gates_t = fused._lstm_step({"w_h": w_h}, carry, px_t)
-        return new_carry, (new_carry[0], new_carry[1], gates_t)
+    def body(carry, inputs):
+        x_t, valid_t = fused._split_valid(inputs, valid)
+        new_carry, extra = step(carry, x_t)
+        new_carry = fused._masked(valid_t, new_carry, carry)
+        return new_carry, (new_carry, extra)
 
-    _, (hs, cs, gates) = _scan(body, (h0, c0), px, reverse, unroll)
+    return fused._scan_valid(body, carry, xs, valid, reverse, unroll)
+
+
+def _reference_forward(w_h, h0, c0, px, *, reverse, threads, unroll=1, valid=None):
+    from rnnlab import fused
+
+    step = functools.partial(fused._lstm_step, {"w_h": w_h})
+    _, ((hs, cs), gates) = _masked_scan(step, (h0, c0), px, valid, reverse, unroll)
     return hs, cs, gates
 
 
@@ -227,18 +240,14 @@ def _weight_gradient(hs, h0, recurrent_cotangent, reverse, flat):
     return jnp.einsum("tbh,tbg->hg", h_prev, recurrent_cotangent)
 
 
-def _reference_tangent(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0, *, reverse, threads, unroll=1):
+def _reference_tangent(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0, *, reverse, threads, unroll=1, valid=None):
     from rnnlab import fused
 
     params = {"w_h": w_h}
     coeffs = fused._lstm_coefficients(params, gates, (None, cs), (None, _previous(cs, c0, reverse)))
-
-    def body(d_carry, inputs):
-        new = fused._lstm_tangent_step(params, d_carry, *inputs)
-        return new, new[0]
-
+    step = lambda d_carry, inputs: (fused._lstm_tangent_step(params, d_carry, *inputs), ())  # noqa: E731
     u = u + _weight_term(hs, h0, dw, reverse)
-    (dh, dc), dhs = _scan(body, (dh0, dc0), (u, coeffs), reverse, unroll)
+    (dh, dc), ((dhs, _), _) = _masked_scan(step, (dh0, dc0), (u, coeffs), valid, reverse, unroll)
     return dhs, dh, dc
 
 
@@ -247,31 +256,24 @@ def _lstm_weight_gradient(operands, g_u, reverse, flat):
     return _weight_gradient(hs, h0, g_u, reverse, flat)
 
 
-def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads, unroll=1):
+def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads, unroll=1, valid=None):
     from rnnlab import fused
 
-    def body(h, px_t):
-        h_new, saved_t = fused._gru_step({"w_h": w_h, "b_h": b_h}, h, px_t)
-        return h_new, (h_new, saved_t)
-
-    _, (hs, saved) = _scan(body, h0, px, reverse, unroll)
+    step = functools.partial(fused._gru_step, {"w_h": w_h, "b_h": b_h})
+    _, (hs, saved) = _masked_scan(step, h0, px, valid, reverse, unroll)
     hidden = hs.shape[-1]
     return hs, saved[..., : 3 * hidden], saved[..., 3 * hidden:]
 
 
-def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, *, reverse, threads, unroll=1):
+def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, *, reverse, threads, unroll=1, valid=None):
     from rnnlab import fused
 
     params = {"w_h": w_h}
     saved = jnp.concatenate([gates, a_n], axis=-1)
     coeffs = fused._gru_coefficients(params, saved, hs, _previous(hs, h0, reverse))
-
-    def body(dh, inputs):
-        new = fused._gru_tangent_step(params, dh, *inputs)
-        return new, new
-
+    step = lambda dh, inputs: (fused._gru_tangent_step(params, dh, *inputs), ())  # noqa: E731
     u = u + fused._through_reset(gates[..., : hs.shape[-1]], _weight_term(hs, h0, dw, reverse))
-    dh, dhs = _scan(body, dh0, (u, coeffs), reverse, unroll)
+    dh, (dhs, _) = _masked_scan(step, dh0, (u, coeffs), valid, reverse, unroll)
     return dhs, dh
 
 
@@ -283,27 +285,21 @@ def _gru_weight_gradient(operands, g_u, reverse, flat):
     return _weight_gradient(hs, h0, fused._through_reset(gates[..., : hs.shape[-1]], g_u), reverse, flat)
 
 
-def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation, unroll=1):
+def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation, unroll=1, valid=None):
     from rnnlab import fused
 
-    def body(h, px_t):
-        h_new, _ = fused._RNN[activation].step({"w_h": w_h}, h, px_t)
-        return h_new, h_new
-
-    return (_scan(body, h0, px, reverse, unroll)[1],)
+    step = functools.partial(fused._RNN[activation].step, {"w_h": w_h})
+    return (_masked_scan(step, h0, px, valid, reverse, unroll)[1][0],)
 
 
-def _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, *, reverse, threads, activation, unroll=1):
+def _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, *, reverse, threads, activation, unroll=1, valid=None):
     from rnnlab import fused
 
     kernel, params = fused._RNN[activation], {"w_h": w_h}
     coeffs = kernel.coefficients(params, (), hs, None)
-
-    def body(dh, inputs):
-        new = kernel.tangent_step(params, dh, *inputs)
-        return new, new
-
-    dh, dhs = _scan(body, dh0, (u + _weight_term(hs, h0, dw, reverse), coeffs), reverse, unroll)
+    step = lambda dh, inputs: (kernel.tangent_step(params, dh, *inputs), ())  # noqa: E731
+    u = u + _weight_term(hs, h0, dw, reverse)
+    dh, (dhs, _) = _masked_scan(step, dh0, (u, coeffs), valid, reverse, unroll)
     return dhs, dh
 
 
@@ -576,31 +572,64 @@ def _gru_backward_shapes(w_h, gates, a_n, hs, h0, g_hs, g_h):
     return [(gates.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)]
 
 
-lstm_forward_p = _primitive("rnnlab_lstm_forward", _reference_forward, _forward_shapes,
-                            "k g, b h, b h, t b g -> t b h, t b h, t b g", "rnnlab_lstm_forward", {3: 2})
-lstm_tangent_p = _primitive("rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes,
-                            "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", None)
-lstm_backward_p = _primitive("rnnlab_lstm_backward", _transposed(_reference_tangent, 6), _backward_shapes,
-                             "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h",
-                             "rnnlab_lstm_backward", {1: 0}, _lstm_weight_gradient)
-gru_forward_p = _primitive("rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes,
-                           "k g, g, b h, t b g -> t b h, t b g, t b h", "rnnlab_gru_forward", {3: 1})
-gru_tangent_p = _primitive("rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
-                           "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h", None)
-gru_backward_p = _primitive("rnnlab_gru_backward", _transposed(_reference_gru_tangent, 5), _gru_backward_shapes,
-                            "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", "rnnlab_gru_backward",
-                            {1: 0}, _gru_weight_gradient)
-rnn_forward_p = _primitive("rnnlab_rnn_forward", _reference_rnn_forward,
-                           lambda w_h, h0, px: [(px.shape, px.dtype)], "k h, b h, t b h -> t b h",
-                           "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_rnn_gpu_forward)
-rnn_tangent_p = _primitive("rnnlab_rnn_tangent", _reference_rnn_tangent,
-                           lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
-                           "k h, t b h, b h, t b h, k h, b h -> t b h, b h", None)
-rnn_backward_p = _primitive("rnnlab_rnn_backward", _transposed(_reference_rnn_tangent, 3),
-                            lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype),
-                                                            (g_h.shape, g_h.dtype)],
-                            "k h, t b h, b h, t b h, b h -> t b h, k h, b h", "rnnlab_rnn_backward", {3: 0},
-                            _rnn_weight_gradient, gpu_kernel=_rnn_gpu_backward)
+def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
+                    weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None):
+    """One cell kernel's primitive and its masked twin (`_primitive`): ``(plain, masked)``. The twin (named and
+    targeted ``*_masked``) takes one more operand, ``valid [T, B]`` booleans, at index ``mask_at``, which is passed to
+    ``reference`` as ``valid``. A backward primitive's ``reference`` is the tangent reference it transposes, whose
+    first ``residuals`` operands are fixed."""
+
+    def masked(function):
+        return lambda *operands, **params: function(*operands[:mask_at], *operands[mask_at + 1:], **params)
+
+    def with_valid(*operands, **params):
+        return reference(*operands[:mask_at], *operands[mask_at + 1:], valid=operands[mask_at], **params)
+
+    operands, results = labels.split("->")
+    operands = operands.split(",")
+    masked_labels = ",".join(operands[:mask_at] + [" t b"] + operands[mask_at:]) + "->" + results
+    plain_reference, masked_reference = reference, with_valid
+    masked_aliases = {operand + (operand >= mask_at): result for operand, result in (aliases or {}).items()}
+    if residuals is not None:
+        plain_reference, masked_reference = _transposed(reference, residuals), _transposed(with_valid, residuals + 1)
+    return (_primitive(name, plain_reference, out_shapes, labels, target, aliases, weight_gradient,
+                       gpu_kernel=gpu_kernel),
+            _primitive(f"{name}_masked", masked_reference, masked(out_shapes), masked_labels,
+                       target and f"{target}_masked", masked_aliases, weight_gradient))
+
+
+lstm_forward_p, lstm_forward_masked_p = _cell_primitive(
+    "rnnlab_lstm_forward", _reference_forward, _forward_shapes, "k g, b h, b h, t b g -> t b h, t b h, t b g",
+    "rnnlab_lstm_forward", {3: 2}, mask_at=4)
+lstm_tangent_p, lstm_tangent_masked_p = _cell_primitive(
+    "rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes,
+    "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", None, mask_at=6)
+lstm_backward_p, lstm_backward_masked_p = _cell_primitive(
+    "rnnlab_lstm_backward", _reference_tangent, _backward_shapes,
+    "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h", "rnnlab_lstm_backward", {1: 0},
+    _lstm_weight_gradient, mask_at=6, residuals=6)
+gru_forward_p, gru_forward_masked_p = _cell_primitive(
+    "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
+    "rnnlab_gru_forward", {3: 1}, mask_at=4)
+gru_tangent_p, gru_tangent_masked_p = _cell_primitive(
+    "rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
+    "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h", None, mask_at=5)
+gru_backward_p, gru_backward_masked_p = _cell_primitive(
+    "rnnlab_gru_backward", _reference_gru_tangent, _gru_backward_shapes,
+    "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", "rnnlab_gru_backward", {1: 0},
+    _gru_weight_gradient, mask_at=5, residuals=5)
+rnn_forward_p, rnn_forward_masked_p = _cell_primitive(
+    "rnnlab_rnn_forward", _reference_rnn_forward, lambda w_h, h0, px: [(px.shape, px.dtype)],
+    "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_rnn_gpu_forward, mask_at=3)
+rnn_tangent_p, rnn_tangent_masked_p = _cell_primitive(
+    "rnnlab_rnn_tangent", _reference_rnn_tangent,
+    lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
+    "k h, t b h, b h, t b h, k h, b h -> t b h, b h", None, mask_at=3)
+rnn_backward_p, rnn_backward_masked_p = _cell_primitive(
+    "rnnlab_rnn_backward", _reference_rnn_tangent,
+    lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
+    "k h, t b h, b h, t b h, b h -> t b h, k h, b h", "rnnlab_rnn_backward", {3: 0}, _rnn_weight_gradient,
+    gpu_kernel=_rnn_gpu_backward, mask_at=3, residuals=3)
 
 
 # --- gradient flow: log10 ||∂L/∂h_t|| for many configurations at once ---------------------------------------------
@@ -708,7 +737,9 @@ try:
     from jax._src import dispatch as _dispatch
 
     _dispatch.prim_requires_devices_during_lowering.update(
-        {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p, gradflow_p})
+        {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p, gradflow_p,
+         lstm_forward_masked_p, lstm_backward_masked_p, gru_forward_masked_p, gru_backward_masked_p,
+         rnn_forward_masked_p, rnn_backward_masked_p})
 except (ImportError, AttributeError):  # pragma: no cover - a JAX without the registry
     pass
 
@@ -764,3 +795,7 @@ def _transpose_rule(backward_p, residuals: int, like: int, cell: str):
 ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, 6, 4, "lstm")
 ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 5, 3, "gru")
 ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, 3, 1, "rnn")
+# The masked twins: the mask is one more fixed operand, after the residuals.
+ad.primitive_transposes[lstm_tangent_masked_p] = _transpose_rule(lstm_backward_masked_p, 7, 4, "lstm")
+ad.primitive_transposes[gru_tangent_masked_p] = _transpose_rule(gru_backward_masked_p, 6, 3, "gru")
+ad.primitive_transposes[rnn_tangent_masked_p] = _transpose_rule(rnn_backward_masked_p, 4, 1, "rnn")

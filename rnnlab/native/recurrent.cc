@@ -27,6 +27,11 @@
 // Each backward kernel also returns W_h's gradient g_w = Σ_t h_{t-1}ᵀ (the step's cotangent of h_{t-1} W_h), the
 //   transpose of the tangent's h_{t-1} Ẇ_h term (`weight_grad` false: left unwritten, for the caller to form).
 // `reverse` runs time from the last step to the first, as `lax.scan(..., reverse=True)`.
+// Each kernel also comes masked (`*_masked`): one more operand, valid [T, B] booleans, after the forward kernel's
+//   operands and after the backward kernel's saved ones (before g_hs). At a step where valid[t, b] is false, row b
+//   keeps its carry (hs[t] = h_{t-1}, and cs[t] = c_{t-1} for the LSTM; what else the step saves is never read),
+//   and the backward kernel hands the carry's cotangent, g_hs[t] included, on to the step before unchanged, with a
+//   zero cotangent for the step's pre-activation. Padded sequences (`rnnlab.scan(..., lengths=...)`) run so.
 
 #include <algorithm>
 #include <cmath>
@@ -320,6 +325,10 @@ struct Loop {
   int steps, batch, hidden, gates;
   bool reverse;
   int64_t threads;
+  const bool* valid = nullptr;  // [T, B], or null: every step valid
+
+  // Whether row b keeps its carry at step t (a masked kernel's invalid step).
+  bool keeps(int t, int b) const { return valid != nullptr && !valid[row(t, b)]; }
 
   // The step taken s-th (forward: s = t), and the one before it in time order (-1: the initial carry).
   int time(int s) const { return reverse ? steps - 1 - s : s; }
@@ -337,10 +346,25 @@ ffi::Error loop_of(const ffi::AnyBuffer::Dimensions& seq, int64_t width, int gat
   return ffi::Error::Success();
 }
 
+// A masked kernel's valid [T, B] for `loop` (null: unmasked).
+ffi::Error mask_of(const ffi::Buffer<ffi::PRED>* valid, Loop* loop) {
+  if (valid == nullptr) return ffi::Error::Success();
+  const auto dims = valid->dimensions();
+  if (dims.size() != 2 || dims[0] != loop->steps || dims[1] != loop->batch)
+    return ffi::Error::InvalidArgument("rnnlab native kernel: valid must have shape [T, B], the steps and rows of "
+                                       "the sequence");
+  loop->valid = valid->typed_data();
+  return ffi::Error::Success();
+}
+
+// Row b's units [u0, u0 + nu) of a carry kept through a masked step: `to` = `from`.
+inline void hold(float* to, const float* from, int nu) { std::memcpy(to, from, nu * sizeof(float)); }
+
 // The forward loop of a cell. Each part owns hidden units [u0, u0 + nu) and the columns of W_h that make them (its
 // units of every gate block, packed in order of gate); per step it computes z = h_{t-1} W_h for those columns and
-// calls step(t, prev, b, u0, nu, z_b) for each row b (z_b: [gates·nu], gate blocks of nu), which writes h_t's units
-// among whatever else the cell keeps. One barrier per step, after which h_t is whole.
+// calls step(t, prev, b, u0, nu, z_b, keep) for each row b (z_b: [gates·nu], gate blocks of nu), which writes h_t's
+// units among whatever else the cell keeps (keep: the step is masked out, and the row's carry is copied on). One
+// barrier per step, after which h_t is whole.
 template <typename Step>
 void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, const float* hs,
                   Step step) {
@@ -356,7 +380,7 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
       const int t = loop.time(s), prev = loop.previous(s);
       const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
       matmul(B, width, H, h_prev, H, panel.data(), z.data(), width);
-      for (int b = 0; b < B; ++b) step(t, prev, b, u0, nu, &z[static_cast<size_t>(b) * width]);
+      for (int b = 0; b < B; ++b) step(t, prev, b, u0, nu, &z[static_cast<size_t>(b) * width], loop.keeps(t, b));
       barrier.wait();
     }
   });
@@ -364,9 +388,10 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 
 // The backward loop of a cell: the transpose of its tangent recurrence. Each part owns hidden units [u0, u0 + nu)
 // and the rows of W_h they feed. `make_part(u0, nu)` returns the cell's per-part state, with
-//   step(s, b, dh_b): from this part's units of g_h_t (dh_b, the carry's cotangent plus nothing yet from the step's
-//     own output; the cell adds g_hs) writes its columns of the step's recurrent cotangent, the row that multiplies
-//     W_hᵀ, and whatever else the cell returns;
+//   step(s, b, dh_b, keep): from this part's units of g_h_t (dh_b, the carry's cotangent plus nothing yet from the
+//     step's own output; the cell adds g_hs) writes its columns of the step's recurrent cotangent, the row that
+//     multiplies W_hᵀ, and whatever else the cell returns; with keep (a masked-out step) zeros there, and the cell's
+//     other carries' cotangents pass unchanged (the loop hands on h's, g_hs[t] + dh_b);
 //   row(s): that recurrent cotangent, [B, gates·H] (complete after the barrier);
 //   carry(dh): adds to g_h_{t-1} = row(s) W_hᵀ (already in dh, [B, nu]) the direct terms of the cell;
 //   finish(): writes the cotangents of the initial carry other than h's.
@@ -376,7 +401,7 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 // part's columns, for that many steps.
 template <typename MakePart>
 void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* hs, const float* h0,
-                   const float* g_h, float* g_h0, float* g_w, MakePart make_part) {
+                   const float* g_hs, const float* g_h, float* g_h0, float* g_w, MakePart make_part) {
   const int H = loop.hidden, G = loop.gates * H, B = loop.batch;
   team(pool, team_size(B, H, loop.gates, loop.threads), [&](int part, int parts, Barrier& barrier) {
     int u0, u1;
@@ -384,7 +409,7 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
     const int nu = u1 - u0;
     // panel[k, u] = W_h[u0 + u, k], so that this part's units of g_h_{t-1} are row(s) @ panel.
     const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return w_h[(u0 + u) * G + k]; });
-    std::vector<float> dh(static_cast<size_t>(B) * nu);
+    std::vector<float> dh(static_cast<size_t>(B) * nu), kept(loop.valid != nullptr ? dh.size() : 0);
     for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h + b * H + u0, nu * sizeof(float));
     if (g_w != nullptr) {
       for (int k = 0; k < H; ++k)
@@ -395,7 +420,15 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
     const int flush = grad_steps(B);
     int pending = loop.steps;  // steps [s + 1, pending) are not yet in g_w
     for (int s = loop.steps - 1; s >= 0; --s) {
-      for (int b = 0; b < B; ++b) cell.step(s, b, &dh[b * nu]);
+      const int t = loop.time(s);
+      for (int b = 0; b < B; ++b) {
+        const bool keep = loop.keeps(t, b);
+        if (keep) {  // the cotangent of h_t, handed on to h_{t-1} after the matmul
+          const float* g = g_hs + loop.row(t, b) * H + u0;
+          for (int j = 0; j < nu; ++j) kept[b * nu + j] = g[j] + dh[b * nu + j];
+        }
+        cell.step(s, b, &dh[b * nu], keep);
+      }
       if (g_w != nullptr && (pending - s == flush || s == 0)) {
         auto h_prev = [&](int r) {
           const int prev = loop.previous(s + r / B);
@@ -408,6 +441,8 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
       barrier.wait();  // every unit's recurrent cotangent of the step is written
       matmul(B, nu, G, cell.row(s), G, panel.data(), dh.data(), nu);
       cell.carry(dh);
+      for (int b = 0; b < B; ++b)
+        if (loop.keeps(t, b)) hold(&dh[b * nu], &kept[b * nu], nu);
     }
     for (int b = 0; b < B; ++b) std::memcpy(g_h0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
     cell.finish();
@@ -423,20 +458,22 @@ float* weight_gradient(ffi::Result<ffi::Buffer<ffi::F32>>& g_w, bool weight_grad
 
 using Buffer = ffi::Buffer<ffi::F32>;
 using Result = ffi::ResultBuffer<ffi::F32>;
+using Mask = ffi::Buffer<ffi::PRED>;
 const vf kOne = splat(1.0f);
 
 // --- LSTM: z = px_t + h_{t-1} W_h, gates (i, f, g, o) ------------------------------------------------------------
 
-ffi::Error LstmForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, Result hs, Result cs,
-                           Result gates, bool reverse, int64_t threads) {
+ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, const Mask* valid, Result hs,
+                       Result cs, Result gates, bool reverse, int64_t threads) {
   Loop loop;
   if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 4, reverse, threads, &loop); error.failure())
     return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
   const int H = loop.hidden, G = 4 * H;
   float *HS = hs->typed_data(), *CS = cs->typed_data(), *GATES = gates->typed_data();
-  const float *PX = px.typed_data(), *C0 = c0.typed_data();
-  forward_loop(pool, loop, w.typed_data(), h0.typed_data(), HS, [&](int t, int prev, int b, int u0, int nu,
-                                                                   const float* z) {
+  const float *PX = px.typed_data(), *H0 = h0.typed_data(), *C0 = c0.typed_data();
+  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* z,
+                                                      bool keep) {
     const float* pxb = PX + loop.row(t, b) * G + u0;
     const float* c_prev = (prev < 0 ? C0 + b * H : CS + loop.row(prev, b) * H) + u0;
     float* gb = GATES + loop.row(t, b) * G + u0;
@@ -454,16 +491,21 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0,
       store(CS + at + j, c);
       store(HS + at + j, o * vtanh(c));
     }
+    if (keep) {
+      hold(CS + at, c_prev, nu);
+      hold(HS + at, (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0, nu);
+    }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer hs, Buffer h0,
-                            Buffer g_hs, Buffer g_h, Buffer g_c, Result g_px, Result g_w, Result g_h0, Result g_c0,
-                            bool reverse, int64_t threads, bool weight_grad) {
+ffi::Error LstmBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer hs, Buffer h0,
+                        const Mask* valid, Buffer g_hs, Buffer g_h, Buffer g_c, Result g_px, Result g_w, Result g_h0,
+                        Result g_c0, bool reverse, int64_t threads, bool weight_grad) {
   Loop loop;
   if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 4, reverse, threads, &loop); error.failure())
     return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
   const int H = loop.hidden, B = loop.batch;
   const float *GATES = gates.typed_data(), *CS = cs.typed_data(), *C0 = c0.typed_data(), *GHS = g_hs.typed_data();
   float *GPX = g_px->typed_data(), *GC0 = g_c0->typed_data();
@@ -475,11 +517,15 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer
     const float *GATES, *CS, *C0, *GHS;
     float *GPX, *GC0;
 
-    void step(int s, int b, float* dh) {
+    void step(int s, int b, float* dh, bool keep) {
       const int H = loop.hidden, G = 4 * H, t = loop.time(s), prev = loop.previous(s);
       const float* gb = GATES + loop.row(t, b) * G + u0;
       const float* c_prev = (prev < 0 ? C0 + b * H : CS + loop.row(prev, b) * H) + u0;
       float* gz = GPX + loop.row(t, b) * G + u0;
+      if (keep) {  // the cell state's cotangent passes as it is
+        for (int q = 0; q < 4; ++q) std::memset(gz + q * H, 0, nu * sizeof(float));
+        return;
+      }
       const size_t at = loop.row(t, b) * H + u0;
       float* dcb = &dc[static_cast<size_t>(b) * nu];
       for (int j = 0; j < nu; j += kLanes) {
@@ -501,8 +547,8 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer
         std::memcpy(GC0 + b * loop.hidden + u0, &dc[static_cast<size_t>(b) * nu], nu * sizeof(float));
     }
   };
-  backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), g_h.typed_data(), g_h0->typed_data(),
-                weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
+  backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), GHS, g_h.typed_data(),
+                g_h0->typed_data(), weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
     Part part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, GATES, CS, C0, GHS, GPX, GC0};
     for (int b = 0; b < B; ++b) std::memcpy(&part.dc[b * nu], g_c.typed_data() + b * H + u0, nu * sizeof(float));
     return part;
@@ -512,15 +558,17 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer
 
 // --- GRU (cuDNN / PyTorch convention): a = h_{t-1} W_h + b_h, gates (r, z, n) ---------------------------------------
 
-ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, Result hs, Result gates,
-                          Result a_n_out, bool reverse, int64_t threads) {
+ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, const Mask* valid, Result hs,
+                      Result gates, Result a_n_out, bool reverse, int64_t threads) {
   Loop loop;
   if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 3, reverse, threads, &loop); error.failure())
     return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
   const int H = loop.hidden, G = 3 * H;
   const float *BH = b_h.typed_data(), *PX = px.typed_data(), *H0 = h0.typed_data();
   float *HS = hs->typed_data(), *GATES = gates->typed_data(), *AN = a_n_out->typed_data();
-  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a) {
+  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a,
+                                                      bool keep) {
     const float* pxb = PX + loop.row(t, b) * G + u0;
     const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
     float* gb = GATES + loop.row(t, b) * G + u0;
@@ -536,16 +584,18 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0,
       store(AN + at + j, a_n);
       store(HS + at + j, (kOne - z) * n + z * load(h_prev + j));
     }
+    if (keep) hold(HS + at, h_prev, nu);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n, Buffer hs, Buffer h0,
-                           Buffer g_hs, Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse, int64_t threads,
-                           bool weight_grad) {
+ffi::Error GruBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n, Buffer hs, Buffer h0,
+                       const Mask* valid, Buffer g_hs, Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse,
+                       int64_t threads, bool weight_grad) {
   Loop loop;
   if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 3, reverse, threads, &loop); error.failure())
     return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
   const int H = loop.hidden, B = loop.batch;
   const float *GATES = gates.typed_data(), *AN = a_n.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(),
               *GHS = g_hs.typed_data();
@@ -563,13 +613,20 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
     const float *GATES, *AN, *HS, *H0, *GHS;
     float *GU, *recurrent;
 
-    void step(int s, int b, const float* dh) {
+    void step(int s, int b, const float* dh, bool keep) {
       const int H = loop.hidden, G = 3 * H, t = loop.time(s), prev = loop.previous(s);
       const float* gb = GATES + loop.row(t, b) * G + u0;
       const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
       float* gu = GU + loop.row(t, b) * G + u0;
       float* ga = recurrent + (static_cast<size_t>(s % slots) * loop.batch + b) * G + u0;
       const size_t at = loop.row(t, b) * H + u0;
+      if (keep) {
+        for (int q = 0; q < 3; ++q) {
+          std::memset(gu + q * H, 0, nu * sizeof(float));
+          std::memset(ga + q * H, 0, nu * sizeof(float));
+        }
+        return;
+      }
       for (int j = 0; j < nu; j += kLanes) {
         // g_u is written over the gates (aliased): each unit's gates are read before its g_u is written.
         const vf r = load(gb + j), z = load(gb + H + j), n = load(gb + 2 * H + j), a_n = load(AN + at + j);
@@ -594,7 +651,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer 
     }
     void finish() const {}
   };
-  backward_loop(pool, loop, w.typed_data(), HS, H0, g_h.typed_data(), g_h0->typed_data(),
+  backward_loop(pool, loop, w.typed_data(), HS, H0, GHS, g_h.typed_data(), g_h0->typed_data(),
                 weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
     return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, slots, loop, GATES, AN, HS, H0, GHS, GU,
                 recurrent.data()};
@@ -632,32 +689,38 @@ inline vf derivative(Activation a, vf h) {
   return splat(1.0f);
 }
 
-ffi::Error RnnForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, Result hs, bool reverse,
-                          int64_t threads, std::string_view activation_name) {
+ffi::Error RnnForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, const Mask* valid, Result hs, bool reverse,
+                      int64_t threads, std::string_view activation_name) {
   Loop loop;
   Activation act;
   if (auto error = activation_of(activation_name, &act); error.failure()) return error;
   if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 1, reverse, threads, &loop); error.failure())
     return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
   const int H = loop.hidden;
-  const float* PX = px.typed_data();
+  const float *PX = px.typed_data(), *H0 = h0.typed_data();
   float* HS = hs->typed_data();
-  forward_loop(pool, loop, w.typed_data(), h0.typed_data(), HS, [&](int t, int, int b, int u0, int nu,
-                                                                   const float* z) {
+  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* z,
+                                                      bool keep) {
     const size_t at = loop.row(t, b) * H + u0;
+    if (keep) {  // px's buffer is hs's (aliased): px_t is not read after h_t is written
+      hold(HS + at, (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0, nu);
+      return;
+    }
     for (int j = 0; j < nu; j += kLanes) store(HS + at + j, activate(act, load(z + j) + load(PX + at + j)));
   });
   return ffi::Error::Success();
 }
 
-ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, Buffer g_hs, Buffer g_h, Result g_u,
-                           Result g_w, Result g_h0, bool reverse, int64_t threads, bool weight_grad,
-                           std::string_view activation_name) {
+ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, const Mask* valid, Buffer g_hs, Buffer g_h,
+                       Result g_u, Result g_w, Result g_h0, bool reverse, int64_t threads, bool weight_grad,
+                       std::string_view activation_name) {
   Loop loop;
   Activation act;
   if (auto error = activation_of(activation_name, &act); error.failure()) return error;
   if (auto error = loop_of(hs.dimensions(), hs.dimensions()[2], 1, reverse, threads, &loop); error.failure())
     return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
   struct Part {
     int u0, nu;
     const Loop& loop;
@@ -665,8 +728,12 @@ ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0,
     const float *HS, *GHS;
     float* GU;
 
-    void step(int s, int b, const float* dh) const {
+    void step(int s, int b, const float* dh, bool keep) const {
       const size_t at = loop.row(loop.time(s), b) * loop.hidden + u0;
+      if (keep) {
+        std::memset(GU + at, 0, nu * sizeof(float));
+        return;
+      }
       for (int j = 0; j < nu; j += kLanes)
         store(GU + at + j, (load(GHS + at + j) + load(dh + j)) * derivative(act, load(HS + at + j)));
     }
@@ -674,8 +741,8 @@ ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0,
     void carry(std::vector<float>&) const {}
     void finish() const {}
   };
-  backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), g_h.typed_data(), g_h0->typed_data(),
-                weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
+  backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), g_hs.typed_data(), g_h.typed_data(),
+                g_h0->typed_data(), weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
     return Part{u0, nu, loop, act, hs.typed_data(), g_hs.typed_data(), g_u->typed_data()};
   });
   return ffi::Error::Success();
@@ -974,6 +1041,82 @@ auto signature() {
   });
 }
 
+// Each cell kernel's FFI entry points, unmasked and masked (the mask after the first `Before` operands).
+ffi::Error LstmForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, Result hs, Result cs,
+                           Result gates, bool reverse, int64_t threads) {
+  return LstmForward(pool, w, h0, c0, px, nullptr, hs, cs, gates, reverse, threads);
+}
+ffi::Error LstmForwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, Mask valid,
+                                 Result hs, Result cs, Result gates, bool reverse, int64_t threads) {
+  return LstmForward(pool, w, h0, c0, px, &valid, hs, cs, gates, reverse, threads);
+}
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer hs, Buffer h0,
+                            Buffer g_hs, Buffer g_h, Buffer g_c, Result g_px, Result g_w, Result g_h0, Result g_c0,
+                            bool reverse, int64_t threads, bool weight_grad) {
+  return LstmBackward(pool, w, gates, cs, c0, hs, h0, nullptr, g_hs, g_h, g_c, g_px, g_w, g_h0, g_c0, reverse,
+                      threads, weight_grad);
+}
+ffi::Error LstmBackwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer hs,
+                                  Buffer h0, Mask valid, Buffer g_hs, Buffer g_h, Buffer g_c, Result g_px, Result g_w,
+                                  Result g_h0, Result g_c0, bool reverse, int64_t threads, bool weight_grad) {
+  return LstmBackward(pool, w, gates, cs, c0, hs, h0, &valid, g_hs, g_h, g_c, g_px, g_w, g_h0, g_c0, reverse,
+                      threads, weight_grad);
+}
+ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, Result hs, Result gates,
+                          Result a_n, bool reverse, int64_t threads) {
+  return GruForward(pool, w, b_h, h0, px, nullptr, hs, gates, a_n, reverse, threads);
+}
+ffi::Error GruForwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, Mask valid,
+                                Result hs, Result gates, Result a_n, bool reverse, int64_t threads) {
+  return GruForward(pool, w, b_h, h0, px, &valid, hs, gates, a_n, reverse, threads);
+}
+ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n, Buffer hs, Buffer h0,
+                           Buffer g_hs, Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse, int64_t threads,
+                           bool weight_grad) {
+  return GruBackward(pool, w, gates, a_n, hs, h0, nullptr, g_hs, g_h, g_u, g_w, g_h0, reverse, threads, weight_grad);
+}
+ffi::Error GruBackwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n, Buffer hs, Buffer h0,
+                                 Mask valid, Buffer g_hs, Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse,
+                                 int64_t threads, bool weight_grad) {
+  return GruBackward(pool, w, gates, a_n, hs, h0, &valid, g_hs, g_h, g_u, g_w, g_h0, reverse, threads, weight_grad);
+}
+ffi::Error RnnForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, Result hs, bool reverse,
+                          int64_t threads, std::string_view activation) {
+  return RnnForward(pool, w, h0, px, nullptr, hs, reverse, threads, activation);
+}
+ffi::Error RnnForwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, Mask valid, Result hs,
+                                bool reverse, int64_t threads, std::string_view activation) {
+  return RnnForward(pool, w, h0, px, &valid, hs, reverse, threads, activation);
+}
+ffi::Error RnnBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, Buffer g_hs, Buffer g_h, Result g_u,
+                           Result g_w, Result g_h0, bool reverse, int64_t threads, bool weight_grad,
+                           std::string_view activation) {
+  return RnnBackward(pool, w, hs, h0, nullptr, g_hs, g_h, g_u, g_w, g_h0, reverse, threads, weight_grad, activation);
+}
+ffi::Error RnnBackwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, Mask valid, Buffer g_hs,
+                                 Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse, int64_t threads,
+                                 bool weight_grad, std::string_view activation) {
+  return RnnBackward(pool, w, hs, h0, &valid, g_hs, g_h, g_u, g_w, g_h0, reverse, threads, weight_grad, activation);
+}
+
+// The FFI signature of a masked kernel: `Before` float32 operands, the mask, `After` float32 operands, `Rets`
+// results, then the attributes that `attributes` adds (`reverse`, `threads` and the kernel's own).
+template <int Before, int After, int Rets, typename Attributes>
+auto masked(Attributes attributes) {
+  return operands<Before, 0>([attributes](auto&& binding) {
+    return bind<After, Rets>(std::move(binding).template Arg<Mask>(), attributes);
+  });
+}
+
+auto loop_attributes = [](auto&& binding) {
+  return std::move(binding).template Attr<bool>("reverse").template Attr<int64_t>("threads");
+};
+
+auto backward_attributes = [](auto&& binding) {
+  return std::move(binding).template Attr<bool>("reverse").template Attr<int64_t>("threads").template Attr<bool>(
+      "weight_grad");
+};
+
 }  // namespace
 
 // The gradient-flow kernel's workspace per thread, in floats (for rnnlab.native.flow_workspace_bytes); -1 for an
@@ -998,6 +1141,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
                               (signature<3, 1>().Attr<std::string_view>("activation")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
                               (signature<5, 3>().Attr<bool>("weight_grad").Attr<std::string_view>("activation")));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForwardMasked, LstmForwardMaskedImpl, (masked<4, 0, 3>(loop_attributes)));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackwardMasked, LstmBackwardMaskedImpl,
+                              (masked<6, 3, 4>(backward_attributes)));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForwardMasked, GruForwardMaskedImpl, (masked<4, 0, 3>(loop_attributes)));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruBackwardMasked, GruBackwardMaskedImpl, (masked<5, 2, 3>(backward_attributes)));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForwardMasked, RnnForwardMaskedImpl, (masked<3, 0, 1>([](auto&& binding) {
+                                return loop_attributes(std::move(binding)).template Attr<std::string_view>(
+                                    "activation");
+                              })));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackwardMasked, RnnBackwardMaskedImpl, (masked<3, 2, 3>([](auto&& binding) {
+                                return backward_attributes(std::move(binding)).template Attr<std::string_view>(
+                                    "activation");
+                              })));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGradflow, GradflowImpl,
                               (operands<7, 0>([](auto&& binding) {
                                 return std::move(binding)
