@@ -343,17 +343,20 @@ def step_copies(make_function, args, platform, variable, value, monkeypatch) -> 
     return text.count("call @") + text.count("stablehlo.dot_general")
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
-def test_on_a_gpu_the_loops_lower_unrolled(kind, monkeypatch):
+@pytest.mark.parametrize("kind,padded", [("LSTM", False), ("GRU", False), ("RNN-tanh", False), ("GRU", True)],
+                         ids=["LSTM", "GRU", "RNN-tanh", "GRU-padded"])
+def test_on_a_gpu_the_loops_lower_unrolled(kind, padded, monkeypatch):
     """A GPU runs an XLA loop's iterations one launch sequence at a time, so there the primitives' loops are
     unrolled (`native.gpu_unroll`; run and timed on a GPU by `benchmarks/gpu.sh`). Lowered for CUDA here (no GPU
     needed): ``$RNNLAB_GPU_UNROLL`` steps of the body per iteration; the CPU program does not change. (The plain
-    RNN's loops are Pallas kernels there by default: here with those off, as where they do not apply.)"""
+    RNN's loops are Pallas kernels there by default: here with those off, as where they do not apply.) Padded
+    sequences' masked primitives too."""
     monkeypatch.setenv("RNNLAB_PALLAS", "0")
     cell, params, xs, carry, weights = problem(16, (3,), 20, kind=kind)
+    lengths = jnp.array([20, 7, 1]) if padded else None
 
     def copies(platform, unroll):
-        return step_copies(lambda: jax.grad(loss_fn(cell, weights, False)), (params, xs, carry), platform,
+        return step_copies(lambda: jax.grad(loss_fn(cell, weights, False, lengths)), (params, xs, carry), platform,
                            "RNNLAB_GPU_UNROLL", unroll, monkeypatch)
 
     # Forward and backward loops: 7 more copies of each body per iteration.
