@@ -80,16 +80,17 @@ def _torch_device(torch) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rnnlab_call(kind: str, shape, settings: dict | None = None):
+def rnnlab_call(kind: str, shape, settings: dict | None = None, lengths=None):
     """``settings``: environment variables set while the call is traced and lowered (its first call), e.g.
-    ``{"RNNLAB_NATIVE": "0"}``: `rnnlab.native`'s C++ kernels off, i.e. XLA alone, to show what the kernels bring."""
+    ``{"RNNLAB_NATIVE": "0"}``: `rnnlab.native`'s C++ kernels off, i.e. XLA alone, to show what the kernels bring.
+    ``lengths [batch]``: padded sequences (`bench_padded.py`), whose padded outputs are zero."""
     batch, seq_len, input_size, hidden = shape
     cell = getattr(rnnlab, kind)(hidden_size=hidden)
     params = cell.init(jax.random.PRNGKey(0), input_size)
     xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
 
     def loss(params, xs):
-        ys, _ = rnnlab.scan(cell, params, xs)
+        ys, _ = rnnlab.scan(cell, params, xs, lengths=lengths)
         return jnp.mean(ys**2)
 
     grad = jax.jit(jax.grad(loss))
@@ -102,17 +103,26 @@ def rnnlab_call(kind: str, shape, settings: dict | None = None):
     return call
 
 
-def torch_call(kind: str, shape):
+def torch_call(kind: str, shape, lengths=None):
+    """``lengths [batch]``: padded sequences, packed (``pack_padded_sequence(..., enforce_sorted=False)``) and
+    unpacked (``pad_packed_sequence``, padded outputs zero), as torch's users run them."""
     torch = _torch()
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
     batch, seq_len, input_size, hidden = shape
     device = _torch_device(torch)
     torch.manual_seed(0)
     module = getattr(torch.nn, kind)(input_size, hidden).to(device)
     xs = torch.randn(seq_len, batch, input_size, device=device)
+    cpu_lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)  # packing wants them here
 
     def call():
         module.zero_grad()
-        ys, _ = module(xs)
+        if lengths is None:
+            ys, _ = module(xs)
+        else:
+            packed, _ = module(pack_padded_sequence(xs, cpu_lengths, enforce_sorted=False))
+            ys, _ = pad_packed_sequence(packed, total_length=seq_len)
         ys.square().mean().backward()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -120,7 +130,8 @@ def torch_call(kind: str, shape):
     return call
 
 
-def flax_call(shape):
+def flax_call(shape, lengths=None):
+    """``lengths [batch]``: padded sequences, as ``seq_lengths``; the padded outputs are masked in the loss."""
     import flax.linen as nn
 
     batch, seq_len, input_size, hidden = shape
@@ -129,7 +140,10 @@ def flax_call(shape):
     variables = model.init(jax.random.PRNGKey(0), xs)
 
     def loss(variables, xs):
-        return jnp.mean(model.apply(variables, xs) ** 2)
+        ys = model.apply(variables, xs, seq_lengths=lengths)
+        if lengths is not None:
+            ys = jnp.where((jnp.arange(seq_len)[None, :] < lengths[:, None])[..., None], ys, 0.0)
+        return jnp.mean(ys**2)
 
     grad = jax.jit(jax.grad(loss))
     return lambda: jax.block_until_ready(grad(variables, xs))

@@ -2,8 +2,8 @@
 torch.nn with packed sequences and flax's ``nn.RNN`` with ``seq_lengths``.
 
 Each sequence's length is drawn uniformly from ``[T / 2, T]`` (seed 0; one sequence of full length). Each
-measurement is one training-style call, the loss the mean square of the valid outputs, as each library's users
-make it:
+measurement is one training-style call (`bench_cells.py`'s, given ``lengths``), the loss the mean square of the
+outputs with the padded ones zero, as each library's users make it:
 
 - rnnlab: ``jax.jit(jax.grad(loss))(params, xs)`` with ``rnnlab.scan(cell, params, xs, lengths=lengths)``
   (time-major; padded outputs are zero), which runs the masked twins of the native kernels on a CPU
@@ -26,14 +26,12 @@ Prints a details table, then the targets as ``| name | ours | peer | ratio | tar
 from __future__ import annotations
 
 import os
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_cells import QUICK, TORCH_TARGET, _ms, _table, _torch, _torch_device, blocked_medians
-
-import rnnlab
+from bench_cells import (QUICK, TORCH_TARGET, _ms, _table, _torch, _torch_device, blocked_medians, flax_call,
+                         rnnlab_call, torch_call)
 
 #: (batch, T, input, hidden): the speed issue's step-bound shape and its middle one.
 SHAPES = ((5, 6, 3, 16),) if QUICK else ((32, 100, 64, 128), (64, 200, 128, 256))
@@ -46,67 +44,6 @@ def lengths_of(batch: int, seq_len: int) -> np.ndarray:
     return lengths.astype(np.int32)
 
 
-def rnnlab_call(kind: str, shape, settings: dict | None = None):
-    batch, seq_len, input_size, hidden = shape
-    cell = getattr(rnnlab, kind)(hidden_size=hidden)
-    params = cell.init(jax.random.PRNGKey(0), input_size)
-    xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
-    lengths = jnp.asarray(lengths_of(batch, seq_len))
-
-    def loss(params, xs):
-        ys, _ = rnnlab.scan(cell, params, xs, lengths=lengths)
-        return jnp.sum(ys**2) / (jnp.sum(lengths) * hidden)
-
-    grad = jax.jit(jax.grad(loss))
-
-    def call():
-        with mock.patch.dict(os.environ, settings or {}):  # read while the first call lowers
-            return jax.block_until_ready(grad(params, xs))
-
-    return call
-
-
-def torch_call(kind: str, shape):
-    torch = _torch()
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    batch, seq_len, input_size, hidden = shape
-    device = _torch_device(torch)
-    torch.manual_seed(0)
-    module = getattr(torch.nn, kind)(input_size, hidden).to(device)
-    xs = torch.randn(seq_len, batch, input_size, device=device)
-    lengths = torch.from_numpy(lengths_of(batch, seq_len)).long()  # on the CPU, as packing needs
-    count = float(lengths.sum()) * hidden
-
-    def call():
-        module.zero_grad()
-        packed, _ = module(pack_padded_sequence(xs, lengths, enforce_sorted=False))
-        ys, _ = pad_packed_sequence(packed)
-        (ys.square().sum() / count).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    return call
-
-
-def flax_call(shape):
-    import flax.linen as nn
-
-    batch, seq_len, input_size, hidden = shape
-    model = nn.RNN(nn.OptimizedLSTMCell(hidden))
-    xs = jax.random.normal(jax.random.PRNGKey(1), (batch, seq_len, input_size))
-    lengths = jnp.asarray(lengths_of(batch, seq_len))
-    valid = (jnp.arange(seq_len)[None, :] < lengths[:, None])[..., None]
-    variables = model.init(jax.random.PRNGKey(0), xs, seq_lengths=lengths)
-
-    def loss(variables, xs):
-        ys = jnp.where(valid, model.apply(variables, xs, seq_lengths=lengths), 0.0)
-        return jnp.sum(ys**2) / (jnp.sum(lengths) * hidden)
-
-    grad = jax.jit(jax.grad(loss))
-    return lambda: jax.block_until_ready(grad(variables, xs))
-
-
 def main() -> None:
     torch = _torch()
     print(f"bench_padded: jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
@@ -117,11 +54,11 @@ def main() -> None:
         shape_name = ",".join(map(str, shape))
         lengths = lengths_of(shape[0], shape[1])
         for kind in CELLS:
-            calls = {"rnnlab": rnnlab_call(kind, shape),
-                     "rnnlab XLA only": rnnlab_call(kind, shape, {"RNNLAB_NATIVE": "0"}),
-                     "torch packed": torch_call(kind, shape)}
+            calls = {"rnnlab": rnnlab_call(kind, shape, lengths=jnp.asarray(lengths)),
+                     "rnnlab XLA only": rnnlab_call(kind, shape, {"RNNLAB_NATIVE": "0"}, jnp.asarray(lengths)),
+                     "torch packed": torch_call(kind, shape, lengths)}
             if kind == "LSTM":
-                calls["flax seq_lengths"] = flax_call(shape)
+                calls["flax seq_lengths"] = flax_call(shape, jnp.asarray(lengths))
             medians, fastest, _ = blocked_medians(calls)
             details.append([kind, shape_name, f"{lengths.min()}-{lengths.max()} (mean {lengths.mean():.0f})"]
                            + [f"{_ms(medians[name])} ({_ms(fastest[name])})" if name in medians else "—"
