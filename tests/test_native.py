@@ -550,6 +550,31 @@ def test_gradflow_kernel_equals_the_log_domain_engine(kind):
     assert got_error <= max(10 * plain_error, 1e-5), (got_error, plain_error)
 
 
+# (kind, hidden, rows): each step holds enough work for two threads (`native.flow_team`).
+SPLIT_FLOW_CASES = [("LSTM", 128, 16), ("GRU", 128, 32), ("RNN-tanh", 256, 16)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,hidden,rows", SPLIT_FLOW_CASES, ids=[case[0] for case in SPLIT_FLOW_CASES])
+def test_gradflow_kernel_splits_one_configuration_over_threads(kind, hidden, rows):
+    """A single configuration (`grad_norms` of one sequence batch) runs on a team of threads that split its hidden
+    units, with and without remat: the numbers of the same configuration run whole on one thread (two configurations
+    in one call: shared out) but for the order in which the parts' sums of squares are added, and those of the XLA
+    engine in float64."""
+    cell, params, xs, carry = flow_problem(kind, [1.0, 1.0], hidden=hidden, batch=rows, seq_len=24)
+    if native.threads() >= 2:
+        assert native.flow_team(cell, 1, rows) == 2 and native.flow_team(cell, 2, rows) == 1
+    first = jax.tree_util.tree_map(lambda a: a[:1], (params, xs, carry))
+    split = np.asarray(flow_norms(cell, *first, "kernel"))
+    np.testing.assert_array_equal(np.asarray(flow_norms(cell, *first, "kernel", remat=6)), split)
+    whole = np.asarray(flow_norms(cell, params, xs, carry, "kernel"))[:1]
+    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-6)
+    with jax.enable_x64(True):
+        as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        truth = np.asarray(flow_norms(cell, *as64(first), "xla"))
+    np.testing.assert_allclose(split, truth, rtol=0, atol=1e-4)
+
+
 @needs_kernels
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu"])
 def test_gradflow_kernel_with_remat_runs_each_chunk_again(kind):

@@ -22,8 +22,11 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
   the backward pass hands the carry's cotangent through it unchanged;
 - ``gradflow_p(w_h, b_h, w_x, b_x, h0, c0, xs, which) -> log10 ||∂L/∂h_t|| [C, T]``: `rnnlab.gradflow.grad_norms`
   with its default loss for C configurations of one cell at once, configuration c on ``xs[:, which[c]]``
-  (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). Each configuration runs whole on one thread, forward loop then log-domain backward loop, and the
-  threads share out the configurations: a sweep's small per-configuration matmuls need no barrier.
+  (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). With at
+  least as many configurations as threads each runs whole on one thread, forward loop then log-domain backward
+  loop, and the threads share out the configurations: a sweep's small per-configuration matmuls need no barrier.
+  With fewer (one sequence's `grad_norms`), each configuration's hidden units are split over the threads
+  (`flow_team`).
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
 the kernel does not apply (not a CPU, not float32, a hidden size not a multiple of 16, no C++ compiler,
@@ -718,11 +721,25 @@ def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = No
     return log10_norms
 
 
+def flow_team(cell, configs: int, rows: int) -> int:
+    """Threads that split each configuration's hidden units when `gradflow_p` runs ``configs`` configurations of a
+    built-in cell on ``rows`` sequences with `threads` threads: 1 (the threads share out the configurations) unless
+    there are fewer configurations than threads and each step holds enough work (0 where the library cannot be
+    built). Each runs in turn then, its threads meeting at barriers."""
+    library = _library() if enabled() else None
+    if library is None:
+        return 0
+    team = library.RnnlabFlowTeam
+    team.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    return team(flow_cell_name(cell).encode(), configs, rows, cell.hidden_size, threads())
+
+
 def flow_workspace_bytes(cell, steps: int, rows: int, remat: int | None = None) -> int:
     """Bytes of the gradient-flow kernel's workspace for one configuration of ``rows`` sequences of ``steps`` (the
     carries, what each step's Jacobian needs, per-step rows; with ``remat``, the carry before each chunk and one
-    chunk's): per running thread, outside XLA's memory accounting, freed when the call returns. Asked of the library
-    itself (0 where it cannot be built: then no kernel runs)."""
+    chunk's): one per thread running configurations whole, one for a team that splits a configuration's units
+    (`flow_team`); outside XLA's memory accounting, freed when the call returns. Asked of the library itself (0 where
+    it cannot be built: then no kernel runs)."""
     library = _library() if enabled() else None
     if library is None:
         return 0

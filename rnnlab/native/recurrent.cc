@@ -754,11 +754,14 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, con
 //          which [C] int32) -> log10 ||∂L/∂h_t|| [C, T], for C configurations of one cell (`cell`: lstm, gru, tanh,
 //   relu, linear; b_h is the GRU's and zero for the others, c0 the LSTM's), configuration c on inputs
 //   xs[:, which[c]], as rnnlab/gradflow.py's `grad_norms` with its default loss.
-// Each configuration runs whole on one thread (the threads share out the configurations, with no barrier): the
-// forward loop projects each step's input and keeps the states and gates in the thread's workspace, then the
-// backward loop applies each step's transposed Jacobian to the carry's cotangent, renormalised every step with the
-// log10 of its norm summed in double precision, so vanishing and exploding gradients are exact far past float32's
-// range. W_x, W_h and W_hᵀ stay packed in the thread's cache for all 2T steps. With `chunk` (a divisor of T; 0 or T:
+// With at least as many configurations as threads, each configuration runs whole on one thread (the threads share
+// out the configurations, with no barrier); with fewer (a single sequence's `grad_norms`), each runs in turn on a
+// team of threads that split its hidden units as the cell kernels do, meeting at barriers (one per forward step,
+// two per backward step: the norm is a sum over every unit). The forward loop projects each step's input and keeps
+// the states and gates in the workspace, then the backward loop applies each step's transposed Jacobian to the
+// carry's cotangent, renormalised every step with the log10 of its norm summed in double precision, so vanishing
+// and exploding gradients are exact far past float32's range. Each thread's columns of W_x, W_h and W_hᵀ stay
+// packed in its cache for all 2T steps. With `chunk` (a divisor of T; 0 or T:
 // none) the forward loop keeps only the carry before every chunk of that many steps, and the backward loop runs
 // each chunk's forward steps again (the last chunk's are still there) before its transposed steps: the workspace
 // holds T / chunk carries and one chunk's states and gates instead of T's.
@@ -793,14 +796,15 @@ size_t flow_workspace(Cell cell, int steps, int rows, int hidden, int gates, int
   return (steps / chunk) * carry + (chunk + 1) * carry + saved + (steps + 1) + per_step * gates * 3 + per_step * 3;
 }
 
-// Σ x² over n floats (n a multiple of 16), summed in float32 as the plain-JAX engine sums (a square past float32's
-// range is inf there too), lanes added in double.
-inline double sum_squares(const float* x, size_t n) {
+// Σ x² over units [u0, u0 + nu) of the N rows of x [N, H] (nu a multiple of the vector width), summed in float32
+// as the plain-JAX engine sums (a square past float32's range is inf there too), lanes added in double.
+inline double sum_squares(const float* x, int N, int H, int u0, int nu) {
   vf acc = splat(0.0f);
-  for (size_t k = 0; k < n; k += kLanes) {
-    const vf v = load(x + k);
-    acc += v * v;
-  }
+  for (int b = 0; b < N; ++b)
+    for (int j = 0; j < nu; j += kLanes) {
+      const vf v = load(x + static_cast<size_t>(b) * H + u0 + j);
+      acc += v * v;
+    }
   double total = 0.0;
   for (int lane = 0; lane < kLanes; ++lane) total += acc[lane];
   return total;
@@ -824,21 +828,37 @@ struct Flow {
   int chunk;                                          // steps per chunk, a divisor of steps
 };
 
+// A configuration's team: part `part` of `parts` threads, each owning hidden units [u0, u0 + nu) (`units_of`) of
+// every carry and cotangent and those units' columns of every gate block; they meet at `barrier`. Shared scratch:
+// `partial` (2 · parts doubles: each part's sums of squares of its units of the cotangents of h and c) and `flags`
+// (2 · parts floats: whether each part's units of the state after a step are finite, for steps of each parity).
+struct FlowTeam {
+  int part, parts;
+  Barrier& barrier;
+  double* partial;
+  float* flags;
+};
+
 void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const float* b_h_all, const float* w_x_all,
               const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs, float* out,
-              float* work) {
+              float* work, const FlowTeam& team) {
   const int N = f.rows, H = f.hidden, G = f.gates * H, I = f.inputs, T = f.steps;
-  const size_t NH = static_cast<size_t>(N) * H, NG = static_cast<size_t>(N) * G;
+  const size_t NH = static_cast<size_t>(N) * H;
   const float *w_h = w_h_all + static_cast<size_t>(c) * H * G, *b_h = b_h_all + static_cast<size_t>(c) * G,
               *w_x = w_x_all + static_cast<size_t>(c) * I * G, *b_x = b_x_all + static_cast<size_t>(c) * G;
   const bool lstm = f.cell == Cell::kLstm, gru = f.cell == Cell::kGru;
   const Activation act = activation_of(f.cell);
-  const std::vector<float> panel_x = pack(I, G, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + j]; });
-  const std::vector<float> panel_h = pack(H, G, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + j]; });
-  const std::vector<float> panel_t = pack(G, H, [&](int k, int u) { return w_h[static_cast<size_t>(u) * G + k]; });
+  int u0, u1;
+  units_of(H, team.part, team.parts, &u0, &u1);
+  const int nu = u1 - u0, width = f.gates * nu;
+  // This part's columns of W_x and W_h (its units of every gate block, in order of gate) and its columns of W_hᵀ.
+  const auto column = [&](int j) { return (j / nu) * H + u0 + j % nu; };
+  const std::vector<float> panel_x = pack(I, width, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + column(j)]; });
+  const std::vector<float> panel_h = pack(H, width, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + column(j)]; });
+  const std::vector<float> panel_t = pack(G, nu, [&](int k, int u) { return w_h[static_cast<size_t>(u0 + u) * G + k]; });
   // bounds: the carry before each chunk (h, then c for the LSTM); hs[l], cs[l]: the carry before step l of the chunk
   // in hand (l = K: after its last step), saved[l] what its Jacobian needs; finite[t]: whether the carry before step
-  // t (of the whole sequence) is finite.
+  // t (of the whole sequence) is finite; zx, zh: each part's [N, width] block of a step's pre-activations.
   const int K = f.chunk, chunks = T / K;
   const size_t carry_floats = (lstm ? 2 : 1) * NH;
   float* bounds = work;
@@ -847,79 +867,103 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   float* saved = cs + (lstm ? (K + 1) * NH : 0);
   const size_t saved_width = (lstm || gru ? 4 : 0) * static_cast<size_t>(H);
   float* finite = saved + K * N * saved_width;
-  float* zx = finite + T + 1;
-  float* zh = zx + NG;
-  float* dz = zh + NG;
-  float *gh = dz + NG, *gc = gh + NH, *direct = gc + NH;
-  std::memcpy(bounds, h0_all + c * NH, NH * sizeof(float));
-  if (lstm) std::memcpy(bounds + NH, c0_all + c * NH, NH * sizeof(float));
-  finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0, which checks the carry after it
+  float* zx = finite + T + 1 + static_cast<size_t>(N) * f.gates * u0;
+  float* zh = zx + static_cast<size_t>(N) * G;
+  float* dz = finite + T + 1 + 2 * static_cast<size_t>(N) * G;
+  float *gh = dz + static_cast<size_t>(N) * G, *gc = gh + NH, *direct = gc + NH;
+  // Copies this part's units of each row of `rows` carries of [N, H].
+  const auto copy_units = [&](float* to, const float* from, int rows) {
+    for (int r = 0; r < rows * N; ++r) hold(to + static_cast<size_t>(r) * H + u0, from + static_cast<size_t>(r) * H + u0, nu);
+  };
+  copy_units(bounds, h0_all + c * NH, 1);
+  if (lstm) copy_units(bounds + NH, c0_all + c * NH, 1);
+  if (team.part == 0) finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0
 
-  // Runs chunk `chunk_index`'s steps from its carry in `bounds`, keeping their carries and gates.
-  const auto forward_chunk = [&](int chunk_index) {
-    std::memcpy(hs, bounds + chunk_index * carry_floats, NH * sizeof(float));
-    if (lstm) std::memcpy(cs, bounds + chunk_index * carry_floats + NH, NH * sizeof(float));
+  // Runs chunk `chunk_index`'s steps from its carry in `bounds`, keeping their carries and gates; on the first pass
+  // also whether each state is finite (a rerun finds the same).
+  const auto forward_chunk = [&](int chunk_index, bool first_pass) {
+    copy_units(hs, bounds + chunk_index * carry_floats, 1);
+    if (lstm) copy_units(cs, bounds + chunk_index * carry_floats + NH, 1);
+    team.barrier.wait();  // every unit of the chunk's first carry, for everyone's first matmul
     for (int l = 0; l < K; ++l) {
       const int t = chunk_index * K + l;
       const float* x_t = xs + (static_cast<size_t>(t) * f.sequences + sequence) * N * I;
-      matmul(N, G, I, x_t, I, panel_x.data(), zx, G);
-      matmul(N, G, H, hs + l * NH, H, panel_h.data(), zh, G);
+      matmul(N, width, I, x_t, I, panel_x.data(), zx, width);
+      matmul(N, width, H, hs + l * NH, H, panel_h.data(), zh, width);
       vf bad = splat(0.0f);
       for (int b = 0; b < N; ++b) {
-        const float *px = zx + b * G, *ph = zh + b * G, *h_prev = hs + l * NH + b * H;
-        float* h = hs + (l + 1) * NH + b * H;
-        float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width;
-        for (int j = 0; j < H; j += kLanes) {
+        const float *px = zx + b * width, *ph = zh + b * width, *h_prev = hs + l * NH + b * H + u0;
+        float* h = hs + (l + 1) * NH + b * H + u0;
+        float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width + u0;
+        const float *bx = b_x + u0, *bh = b_h + u0;
+        for (int j = 0; j < nu; j += kLanes) {
           vf h_new;
           if (lstm) {
-            const vf i = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j));
-            const vf fg = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j));
-            const vf g = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + load(ph + 2 * H + j));
-            const vf o = vsigmoid(load(px + 3 * H + j) + load(b_x + 3 * H + j) + load(ph + 3 * H + j));
-            const vf cell_state = fg * load(cs + l * NH + b * H + j) + i * g;
+            const vf i = vsigmoid(load(px + j) + load(bx + j) + load(ph + j));
+            const vf fg = vsigmoid(load(px + nu + j) + load(bx + H + j) + load(ph + nu + j));
+            const vf g = vtanh(load(px + 2 * nu + j) + load(bx + 2 * H + j) + load(ph + 2 * nu + j));
+            const vf o = vsigmoid(load(px + 3 * nu + j) + load(bx + 3 * H + j) + load(ph + 3 * nu + j));
+            const size_t at = static_cast<size_t>(b) * H + u0 + j;
+            const vf cell_state = fg * load(cs + l * NH + at) + i * g;
             const vf tc = vtanh(cell_state);
             store(s + j, i), store(s + H + j, fg), store(s + 2 * H + j, g), store(s + 3 * H + j, o);
-            store(cs + (l + 1) * NH + b * H + j, cell_state);
+            store(cs + (l + 1) * NH + at, cell_state);
             bad += cell_state - cell_state;
             h_new = o * tc;
           } else if (gru) {
-            const vf a_n = load(ph + 2 * H + j) + load(b_h + 2 * H + j);
-            const vf r = vsigmoid(load(px + j) + load(b_x + j) + load(ph + j) + load(b_h + j));
-            const vf z = vsigmoid(load(px + H + j) + load(b_x + H + j) + load(ph + H + j) + load(b_h + H + j));
-            const vf n = vtanh(load(px + 2 * H + j) + load(b_x + 2 * H + j) + r * a_n);
+            const vf a_n = load(ph + 2 * nu + j) + load(bh + 2 * H + j);
+            const vf r = vsigmoid(load(px + j) + load(bx + j) + load(ph + j) + load(bh + j));
+            const vf z = vsigmoid(load(px + nu + j) + load(bx + H + j) + load(ph + nu + j) + load(bh + H + j));
+            const vf n = vtanh(load(px + 2 * nu + j) + load(bx + 2 * H + j) + r * a_n);
             store(s + j, r), store(s + H + j, z), store(s + 2 * H + j, n), store(s + 3 * H + j, a_n);
             h_new = (kOne - z) * n + z * load(h_prev + j);
           } else {
-            h_new = activate(act, load(px + j) + load(b_x + j) + load(ph + j));
+            h_new = activate(act, load(px + j) + load(bx + j) + load(ph + j));
           }
           store(h + j, h_new);
           bad += h_new - h_new;
         }
       }
-      finite[t + 1] = none_bad(bad) ? 1.0f : 0.0f;
+      // Each part's flag for the step, in the slot of its parity: a part can be one step ahead, not two.
+      if (first_pass) team.flags[2 * team.part + t % 2] = none_bad(bad) ? 1.0f : 0.0f;
+      team.barrier.wait();  // the state after the step is whole
+      if (first_pass && team.part == 0) {
+        float all = 1.0f;
+        for (int q = 0; q < team.parts; ++q) all = std::min(all, team.flags[2 * q + t % 2]);
+        finite[t + 1] = all;
+      }
     }
   };
   for (int j = 0; j < chunks; ++j) {
-    forward_chunk(j);
+    forward_chunk(j, true);
     if (j + 1 < chunks) {
-      std::memcpy(bounds + (j + 1) * carry_floats, hs + K * NH, NH * sizeof(float));
-      if (lstm) std::memcpy(bounds + (j + 1) * carry_floats + NH, cs + K * NH, NH * sizeof(float));
+      copy_units(bounds + (j + 1) * carry_floats, hs + K * NH, 1);
+      if (lstm) copy_units(bounds + (j + 1) * carry_floats + NH, cs + K * NH, 1);
     }
   }
+  team.barrier.wait();  // part 0 has recorded whether the last state is finite
 
   // The default loss's gradient 2 h_T / N starts the backward pass with log10 scale 0. Before each transposed step
   // the cotangent is renormalised (its inverse norm folded into the step) and its log10 norm added to the scale; a
-  // zero cotangent gets scale -inf, one of norm inf or nan (the loss's gradient at an overflowed state) nan.
+  // zero cotangent gets scale -inf, one of norm inf or nan (the loss's gradient at an overflowed state) nan. Every
+  // part sums the parts' sums of squares in the same order, so all keep the same scale.
   const float* h_final = hs + K * NH;
-  for (size_t k = 0; k < NH; ++k) gh[k] = 2.0f * h_final[k] / N;
-  if (lstm) std::memset(gc, 0, NH * sizeof(float));
+  for (int b = 0; b < N; ++b)
+    for (int j = 0; j < nu; ++j) gh[b * H + u0 + j] = 2.0f * h_final[b * H + u0 + j] / N;
+  if (lstm)
+    for (int b = 0; b < N; ++b) std::memset(gc + b * H + u0, 0, nu * sizeof(float));
   double log_scale = 0.0;
   bool diverged = false;
   const double minus_inf = -std::numeric_limits<double>::infinity();
   for (int t = T - 1; t >= 0; --t) {
     const int l = t % K;  // the step within its chunk, whose forward steps run again unless it is the last
-    if (l == K - 1 && t + 1 < T) forward_chunk(t / K);
-    const double squares_h = sum_squares(gh, NH), squares = squares_h + (lstm ? sum_squares(gc, NH) : 0.0);
+    if (l == K - 1 && t + 1 < T) forward_chunk(t / K, false);
+    team.partial[2 * team.part] = sum_squares(gh, N, H, u0, nu);
+    team.partial[2 * team.part + 1] = lstm ? sum_squares(gc, N, H, u0, nu) : 0.0;
+    team.barrier.wait();  // every part's sums
+    double squares_h = 0.0, squares_c = 0.0;
+    for (int q = 0; q < team.parts; ++q) squares_h += team.partial[2 * q], squares_c += team.partial[2 * q + 1];
+    const double squares = squares_h + squares_c;
     float inverse_f = 1.0f;
     if (squares == 0.0) {
       log_scale = minus_inf;
@@ -930,17 +974,20 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
     // A non-zero cotangent meeting a state that is not finite makes ∂L/∂h_t and every earlier one undefined; so
     // does a cotangent whose norm is not finite in float32 (the loss's gradient at a state past 1e19).
     diverged = diverged || (finite[t + 1] == 0.0f && log_scale != minus_inf) || !std::isfinite(squares);
-    out[static_cast<size_t>(c) * T + t] =
-        diverged ? std::numeric_limits<float>::quiet_NaN()
-                 : static_cast<float>(log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares)));
+    if (team.part == 0)
+      out[static_cast<size_t>(c) * T + t] =
+          diverged ? std::numeric_limits<float>::quiet_NaN()
+                   : static_cast<float>(log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares)));
     const vf inverse = splat(inverse_f);
-    if (lstm) {
-      // The tangent's transpose (rnnlab/fused.py): the cell state's cotangent gathers h's through o·tanh'.
-      for (int b = 0; b < N; ++b) {
-        const float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width;
-        const float* c_old = cs + l * NH + b * H;
-        float *ghb = gh + b * H, *gcb = gc + b * H, *dzb = dz + b * G;
-        for (int j = 0; j < H; j += kLanes) {
+    for (int b = 0; b < N; ++b) {
+      const size_t row = static_cast<size_t>(b) * H + u0;
+      const float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width + u0;
+      float *ghb = gh + row, *dzb = dz + static_cast<size_t>(b) * G + u0;
+      if (lstm) {
+        // The tangent's transpose (rnnlab/fused.py): the cell state's cotangent gathers h's through o·tanh'.
+        const float* c_old = cs + l * NH + row;
+        float* gcb = gc + row;
+        for (int j = 0; j < nu; j += kLanes) {
           if (l > 0) {  // the step before's saved rows, from memory while this step computes
             for (int q = 0; q < 4; ++q) __builtin_prefetch(s - N * saved_width + q * H + j);
             __builtin_prefetch(c_old - NH + j);
@@ -954,31 +1001,37 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
           store(dzb + 3 * H + j, dh * tc * o * (kOne - o));
           store(gcb + j, fg * dc);
         }
-      }
-      matmul(N, H, G, dz, G, panel_t.data(), gh, H);
-    } else if (gru) {
-      for (int b = 0; b < N; ++b) {
-        const float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width;
-        const float* h_prev = hs + l * NH + b * H;
-        float *ghb = gh + b * H, *dzb = dz + b * G;
-        for (int j = 0; j < H; j += kLanes) {
+      } else if (gru) {
+        const float* h_prev = hs + l * NH + row;
+        for (int j = 0; j < nu; j += kLanes) {
           const vf r = load(s + j), z = load(s + H + j), n = load(s + 2 * H + j), a_n = load(s + 3 * H + j);
           const vf dh = load(ghb + j) * inverse, g_n = (kOne - z) * (kOne - n * n) * dh;
           store(dzb + j, g_n * r * (kOne - r) * a_n);
           store(dzb + H + j, (load(h_prev + j) - n) * z * (kOne - z) * dh);
           store(dzb + 2 * H + j, g_n * r);
-          store(direct + b * H + j, z * dh);
+          store(direct + row + j, z * dh);
         }
+      } else {
+        const float* h_new = hs + (l + 1) * NH + row;
+        for (int j = 0; j < nu; j += kLanes)
+          store(dzb + j, load(ghb + j) * inverse * derivative(act, load(h_new + j)));
       }
-      matmul(N, H, G, dz, G, panel_t.data(), gh, H);
-      for (size_t k = 0; k < NH; k += kLanes) store(gh + k, load(gh + k) + load(direct + k));
-    } else {
-      const float* h_new = hs + (l + 1) * NH;
-      for (size_t k = 0; k < NH; k += kLanes)
-        store(dz + k, load(gh + k) * inverse * derivative(act, load(h_new + k)));
-      matmul(N, H, G, dz, G, panel_t.data(), gh, H);
     }
+    team.barrier.wait();  // every column of the step's pre-activation cotangent
+    matmul(N, nu, G, dz, G, panel_t.data(), gh + u0, H);
+    if (gru)
+      for (int b = 0; b < N; ++b)
+        for (int j = 0; j < nu; j += kLanes) {
+          float* g = gh + static_cast<size_t>(b) * H + u0 + j;
+          store(g, load(g) + load(direct + static_cast<size_t>(b) * H + u0 + j));
+        }
   }
+}
+
+// The threads that split each configuration's hidden units in the gradient-flow kernel: 1 (configurations shared
+// out) unless there are fewer configurations than threads and the steps hold enough work (`team_size`).
+int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads) {
+  return configs < threads ? team_size(rows, hidden, gates, threads) : 1;
 }
 
 ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
@@ -1000,16 +1053,35 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: chunk must divide the number of steps");
   const size_t floats = flow_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates, f.chunk);
   std::atomic<bool> out_of_memory{false};
-  team(pool, static_cast<int>(std::min<int64_t>(threads, configs)), [&](int part, int parts, Barrier&) {
+  const auto run = [&](int c, float* work, const FlowTeam& flow_team) {
+    flow_one(f, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(),
+             h0.typed_data(), c0.typed_data(), xs.typed_data(), out->typed_data(), work, flow_team);
+  };
+  // Fewer configurations than threads: each configuration in turn on a team that splits its hidden units (where
+  // its steps hold enough work for that, as for the cell kernels); else the threads share out the configurations.
+  const int split = flow_team(configs, f.rows, f.hidden, f.gates, threads);
+  if (split > 1) {
     std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
-    if (!work) {
-      out_of_memory = true;
-      return;
-    }
-    for (int c = part; c < configs; c += parts)
-      flow_one(f, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(), h0.typed_data(),
-               c0.typed_data(), xs.typed_data(), out->typed_data(), work.get());
-  });
+    if (!work) out_of_memory = true;
+    std::vector<double> partial(2 * split);
+    std::vector<float> flags(2 * split);
+    for (int c = 0; c < configs && !out_of_memory; ++c)
+      team(pool, split, [&](int part, int parts, Barrier& barrier) {
+        run(c, work.get(), FlowTeam{part, parts, barrier, partial.data(), flags.data()});
+      });
+  } else {
+    team(pool, static_cast<int>(std::min<int64_t>(threads, configs)), [&](int part, int parts, Barrier&) {
+      std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
+      if (!work) {
+        out_of_memory = true;
+        return;
+      }
+      Barrier alone(1);
+      double partial[2];
+      float flags[2];
+      for (int c = part; c < configs; c += parts) run(c, work.get(), FlowTeam{0, 1, alone, partial, flags});
+    });
+  }
   if (out_of_memory)
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rnnlab gradflow kernel: no memory for the workspace (" +
                       std::to_string(floats * sizeof(float) >> 20) + " MiB per thread); use remat");
@@ -1126,6 +1198,14 @@ extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, i
   int gates;
   if (cell_of(cell_name, &cell, &gates).failure()) return -1;
   return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates, flow_chunk(steps, chunk)));
+}
+
+// Threads per configuration of the gradient-flow kernel (for rnnlab.native.flow_team); -1 for an unknown cell.
+extern "C" int RnnlabFlowTeam(const char* cell_name, int64_t configs, int rows, int hidden, int64_t threads) {
+  Cell cell;
+  int gates;
+  if (cell_of(cell_name, &cell, &gates).failure()) return -1;
+  return flow_team(configs, rows, hidden, gates, threads);
 }
 
 // Floats per vector in this build (16 with AVX-512, else 8): for rnnlab.native.vector_lanes.
