@@ -22,11 +22,10 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
   the backward pass hands the carry's cotangent through it unchanged;
 - ``gradflow_p(w_h, b_h, w_x, b_x, h0, c0, xs, which) -> log10 ||∂L/∂h_t|| [C, T]``: `rnnlab.gradflow.grad_norms`
   with its default loss for C configurations of one cell at once, configuration c on ``xs[:, which[c]]``
-  (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). With at
-  least as many configurations as threads each runs whole on one thread, forward loop then log-domain backward
-  loop, and the threads share out the configurations: a sweep's small per-configuration matmuls need no barrier.
-  With fewer (one sequence's `grad_norms`), each configuration's hidden units are split over the threads
-  (`flow_team`).
+  (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). With
+  several configurations each runs whole on one thread, forward loop then log-domain backward loop, and the threads
+  share out the configurations: a sweep's small per-configuration matmuls need no barrier. A single configuration
+  (one sequence batch's `grad_norms`) has its hidden units split over the threads (`flow_team`).
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
 the kernel does not apply (not a CPU, not float32, a hidden size not a multiple of 16, no C++ compiler,
@@ -724,8 +723,8 @@ def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = No
 def flow_team(cell, configs: int, rows: int) -> int:
     """Threads that split each configuration's hidden units when `gradflow_p` runs ``configs`` configurations of a
     built-in cell on ``rows`` sequences with `threads` threads: 1 (the threads share out the configurations) unless
-    there are fewer configurations than threads and each step holds enough work (0 where the library cannot be
-    built). Each runs in turn then, its threads meeting at barriers."""
+    there is one configuration and each step holds enough work (0 where the library cannot be built); its threads
+    meet at barriers."""
     library = _library() if enabled() else None
     if library is None:
         return 0

@@ -754,10 +754,10 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, con
 //          which [C] int32) -> log10 ||∂L/∂h_t|| [C, T], for C configurations of one cell (`cell`: lstm, gru, tanh,
 //   relu, linear; b_h is the GRU's and zero for the others, c0 the LSTM's), configuration c on inputs
 //   xs[:, which[c]], as rnnlab/gradflow.py's `grad_norms` with its default loss.
-// With at least as many configurations as threads, each configuration runs whole on one thread (the threads share
-// out the configurations, with no barrier); with fewer (a single sequence's `grad_norms`), each runs in turn on a
-// team of threads that split its hidden units as the cell kernels do, meeting at barriers (one per forward step,
-// two per backward step: the norm is a sum over every unit). The forward loop projects each step's input and keeps
+// Each configuration runs whole on one thread (the threads share out the configurations, with no barrier); a single
+// configuration (one sequence batch's `grad_norms`) runs on a team of threads that split its hidden units as the
+// cell kernels do, meeting at barriers (one per forward step, two per backward step: the norm is a sum over every
+// unit). The forward loop projects each step's input and keeps
 // the states and gates in the workspace, then the backward loop applies each step's transposed Jacobian to the
 // carry's cotangent, renormalised every step with the log10 of its norm summed in double precision, so vanishing
 // and exploding gradients are exact far past float32's range. Each thread's columns of W_x, W_h and W_hᵀ stay
@@ -927,7 +927,7 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
       // Each part's flag for the step, in the slot of its parity: a part can be one step ahead, not two.
       if (first_pass) team.flags[2 * team.part + t % 2] = none_bad(bad) ? 1.0f : 0.0f;
       team.barrier.wait();  // the state after the step is whole
-      if (first_pass && team.part == 0) {
+      if (first_pass && team.part == 0) {  // read after the barriers to come (finite[T]: the first backward one)
         float all = 1.0f;
         for (int q = 0; q < team.parts; ++q) all = std::min(all, team.flags[2 * q + t % 2]);
         finite[t + 1] = all;
@@ -941,7 +941,6 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
       if (lstm) copy_units(bounds + (j + 1) * carry_floats + NH, cs + K * NH, 1);
     }
   }
-  team.barrier.wait();  // part 0 has recorded whether the last state is finite
 
   // The default loss's gradient 2 h_T / N starts the backward pass with log10 scale 0. Before each transposed step
   // the cotangent is renormalised (its inverse norm folded into the step) and its log10 norm added to the scale; a
@@ -1029,9 +1028,11 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
 }
 
 // The threads that split each configuration's hidden units in the gradient-flow kernel: 1 (configurations shared
-// out) unless there are fewer configurations than threads and the steps hold enough work (`team_size`).
+// out) unless there is one configuration and its steps hold enough work (`team_size`). Two configurations on two
+// threads run side by side, each whole, in the time of one; split, they would take two team runs (a team of two
+// ran a configuration 1.4-1.5x faster than one thread, not 2x).
 int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads) {
-  return configs < threads ? team_size(rows, hidden, gates, threads) : 1;
+  return configs == 1 ? team_size(rows, hidden, gates, threads) : 1;
 }
 
 ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
@@ -1057,17 +1058,17 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     flow_one(f, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(),
              h0.typed_data(), c0.typed_data(), xs.typed_data(), out->typed_data(), work, flow_team);
   };
-  // Fewer configurations than threads: each configuration in turn on a team that splits its hidden units (where
-  // its steps hold enough work for that, as for the cell kernels); else the threads share out the configurations.
+  // One configuration: a team that splits its hidden units (where its steps hold enough work for that, as for the
+  // cell kernels); else the threads share out the configurations.
   const int split = flow_team(configs, f.rows, f.hidden, f.gates, threads);
   if (split > 1) {
     std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
     if (!work) out_of_memory = true;
     std::vector<double> partial(2 * split);
     std::vector<float> flags(2 * split);
-    for (int c = 0; c < configs && !out_of_memory; ++c)
+    if (!out_of_memory)
       team(pool, split, [&](int part, int parts, Barrier& barrier) {
-        run(c, work.get(), FlowTeam{part, parts, barrier, partial.data(), flags.data()});
+        run(0, work.get(), FlowTeam{part, parts, barrier, partial.data(), flags.data()});
       });
   } else {
     team(pool, static_cast<int>(std::min<int64_t>(threads, configs)), [&](int part, int parts, Barrier&) {
