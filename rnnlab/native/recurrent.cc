@@ -360,11 +360,33 @@ ffi::Error mask_of(const ffi::Buffer<ffi::PRED>* valid, Loop* loop) {
 // Row b's units [u0, u0 + nu) of a carry kept through a masked step: `to` = `from`.
 inline void hold(float* to, const float* from, int nu) { std::memcpy(to, from, nu * sizeof(float)); }
 
+// The rows of step t that a masked kernel computes (its valid ones), in `live`; returns how many (B, with `live`
+// left as it is, when none is kept). A step's matmul then runs on those rows alone, gathered: padded rows cost a
+// copy of their carry, not their share of the matmul.
+int live_rows(const Loop& loop, int t, std::vector<int>& live) {
+  if (loop.valid == nullptr) return loop.batch;
+  live.clear();
+  for (int b = 0; b < loop.batch; ++b)
+    if (!loop.keeps(t, b)) live.push_back(b);
+  return static_cast<int>(live.size());
+}
+
+// C[n, width] = A[live rows, k] @ B: the rows `live` of `a` [B, k] (all B of them when n = B) gathered into `gathered`
+// first where some are missing.
+void live_matmul(int batch, int n, const std::vector<int>& live, int width, int k, const float* a,
+                 const float* packed, float* c, std::vector<float>& gathered) {
+  if (n == batch) return matmul(batch, width, k, a, k, packed, c, width);
+  gathered.resize(static_cast<size_t>(n) * k);
+  for (int i = 0; i < n; ++i)
+    std::memcpy(&gathered[static_cast<size_t>(i) * k], a + static_cast<size_t>(live[i]) * k, k * sizeof(float));
+  if (n > 0) matmul(n, width, k, gathered.data(), k, packed, c, width);
+}
+
 // The forward loop of a cell. Each part owns hidden units [u0, u0 + nu) and the columns of W_h that make them (its
 // units of every gate block, packed in order of gate); per step it computes z = h_{t-1} W_h for those columns and
 // calls step(t, prev, b, u0, nu, z_b, keep) for each row b (z_b: [gates·nu], gate blocks of nu), which writes h_t's
-// units among whatever else the cell keeps (keep: the step is masked out, and the row's carry is copied on). One
-// barrier per step, after which h_t is whole.
+// units among whatever else the cell keeps (keep: the step is masked out, the row's carry is copied on, and z_b is
+// null: a masked kernel's matmul skips such rows). One barrier per step, after which h_t is whole.
 template <typename Step>
 void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, const float* hs,
                   Step step) {
@@ -375,12 +397,16 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
     const int nu = u1 - u0, width = loop.gates * nu;
     const std::vector<float> panel =
         pack(H, width, [&](int k, int j) { return w_h[k * G + (j / nu) * H + u0 + j % nu]; });
-    std::vector<float> z(static_cast<size_t>(B) * width);
+    std::vector<float> z(static_cast<size_t>(B) * width), gathered;
+    std::vector<int> live;
     for (int s = 0; s < loop.steps; ++s) {
       const int t = loop.time(s), prev = loop.previous(s);
       const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
-      matmul(B, width, H, h_prev, H, panel.data(), z.data(), width);
-      for (int b = 0; b < B; ++b) step(t, prev, b, u0, nu, &z[static_cast<size_t>(b) * width], loop.keeps(t, b));
+      live_matmul(B, live_rows(loop, t, live), live, width, H, h_prev, panel.data(), z.data(), gathered);
+      for (int b = 0, i = 0; b < B; ++b) {  // z's row i is the i-th computed row's
+        const bool keep = loop.keeps(t, b);
+        step(t, prev, b, u0, nu, keep ? nullptr : &z[static_cast<size_t>(i++) * width], keep);
+      }
       barrier.wait();
     }
   });
@@ -409,7 +435,9 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
     const int nu = u1 - u0;
     // panel[k, u] = W_h[u0 + u, k], so that this part's units of g_h_{t-1} are row(s) @ panel.
     const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return w_h[(u0 + u) * G + k]; });
-    std::vector<float> dh(static_cast<size_t>(B) * nu), kept(loop.valid != nullptr ? dh.size() : 0);
+    std::vector<float> dh(static_cast<size_t>(B) * nu), kept(loop.valid != nullptr ? dh.size() : 0), gathered,
+        live_dh;
+    std::vector<int> live;
     for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h + b * H + u0, nu * sizeof(float));
     if (g_w != nullptr) {
       for (int k = 0; k < H; ++k)
@@ -439,7 +467,14 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
         pending = s;
       }
       barrier.wait();  // every unit's recurrent cotangent of the step is written
-      matmul(B, nu, G, cell.row(s), G, panel.data(), dh.data(), nu);
+      const int n = live_rows(loop, t, live);
+      if (n == B) {
+        matmul(B, nu, G, cell.row(s), G, panel.data(), dh.data(), nu);
+      } else {  // the kept rows' recurrent cotangents are zero: only the others' enter the matmul
+        live_dh.resize(static_cast<size_t>(n) * nu);
+        live_matmul(B, n, live, nu, G, cell.row(s), panel.data(), live_dh.data(), gathered);
+        for (int i = 0; i < n; ++i) hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
+      }
       cell.carry(dh);
       for (int b = 0; b < B; ++b)
         if (loop.keeps(t, b)) hold(&dh[b * nu], &kept[b * nu], nu);
@@ -478,6 +513,12 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
     const float* c_prev = (prev < 0 ? C0 + b * H : CS + loop.row(prev, b) * H) + u0;
     float* gb = GATES + loop.row(t, b) * G + u0;
     const size_t at = loop.row(t, b) * H + u0;
+    if (keep) {  // the saved gates of a kept step are never used: zeros, so that nothing stale is left there
+      hold(CS + at, c_prev, nu);
+      hold(HS + at, (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0, nu);
+      for (int q = 0; q < 4; ++q) std::memset(gb + q * H, 0, nu * sizeof(float));
+      return;
+    }
     for (int j = 0; j < nu; j += kLanes) {
       const vf i = vsigmoid(load(z + j) + load(pxb + j));
       const vf f = vsigmoid(load(z + nu + j) + load(pxb + H + j));
@@ -490,10 +531,6 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
       store(gb + 3 * H + j, o);
       store(CS + at + j, c);
       store(HS + at + j, o * vtanh(c));
-    }
-    if (keep) {
-      hold(CS + at, c_prev, nu);
-      hold(HS + at, (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0, nu);
     }
   });
   return ffi::Error::Success();
@@ -573,6 +610,12 @@ ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buf
     const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
     float* gb = GATES + loop.row(t, b) * G + u0;
     const size_t at = loop.row(t, b) * H + u0;
+    if (keep) {
+      hold(HS + at, h_prev, nu);
+      for (int q = 0; q < 3; ++q) std::memset(gb + q * H, 0, nu * sizeof(float));
+      std::memset(AN + at, 0, nu * sizeof(float));
+      return;
+    }
     for (int j = 0; j < nu; j += kLanes) {
       const vf r = vsigmoid(load(pxb + j) + load(a + j) + load(BH + u0 + j));
       const vf z = vsigmoid(load(pxb + H + j) + load(a + nu + j) + load(BH + H + u0 + j));
@@ -584,7 +627,6 @@ ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buf
       store(AN + at + j, a_n);
       store(HS + at + j, (kOne - z) * n + z * load(h_prev + j));
     }
-    if (keep) hold(HS + at, h_prev, nu);
   });
   return ffi::Error::Success();
 }
