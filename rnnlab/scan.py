@@ -160,8 +160,8 @@ def scan(
     When the cell defines ``project_inputs`` (and ``recur``), the input matmul runs once for all steps before the
     loop; the numbers are those of the plain step. The built-in cells run a fused recurrence with a hand-written
     tangent rule whose weight gradients are one matmul over all steps (`rnnlab.fused`; on a CPU the native kernels,
-    with ``lengths`` their masked twins); the results equal those of the plain step to rounding. With ``remat`` each chunk projects its own inputs and runs
-    the fused recurrence, recomputed on the way back.
+    with ``lengths`` their masked twins); the results equal those of the plain step to rounding. With ``remat`` each
+    chunk projects its own inputs and runs the fused recurrence, recomputed on the way back.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]

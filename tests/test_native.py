@@ -1,8 +1,9 @@
 """The native kernels (`rnnlab.native`, C++ through XLA's FFI) against plain autodiff of each cell's step.
 
 `rnnlab.scan` sends the LSTM, the GRU and the Elman RNN (float32, hidden size a multiple of 16) to the kernels on
-CPU, their masked twins when sequences are padded (``lengths``); the reference is the same cell as a subclass instance, which `scan` runs as a plain `lax.scan`
-differentiated by JAX, and the truth is that reference in float64. Each case also checks that the compiled program
+CPU, their masked twins when sequences are padded (``lengths``); the reference is the same cell as a subclass
+instance, which `scan` runs as a plain `lax.scan` differentiated by JAX, and the truth is that reference in
+float64. Each case also checks that the compiled program
 really calls the kernel, so a silent fallback cannot pass for it.
 """
 

@@ -473,7 +473,8 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
       } else {  // the kept rows' recurrent cotangents are zero: only the others' enter the matmul
         live_dh.resize(static_cast<size_t>(n) * nu);
         live_matmul(B, n, live, nu, G, cell.row(s), panel.data(), live_dh.data(), gathered);
-        for (int i = 0; i < n; ++i) hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
+        for (int i = 0; i < n; ++i)
+          hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
       }
       cell.carry(dh);
       for (int b = 0; b < B; ++b)
@@ -895,9 +896,12 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   const int nu = u1 - u0, width = f.gates * nu;
   // This part's columns of W_x and W_h (its units of every gate block, in order of gate) and its columns of W_hᵀ.
   const auto column = [&](int j) { return (j / nu) * H + u0 + j % nu; };
-  const std::vector<float> panel_x = pack(I, width, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + column(j)]; });
-  const std::vector<float> panel_h = pack(H, width, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + column(j)]; });
-  const std::vector<float> panel_t = pack(G, nu, [&](int k, int u) { return w_h[static_cast<size_t>(u0 + u) * G + k]; });
+  const std::vector<float> panel_x =
+      pack(I, width, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + column(j)]; });
+  const std::vector<float> panel_h =
+      pack(H, width, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + column(j)]; });
+  const std::vector<float> panel_t =
+      pack(G, nu, [&](int k, int u) { return w_h[static_cast<size_t>(u0 + u) * G + k]; });
   // bounds: the carry before each chunk (h, then c for the LSTM); hs[l], cs[l]: the carry before step l of the chunk
   // in hand (l = K: after its last step), saved[l] what its Jacobian needs; finite[t]: whether the carry before step
   // t (of the whole sequence) is finite; zx, zh: each part's [N, width] block of a step's pre-activations.
@@ -915,7 +919,8 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   float *gh = dz + static_cast<size_t>(N) * G, *gc = gh + NH, *direct = gc + NH;
   // Copies this part's units of each row of `rows` carries of [N, H].
   const auto copy_units = [&](float* to, const float* from, int rows) {
-    for (int r = 0; r < rows * N; ++r) hold(to + static_cast<size_t>(r) * H + u0, from + static_cast<size_t>(r) * H + u0, nu);
+    for (int r = 0; r < rows * N; ++r)
+      hold(to + static_cast<size_t>(r) * H + u0, from + static_cast<size_t>(r) * H + u0, nu);
   };
   copy_units(bounds, h0_all + c * NH, 1);
   if (lstm) copy_units(bounds + NH, c0_all + c * NH, 1);
