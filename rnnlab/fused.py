@@ -233,15 +233,29 @@ def _outputs(hs: jax.Array, valid) -> jax.Array:
     return hs if valid is None else jnp.where(valid[..., None], hs, jnp.zeros_like(hs))
 
 
-def _scan_valid(body, carry, xs, valid, reverse, unroll):
+def _emit_both(carry, extra):
+    return carry, extra
+
+
+def _emit_hidden(carry, extra):
+    return _hidden_of(carry)
+
+
+def _masked_scan(step, carry, xs, valid, reverse: bool, unroll: int, emit=_emit_both):
+    """`jax.lax.scan` of ``step(carry, x_t) -> (new_carry, extra_t)`` over ``xs``, emitting ``emit(carry_t,
+    extra_t)`` per step (by default both); with ``valid [T, N]`` a step where ``valid[t, n]`` is false keeps row n's
+    carry (the rule of the masked recurrences, here and in `rnnlab.native`'s kernels)."""
+
+    def body(carry, inputs):
+        x_t, valid_t = (inputs, None) if valid is None else inputs
+        new_carry, extra = step(carry, x_t)
+        new_carry = _masked(valid_t, new_carry, carry)
+        return new_carry, emit(new_carry, extra)
+
     return jax.lax.scan(body, carry, xs if valid is None else (xs, valid), reverse=reverse, unroll=unroll)
 
 
-def _split_valid(inputs, valid):
-    return (inputs, None) if valid is None else inputs
-
-
-def _native(kernel: _Kernel, unroll: int, px) -> bool:
+def _native(unroll: int, px) -> bool:
     """Whether this recurrence runs on `rnnlab.native`'s primitives (masked ones with a padding mask): any built-in
     cell, ``unroll=1``, at least one step. They lower to the C++ kernels on CPU in float32 and to the same maths in
     XLA elsewhere."""
@@ -290,16 +304,10 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, valid):
-    if _native(kernel, unroll, px):
+    if _native(unroll, px):
         return _native_recurrence(kernel, reverse, params, carry, px, valid)
-
-    def body(carry, inputs):
-        px_t, valid_t = _split_valid(inputs, valid)
-        new_carry, _ = kernel.step(params, carry, px_t)
-        new_carry = _masked(valid_t, new_carry, carry)
-        return new_carry, _hidden_of(new_carry)
-
-    carry, hs = _scan_valid(body, carry, px, valid, reverse, unroll)
+    step = functools.partial(kernel.step, params)
+    carry, hs = _masked_scan(step, carry, px, valid, reverse, unroll, _emit_hidden)
     return _outputs(hs, valid), carry
 
 
@@ -307,26 +315,18 @@ def _recurrence(kernel: _Kernel, reverse: bool, unroll: int, params, carry, px, 
 def _recurrence_jvp(kernel, reverse, unroll, primals, tangents):
     params, carry0, px, valid = primals
     d_params, d_carry0, dpx, _ = tangents
-    if _native(kernel, unroll, px):
+    if _native(unroll, px):
         return _native_recurrence(kernel, reverse, params, carry0, px, valid, d_params, d_carry0, dpx)
-
-    def body(carry, inputs):
-        px_t, valid_t = _split_valid(inputs, valid)
-        new_carry, saved_t = kernel.step(params, carry, px_t)
-        new_carry = _masked(valid_t, new_carry, carry)
-        return new_carry, (new_carry, saved_t)
-
-    carry, (carries, saved) = _scan_valid(body, carry0, px, valid, reverse, unroll)
+    step = functools.partial(kernel.step, params)
+    carry, (carries, saved) = _masked_scan(step, carry0, px, valid, reverse, unroll)
     previous = jax.tree_util.tree_map(lambda seq, first: _previous(seq, first, reverse), carries, carry0)
     coeffs = kernel.coefficients(params, saved, carries, previous)
     u = kernel.tangent_inputs(params, d_params, dpx, _hidden_of(previous), coeffs)
 
-    def tangent_body(d_carry, inputs):
-        (u_t, coeffs_t), valid_t = _split_valid(inputs, valid)
-        new_d_carry = _masked(valid_t, kernel.tangent_step(params, d_carry, u_t, coeffs_t), d_carry)
-        return new_d_carry, _hidden_of(new_d_carry)
+    def tangent_step(d_carry, inputs):
+        return kernel.tangent_step(params, d_carry, *inputs), ()
 
-    d_carry, d_hs = _scan_valid(tangent_body, d_carry0, (u, coeffs), valid, reverse, unroll)
+    d_carry, d_hs = _masked_scan(tangent_step, d_carry0, (u, coeffs), valid, reverse, unroll, _emit_hidden)
     return (_outputs(_hidden_of(carries), valid), carry), (_outputs(d_hs, valid), d_carry)
 
 

@@ -201,25 +201,11 @@ def _previous(seq, first, reverse):
     return fused._previous(seq, first, reverse)
 
 
-def _masked_scan(step, carry, xs, valid, reverse, unroll):
-    """``lax.scan`` of ``step(carry, x_t) -> (new_carry, extra_t)``, each step's outputs ``(new_carry, extra_t)``; with
-    ``valid [T, N]`` a step where ``valid[t, n]`` is false keeps row n's carry (the masked kernels' rule)."""
-    from rnnlab import fused
-
-    def body(carry, inputs):
-        x_t, valid_t = fused._split_valid(inputs, valid)
-        new_carry, extra = step(carry, x_t)
-        new_carry = fused._masked(valid_t, new_carry, carry)
-        return new_carry, (new_carry, extra)
-
-    return fused._scan_valid(body, carry, xs, valid, reverse, unroll)
-
-
 def _reference_forward(w_h, h0, c0, px, *, reverse, threads, unroll=1, valid=None):
     from rnnlab import fused
 
     step = functools.partial(fused._lstm_step, {"w_h": w_h})
-    _, ((hs, cs), gates) = _masked_scan(step, (h0, c0), px, valid, reverse, unroll)
+    _, ((hs, cs), gates) = fused._masked_scan(step, (h0, c0), px, valid, reverse, unroll)
     return hs, cs, gates
 
 
@@ -249,7 +235,7 @@ def _reference_tangent(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0, *, reverse, 
     coeffs = fused._lstm_coefficients(params, gates, (None, cs), (None, _previous(cs, c0, reverse)))
     step = lambda d_carry, inputs: (fused._lstm_tangent_step(params, d_carry, *inputs), ())  # noqa: E731
     u = u + _weight_term(hs, h0, dw, reverse)
-    (dh, dc), ((dhs, _), _) = _masked_scan(step, (dh0, dc0), (u, coeffs), valid, reverse, unroll)
+    (dh, dc), dhs = fused._masked_scan(step, (dh0, dc0), (u, coeffs), valid, reverse, unroll, fused._emit_hidden)
     return dhs, dh, dc
 
 
@@ -262,7 +248,7 @@ def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads, unroll=1, vali
     from rnnlab import fused
 
     step = functools.partial(fused._gru_step, {"w_h": w_h, "b_h": b_h})
-    _, (hs, saved) = _masked_scan(step, h0, px, valid, reverse, unroll)
+    _, (hs, saved) = fused._masked_scan(step, h0, px, valid, reverse, unroll)
     hidden = hs.shape[-1]
     return hs, saved[..., : 3 * hidden], saved[..., 3 * hidden:]
 
@@ -275,7 +261,7 @@ def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, *, reverse, thre
     coeffs = fused._gru_coefficients(params, saved, hs, _previous(hs, h0, reverse))
     step = lambda dh, inputs: (fused._gru_tangent_step(params, dh, *inputs), ())  # noqa: E731
     u = u + fused._through_reset(gates[..., : hs.shape[-1]], _weight_term(hs, h0, dw, reverse))
-    dh, (dhs, _) = _masked_scan(step, dh0, (u, coeffs), valid, reverse, unroll)
+    dh, dhs = fused._masked_scan(step, dh0, (u, coeffs), valid, reverse, unroll, fused._emit_hidden)
     return dhs, dh
 
 
@@ -291,7 +277,7 @@ def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation, unroll=
     from rnnlab import fused
 
     step = functools.partial(fused._RNN[activation].step, {"w_h": w_h})
-    return (_masked_scan(step, h0, px, valid, reverse, unroll)[1][0],)
+    return (fused._masked_scan(step, h0, px, valid, reverse, unroll, fused._emit_hidden)[1],)
 
 
 def _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, *, reverse, threads, activation, unroll=1, valid=None):
@@ -301,7 +287,7 @@ def _reference_rnn_tangent(w_h, hs, h0, u, dw, dh0, *, reverse, threads, activat
     coeffs = kernel.coefficients(params, (), hs, None)
     step = lambda dh, inputs: (kernel.tangent_step(params, dh, *inputs), ())  # noqa: E731
     u = u + _weight_term(hs, h0, dw, reverse)
-    dh, (dhs, _) = _masked_scan(step, dh0, (u, coeffs), valid, reverse, unroll)
+    dh, dhs = fused._masked_scan(step, dh0, (u, coeffs), valid, reverse, unroll, fused._emit_hidden)
     return dhs, dh
 
 
@@ -574,6 +560,22 @@ def _gru_backward_shapes(w_h, gates, a_n, hs, h0, g_hs, g_h):
     return [(gates.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)]
 
 
+def _transpose_rule(backward_p, residuals: int, like: int, cell: str):
+    """The transpose of a tangent primitive whose first ``residuals`` operands are residuals (``operands[like]``
+    shaped like the sequence of dh's it returns) and the rest linear (``u``, ``Ẇ_h`` and the carry's tangent): the
+    backward primitive on the cotangents of the tangent's results, symbolic zeros made real."""
+
+    def rule(cotangents, *operands, **params):
+        fixed, linear = operands[:residuals], operands[residuals:]
+        likes = [operands[like]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[2:]]
+        arguments = (*fixed, *(_instantiate(ct, shape) for ct, shape in zip(cotangents, likes)))
+        mode = weight_grad_mode(cell, operands[like].shape[1])
+        grads = backward_p.bind(*arguments, **params, weight_grad=mode)
+        return [None] * residuals + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
+
+    return rule
+
+
 def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
                     weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None):
     """One cell kernel's primitive and its masked twin (`_primitive`): ``(plain, masked)``. The twin (named and
@@ -600,38 +602,47 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
                        target and f"{target}_masked", masked_aliases, weight_gradient))
 
 
+def _linear_primitives(cell: str, tangent_reference, tangent_shapes, tangent_labels: str, backward_shapes,
+                       backward_labels: str, aliases: dict, weight_gradient, residuals: int, like: int,
+                       gpu_kernel=None):
+    """``cell``'s tangent primitive and the backward primitive that is its transpose (the kernel
+    ``rnnlab_<cell>_backward``), each with its masked twin, whose mask follows the first ``residuals`` (fixed)
+    operands: ``(tangent, tangent_masked, backward, backward_masked)``, with the transposes registered
+    (`_transpose_rule`; ``operands[like]`` is shaped like the dh's the tangent returns)."""
+    tangent, tangent_masked = _cell_primitive(f"rnnlab_{cell}_tangent", tangent_reference, tangent_shapes,
+                                              tangent_labels, None, mask_at=residuals)
+    backward, backward_masked = _cell_primitive(
+        f"rnnlab_{cell}_backward", tangent_reference, backward_shapes, backward_labels, f"rnnlab_{cell}_backward",
+        aliases, weight_gradient, gpu_kernel, mask_at=residuals, residuals=residuals)
+    ad.primitive_transposes[tangent] = _transpose_rule(backward, residuals, like, cell)
+    ad.primitive_transposes[tangent_masked] = _transpose_rule(backward_masked, residuals + 1, like, cell)
+    return tangent, tangent_masked, backward, backward_masked
+
+
 lstm_forward_p, lstm_forward_masked_p = _cell_primitive(
     "rnnlab_lstm_forward", _reference_forward, _forward_shapes, "k g, b h, b h, t b g -> t b h, t b h, t b g",
     "rnnlab_lstm_forward", {3: 2}, mask_at=4)
-lstm_tangent_p, lstm_tangent_masked_p = _cell_primitive(
-    "rnnlab_lstm_tangent", _reference_tangent, _tangent_shapes,
-    "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", None, mask_at=6)
-lstm_backward_p, lstm_backward_masked_p = _cell_primitive(
-    "rnnlab_lstm_backward", _reference_tangent, _backward_shapes,
-    "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h", "rnnlab_lstm_backward", {1: 0},
-    _lstm_weight_gradient, mask_at=6, residuals=6)
+lstm_tangent_p, lstm_tangent_masked_p, lstm_backward_p, lstm_backward_masked_p = _linear_primitives(
+    "lstm", _reference_tangent, _tangent_shapes,
+    "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", _backward_shapes,
+    "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h", {1: 0}, _lstm_weight_gradient,
+    residuals=6, like=4)
 gru_forward_p, gru_forward_masked_p = _cell_primitive(
     "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
     "rnnlab_gru_forward", {3: 1}, mask_at=4)
-gru_tangent_p, gru_tangent_masked_p = _cell_primitive(
-    "rnnlab_gru_tangent", _reference_gru_tangent, _gru_tangent_shapes,
-    "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h", None, mask_at=5)
-gru_backward_p, gru_backward_masked_p = _cell_primitive(
-    "rnnlab_gru_backward", _reference_gru_tangent, _gru_backward_shapes,
-    "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", "rnnlab_gru_backward", {1: 0},
-    _gru_weight_gradient, mask_at=5, residuals=5)
+gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _linear_primitives(
+    "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h",
+    _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", {1: 0},
+    _gru_weight_gradient, residuals=5, like=3)
 rnn_forward_p, rnn_forward_masked_p = _cell_primitive(
     "rnnlab_rnn_forward", _reference_rnn_forward, lambda w_h, h0, px: [(px.shape, px.dtype)],
     "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_rnn_gpu_forward, mask_at=3)
-rnn_tangent_p, rnn_tangent_masked_p = _cell_primitive(
-    "rnnlab_rnn_tangent", _reference_rnn_tangent,
-    lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
-    "k h, t b h, b h, t b h, k h, b h -> t b h, b h", None, mask_at=3)
-rnn_backward_p, rnn_backward_masked_p = _cell_primitive(
-    "rnnlab_rnn_backward", _reference_rnn_tangent,
+rnn_tangent_p, rnn_tangent_masked_p, rnn_backward_p, rnn_backward_masked_p = _linear_primitives(
+    "rnn", _reference_rnn_tangent, lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
+    "k h, t b h, b h, t b h, k h, b h -> t b h, b h",
     lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
-    "k h, t b h, b h, t b h, b h -> t b h, k h, b h", "rnnlab_rnn_backward", {3: 0}, _rnn_weight_gradient,
-    gpu_kernel=_rnn_gpu_backward, mask_at=3, residuals=3)
+    "k h, t b h, b h, t b h, b h -> t b h, k h, b h", {3: 0}, _rnn_weight_gradient, residuals=3, like=1,
+    gpu_kernel=_rnn_gpu_backward)
 
 
 # --- gradient flow: log10 ||∂L/∂h_t|| for many configurations at once ---------------------------------------------
@@ -790,28 +801,3 @@ def weight_grad_mode(cell: str, rows: int) -> str:
     if cell in XLA_WEIGHT_GRAD_WITHOUT_AVX512 and vector_lanes() < 16:
         return "xla"
     return "kernel"
-
-
-def _transpose_rule(backward_p, residuals: int, like: int, cell: str):
-    """The transpose of a tangent primitive whose first ``residuals`` operands are residuals (``operands[like]``
-    shaped like the sequence of dh's it returns) and the rest linear (``u``, ``Ẇ_h`` and the carry's tangent): the
-    backward primitive on the cotangents of the tangent's results, symbolic zeros made real."""
-
-    def rule(cotangents, *operands, **params):
-        fixed, linear = operands[:residuals], operands[residuals:]
-        likes = [operands[like]] + [x.aval if ad.is_undefined_primal(x) else x for x in linear[2:]]
-        arguments = (*fixed, *(_instantiate(ct, shape) for ct, shape in zip(cotangents, likes)))
-        mode = weight_grad_mode(cell, operands[like].shape[1])
-        grads = backward_p.bind(*arguments, **params, weight_grad=mode)
-        return [None] * residuals + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
-
-    return rule
-
-
-ad.primitive_transposes[lstm_tangent_p] = _transpose_rule(lstm_backward_p, 6, 4, "lstm")
-ad.primitive_transposes[gru_tangent_p] = _transpose_rule(gru_backward_p, 5, 3, "gru")
-ad.primitive_transposes[rnn_tangent_p] = _transpose_rule(rnn_backward_p, 3, 1, "rnn")
-# The masked twins: the mask is one more fixed operand, after the residuals.
-ad.primitive_transposes[lstm_tangent_masked_p] = _transpose_rule(lstm_backward_masked_p, 7, 4, "lstm")
-ad.primitive_transposes[gru_tangent_masked_p] = _transpose_rule(gru_backward_masked_p, 6, 3, "gru")
-ad.primitive_transposes[rnn_tangent_masked_p] = _transpose_rule(rnn_backward_masked_p, 4, 1, "rnn")

@@ -385,10 +385,11 @@ void live_matmul(int batch, int n, const std::vector<int>& live, int width, int 
 // The forward loop of a cell. Each part owns hidden units [u0, u0 + nu) and the columns of W_h that make them (its
 // units of every gate block, packed in order of gate); per step it computes z = h_{t-1} W_h for those columns and
 // calls step(t, prev, b, u0, nu, z_b, keep) for each row b (z_b: [gates·nu], gate blocks of nu), which writes h_t's
-// units among whatever else the cell keeps (keep: the step is masked out, the row's carry is copied on, and z_b is
-// null: a masked kernel's matmul skips such rows). One barrier per step, after which h_t is whole.
+// units among whatever else the cell keeps. With keep the step is masked out: the loop has copied h_{t-1}'s units
+// to h_t's, the cell copies on its other carries, and z_b is null (a masked kernel's matmul skips such rows). One
+// barrier per step, after which h_t is whole.
 template <typename Step>
-void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, const float* hs,
+void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, float* hs,
                   Step step) {
   const int H = loop.hidden, G = loop.gates * H, B = loop.batch;
   team(pool, team_size(B, H, loop.gates, loop.threads), [&](int part, int parts, Barrier& barrier) {
@@ -405,6 +406,7 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
       live_matmul(B, live_rows(loop, t, live), live, width, H, h_prev, panel.data(), z.data(), gathered);
       for (int b = 0, i = 0; b < B; ++b) {  // z's row i is the i-th computed row's
         const bool keep = loop.keeps(t, b);
+        if (keep) hold(hs + loop.row(t, b) * H + u0, h_prev + static_cast<size_t>(b) * H + u0, nu);
         step(t, prev, b, u0, nu, keep ? nullptr : &z[static_cast<size_t>(i++) * width], keep);
       }
       barrier.wait();
@@ -516,7 +518,6 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
     const size_t at = loop.row(t, b) * H + u0;
     if (keep) {  // the saved gates of a kept step are never used: zeros, so that nothing stale is left there
       hold(CS + at, c_prev, nu);
-      hold(HS + at, (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0, nu);
       for (int q = 0; q < 4; ++q) std::memset(gb + q * H, 0, nu * sizeof(float));
       return;
     }
@@ -612,7 +613,6 @@ ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buf
     float* gb = GATES + loop.row(t, b) * G + u0;
     const size_t at = loop.row(t, b) * H + u0;
     if (keep) {
-      hold(HS + at, h_prev, nu);
       for (int q = 0; q < 3; ++q) std::memset(gb + q * H, 0, nu * sizeof(float));
       std::memset(AN + at, 0, nu * sizeof(float));
       return;
@@ -743,13 +743,10 @@ ffi::Error RnnForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, cons
   const int H = loop.hidden;
   const float *PX = px.typed_data(), *H0 = h0.typed_data();
   float* HS = hs->typed_data();
-  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* z,
+  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int, int b, int u0, int nu, const float* z,
                                                       bool keep) {
+    if (keep) return;  // px's buffer is hs's (aliased): a kept step's px_t is not read
     const size_t at = loop.row(t, b) * H + u0;
-    if (keep) {  // px's buffer is hs's (aliased): px_t is not read after h_t is written
-      hold(HS + at, (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0, nu);
-      return;
-    }
     for (int j = 0; j < nu; j += kLanes) store(HS + at + j, activate(act, load(z + j) + load(PX + at + j)));
   });
   return ffi::Error::Success();
@@ -800,14 +797,13 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, con
 // Each configuration runs whole on one thread (the threads share out the configurations, with no barrier); a single
 // configuration (one sequence batch's `grad_norms`) runs on a team of threads that split its hidden units as the
 // cell kernels do, meeting at barriers (one per forward step, two per backward step: the norm is a sum over every
-// unit). The forward loop projects each step's input and keeps
-// the states and gates in the workspace, then the backward loop applies each step's transposed Jacobian to the
-// carry's cotangent, renormalised every step with the log10 of its norm summed in double precision, so vanishing
-// and exploding gradients are exact far past float32's range. Each thread's columns of W_x, W_h and W_hᵀ stay
-// packed in its cache for all 2T steps. With `chunk` (a divisor of T; 0 or T:
-// none) the forward loop keeps only the carry before every chunk of that many steps, and the backward loop runs
-// each chunk's forward steps again (the last chunk's are still there) before its transposed steps: the workspace
-// holds T / chunk carries and one chunk's states and gates instead of T's.
+// unit). The forward loop projects each step's input and keeps the states and gates in the workspace, then the
+// backward loop applies each step's transposed Jacobian to the carry's cotangent, renormalised every step with the
+// log10 of its norm summed in double precision, so vanishing and exploding gradients are exact far past float32's
+// range. Each thread's columns of W_x, W_h and W_hᵀ stay packed in its cache for all 2T steps. With `chunk` (a
+// divisor of T; 0 or T: none) the forward loop keeps only the carry before every chunk of that many steps, and the
+// backward loop runs each chunk's forward steps again (the last chunk's are still there) before its transposed
+// steps: the workspace holds T / chunk carries and one chunk's states and gates instead of T's.
 
 enum class Cell { kLstm, kGru, kTanh, kRelu, kLinear };
 
@@ -917,20 +913,19 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   float* zh = zx + static_cast<size_t>(N) * G;
   float* dz = finite + T + 1 + 2 * static_cast<size_t>(N) * G;
   float *gh = dz + static_cast<size_t>(N) * G, *gc = gh + NH, *direct = gc + NH;
-  // Copies this part's units of each row of `rows` carries of [N, H].
-  const auto copy_units = [&](float* to, const float* from, int rows) {
-    for (int r = 0; r < rows * N; ++r)
-      hold(to + static_cast<size_t>(r) * H + u0, from + static_cast<size_t>(r) * H + u0, nu);
+  // Copies this part's units of every row of a carry [N, H].
+  const auto copy_units = [&](float* to, const float* from) {
+    for (size_t b = 0; b < static_cast<size_t>(N); ++b) hold(to + b * H + u0, from + b * H + u0, nu);
   };
-  copy_units(bounds, h0_all + c * NH, 1);
-  if (lstm) copy_units(bounds + NH, c0_all + c * NH, 1);
+  copy_units(bounds, h0_all + c * NH);
+  if (lstm) copy_units(bounds + NH, c0_all + c * NH);
   if (team.part == 0) finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0
 
   // Runs chunk `chunk_index`'s steps from its carry in `bounds`, keeping their carries and gates; on the first pass
   // also whether each state is finite (a rerun finds the same).
   const auto forward_chunk = [&](int chunk_index, bool first_pass) {
-    copy_units(hs, bounds + chunk_index * carry_floats, 1);
-    if (lstm) copy_units(cs, bounds + chunk_index * carry_floats + NH, 1);
+    copy_units(hs, bounds + chunk_index * carry_floats);
+    if (lstm) copy_units(cs, bounds + chunk_index * carry_floats + NH);
     team.barrier.wait();  // every unit of the chunk's first carry, for everyone's first matmul
     for (int l = 0; l < K; ++l) {
       const int t = chunk_index * K + l;
@@ -984,8 +979,8 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   for (int j = 0; j < chunks; ++j) {
     forward_chunk(j, true);
     if (j + 1 < chunks) {
-      copy_units(bounds + (j + 1) * carry_floats, hs + K * NH, 1);
-      if (lstm) copy_units(bounds + (j + 1) * carry_floats + NH, cs + K * NH, 1);
+      copy_units(bounds + (j + 1) * carry_floats, hs + K * NH);
+      if (lstm) copy_units(bounds + (j + 1) * carry_floats + NH, cs + K * NH);
     }
   }
 
