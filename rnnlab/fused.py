@@ -267,7 +267,23 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
     """The recurrence on `rnnlab.native`'s primitives: ``(hs, final_carry)``, and with tangents also ``(d_hs,
     d_final_carry)``. The weights' tangent ``Ẇ_h`` goes to the tangent primitive itself, whose transpose forms W_h's
     gradient inside the backward loop. With ``valid`` the masked primitives run: their ``hs`` are the carries, kept
-    through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here."""
+    through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here.
+
+    A hidden size that is not a multiple of `native.LANES` runs padded with units that stay zero
+    (`native.padded_hidden`): padded here once, so that what the primitives keep for the backward pass stays
+    padded, and the results cut back."""
+    hidden = params["w_h"].shape[0]
+    size = native.padded_hidden(hidden, px.dtype)
+    if size != hidden:
+        def grow(tree, dims):
+            return jax.tree_util.tree_map(lambda x: native.resize_hidden(x, dims, hidden, size), tree)
+
+        def weights(tree):
+            return tree and {name: grow(value, "k g" if name == "w_h" else "g") for name, value in tree.items()}
+
+        padded = _native_recurrence(kernel, reverse, weights(params), grow(carry, "b h"), grow(px, "t b g"), valid,
+                                    weights(d_params), grow(d_carry, "b h"), grow(dpx, "t b g"))
+        return jax.tree_util.tree_map(lambda x: x[..., :hidden], padded)
     last, options = (0 if reverse else -1), {"reverse": reverse, "threads": native.threads()}
     mask = () if valid is None else (valid,)
 

@@ -75,10 +75,12 @@ inline vf load(const float* p) {
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) { return vf{} + x; }
 
-// exp(x), Cephes' single-precision polynomial (≈ 1 ulp on [-87, 88]).
+// exp(x), Cephes' single-precision polynomial (≈ 1 ulp on [-87, 88]). The clamps let a nan through (a comparison
+// with nan is false), so that nan gives nan here and in the sigmoid and tanh built on it, as in XLA: clamped, a nan
+// input became exp(88), a sigmoid of 0 or 1 and a tanh of 1, hiding it.
 inline vf vexp(vf x) {
-  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
-  x = x > splat(-87.3365478515625f) ? x : splat(-87.3365478515625f);
+  x = x > splat(88.3762626647949f) ? splat(88.3762626647949f) : x;
+  x = x < splat(-87.3365478515625f) ? splat(-87.3365478515625f) : x;
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
   vf n = (x * splat(1.44269504088896341f) + magic) - magic;
   x = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
@@ -722,7 +724,7 @@ ffi::Error activation_of(std::string_view name, Activation* activation) {
 
 inline vf activate(Activation a, vf z) {
   if (a == Activation::kTanh) return vtanh(z);
-  if (a == Activation::kRelu) return z > splat(0.0f) ? z : splat(0.0f);
+  if (a == Activation::kRelu) return z <= splat(0.0f) ? splat(0.0f) : z;  // nan stays nan, as in jax.nn.relu
   return z;
 }
 
