@@ -104,9 +104,10 @@ def test_fused_equals_autodiff_float32(cell, batch_shape, with_lengths, reverse)
     # float32 sums in another order: 2.4e-3 off where the leaf's largest value is 239). Its hidden size of 5 runs on
     # the C++ kernels (padded to 16), whose float32 sums differ from XLA's unoptimised ones (`make test`): against
     # float64, the unbatched linear RNN's bias gradient was 2.5e-5 off in the kernels and 5.6e-5 in XLA, where the
-    # leaf's largest value is 3.2, so the two paths may differ by 3e-5 of it.
+    # leaf's largest value is 3.2, and the two paths 4.6e-5 of it apart. The other cells' paths agree within 6e-7.
+    linear = isinstance(cell, rnnlab.RNN) and cell.activation == "linear"
     assert_trees_close(fused_out, plain_out, rtol=1e-6, atol=1e-6, scaled=True)
-    assert_trees_close(fused_grads, plain_grads, rtol=5e-5, atol=2e-6, scaled=True)
+    assert_trees_close(fused_grads, plain_grads, rtol=1e-4 if linear else 2e-5, atol=2e-6, scaled=True)
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])

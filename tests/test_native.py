@@ -99,12 +99,12 @@ def test_kernels_build_and_load():
 SHAPES = {
     "h16": (16, (5,), 7),  # one chunk of units: one thread
     "h32": (32, (9,), 7),  # two chunks, batch rows in blocks of 8 + 1
-    # 44 units, run padded to 48: three chunks on two threads (uneven); two batch axes, one step
-    "h44-one-step": (44, (3, 2), 1),
+    "h48-one-step": (48, (3, 2), 1),  # three chunks on two threads (uneven), two batch axes, one step
     # 40 rows: the kernels form W_h's gradient themselves, in sums of 12, 12 and 6 steps; hidden 128 (the
-    # benchmark's) and 64 leave 2 and 4 rows of it past AVX2's blocks of 6 rows.
+    # benchmark's) and 64 leave 2 and 4 rows of it past AVX2's blocks of 6 rows. 60 units run padded to 64, with
+    # units that must stay zero through 30 steps.
     "h128-b40": (128, (40,), 30),
-    "h64-b40": (64, (40,), 30),
+    "h60-b40": (60, (40,), 30),
 }
 CASES = [(kind, *shape) for kind in ("LSTM", "GRU", "RNN-tanh") for shape in SHAPES.values()]
 CASES += [(kind, *SHAPES["h32"]) for kind in ("RNN-relu", "RNN-linear")]
@@ -201,6 +201,29 @@ def test_remat_runs_the_kernels_chunk_by_chunk(kind):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind,rows,reverse", [("GRU", 40, True), ("LSTM", 9, False)])
+def test_a_primitive_bound_off_the_kernels_multiple_is_padded_where_lowered(kind, rows, reverse, monkeypatch):
+    """`fused` pads a cell's recurrence itself (`native.padded_hidden`); with that off, its primitives are bound at
+    20 units, as the gradient-flow primitive is, and each is padded in its CPU lowering and its results cut back
+    (`native._padded_call`). Padded sequences, W_h's gradient formed in the kernel (40 rows) and by XLA (9):
+    outputs, final carry and gradients against the float64 truth, and a forward-mode derivative."""
+    monkeypatch.setattr(native, "XLA_WEIGHT_GRAD_WITHOUT_AVX512", frozenset())
+    monkeypatch.setattr(native, "padded_hidden", lambda hidden, dtype: hidden)
+    cell, params, xs, carry, weights = problem(20, (rows,), 9, kind=kind)
+    lengths = jax.random.randint(jax.random.PRNGKey(7), (rows,), 1, 10).at[0].set(9)
+    native_loss = loss_fn(cell, weights, reverse, lengths)
+    lowered = jax.jit(jax.grad(native_loss, argnums=(0, 1, 2))).lower(params, xs, carry).as_text()
+    name = kind.lower()
+    assert f"rnnlab_{name}_forward_masked" in lowered and f"rnnlab_{name}_backward_masked" in lowered
+    assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths)
+    tangents = jax.tree_util.tree_map(jnp.cos, (params, xs, carry))
+    jvp = lambda loss: jax.jvp(loss, (params, xs, carry), tangents)[1]  # noqa: E731
+    np.testing.assert_allclose(jax.jit(lambda: jvp(native_loss))(),
+                               jax.jit(lambda: jvp(loss_fn(plain_twin(cell), weights, reverse, lengths)))(),
+                               rtol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu"])
 def test_masked_kernels_take_any_mask_in_either_direction(kind):
     """`fused.recurrence` with any ``valid`` mask (not only the prefixes that `scan`'s lengths make), in reverse
@@ -239,8 +262,9 @@ def test_masked_kernels_take_any_mask_in_either_direction(kind):
 def test_a_nan_in_the_inputs_reaches_the_outputs_as_in_xla(kind):
     """A nan in a sequence's inputs (a data bug, or an overflow's inf · 0) makes that sequence's outputs nan from its
     step on, and the gradients nan, as JAX's plain scan has it: the kernels' exp, tanh, sigmoid and ReLU pass a nan
-    on instead of clamping it to a finite number. The other sequences are untouched."""
-    cell, params, xs, carry, weights = problem(32, (3,), 6, kind=kind)
+    on instead of clamping it to a finite number. The other sequences are untouched. (20 units, run padded to 32:
+    the added units of that sequence turn nan too, and stay in their row.)"""
+    cell, params, xs, carry, weights = problem(20, (3,), 6, kind=kind)
     xs = xs.at[2, 1, 0].set(jnp.nan)
 
     def run(the_cell):

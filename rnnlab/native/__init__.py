@@ -235,7 +235,12 @@ def _padded_call(p, labels: str, hidden: int, *operands, **params):
     h = (1 - σ(0))·tanh(0) + σ(0)·0 = 0 (what they save for the backward pass may differ from the cell's own values
     there, but only ever multiplies their zero cotangents). Zero rows of W_h keep them out of the real units'
     pre-activations, and zero columns keep the real units' cotangents from them: the real units' numbers are those
-    of the unpadded cell, and the default loss of the gradient-flow kernel (Σ h_T²) gives them no cotangent."""
+    of the unpadded cell, and the default loss of the gradient-flow kernel (Σ h_T²) gives them no cotangent.
+
+    For finite numbers. An infinite state (a ReLU or linear RNN past float32's range) or an infinite input of the
+    gradient-flow kernel (which projects the inputs itself) meets the added units' zero weights, and inf · 0 = nan
+    then reaches every unit: nan where the unpadded cell has inf, or a finite number (a tanh of an infinite input).
+    Non-finite either way, as a sweep records it, except for that infinite input."""
     size = kernel_hidden(hidden)
     operand_dims, result_dims = (part.split(",") for part in labels.split("->"))
     padded = [resize_hidden(x, dims, hidden, size) for x, dims in zip(operands, operand_dims)]

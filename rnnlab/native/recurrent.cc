@@ -91,6 +91,7 @@ inline vf vexp(vf x) {
   y = y * x + splat(1.6666665459e-1f);
   y = y * x + splat(5.0000001201e-1f);
   y = y * x * x + x + splat(1.0f);
+  n = n == n ? n : splat(0.0f);  // a nan's y is nan already; converting nan to int is undefined
   vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
