@@ -32,7 +32,7 @@ the kernel does not apply (not a CPU, not float32, no C++ compiler, ``RNNLAB_NAT
 derivatives of derivatives, so the kernels only ever change speed. A hidden size that is not a multiple of 16 runs
 padded to the next one with units that stay zero (`kernel_hidden`; `rnnlab.fused` pads a cell's recurrence once,
 and any other call of a primitive is padded where it is lowered): at hidden 100, an LSTM's gradient at batch 32,
-T = 100 took 15-21 ms padded against 25 ms on XLA, and a sweep-style `grad_norms` (LSTM, hidden 50, T = 1000)
+T = 100 took 15-21 ms padded against 24-28 ms on XLA, and a sweep-style `grad_norms` (LSTM, hidden 50, T = 1000)
 35 against 73 ms. On a GPU
 the cells' references lower with their loops unrolled ``$RNNLAB_GPU_UNROLL`` times (default 8): each iteration of
 an XLA loop on a GPU costs launches and a host round trip whatever its work, and unrolling 8 steps made the cells'
