@@ -872,10 +872,13 @@ struct Flow {
 
 // A configuration's team: part `part` of `parts` threads, each owning hidden units [u0, u0 + nu) (`units_of`) of
 // every carry and cotangent and those units' columns of every gate block; they meet at `barrier`. Shared scratch:
-// `partial` (2 · parts doubles: each part's sums of squares of its units of the cotangents of h and c) and `flags`
-// (2 · parts floats: whether each part's units of the state after a step are finite, for steps of each parity).
+// `partial` (2 · planned doubles: the sums of squares of the cotangents of h and c over each of the `planned`
+// parts' units) and `flags` (2 · parts floats: whether each part's units of the state after a step are finite, for
+// steps of each parity). `planned`: the team asked for; `parts` is 1 where it did not form (`team`), and that one
+// thread then sums the squares over the planned parts' units one by one, so that the numbers do not depend on
+// whether the team formed.
 struct FlowTeam {
-  int part, parts;
+  int part, parts, planned;
   Barrier& barrier;
   double* partial;
   float* flags;
@@ -893,6 +896,9 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   int u0, u1;
   units_of(H, team.part, team.parts, &u0, &u1);
   const int nu = u1 - u0, width = f.gates * nu;
+  // The planned parts whose sums of squares this part forms: its own, or all where the team did not form.
+  const bool formed = team.parts == team.planned;
+  const int sums_from = formed ? team.part : 0, sums_to = formed ? team.part + 1 : team.planned;
   // This part's columns of W_x and W_h (its units of every gate block, in order of gate) and its columns of W_hᵀ.
   const auto column = [&](int j) { return (j / nu) * H + u0 + j % nu; };
   const std::vector<float> panel_x =
@@ -1002,11 +1008,15 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   for (int t = T - 1; t >= 0; --t) {
     const int l = t % K;  // the step within its chunk, whose forward steps run again unless it is the last
     if (l == K - 1 && t + 1 < T) forward_chunk(t / K, false);
-    team.partial[2 * team.part] = sum_squares(gh, N, H, u0, nu);
-    team.partial[2 * team.part + 1] = lstm ? sum_squares(gc, N, H, u0, nu) : 0.0;
+    for (int q = sums_from; q < sums_to; ++q) {
+      int q0, q1;
+      units_of(H, q, team.planned, &q0, &q1);
+      team.partial[2 * q] = sum_squares(gh, N, H, q0, q1 - q0);
+      team.partial[2 * q + 1] = lstm ? sum_squares(gc, N, H, q0, q1 - q0) : 0.0;
+    }
     team.barrier.wait();  // every part's sums
     double squares_h = 0.0, squares_c = 0.0;
-    for (int q = 0; q < team.parts; ++q) squares_h += team.partial[2 * q], squares_c += team.partial[2 * q + 1];
+    for (int q = 0; q < team.planned; ++q) squares_h += team.partial[2 * q], squares_c += team.partial[2 * q + 1];
     const double squares = squares_h + squares_c;
     float inverse_f = 1.0f;
     if (squares == 0.0) {
@@ -1105,7 +1115,9 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
   };
   // One configuration: a team that splits its hidden units (where its steps hold enough work for that, as for the
   // cell kernels); else the threads share out the configurations.
-  const int split = flow_team(configs, f.rows, f.hidden, f.gates, threads);
+  // (At most the pool's threads, so that the team forms whole or not at all: `FlowTeam`'s planned parts.)
+  const int split = static_cast<int>(std::min<int64_t>(flow_team(configs, f.rows, f.hidden, f.gates, threads),
+                                                       pool.num_threads()));
   if (split > 1) {
     std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
     if (!work) out_of_memory = true;
@@ -1113,7 +1125,7 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     std::vector<float> flags(2 * split);
     if (!out_of_memory)
       team(pool, split, [&](int part, int parts, Barrier& barrier) {
-        run(0, work.get(), FlowTeam{part, parts, barrier, partial.data(), flags.data()});
+        run(0, work.get(), FlowTeam{part, parts, split, barrier, partial.data(), flags.data()});
       });
   } else {
     team(pool, static_cast<int>(std::min<int64_t>(threads, configs)), [&](int part, int parts, Barrier&) {
@@ -1125,7 +1137,7 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
       Barrier alone(1);
       double partial[2];
       float flags[2];
-      for (int c = part; c < configs; c += parts) run(c, work.get(), FlowTeam{0, 1, alone, partial, flags});
+      for (int c = part; c < configs; c += parts) run(c, work.get(), FlowTeam{0, 1, 1, alone, partial, flags});
     });
   }
   if (out_of_memory)
