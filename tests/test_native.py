@@ -201,7 +201,8 @@ def test_remat_runs_the_kernels_chunk_by_chunk(kind):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind,rows,reverse", [("GRU", 40, True), ("LSTM", 9, False)])
+@pytest.mark.parametrize("kind,rows,reverse", [pytest.param("GRU", 40, True, marks=pytest.mark.slow),  # 10 s
+                                              ("LSTM", 9, False)])
 def test_a_primitive_bound_off_the_kernels_multiple_is_padded_where_lowered(kind, rows, reverse, monkeypatch):
     """`fused` pads a cell's recurrence itself (`native.padded_hidden`); with that off, its primitives are bound at
     20 units, as the gradient-flow primitive is, and each is padded in its CPU lowering and its results cut back
