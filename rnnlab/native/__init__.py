@@ -30,18 +30,17 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
 the kernel does not apply (not a CPU, not float32, no C++ compiler, ``RNNLAB_NATIVE=0``) and its rule for
 derivatives of derivatives, so the kernels only ever change speed. A hidden size that is not a multiple of 16 runs
-padded to the next one with units that stay zero (`kernel_hidden`; `rnnlab.fused` pads a cell's recurrence once,
-and any other call of a primitive is padded where it is lowered): at hidden 100, an LSTM's gradient at batch 32,
-T = 100 took 15-21 ms padded against 24-28 ms on XLA, and a sweep-style `grad_norms` (LSTM, hidden 50, T = 1000)
-35 against 73 ms. On a GPU
-the cells' references lower with their loops unrolled ``$RNNLAB_GPU_UNROLL`` times (default 8): each iteration of
-an XLA loop on a GPU costs launches and a host round trip whatever its work, and unrolling 8 steps made the cells'
-gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/bench_cells.py`` (``benchmarks/README.md``).
-The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per iteration (default 1: 8 ran the
-sweep's steady state 1.2-1.3x faster on an H200 but compiled it seconds longer). The plain RNN's loops there are
-Pallas kernels instead (`rnnlab.native.pallas`: one program per 16 rows runs every step, ``W_h`` held in registers;
-hidden sizes 16 to 128, one device; ``RNNLAB_PALLAS=0`` turns them off): 2.0x faster than the XLA loops at batch
-16, T = 1000 on an H200.
+padded to the next one with units that stay zero (`kernel_hidden`; `rnnlab.fused` pads a cell's recurrence once, and
+any other call of a primitive is padded where it is lowered): at hidden 100, an LSTM's gradient at batch 32, T = 100
+took 15-21 ms padded against 24-28 ms on XLA, and a sweep-style `grad_norms` (LSTM, hidden 50, T = 1000) 35 against
+73 ms. On a GPU the cells' references lower with their loops unrolled ``$RNNLAB_GPU_UNROLL`` times (default 8): each
+iteration of an XLA loop on a GPU costs launches and a host round trip whatever its work, and unrolling 8 steps made
+the cells' gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/bench_cells.py``
+(``benchmarks/README.md``). The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per
+iteration (default 1: 8 ran the sweep's steady state 1.2-1.3x faster on an H200 but compiled it seconds longer). The
+plain RNN's loops there are Pallas kernels instead (`rnnlab.native.pallas`: one program per 16 rows runs every step,
+``W_h`` held in registers; hidden sizes 16 to 128, one device; ``RNNLAB_PALLAS=0`` turns them off): 2.0x faster than
+the XLA loops at batch 16, T = 1000 on an H200.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
@@ -239,8 +238,8 @@ def _padded_call(p, labels: str, hidden: int, *operands, **params):
 
     For finite numbers. An infinite state (a ReLU or linear RNN past float32's range) or an infinite input of the
     gradient-flow kernel (which projects the inputs itself) meets the added units' zero weights, and inf · 0 = nan
-    then reaches every unit: nan where the unpadded cell has inf, or a finite number (a tanh of an infinite input).
-    Non-finite either way, as a sweep records it, except for that infinite input."""
+    then reaches every unit: nan where the unpadded cell has inf (non-finite either way, as a sweep records it), and
+    nan where the unpadded gradient-flow kernel gives finite numbers (a tanh of an infinite input)."""
     size = kernel_hidden(hidden)
     operand_dims, result_dims = (part.split(",") for part in labels.split("->"))
     padded = [resize_hidden(x, dims, hidden, size) for x, dims in zip(operands, operand_dims)]
