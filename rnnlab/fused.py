@@ -278,8 +278,9 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
         def grow(tree, dims):
             return jax.tree_util.tree_map(lambda x: native.resize_hidden(x, dims, hidden, size), tree)
 
-        def weights(tree):
-            return tree and {name: grow(value, "k g" if name == "w_h" else "g") for name, value in tree.items()}
+        def weights(tree):  # w_h [H, G·H] and the GRU's b_h [G·H] (None: no tangents)
+            return None if tree is None else {name: grow(value, "k g" if name == "w_h" else "g")
+                                              for name, value in tree.items()}
 
         padded = _native_recurrence(kernel, reverse, weights(params), grow(carry, "b h"), grow(px, "t b g"), valid,
                                     weights(d_params), grow(d_carry, "b h"), grow(dpx, "t b g"))

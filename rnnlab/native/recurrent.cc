@@ -472,15 +472,12 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
         pending = s;
       }
       barrier.wait();  // every unit's recurrent cotangent of the step is written
+      // The kept rows' recurrent cotangents are zero: only the others' enter the matmul, scattered to dh after.
       const int n = live_rows(loop, t, live);
-      if (n == B) {
-        matmul(B, nu, G, cell.row(s), G, panel.data(), dh.data(), nu);
-      } else {  // the kept rows' recurrent cotangents are zero: only the others' enter the matmul
-        live_dh.resize(static_cast<size_t>(n) * nu);
-        live_matmul(B, n, live, nu, G, cell.row(s), panel.data(), live_dh.data(), gathered);
-        for (int i = 0; i < n; ++i)
-          hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
-      }
+      if (n < B) live_dh.resize(static_cast<size_t>(n) * nu);
+      live_matmul(B, n, live, nu, G, cell.row(s), panel.data(), n == B ? dh.data() : live_dh.data(), gathered);
+      for (int i = 0; n < B && i < n; ++i)
+        hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
       cell.carry(dh);
       for (int b = 0; b < B; ++b)
         if (loop.keeps(t, b)) hold(&dh[b * nu], &kept[b * nu], nu);
