@@ -48,7 +48,8 @@ def _free_port() -> int:
 def run_together(commands: list[list[str]]) -> None:
     """Start every command at once (CPU only, this machine's own devices), wait for all, and fail with the output of
     any that failed."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in flag)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for command in commands]
     try:

@@ -388,7 +388,7 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
 
     two_devices = _run("""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
         import jax, jax.numpy as jnp, numpy as np, rnnlab
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         cell = rnnlab.LSTM(hidden_size=64)

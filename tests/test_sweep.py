@@ -94,7 +94,8 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path):
         "t = sweep.gradient_flow(['gru'], [0.5, 1.0, 2.0], 2, [9], hidden_size=6, input_size=3, batch=2)\n"
         "np.savez(sys.argv[1], **t)\n"
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "sharded.npz")], check=True, env=env, cwd=ROOT)
     sharded = np.load(tmp_path / "sharded.npz", allow_pickle=False)
     single = sweep.gradient_flow(["gru"], [0.5, 1.0, 2.0], 2, [9], **SMALL)  # 6 configurations, padded to 8
