@@ -7,6 +7,8 @@ itself.
 
 import os
 import pathlib
+import subprocess
+import sys
 
 # Most of the suite's time is XLA compiling many small programs. `make test` compiles them as JAX's own switch
 # `jax_disable_most_optimizations` does (LLVM at -O0, no expensive passes): about 30 % less time on 2 cores, with
@@ -18,8 +20,22 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # pipeline); their older LLVM emitters compile the same fused HLO about 3x faster there (the suite: 524 s -> 280 s
 # on 2 cores, `pytest --durations`). Again only the machine code differs. Processes the tests start inherit it; those
 # that set XLA_FLAGS themselves append to it.
-if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "t", "yes", "y", "on"):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+_QUICK_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flags: str) -> bool:
+    """Whether this jaxlib's XLA takes ``flags``: a flag it does not know aborts the process (jax is not pinned, and
+    XLA drops flags). Asked once, by the first pytest process; the workers it starts inherit the answer."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=300,
+                           env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    return probe.returncode == 0
+
+
+if (os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "t", "yes", "y", "on")
+        and _QUICK_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", "")):
+    _flags = f"{os.environ.get('XLA_FLAGS', '')} {_QUICK_COMPILE_FLAG}".strip()
+    if _xla_accepts(_flags):
+        os.environ["XLA_FLAGS"] = _flags
 
 import jax  # noqa: E402
 
