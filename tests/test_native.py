@@ -110,15 +110,11 @@ CASES = [(kind, *shape) for kind in ("LSTM", "GRU", "RNN-tanh") for shape in SHA
 CASES += [(kind, *SHAPES["h32"]) for kind in ("RNN-relu", "RNN-linear")]
 CASE_IDS = [f"{kind}-{name}" for kind in ("LSTM", "GRU", "RNN-tanh") for name in SHAPES]
 CASE_IDS += [f"{kind}-h32" for kind in ("RNN-relu", "RNN-linear")]
-# Every case in both directions: `make test` runs each case in one direction, the directions alternating down the
-# list (so every cell and every shape is run forward and in reverse somewhere), and `make test-all` the other half
-# (each case compiles four programs: 10-17 s on the 2-core CPU without AVX-512).
-# The GRU's and the RNN's one-chunk case (hidden 16, one thread) run only in `make test-all`: the LSTM's covers it.
-ONLY_IN_TEST_ALL = {"GRU-h16", "RNN-tanh-h16"}
+# Every case in both directions (each compiles four programs: 2-6 s on the 2-core CPU in `make test`'s quick-compile
+# mode, conftest.py).
 DIRECTED_CASES = [
-    pytest.param(*case, reverse, id=f"{'reverse' if reverse else 'forward'}-{case_id}",
-                 marks=[pytest.mark.slow] if reverse != bool(index % 2) or case_id in ONLY_IN_TEST_ALL else [])
-    for index, (case, case_id) in enumerate(zip(CASES, CASE_IDS)) for reverse in (False, True)
+    pytest.param(*case, reverse, id=f"{'reverse' if reverse else 'forward'}-{case_id}")
+    for case, case_id in zip(CASES, CASE_IDS) for reverse in (False, True)
 ]
 
 
@@ -139,15 +135,13 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
 
 
 # (kind, rows, reverse): rows 9 leave W_h's gradient to XLA, 40 have the kernels sum it (the LSTM's too, here).
-# The last three run in `make test-all` (the suite's time on 2 cores).
 MASKED_CASES = [("LSTM", 9, False), ("LSTM", 40, True), ("GRU", 9, True), ("RNN-relu", 9, False),
                 ("RNN-tanh", 40, True), ("GRU", 40, False), ("RNN-linear", 40, False)]
 
 
 @needs_kernels
 @pytest.mark.parametrize("kind,rows,reverse", [
-    pytest.param(*case, id=f"{case[0]}-b{case[1]}-{'reverse' if case[2] else 'forward'}",
-                 marks=[pytest.mark.slow] if index >= 4 else []) for index, case in enumerate(MASKED_CASES)])
+    pytest.param(*case, id=f"{case[0]}-b{case[1]}-{'reverse' if case[2] else 'forward'}") for case in MASKED_CASES])
 def test_padded_sequences_run_the_masked_kernels(kind, rows, reverse, monkeypatch):
     """With ``lengths`` the masked kernels run: a padded step keeps its row's carry, and its cotangent passes back
     unchanged. Outputs, final carry and gradients against plain autodiff of the masked step (float64 truth); the
@@ -201,8 +195,7 @@ def test_remat_runs_the_kernels_chunk_by_chunk(kind):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind,rows,reverse", [pytest.param("GRU", 40, True, marks=pytest.mark.slow),  # 10 s
-                                              ("LSTM", 9, False)])
+@pytest.mark.parametrize("kind,rows,reverse", [("GRU", 40, True), ("LSTM", 9, False)])
 def test_a_primitive_bound_off_the_kernels_multiple_is_padded_where_lowered(kind, rows, reverse, monkeypatch):
     """`fused` pads a cell's recurrence itself (`native.padded_hidden`); with that off, its primitives are bound at
     20 units, as the gradient-flow primitive is, and each is padded in its CPU lowering and its results cut back
