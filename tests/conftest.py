@@ -26,8 +26,11 @@ _QUICK_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 def _xla_accepts(flags: str) -> bool:
     """Whether this jaxlib's XLA takes ``flags``: a flag it does not know aborts the process (jax is not pinned, and
     XLA drops flags). Asked once, by the first pytest process; the workers it starts inherit the answer."""
-    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=300,
-                           env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=300,
+                               env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    except subprocess.TimeoutExpired:
+        return False
     return probe.returncode == 0
 
 
