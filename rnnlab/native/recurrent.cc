@@ -313,9 +313,13 @@ void units_of(int hidden, int part, int parts, int* begin, int* end) {
 
 // How many parts to split a loop into: at most `threads`, one chunk of units each, and at least kMinWork
 // multiply-adds of the per-step matmul [batch, hidden] @ [hidden, gates·hidden] each, since below that the
-// barrier and the exchange of the state between cores cost more than the second core gives (measured: the tanh RNN
-// at batch 32, hidden 128 ran slower on two threads than on one).
-constexpr int64_t kMinWork = 1 << 19;
+// barrier and the exchange of the state between cores cost more than the second core gives. So two threads from
+// 2^19 multiply-adds a step. Until 2026-11-27 it took 2^20 (kMinWork 2^19); measured then on the 2-core AVX2 CPU
+// (T = 100, input 64, `jax.grad` of a loss on the outputs, median of 4 alternating processes), two threads took the
+// LSTM at batch 32, hidden 64 (2^19) from 11.3 to 9.6 ms, the LSTM at 8, 128 (2^19) from 8.7 to 6.7 ms, the tanh
+// RNN at 32, 128 (2^19) from 8.8 to 7.9 ms (its forward pass alone from 3.5 to 3.9 ms) and the GRU at 16, 128
+// (2^19.6) from 13.4 to 10.9 ms. Two threads from 2^18 did not help consistently.
+constexpr int64_t kMinWork = 1 << 18;
 
 int team_size(int64_t batch, int hidden, int gates, int64_t threads) {
   const int64_t work = batch * hidden * gates * static_cast<int64_t>(hidden);
