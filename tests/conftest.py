@@ -34,13 +34,12 @@ def _xla_accepts(flags: str) -> bool:
     return probe.returncode == 0
 
 
-if (os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "t", "yes", "y", "on")
-        and _QUICK_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", "")):
+import jax  # noqa: E402  (XLA reads XLA_FLAGS when its backend starts, not when JAX is imported)
+
+if jax.config.read("jax_disable_most_optimizations") and _QUICK_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     _flags = f"{os.environ.get('XLA_FLAGS', '')} {_QUICK_COMPILE_FLAG}".strip()
     if _xla_accepts(_flags):
         os.environ["XLA_FLAGS"] = _flags
-
-import jax  # noqa: E402
 
 import rnnlab  # noqa: E402
 

@@ -480,8 +480,9 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
       const int n = live_rows(loop, t, live);
       if (n < B) live_dh.resize(static_cast<size_t>(n) * nu);
       live_matmul(B, n, live, nu, G, cell.row(s), panel.data(), n == B ? dh.data() : live_dh.data(), gathered);
-      for (int i = 0; n < B && i < n; ++i)
-        hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
+      if (n < B)
+        for (int i = 0; i < n; ++i)
+          hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
       cell.carry(dh);
       for (int b = 0; b < B; ++b)
         if (loop.keeps(t, b)) hold(&dh[b * nu], &kept[b * nu], nu);
