@@ -115,20 +115,23 @@ def test_cells_match_torch_cudnn(cell, torch_in_float32):
 @pytest.mark.parametrize("hidden", [16, HIDDEN])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
 @jax.default_matmul_precision("float32")
-def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, monkeypatch):
+def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, padded, monkeypatch):
     """The plain RNN's Pallas kernels (`rnnlab.native.pallas`, the default on a GPU) against the same `rnnlab.scan`
     with XLA's loops (``RNNLAB_PALLAS=0``), both compiled for this GPU: the loss's gradients, and per-example
     gradients under `jax.vmap` (the batch joins the kernel's rows; W_h's gradient per example formed by XLA).
     Batch 20: padded to two programs of 16 rows; the smallest hidden size the kernels take, and a larger one; the
-    kernels as by default and reading ahead (``RNNLAB_PALLAS_AHEAD=1``)."""
+    kernels as by default and reading ahead (``RNNLAB_PALLAS_AHEAD=1``). Padded: sequences of lengths 1 to
+    ``SEQ_LEN`` (`lengths`), on the masked kernels."""
     cell = rnnlab.RNN(hidden, activation=activation)
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
     xs = jax.random.normal(jax.random.PRNGKey(3), (SEQ_LEN, 20, INPUT_SIZE))
     weights = jax.random.normal(jax.random.PRNGKey(4), (SEQ_LEN, 20, hidden))
+    lengths = jnp.asarray((np.arange(20) * 7) % SEQ_LEN + 1) if padded else None
 
-    def loss(params, xs, weights):
-        ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)
+    def loss(params, xs, weights, lengths=lengths):
+        ys, final = rnnlab.scan(cell, params, xs, reverse=reverse, lengths=lengths)
         return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
 
     def gradients(pallas, ahead="0"):
@@ -136,10 +139,10 @@ def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, m
         monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", ahead)
         # Lowered afresh each time: the variables are read at lowering.
         whole = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs, weights)
-        per_example = jax.jit(jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])),
-                                       in_axes=(None, 1, 1)))
+        one = lambda p, x, w, n: loss(p, x[:, None], w[:, None], None if n is None else n[None])  # noqa: E731
+        per_example = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 1, 1, None if lengths is None else 0)))
         assert (whole.as_text().count("xla.gpu.triton") == 2) == (pallas == "1")
-        return whole.compile()(params, xs, weights), per_example(params, xs, weights)
+        return whole.compile()(params, xs, weights), per_example(params, xs, weights, lengths)
 
     xla_loops = gradients("0")
     close(gradients("1"), xla_loops)

@@ -459,46 +459,57 @@ needs_pallas_triton = pytest.mark.skipif(pallas._compiler_params() is None,
 @needs_pallas_triton
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse, monkeypatch):
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse, masked, monkeypatch):
     """The plain RNN's GPU kernels (`native.pallas`), run here by Pallas's interpreter, against the primitives'
     references in float64: the states, and the backward pass (the transpose of the reference tangent by
     `jax.linear_transpose`: cotangents of the inputs, of W_h in each of its modes, of h0), each step's inputs read
-    when used and one step ahead (``RNNLAB_PALLAS_AHEAD``). Batch 20 is padded to 32 rows (two programs)."""
+    when used and one step ahead (``RNNLAB_PALLAS_AHEAD``). Batch 20 is padded to 32 rows (two programs). Masked:
+    the twins' kernels, with a mask that has invalid steps at the start, the middle and the end of rows, a row with
+    none valid and rows all valid."""
     steps, batch, hidden = 9, 20, 32
-    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    keys = jax.random.split(jax.random.PRNGKey(3), 6)
     w_h = jax.random.normal(keys[0], (hidden, hidden)) / math.sqrt(hidden)
     h0, g_h = (jax.random.normal(key, (batch, hidden)) for key in keys[1:3])
     px, g_hs = (jax.random.normal(key, (steps, batch, hidden)) for key in keys[3:5])
+    valid = (jax.random.uniform(keys[5], (steps, batch)) < 0.6).at[:, 0].set(False).at[:, 1].set(True)
+    mask = (valid,) if masked else ()
+    assert 0 < int(valid.sum()) < valid.size
     params = {"reverse": reverse, "threads": 1, "activation": activation}
     with jax.enable_x64(True):
         as64 = lambda *arrays: [jnp.asarray(a, jnp.float64) for a in arrays]  # noqa: E731
-        (hs,) = native._reference_rnn_forward(*as64(w_h, h0, px), **params)
-        truth = native._transposed(native._reference_rnn_tangent, 3)(*as64(w_h, hs, h0, g_hs, g_h), **params)
+        (hs,) = native._reference_rnn_forward(*as64(w_h, h0, px), **params, valid=valid if masked else None)
+        tangent = (lambda w_h, hs, h0, valid, *rest, **params: native._reference_rnn_tangent(
+            w_h, hs, h0, *rest, valid=valid, **params)) if masked else native._reference_rnn_tangent
+        truth = native._transposed(tangent, 3 + masked)(*as64(w_h, hs, h0), *mask, *as64(g_hs, g_h), **params)
         hs, truth = np.asarray(hs), [np.asarray(t) for t in truth]
-    aval = lambda *arrays: [jax.core.ShapedArray(a.shape, jnp.float32) for a in arrays]  # noqa: E731
+    aval = lambda *arrays: [jax.core.ShapedArray(a.shape, a.dtype) for a in arrays]  # noqa: E731
     for ahead, modes in (("0", ("kernel", "xla", "none")), ("1", ("xla",))):
         monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", ahead)
-        forward = native._rnn_gpu_forward(aval(w_h, h0, px), params, interpret=True)
-        np.testing.assert_allclose(forward(w_h, h0, px)[0], hs, rtol=1e-5, atol=1e-5)
+        forward = native._rnn_gpu_forward(aval(w_h, h0, px, *mask), params, interpret=True, masked=masked)
+        np.testing.assert_allclose(forward(w_h, h0, px, *mask)[0], hs, rtol=1e-5, atol=1e-5)
+        hs32 = jnp.asarray(hs, jnp.float32)
         for mode in modes:
-            backward = native._rnn_gpu_backward(aval(w_h, hs, h0, g_hs, g_h), {**params, "weight_grad": mode},
-                                                interpret=True)
-            g_u, g_w, g_h0 = backward(w_h, jnp.asarray(hs, jnp.float32), h0, g_hs, g_h)
+            backward = native._rnn_gpu_backward(aval(w_h, hs32, h0, *mask, g_hs, g_h),
+                                                {**params, "weight_grad": mode}, interpret=True, masked=masked)
+            g_u, g_w, g_h0 = backward(w_h, hs32, h0, *mask, g_hs, g_h)
             np.testing.assert_allclose(g_u, truth[0], rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(g_w, 0 * truth[1] if mode == "none" else truth[1], rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(g_h0, truth[2], rtol=1e-5, atol=1e-5)
+    if masked:  # the mask mattered: an invalid step's input cotangent is zero, unlike the dense kernels'
+        assert np.all(np.asarray(g_u)[~np.asarray(valid)] == 0) and np.any(truth[0][:, 1] != 0)
 
 
 @needs_pallas_triton
 def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
     """Lowered for CUDA here (no GPU needed; run and timed on a GPU by `benchmarks/gpu.sh`): the tanh RNN's forward
-    and backward loops are two Triton calls and no XLA loop; ``RNNLAB_PALLAS=0``, a hidden size the kernels do not
-    hold, the LSTM, `jax.export`, ROCm and the CPU keep XLA's loops."""
+    and backward loops are two Triton calls and no XLA loop, for padded sequences too; ``RNNLAB_PALLAS=0``, a hidden
+    size the kernels do not hold, the LSTM, `jax.export`, ROCm and the CPU keep XLA's loops."""
 
-    def lowered(kind, hidden, platform="cuda", pallas="1", export=False):
+    def lowered(kind, hidden, platform="cuda", pallas="1", export=False, lengths=None):
         monkeypatch.setenv("RNNLAB_PALLAS", pallas)
         cell, params, xs, carry, weights = problem(hidden, (3,), 12, kind=kind)
-        grad = jax.jit(jax.grad(loss_fn(cell, weights, False)))
+        grad = jax.jit(jax.grad(loss_fn(cell, weights, False, lengths)))
         if export:
             text = jax.export.export(grad, platforms=(platform,))(params, xs, carry).mlir_module()
         else:
@@ -510,6 +521,7 @@ def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64) == (2, 0)  # each step's inputs read one step ahead
     monkeypatch.delenv("RNNLAB_PALLAS_AHEAD")
     assert lowered("RNN-relu", 16) == (2, 0)
+    assert lowered("RNN-tanh", 32, lengths=jnp.array([12, 5, 1])) == (2, 0)  # padded sequences: the masked twins
     assert lowered("RNN-tanh", 64, pallas="0")[0] == 0
     assert lowered("RNN-tanh", 48)[0] == 0
     assert lowered("LSTM", 64)[0] == 0
@@ -538,13 +550,15 @@ def test_the_pallas_kernels_apply_where_their_offsets_fit():
 
 @needs_kernels
 @needs_pallas_triton
-@pytest.mark.parametrize("activation,reverse", [("tanh", False), ("relu", True), ("linear", True), ("tanh", True)])
-def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, reverse, monkeypatch):
+@pytest.mark.parametrize("activation,reverse,padded", [("tanh", False, False), ("relu", True, False),
+                                                        ("linear", True, False), ("tanh", True, False),
+                                                        ("tanh", False, True), ("relu", True, True)])
+def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, reverse, padded, monkeypatch):
     """The GPU lowering rule of the plain RNN's primitives (`p.gpu_rule`: the Pallas kernels and W_h's gradient
     after them; lowered for a CPU, the kernels run in Pallas's interpreter) put in place of their CPU lowering, so
     `rnnlab.scan` runs it here, against `rnnlab.scan` on XLA's loops (``RNNLAB_NATIVE=0``): the loss's gradients,
     per-example gradients under `jax.vmap` (batch 17 joins the kernels' rows, padded to 32), and gradients for
-    stacked weights (one call per example)."""
+    stacked weights (one call per example). Padded: sequences of lengths 1 to 6 (`lengths`), on the masked twins."""
     from jax._src.interpreters import mlir
 
     cell = rnnlab.RNN(hidden_size=16, activation=activation)
@@ -552,22 +566,27 @@ def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, reve
     stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 0.9 * a]), params)
     xs = jax.random.normal(jax.random.PRNGKey(3), (6, 17, INPUT_SIZE))
     weights = jax.random.normal(jax.random.PRNGKey(4), (6, 17, 16))
+    lengths = jnp.arange(17) % 6 + 1 if padded else None
 
-    def loss(params, xs, weights):
-        ys, final = rnnlab.scan(cell, params, xs, reverse=reverse)
+    def loss(params, xs, weights, lengths=lengths):
+        ys, final = rnnlab.scan(cell, params, xs, reverse=reverse, lengths=lengths)
         return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
 
     def gradients(native_on):
         monkeypatch.setenv("RNNLAB_NATIVE", native_on)
-        per_example = jax.vmap(jax.grad(lambda p, x, w: loss(p, x[:, None], w[:, None])), in_axes=(None, 1, 1))
-        return [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs, weights), jax.jit(per_example)(params, xs, weights),
+        one = lambda p, x, w, n: loss(p, x[:, None], w[:, None], None if n is None else n[None])  # noqa: E731
+        per_example = jax.vmap(jax.grad(one), in_axes=(None, 1, 1, None if lengths is None else 0))
+        return [jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs, weights),
+                jax.jit(per_example)(params, xs, weights, lengths),
                 jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None, None)))(stacked, xs, weights)]
 
     expected = gradients("0")
-    for primitive in (native.rnn_forward_p, native.rnn_backward_p):
+    primitives = ((native.rnn_forward_masked_p, native.rnn_backward_masked_p) if padded
+                  else (native.rnn_forward_p, native.rnn_backward_p))
+    for primitive in primitives:
         rules = mlir._platform_specific_lowerings["cpu"]
         monkeypatch.setitem(rules, primitive, dataclasses.replace(rules[primitive], rule=primitive.gpu_rule))
-    text = jax.jit(jax.grad(lambda p: jnp.sum(rnnlab.scan(cell, p, xs)[0]))).lower(params).as_text()
+    text = jax.jit(jax.grad(lambda p: jnp.sum(rnnlab.scan(cell, p, xs, lengths=lengths)[0]))).lower(params).as_text()
     assert "rnnlab_rnn" not in text  # the C++ kernels' calls: the rule under test replaced them
     assert_trees_close(gradients("1"), expected, rtol=1e-5, atol=1e-5)
 

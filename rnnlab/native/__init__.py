@@ -351,26 +351,29 @@ def _rnn_weight_gradient(operands, g_u, reverse, flat):
     return _weight_gradient(hs, h0, g_u, reverse, flat)
 
 
-def _rnn_gpu_forward(avals, params, interpret=False):
-    """`rnn_forward_p` as a Pallas kernel where `pallas.applies` (``interpret``: run by Pallas's interpreter, to test
-    it without a GPU), else None."""
+def _rnn_gpu_forward(avals, params, interpret=False, masked=False):
+    """`rnn_forward_p` (``masked``: its twin, whose last operand is ``valid``) as a Pallas kernel where
+    `pallas.applies` (``interpret``: run by Pallas's interpreter, to test it without a GPU), else None."""
     from rnnlab.native import pallas
 
-    if not pallas.applies(avals[0].shape, avals[2].shape, [aval.dtype for aval in avals], params["activation"]):
+    if not pallas.applies(avals[0].shape, avals[2].shape, [aval.dtype for aval in avals[:3]], params["activation"]):
         return None
-    return lambda w_h, h0, px: (pallas.rnn_forward(w_h, h0, px, reverse=params["reverse"],
-                                                   activation=params["activation"], interpret=interpret),)
+    return lambda w_h, h0, px, *valid: (pallas.rnn_forward(w_h, h0, px, *valid, reverse=params["reverse"],
+                                                           activation=params["activation"], interpret=interpret),)
 
 
-def _rnn_gpu_backward(avals, params, interpret=False):
-    """`rnn_backward_p` as a Pallas kernel and W_h's gradient as one XLA matmul after it, or None."""
+def _rnn_gpu_backward(avals, params, interpret=False, masked=False):
+    """`rnn_backward_p` (``masked``: its twin, ``valid`` after the residuals ``w_h, hs, h0``) as a Pallas kernel and
+    W_h's gradient as one XLA matmul after it, or None."""
     from rnnlab.native import pallas
 
-    if not pallas.applies(avals[0].shape, avals[1].shape, [aval.dtype for aval in avals], params["activation"]):
+    floats = [aval for i, aval in enumerate(avals) if not (masked and i == 3)]
+    if not pallas.applies(avals[0].shape, avals[1].shape, [aval.dtype for aval in floats], params["activation"]):
         return None
 
-    def backward(w_h, hs, h0, g_hs, g_h):
-        g_u, g_h0 = pallas.rnn_backward(w_h, hs, g_hs, g_h, reverse=params["reverse"],
+    def backward(w_h, hs, h0, *rest):
+        valid, (g_hs, g_h) = (rest[:1], rest[1:]) if masked else ((), rest)
+        g_u, g_h0 = pallas.rnn_backward(w_h, hs, g_hs, g_h, *valid, reverse=params["reverse"],
                                         activation=params["activation"], interpret=interpret)
         g_w = (jnp.zeros_like(w_h) if params.get("weight_grad") == "none"
                else _weight_gradient(hs, h0, g_u, params["reverse"], True))
@@ -638,8 +641,8 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
                     weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None):
     """One cell kernel's primitive and its masked twin (`_primitive`): ``(plain, masked)``. The twin (named and
     targeted ``*_masked``) takes one more operand, ``valid [T, B]`` booleans, at index ``mask_at``, which is passed to
-    ``reference`` as ``valid``. A backward primitive's ``reference`` is the tangent reference it transposes, whose
-    first ``residuals`` operands are fixed."""
+    ``reference`` as ``valid``, and to ``gpu_kernel`` as an operand with ``masked=True``. A backward primitive's
+    ``reference`` is the tangent reference it transposes, whose first ``residuals`` operands are fixed."""
 
     def masked(function):
         return lambda *operands, **params: function(*operands[:mask_at], *operands[mask_at + 1:], **params)
@@ -657,7 +660,8 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
     return (_primitive(name, plain_reference, out_shapes, labels, target, aliases, weight_gradient,
                        gpu_kernel=gpu_kernel),
             _primitive(f"{name}_masked", masked_reference, masked(out_shapes), masked_labels,
-                       target and f"{target}_masked", masked_aliases, weight_gradient))
+                       target and f"{target}_masked", masked_aliases, weight_gradient,
+                       gpu_kernel=gpu_kernel and functools.partial(gpu_kernel, masked=True)))
 
 
 def _linear_primitives(cell: str, tangent_reference, tangent_shapes, tangent_labels: str, backward_shapes,

@@ -75,70 +75,68 @@ def _time(step, steps: int, reverse: bool):
     return steps - 1 - step if reverse else step
 
 
-def _forward_kernel(w_ref, h0_ref, px_ref, hs_ref, *, steps, reverse, activation, ahead):
+def _forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation, ahead):
     from rnnlab.cells import _ACTIVATIONS
 
+    *valid_ref, hs_ref = refs  # with a padding mask, ``valid [T, B]`` (1.0 or 0.0) before the output
     phi = _ACTIVATIONS[activation]
     w_h = w_ref[...]  # loaded once: held in registers for all steps
 
-    def new_state(h, px_t):
-        return phi(px_t + jnp.dot(h, w_h, preferred_element_type=jnp.float32))
+    def read(s):  # step s's inputs; clamped: the read one past the last step (reading ahead) is never used
+        t = _time(jnp.minimum(s, steps - 1), steps, reverse)
+        return (px_ref[t, :, :], *(valid[t, :] for valid in valid_ref))
 
-    def step(s, h):
-        t = _time(s, steps, reverse)
-        h = new_state(h, px_ref[t, :, :])
-        hs_ref[t, :, :] = h
-        return h
-
-    def read(s):  # clamped: the read one past the last step is never used
-        return px_ref[_time(jnp.minimum(s, steps - 1), steps, reverse), :, :]
+    def advance(s, h, px_t, *valid_t):
+        new = phi(px_t + jnp.dot(h, w_h, preferred_element_type=jnp.float32))
+        if valid_t:  # a row at an invalid step keeps its carry
+            new = jnp.where(valid_t[0][:, None] > 0, new, h)
+        hs_ref[_time(s, steps, reverse), :, :] = new
+        return new
 
     def step_ahead(s, carry):
-        h, px_t = carry
-        px_next = read(s + 1)
-        h = new_state(h, px_t)
-        hs_ref[_time(s, steps, reverse), :, :] = h
-        return h, px_next
+        h, inputs = carry
+        upcoming = read(s + 1)
+        return advance(s, h, *inputs), upcoming
 
     if ahead:
         jax.lax.fori_loop(0, steps, step_ahead, (h0_ref[...], read(0)))
     else:
-        jax.lax.fori_loop(0, steps, step, h0_ref[...])
+        jax.lax.fori_loop(0, steps, lambda s, h: advance(s, h, *read(s)), h0_ref[...])
 
 
-def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, g_z_ref, g_h0_ref, *, steps, reverse, activation, ahead):
+def _backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, activation, ahead):
     from rnnlab.fused import _RNN_DERIVATIVES
 
+    *valid_ref, g_z_ref, g_h0_ref = refs
     derivative = _RNN_DERIVATIVES[activation]
     w_h = w_ref[...]
     # The recurrence ran forward in time for `reverse=False`: its transpose runs the other way.
     back = not reverse
 
-    def carried(g_carry, t, h_t, g_h_t):
-        g_z = g_h_t + g_carry
-        if derivative is not None:
-            g_z = g_z * derivative(h_t)
-        g_z_ref[t, :, :] = g_z
-        # g_z W_hᵀ: contract g_z's hidden axis with W_h's output axis.
-        return jax.lax.dot_general(g_z, w_h, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-    def step(s, g_carry):
-        t = _time(s, steps, back)
-        return carried(g_carry, t, hs_ref[t, :, :], g_hs_ref[t, :, :])
-
-    def read(s):  # clamped: the read one past the last step is never used
+    def read(s):  # clamped, as in the forward kernel
         t = _time(jnp.minimum(s, steps - 1), steps, back)
-        return hs_ref[t, :, :], g_hs_ref[t, :, :]
+        return (hs_ref[t, :, :], g_hs_ref[t, :, :], *(valid[t, :] for valid in valid_ref))
+
+    def advance(s, g_carry, h_t, g_h_t, *valid_t):
+        g = g_h_t + g_carry
+        g_z = g if derivative is None else g * derivative(h_t)
+        if valid_t:  # an invalid step: no pre-activation cotangent, the carry's handed on unchanged
+            keep = valid_t[0][:, None] > 0
+            g_z = jnp.where(keep, g_z, 0.0)
+        g_z_ref[_time(s, steps, back), :, :] = g_z
+        # g_z W_hᵀ: contract g_z's hidden axis with W_h's output axis.
+        g_back = jax.lax.dot_general(g_z, w_h, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return jnp.where(keep, g_back, g) if valid_t else g_back
 
     def step_ahead(s, carry):
         g_carry, inputs = carry
         upcoming = read(s + 1)
-        return carried(g_carry, _time(s, steps, back), *inputs), upcoming
+        return advance(s, g_carry, *inputs), upcoming
 
     if ahead:
         g_h0_ref[...] = jax.lax.fori_loop(0, steps, step_ahead, (g_h_ref[...], read(0)))[0]
     else:
-        g_h0_ref[...] = jax.lax.fori_loop(0, steps, step, g_h_ref[...])
+        g_h0_ref[...] = jax.lax.fori_loop(0, steps, lambda s, g: advance(s, g, *read(s)), g_h_ref[...])
 
 
 def _padded_rows(batch: int) -> int:
@@ -173,20 +171,30 @@ def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret):
     return [jax.lax.slice_in_dim(o, 0, batch, axis=axis) for o, axis in zip(outs, out_batch_axes)]
 
 
-def rnn_forward(w_h, h0, px, *, reverse: bool, activation: str, interpret: bool = False):
-    """``hs [T, B, H]`` of ``h_t = φ(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B, H]``)."""
+def _mask(valid):
+    """``valid [T, B]`` as the kernels read it (float32 ones and zeros), or no operand."""
+    return [] if valid is None else [jnp.asarray(valid, jnp.float32)]
+
+
+def rnn_forward(w_h, h0, px, valid=None, *, reverse: bool, activation: str, interpret: bool = False):
+    """``hs [T, B, H]`` of ``h_t = φ(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B, H]``); with
+    ``valid [T, B]`` (booleans) a row keeps its carry at a step where it is false."""
     steps = px.shape[0]
     kernel = functools.partial(_forward_kernel, steps=steps, reverse=reverse, activation=activation,
                                ahead=read_ahead())
-    (hs,) = _call(kernel, [w_h, h0, px], [px.shape], [None, 0, 1], [1], interpret)
+    mask = _mask(valid)
+    (hs,) = _call(kernel, [w_h, h0, px, *mask], [px.shape], [None, 0, 1] + [1] * len(mask), [1], interpret)
     return hs
 
 
-def rnn_backward(w_h, hs, g_hs, g_h, *, reverse: bool, activation: str, interpret: bool = False):
+def rnn_backward(w_h, hs, g_hs, g_h, valid=None, *, reverse: bool, activation: str, interpret: bool = False):
     """``(g_z [T, B, H], g_h0 [B, H])``: the cotangents of ``px`` and ``h0`` given those of ``hs`` and of the last
-    carry, ``g_hs [T, B, H]`` and ``g_h [B, H]``."""
+    carry, ``g_hs [T, B, H]`` and ``g_h [B, H]``; with ``valid`` as in `rnn_forward`, an invalid step's ``g_z`` is
+    zero and it hands the carry's cotangent (its output's added) to the step before."""
     steps = hs.shape[0]
     kernel = functools.partial(_backward_kernel, steps=steps, reverse=reverse, activation=activation,
                                ahead=read_ahead())
-    g_z, g_h0 = _call(kernel, [w_h, hs, g_hs, g_h], [hs.shape, g_h.shape], [None, 1, 1, 0], [1, 0], interpret)
+    mask = _mask(valid)
+    g_z, g_h0 = _call(kernel, [w_h, hs, g_hs, g_h, *mask], [hs.shape, g_h.shape],
+                      [None, 1, 1, 0] + [1] * len(mask), [1, 0], interpret)
     return g_z, g_h0
