@@ -113,18 +113,20 @@ def test_cells_match_torch_cudnn(cell, torch_in_float32):
 
 
 @pytest.mark.parametrize("hidden", [16, HIDDEN])
-@pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
+@pytest.mark.parametrize("kind", ["RNN-tanh", "RNN-relu", "RNN-linear", "LSTM", "GRU"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
 @jax.default_matmul_precision("float32")
-def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, padded, monkeypatch):
-    """The plain RNN's Pallas kernels (`rnnlab.native.pallas`, the default on a GPU) against the same `rnnlab.scan`
-    with XLA's loops (``RNNLAB_PALLAS=0``), both compiled for this GPU: the loss's gradients, and per-example
-    gradients under `jax.vmap` (the batch joins the kernel's rows; W_h's gradient per example formed by XLA).
-    Batch 20: padded to two programs of 16 rows; the smallest hidden size the kernels take, and a larger one; the
-    kernels as by default and reading ahead (``RNNLAB_PALLAS_AHEAD=1``). Padded: sequences of lengths 1 to
-    ``SEQ_LEN`` (`lengths`), on the masked kernels."""
-    cell = rnnlab.RNN(hidden, activation=activation)
+def test_pallas_kernels_equal_xla_loops(kind, reverse, hidden, padded, monkeypatch):
+    """The Pallas kernels (`rnnlab.native.pallas`, the default on a GPU: the plain RNN's, and the LSTM's and GRU's
+    to hidden 64) against the same `rnnlab.scan` with XLA's loops (``RNNLAB_PALLAS=0``), both compiled for this
+    GPU: the loss's gradients, and per-example gradients under `jax.vmap` (the batch joins the kernel's rows; W_h's
+    gradient per example formed by XLA). Batch 20: padded to two programs of 16 rows; the smallest hidden size the
+    kernels take, and the largest the LSTM's do; the kernels as by default and reading ahead
+    (``RNNLAB_PALLAS_AHEAD=1``). Padded: sequences of lengths 1 to ``SEQ_LEN`` (`lengths`), on the masked
+    kernels."""
+    cell = (rnnlab.RNN(hidden, activation=kind.removeprefix("RNN-")) if kind.startswith("RNN-")
+            else getattr(rnnlab, kind)(hidden))
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
     xs = jax.random.normal(jax.random.PRNGKey(3), (SEQ_LEN, 20, INPUT_SIZE))
     weights = jax.random.normal(jax.random.PRNGKey(4), (SEQ_LEN, 20, hidden))
@@ -132,7 +134,7 @@ def test_plain_rnn_pallas_kernels_equal_xla_loops(activation, reverse, hidden, p
 
     def loss(params, xs, weights, lengths=lengths):
         ys, final = rnnlab.scan(cell, params, xs, reverse=reverse, lengths=lengths)
-        return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
+        return jnp.sum(weights * ys) + sum(jnp.sum(jnp.cos(leaf)) for leaf in jax.tree_util.tree_leaves(final))
 
     def gradients(pallas, ahead="0"):
         monkeypatch.setenv("RNNLAB_PALLAS", pallas)

@@ -456,55 +456,79 @@ needs_pallas_triton = pytest.mark.skipif(pallas._compiler_params() is None,
                                          reason="this JAX has no Pallas Triton backend: the XLA loops run on a GPU")
 
 
+PALLAS_KINDS = ["RNN-tanh", "RNN-relu", "RNN-linear", "LSTM", "GRU"]
+
+
+def pallas_problem(kind, steps=9, batch=20, hidden=32):
+    """Random operands of ``kind``'s forward primitive, the primitives ``(forward, backward)``, their parameters, a
+    function from the forward results to the backward primitive's residuals, the backward cotangents, and a mask
+    with invalid steps at the start, the middle and the end of rows, a row with none valid and one all valid."""
+    gates = {"LSTM": 4, "GRU": 3}.get(kind, 1)
+    keys = iter(jax.random.split(jax.random.PRNGKey(3), 10))
+    normal = lambda *shape: jax.random.normal(next(keys), shape)  # noqa: E731
+    w_h, h0, c0 = normal(hidden, gates * hidden) / math.sqrt(hidden), normal(batch, hidden), normal(batch, hidden)
+    px, g_hs, g_h, g_c = normal(steps, batch, gates * hidden), normal(steps, batch, hidden), *normal(2, batch, hidden)
+    valid = (jax.random.uniform(next(keys), (steps, batch)) < 0.6).at[:, 0].set(False).at[:, 1].set(True)
+    assert 0 < int(valid.sum()) < valid.size
+    if kind == "LSTM":
+        return ((w_h, h0, c0, px), (native.lstm_forward_p, native.lstm_backward_p), {},
+                lambda hs, cs, gates: (w_h, gates, cs, c0, hs, h0), (g_hs, g_h, g_c), valid)
+    if kind == "GRU":
+        b_h = normal(gates * hidden)
+        return ((w_h, b_h, h0, px), (native.gru_forward_p, native.gru_backward_p), {},
+                lambda hs, gates, a_n: (w_h, gates, a_n, hs, h0), (g_hs, g_h), valid)
+    return ((w_h, h0, px), (native.rnn_forward_p, native.rnn_backward_p), {"activation": kind.removeprefix("RNN-")},
+            lambda hs: (w_h, hs, h0), (g_hs, g_h), valid)
+
+
 @needs_pallas_triton
-@pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
+@pytest.mark.parametrize("kind", PALLAS_KINDS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
-def test_pallas_rnn_kernels_equal_the_float64_references(activation, reverse, masked, monkeypatch):
-    """The plain RNN's GPU kernels (`native.pallas`), run here by Pallas's interpreter, against the primitives'
-    references in float64: the states, and the backward pass (the transpose of the reference tangent by
-    `jax.linear_transpose`: cotangents of the inputs, of W_h in each of its modes, of h0), each step's inputs read
-    when used and one step ahead (``RNNLAB_PALLAS_AHEAD``). Batch 20 is padded to 32 rows (two programs). Masked:
-    the twins' kernels, with a mask that has invalid steps at the start, the middle and the end of rows, a row with
-    none valid and rows all valid."""
-    steps, batch, hidden = 9, 20, 32
-    keys = jax.random.split(jax.random.PRNGKey(3), 6)
-    w_h = jax.random.normal(keys[0], (hidden, hidden)) / math.sqrt(hidden)
-    h0, g_h = (jax.random.normal(key, (batch, hidden)) for key in keys[1:3])
-    px, g_hs = (jax.random.normal(key, (steps, batch, hidden)) for key in keys[3:5])
-    valid = (jax.random.uniform(keys[5], (steps, batch)) < 0.6).at[:, 0].set(False).at[:, 1].set(True)
+def test_pallas_kernels_equal_the_float64_references(kind, reverse, masked, monkeypatch):
+    """The GPU kernels (`native.pallas`: the plain RNN's, the LSTM's and the GRU's), run here by Pallas's
+    interpreter, against the primitives' references in float64: the forward results, and the backward pass (the
+    transpose of the reference tangent by `jax.linear_transpose`: cotangents of the inputs, of W_h in each of its
+    modes, of the first carry), each step's inputs read when used and one step ahead (``RNNLAB_PALLAS_AHEAD``).
+    Batch 20 is padded to 32 rows (two programs). Masked: the twins' kernels, with `pallas_problem`'s mask."""
+    operands, (forward_p, backward_p), params, residuals, cotangents, valid = pallas_problem(kind)
+    params = {**params, "reverse": reverse, "threads": 1}
+    if masked:
+        twin = lambda p: getattr(native, p.name.removeprefix("rnnlab_") + "_masked_p")  # noqa: E731
+        forward_p, backward_p = twin(forward_p), twin(backward_p)
     mask = (valid,) if masked else ()
-    assert 0 < int(valid.sum()) < valid.size
-    params = {"reverse": reverse, "threads": 1, "activation": activation}
     with jax.enable_x64(True):
-        as64 = lambda *arrays: [jnp.asarray(a, jnp.float64) for a in arrays]  # noqa: E731
-        (hs,) = native._reference_rnn_forward(*as64(w_h, h0, px), **params, valid=valid if masked else None)
-        tangent = (lambda w_h, hs, h0, valid, *rest, **params: native._reference_rnn_tangent(
-            w_h, hs, h0, *rest, valid=valid, **params)) if masked else native._reference_rnn_tangent
-        truth = native._transposed(tangent, 3 + masked)(*as64(w_h, hs, h0), *mask, *as64(g_hs, g_h), **params)
-        hs, truth = np.asarray(hs), [np.asarray(t) for t in truth]
-    aval = lambda *arrays: [jax.core.ShapedArray(a.shape, a.dtype) for a in arrays]  # noqa: E731
+        as64 = lambda arrays: [jnp.asarray(a, jnp.float64) for a in arrays]  # noqa: E731
+        results = forward_p.reference(*as64(operands), *mask, **params)
+        backward_operands = [*residuals(*results), *mask, *as64(cotangents)]
+        truth = backward_p.reference(*backward_operands, **params)
+        results, truth = [np.asarray(r) for r in results], [np.asarray(t) for t in truth]
+    as32 = lambda arrays: [a if a.dtype == jnp.bool_ else jnp.asarray(a, jnp.float32) for a in arrays]  # noqa: E731
+    backward_operands = as32(backward_operands)
+    aval = lambda arrays: [jax.core.ShapedArray(a.shape, a.dtype) for a in arrays]  # noqa: E731
     for ahead, modes in (("0", ("kernel", "xla", "none")), ("1", ("xla",))):
         monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", ahead)
-        forward = native._rnn_gpu_forward(aval(w_h, h0, px, *mask), params, interpret=True, masked=masked)
-        np.testing.assert_allclose(forward(w_h, h0, px, *mask)[0], hs, rtol=1e-5, atol=1e-5)
-        hs32 = jnp.asarray(hs, jnp.float32)
+        forward = forward_p.gpu_kernel(aval([*operands, *mask]), params, interpret=True)
+        for result, expected in zip(forward(*operands, *mask), results, strict=True):
+            np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
         for mode in modes:
-            backward = native._rnn_gpu_backward(aval(w_h, hs32, h0, *mask, g_hs, g_h),
-                                                {**params, "weight_grad": mode}, interpret=True, masked=masked)
-            g_u, g_w, g_h0 = backward(w_h, hs32, h0, *mask, g_hs, g_h)
+            backward = backward_p.gpu_kernel(aval(backward_operands), {**params, "weight_grad": mode},
+                                             interpret=True)
+            g_u, g_w, *g_carry = backward(*backward_operands)
             np.testing.assert_allclose(g_u, truth[0], rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(g_w, 0 * truth[1] if mode == "none" else truth[1], rtol=1e-5, atol=1e-4)
-            np.testing.assert_allclose(g_h0, truth[2], rtol=1e-5, atol=1e-5)
+            for result, expected in zip(g_carry, truth[2:], strict=True):
+                np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
     if masked:  # the mask mattered: an invalid step's input cotangent is zero, unlike the dense kernels'
         assert np.all(np.asarray(g_u)[~np.asarray(valid)] == 0) and np.any(truth[0][:, 1] != 0)
 
 
 @needs_pallas_triton
-def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
-    """Lowered for CUDA here (no GPU needed; run and timed on a GPU by `benchmarks/gpu.sh`): the tanh RNN's forward
-    and backward loops are two Triton calls and no XLA loop, for padded sequences too; ``RNNLAB_PALLAS=0``, a hidden
-    size the kernels do not hold, the LSTM, `jax.export`, ROCm and the CPU keep XLA's loops."""
+def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
+    """Lowered for CUDA here (no GPU needed; run and timed on a GPU by `benchmarks/gpu.sh`): the forward and
+    backward loops of the plain RNN (to hidden 128) and of the LSTM and GRU (to hidden 64) are two Triton calls and no
+    XLA loop, for padded sequences too; ``RNNLAB_PALLAS=0``, a hidden size the kernels do not hold, `jax.export`,
+    ROCm and the CPU keep XLA's loops."""
 
     def lowered(kind, hidden, platform="cuda", pallas="1", export=False, lengths=None):
         monkeypatch.setenv("RNNLAB_PALLAS", pallas)
@@ -516,27 +540,37 @@ def test_on_a_gpu_the_plain_rnn_runs_as_pallas_kernels(monkeypatch):
             text = grad.trace(params, xs, carry).lower(lowering_platforms=(platform,)).as_text()
         return text.count("xla.gpu.triton"), text.count("stablehlo.while")
 
-    assert lowered("RNN-tanh", 64) == (2, 0)
+    assert lowered("RNN-tanh", 128) == (2, 0)
     monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", "1")
     assert lowered("RNN-tanh", 64) == (2, 0)  # each step's inputs read one step ahead
+    assert lowered("GRU", 32) == (2, 0)
     monkeypatch.delenv("RNNLAB_PALLAS_AHEAD")
     assert lowered("RNN-relu", 16) == (2, 0)
-    assert lowered("RNN-tanh", 32, lengths=jnp.array([12, 5, 1])) == (2, 0)  # padded sequences: the masked twins
+    assert lowered("LSTM", 64) == (2, 0)
+    assert lowered("GRU", 64) == (2, 0)
+    padded = jnp.array([12, 5, 1])  # padded sequences: the masked twins
+    assert lowered("RNN-tanh", 32, lengths=padded) == lowered("LSTM", 16, lengths=padded) == (2, 0)
     assert lowered("RNN-tanh", 64, pallas="0")[0] == 0
     assert lowered("RNN-tanh", 48)[0] == 0
-    assert lowered("LSTM", 64)[0] == 0
+    assert lowered("LSTM", 128)[0] == lowered("GRU", 128)[0] == 0  # W_h 256 and 192 KB: XLA's loops
     assert lowered("RNN-tanh", 64, export=True)[0] == 0
-    assert lowered("RNN-tanh", 64, platform="cpu")[0] == 0
+    assert lowered("LSTM", 64, platform="cpu")[0] == 0
     assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
 
 
 @needs_pallas_triton
 def test_the_pallas_kernels_apply_where_their_offsets_fit():
-    """Where `native.pallas` runs: one square W_h of a held size, float32, a sequence whose padded rows fit Triton's
-    32-bit offsets."""
+    """Where `native.pallas` runs: one W_h ``[H, G·H]`` of a held size (at most 64 KB), float32, a sequence whose
+    padded rows fit Triton's 32-bit offsets."""
     f32 = [jnp.float32] * 3
     assert pallas.applies((128, 128), (1000, 16, 128), f32, "tanh")
     assert pallas.applies((16, 16), (3, 1, 16), f32, "linear")
+    assert pallas.applies((64, 256), (3, 1, 256), f32)  # the LSTM at hidden 64
+    assert pallas.applies((64, 192), (3, 1, 192), f32)  # the GRU at hidden 64
+    assert not pallas.applies((128, 512), (3, 1, 512), f32)  # the LSTM at hidden 128: W_h too large to hold
+    assert not pallas.applies((128, 384), (3, 1, 384), f32)
+    assert not pallas.applies((64, 128), (3, 1, 128), f32)  # two gates: no cell
+    assert not pallas.applies((64, 256), (3, 1, 256), f32, "tanh")  # an activation names the plain RNN
     assert not pallas.applies((256, 256), (10, 16, 256), f32, "tanh")  # W_h too large to hold
     assert not pallas.applies((3, 64, 64), (10, 16, 64), f32, "tanh")  # one W_h per configuration
     assert not pallas.applies((64, 64), (10, 16, 64), [jnp.float32, jnp.float64, jnp.float32], "tanh")
@@ -545,23 +579,26 @@ def test_the_pallas_kernels_apply_where_their_offsets_fit():
     assert not pallas.applies((128, 128), (2**24, 16, 128), f32, "tanh")
     assert not pallas.applies((128, 128), (2**20, 9, 128), f32, "tanh")
     assert pallas.applies((128, 128), (2**20 - 1, 9, 128), f32, "tanh")
+    assert not pallas.applies((64, 256), (2**19, 9, 256), f32)  # the LSTM's gates [T, B, 4H]: 2^31
+    assert pallas.applies((64, 256), (2**19 - 1, 9, 256), f32)
     assert not pallas.applies((128, 128), (10, 0, 128), f32, "tanh")  # no rows: no grid
 
 
 @needs_kernels
 @needs_pallas_triton
-@pytest.mark.parametrize("activation,reverse,padded", [("tanh", False, False), ("relu", True, False),
-                                                        ("linear", True, False), ("tanh", True, False),
-                                                        ("tanh", False, True), ("relu", True, True)])
-def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, reverse, padded, monkeypatch):
-    """The GPU lowering rule of the plain RNN's primitives (`p.gpu_rule`: the Pallas kernels and W_h's gradient
-    after them; lowered for a CPU, the kernels run in Pallas's interpreter) put in place of their CPU lowering, so
-    `rnnlab.scan` runs it here, against `rnnlab.scan` on XLA's loops (``RNNLAB_NATIVE=0``): the loss's gradients,
-    per-example gradients under `jax.vmap` (batch 17 joins the kernels' rows, padded to 32), and gradients for
-    stacked weights (one call per example). Padded: sequences of lengths 1 to 6 (`lengths`), on the masked twins."""
+@pytest.mark.parametrize("kind,reverse,padded", [("RNN-tanh", False, False), ("RNN-relu", True, False),
+                                                  ("RNN-linear", True, False), ("RNN-tanh", False, True),
+                                                  ("LSTM", False, False), ("LSTM", True, True), ("GRU", True, False),
+                                                  ("GRU", False, True)])
+def test_the_gpu_lowering_equals_the_xla_loops(kind, reverse, padded, monkeypatch):
+    """The GPU lowering rule of a cell's primitives (`p.gpu_rule`: the Pallas kernels and W_h's gradient after them;
+    lowered for a CPU, the kernels run in Pallas's interpreter) put in place of their CPU lowering, so `rnnlab.scan`
+    runs it here, against `rnnlab.scan` on XLA's loops (``RNNLAB_NATIVE=0``): the loss's gradients, per-example
+    gradients under `jax.vmap` (batch 17 joins the kernels' rows, padded to 32), and gradients for stacked weights
+    (one call per example). Padded: sequences of lengths 1 to 6 (`lengths`), on the masked twins."""
     from jax._src.interpreters import mlir
 
-    cell = rnnlab.RNN(hidden_size=16, activation=activation)
+    cell = make_cell(kind, 16)
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
     stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 0.9 * a]), params)
     xs = jax.random.normal(jax.random.PRNGKey(3), (6, 17, INPUT_SIZE))
@@ -570,7 +607,7 @@ def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, reve
 
     def loss(params, xs, weights, lengths=lengths):
         ys, final = rnnlab.scan(cell, params, xs, reverse=reverse, lengths=lengths)
-        return jnp.sum(weights * ys) + jnp.sum(jnp.cos(final))
+        return jnp.sum(weights * ys) + sum(jnp.sum(jnp.cos(leaf)) for leaf in jax.tree_util.tree_leaves(final))
 
     def gradients(native_on):
         monkeypatch.setenv("RNNLAB_NATIVE", native_on)
@@ -581,13 +618,13 @@ def test_the_gpu_lowering_of_the_plain_rnn_equals_the_xla_loops(activation, reve
                 jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None, None)))(stacked, xs, weights)]
 
     expected = gradients("0")
-    primitives = ((native.rnn_forward_masked_p, native.rnn_backward_masked_p) if padded
-                  else (native.rnn_forward_p, native.rnn_backward_p))
-    for primitive in primitives:
+    name = kind.split("-")[0].lower()
+    for primitive in (getattr(native, f"{name}_{part}{'_masked' if padded else ''}_p")
+                      for part in ("forward", "backward")):
         rules = mlir._platform_specific_lowerings["cpu"]
         monkeypatch.setitem(rules, primitive, dataclasses.replace(rules[primitive], rule=primitive.gpu_rule))
     text = jax.jit(jax.grad(lambda p: jnp.sum(rnnlab.scan(cell, p, xs, lengths=lengths)[0]))).lower(params).as_text()
-    assert "rnnlab_rnn" not in text  # the C++ kernels' calls: the rule under test replaced them
+    assert f"rnnlab_{name}" not in text  # the C++ kernels' calls: the rule under test replaced them
     assert_trees_close(gradients("1"), expected, rtol=1e-5, atol=1e-5)
 
 

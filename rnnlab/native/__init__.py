@@ -351,35 +351,37 @@ def _rnn_weight_gradient(operands, g_u, reverse, flat):
     return _weight_gradient(hs, h0, g_u, reverse, flat)
 
 
-def _rnn_gpu_forward(avals, params, interpret=False, masked=False):
-    """`rnn_forward_p` (``masked``: its twin, whose last operand is ``valid``) as a Pallas kernel where
-    `pallas.applies` (``interpret``: run by Pallas's interpreter, to test it without a GPU), else None."""
-    from rnnlab.native import pallas
+def _pallas_kernel(name: str, sequence_at: int, mask_at: int, weight_gradient=None):
+    """A primitive's ``gpu_kernel`` (`_primitive`): `rnnlab.native.pallas`'s function ``name`` where
+    `pallas.applies` (``interpret``: run by Pallas's interpreter, to test it without a GPU), else None; for a
+    backward primitive (``weight_gradient`` given) with W_h's gradient one XLA matmul after it. ``sequence_at``: an
+    operand ``[T, B, ...]``; ``mask_at``: the index of the masked twin's ``valid`` (``masked=True``)."""
 
-    if not pallas.applies(avals[0].shape, avals[2].shape, [aval.dtype for aval in avals[:3]], params["activation"]):
-        return None
-    return lambda w_h, h0, px, *valid: (pallas.rnn_forward(w_h, h0, px, *valid, reverse=params["reverse"],
-                                                           activation=params["activation"], interpret=interpret),)
+    def without_mask(operands, masked):
+        return [*operands[:mask_at], *operands[mask_at + 1:]] if masked else list(operands)
 
+    def gpu_kernel(avals, params, interpret=False, masked=False):
+        from rnnlab.native import pallas
 
-def _rnn_gpu_backward(avals, params, interpret=False, masked=False):
-    """`rnn_backward_p` (``masked``: its twin, ``valid`` after the residuals ``w_h, hs, h0``) as a Pallas kernel and
-    W_h's gradient as one XLA matmul after it, or None."""
-    from rnnlab.native import pallas
+        avals, activation = without_mask(avals, masked), params.get("activation")
+        if not pallas.applies(avals[0].shape, avals[sequence_at].shape, [aval.dtype for aval in avals], activation):
+            return None
+        run = functools.partial(getattr(pallas, name), reverse=params["reverse"], interpret=interpret,
+                                **({} if activation is None else {"activation": activation}))
 
-    floats = [aval for i, aval in enumerate(avals) if not (masked and i == 3)]
-    if not pallas.applies(avals[0].shape, avals[1].shape, [aval.dtype for aval in floats], params["activation"]):
-        return None
+        def kernel(*operands):
+            results = run(*without_mask(operands, masked), valid=operands[mask_at] if masked else None)
+            if weight_gradient is None:
+                return results
+            g_u, *g_carry = results
+            w_h = operands[0]
+            g_w = (jnp.zeros_like(w_h) if params.get("weight_grad") == "none"
+                   else weight_gradient(without_mask(operands, masked), g_u, params["reverse"], True))
+            return [g_u, g_w, *g_carry]
 
-    def backward(w_h, hs, h0, *rest):
-        valid, (g_hs, g_h) = (rest[:1], rest[1:]) if masked else ((), rest)
-        g_u, g_h0 = pallas.rnn_backward(w_h, hs, g_hs, g_h, *valid, reverse=params["reverse"],
-                                        activation=params["activation"], interpret=interpret)
-        g_w = (jnp.zeros_like(w_h) if params.get("weight_grad") == "none"
-               else _weight_gradient(hs, h0, g_u, params["reverse"], True))
-        return g_u, g_w, g_h0
+        return kernel
 
-    return backward
+    return gpu_kernel
 
 
 def _transposed(tangent, residuals: int):
@@ -523,7 +525,8 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
 
     for gpu in ("cuda", "rocm"):
         mlir.register_lowering(p, gpu_rule, platform=gpu)
-    p.gpu_rule = gpu_rule
+    # For the tests: the rule, the kernel it lowers to (interpreted where asked) and the maths it must equal.
+    p.gpu_rule, p.gpu_kernel, p.reference = gpu_rule, gpu_kernel, reference
     if target is not None:
         kernel_rule = jax.ffi.ffi_lowering(target, operand_output_aliases=aliases)
 
@@ -683,28 +686,29 @@ def _linear_primitives(cell: str, tangent_reference, tangent_shapes, tangent_lab
 
 lstm_forward_p, lstm_forward_masked_p = _cell_primitive(
     "rnnlab_lstm_forward", _reference_forward, _forward_shapes, "k g, b h, b h, t b g -> t b h, t b h, t b g",
-    "rnnlab_lstm_forward", {3: 2}, mask_at=4)
+    "rnnlab_lstm_forward", {3: 2}, gpu_kernel=_pallas_kernel("lstm_forward", 3, 4), mask_at=4)
 lstm_tangent_p, lstm_tangent_masked_p, lstm_backward_p, lstm_backward_masked_p = _linear_primitives(
     "lstm", _reference_tangent, _tangent_shapes,
     "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", _backward_shapes,
     "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h", {1: 0}, _lstm_weight_gradient,
-    residuals=6, like=4)
+    residuals=6, like=4, gpu_kernel=_pallas_kernel("lstm_backward", 1, 6, _lstm_weight_gradient))
 gru_forward_p, gru_forward_masked_p = _cell_primitive(
     "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
-    "rnnlab_gru_forward", {3: 1}, mask_at=4)
+    "rnnlab_gru_forward", {3: 1}, gpu_kernel=_pallas_kernel("gru_forward", 3, 4), mask_at=4)
 gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _linear_primitives(
     "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h",
     _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", {1: 0},
-    _gru_weight_gradient, residuals=5, like=3)
+    _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", 1, 5, _gru_weight_gradient))
 rnn_forward_p, rnn_forward_masked_p = _cell_primitive(
     "rnnlab_rnn_forward", _reference_rnn_forward, lambda w_h, h0, px: [(px.shape, px.dtype)],
-    "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_rnn_gpu_forward, mask_at=3)
+    "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_pallas_kernel("rnn_forward", 2, 3),
+    mask_at=3)
 rnn_tangent_p, rnn_tangent_masked_p, rnn_backward_p, rnn_backward_masked_p = _linear_primitives(
     "rnn", _reference_rnn_tangent, lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
     "k h, t b h, b h, t b h, k h, b h -> t b h, b h",
     lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
     "k h, t b h, b h, t b h, b h -> t b h, k h, b h", {3: 0}, _rnn_weight_gradient, residuals=3, like=1,
-    gpu_kernel=_rnn_gpu_backward)
+    gpu_kernel=_pallas_kernel("rnn_backward", 1, 3, _rnn_weight_gradient))
 
 
 # --- gradient flow: log10 ||∂L/∂h_t|| for many configurations at once ---------------------------------------------
