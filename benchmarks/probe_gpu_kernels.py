@@ -3,9 +3,9 @@ sequences (the masked kernels) — against rnnlab on XLA's loops and torch's cuD
 
 `bench_cells.py`'s shapes have hidden 128 and more, where the LSTM and GRU keep XLA's loops, so it does not time
 these kernels. For each cell and shape, one training-style call (`bench_cells.py`'s): rnnlab as by default (the
-kernels), ``RNNLAB_PALLAS=0`` (XLA's loops, unrolled 8 steps: what ran before), ``RNNLAB_PALLAS_AHEAD=1`` (each
-step's inputs read one step ahead) and ``torch.nn`` on CUDA (cuDNN; packed sequences where padded); timed as
-`bench_cells.py` times (`blocked_medians`). Padded rows take lengths from ``[T/2, T]`` (`bench_padded.lengths_of`).
+kernels, each step's inputs read one step ahead), ``RNNLAB_PALLAS=0`` (XLA's loops, unrolled 8 steps: what ran
+before), ``RNNLAB_PALLAS_AHEAD=0`` (the inputs read when used) and ``torch.nn`` on CUDA (cuDNN; packed sequences
+where padded); timed as `bench_cells.py` times (`blocked_medians`). Padded rows take lengths from ``[T/2, T]`` (`bench_padded.lengths_of`).
 Not run by `make bench`; `benchmarks/gpu.sh` runs it.
 
     python benchmarks/probe_gpu_kernels.py
@@ -31,15 +31,15 @@ def main() -> None:
         lengths = lengths_of(batch, steps) if padded else None
         calls = {"rnnlab": rnnlab_call(kind, shape, lengths=lengths),
                  "XLA loops": rnnlab_call(kind, shape, {"RNNLAB_PALLAS": "0"}, lengths=lengths),
-                 "ahead": rnnlab_call(kind, shape, {"RNNLAB_PALLAS_AHEAD": "1"}, lengths=lengths),
+                 "not ahead": rnnlab_call(kind, shape, {"RNNLAB_PALLAS_AHEAD": "0"}, lengths=lengths),
                  "torch": torch_call(kind, shape, lengths=lengths)}
         medians, fastest, _ = blocked_medians(calls)
         rows.append([kind, ",".join(map(str, shape)), f"{lengths.min()}-{steps}" if padded else "all"]
                     + [f"{_ms(medians[name])} ({_ms(fastest[name])})" for name in calls]
-                    + [f"{medians['XLA loops'] / medians['rnnlab']:.2f}x", f"{medians['torch'] / medians['rnnlab']:.2f}x",
-                       f"{medians['rnnlab'] / (2 * steps) * 1e6:.2f}"])
+                    + [f"{medians[name] / medians['rnnlab']:.2f}x" for name in ("XLA loops", "torch")]
+                    + [f"{medians['rnnlab'] / (2 * steps) * 1e6:.2f}"])
         print(*rows[-1], sep=" | ", flush=True)
-    _table(("cell", "batch,T,input,hidden", "lengths", "rnnlab median (fastest)", "XLA loops", "reading ahead",
+    _table(("cell", "batch,T,input,hidden", "lengths", "rnnlab median (fastest)", "XLA loops", "not reading ahead",
             "torch (cuDNN)", "XLA loops / rnnlab", "torch / rnnlab", "µs a step (fwd+bwd)"), rows)
 
 

@@ -6,7 +6,7 @@ condition: about 4 µs a step for the tanh RNN at batch 16, hidden 128 on an H20
 benchmarks/README.md, "On a GPU"). Here one program runs all ``T`` steps of its 16 rows, with ``W_h`` loaded once
 and held in registers (at most `HELD_FLOATS` float32, 64 KB: the plain RNN to hidden 128, the LSTM and GRU to
 hidden 64), so a step costs the loads of its inputs, one small matmul per gate, the gate maths and the stores
-(``RNNLAB_PALLAS_AHEAD=1``: the loads issued a step ahead, `read_ahead`).
+(the loads issued a step ahead, `read_ahead`).
 
 Each forward kernel computes what its primitive in `rnnlab.native` does (``hs``, and the LSTM's ``cs`` and gates,
 the GRU's gates and ``a_n``); each backward kernel is the transpose of the primitive's tangent, run from the last
@@ -85,10 +85,11 @@ def _compiler_params():
 
 def read_ahead() -> bool:
     """Whether the kernels read each step's inputs one step ahead (issued before the step's matmuls, used after
-    them): ``$RNNLAB_PALLAS_AHEAD`` is ``1``; read while tracing. Not the default: it has not been timed against the
-    kernels without it in one run (benchmarks/README.md, "Runs 4-6"); `benchmarks/bench_cells.py` times both on a
-    GPU."""
-    return os.environ.get("RNNLAB_PALLAS_AHEAD", "0") == "1"
+    them, so the loads' latency overlaps the step's work): unless ``$RNNLAB_PALLAS_AHEAD`` is ``0``; read while
+    tracing. On an H100 (benchmarks/README.md, "Run 7") reading ahead was faster in each of the 11 cases timed
+    beside the kernels without it: 1.08-1.10x for the plain RNN at hidden 128, 1.05-1.35x at hidden 64 (LSTM
+    1.19-1.30x, GRU 1.09-1.45x, padded sequences included)."""
+    return os.environ.get("RNNLAB_PALLAS_AHEAD", "1") != "0"
 
 
 def _time(step, steps: int, reverse: bool):
