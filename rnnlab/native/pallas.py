@@ -49,8 +49,10 @@ HIDDEN_SIZES = (16, 32, 64, 128)
 #: Floats of ``W_h [H, G·H]`` one program holds in registers: the plain RNN's at hidden 128 (64 KB), which held
 #: was 1.4x faster than read from L2 every step in the H200 probe.
 HELD_FLOATS = 128 * 128
-#: Warps per program: 8 took 7-19 % less time than 4 in the H200 probe.
-NUM_WARPS = 8
+#: Warps per program: with each step's inputs read ahead, 4 took 3-10 % less time than 8 in each of five cases on an
+#: H100 (LSTM and GRU at hidden 64, the plain RNN at 64 and 128; 16 warps 11-30 % more; benchmarks/README.md, "Run
+#: 7"). Without reading ahead, 8 had taken 7-19 % less than 4 in the H200 probe of the plain RNN.
+NUM_WARPS = 4
 #: Gate blocks of ``W_h`` per cell: the plain RNN (named by its activation), the GRU and the LSTM.
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
