@@ -37,10 +37,11 @@ took 15-21 ms padded against 24-28 ms on XLA, and a sweep-style `grad_norms` (LS
 iteration of an XLA loop on a GPU costs launches and a host round trip whatever its work, and unrolling 8 steps made
 the cells' gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/bench_cells.py``
 (``benchmarks/README.md``). The gradient-flow engine's loops there run ``$RNNLAB_GPU_FLOW_UNROLL`` steps per
-iteration (default 1: 8 ran the sweep's steady state 1.2-1.3x faster on an H200 but compiled it seconds longer). The
-plain RNN's loops there are Pallas kernels instead (`rnnlab.native.pallas`: one program per 16 rows runs every step,
-``W_h`` held in registers; hidden sizes 16 to 128, one device; ``RNNLAB_PALLAS=0`` turns them off): 2.0x faster than
-the XLA loops at batch 16, T = 1000 on an H200.
+iteration (default 1: 8 ran the sweep's steady state 1.2-1.3x faster on an H200 but compiled it seconds longer). Where
+``W_h`` fits one program's registers (the plain RNN to hidden 128, the LSTM and GRU to hidden 64; one device), the
+cells' loops there are Pallas kernels instead, the masked twins' too (`rnnlab.native.pallas`: one program per 16
+rows runs every step; ``RNNLAB_PALLAS=0`` turns them off): at batch 16, T = 1000 on an H100, 1.9x (LSTM and GRU,
+hidden 64) to 3.3x (tanh RNN, hidden 64) faster than the XLA loops.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the

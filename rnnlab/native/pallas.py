@@ -89,8 +89,8 @@ def read_ahead() -> bool:
     """Whether the kernels read each step's inputs one step ahead (issued before the step's matmuls, used after
     them, so the loads' latency overlaps the step's work): unless ``$RNNLAB_PALLAS_AHEAD`` is ``0``; read while
     tracing. On an H100 (benchmarks/README.md, "Run 7") reading ahead was faster in each of the 11 cases timed
-    beside the kernels without it: 1.08-1.10x for the plain RNN at hidden 128, 1.05-1.35x at hidden 64 (LSTM
-    1.19-1.30x, GRU 1.09-1.45x, padded sequences included)."""
+    beside the kernels without it: 1.08-1.10x for the plain RNN at hidden 128, 1.05-1.45x at hidden 64 (LSTM
+    1.19-1.30x, GRU 1.09-1.45x, tanh RNN 1.05-1.30x, padded sequences included)."""
     return os.environ.get("RNNLAB_PALLAS_AHEAD", "1") != "0"
 
 
