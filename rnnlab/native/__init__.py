@@ -352,32 +352,32 @@ def _rnn_weight_gradient(operands, g_u, reverse, flat):
     return _weight_gradient(hs, h0, g_u, reverse, flat)
 
 
-def _pallas_kernel(name: str, sequence_at: int, mask_at: int, weight_gradient=None):
+def _pallas_kernel(name: str, weight_gradient=None):
     """A primitive's ``gpu_kernel`` (`_primitive`): `rnnlab.native.pallas`'s function ``name`` where
     `pallas.applies` (``interpret``: run by Pallas's interpreter, to test it without a GPU), else None; for a
-    backward primitive (``weight_gradient`` given) with W_h's gradient one XLA matmul after it. ``sequence_at``: an
-    operand ``[T, B, ...]``; ``mask_at``: the index of the masked twin's ``valid`` (``masked=True``)."""
+    backward primitive (``weight_gradient`` given) with W_h's gradient one XLA matmul after it. A masked twin's
+    (`_cell_primitive`) is called with ``mask_at``, the index of its ``valid`` operand."""
 
-    def without_mask(operands, masked):
-        return [*operands[:mask_at], *operands[mask_at + 1:]] if masked else list(operands)
-
-    def gpu_kernel(avals, params, interpret=False, masked=False):
+    def gpu_kernel(avals, params, interpret=False, mask_at=None):
         from rnnlab.native import pallas
 
-        avals, activation = without_mask(avals, masked), params.get("activation")
-        if not pallas.applies(avals[0].shape, avals[sequence_at].shape, [aval.dtype for aval in avals], activation):
+        def without_mask(operands):
+            return list(operands) if mask_at is None else [*operands[:mask_at], *operands[mask_at + 1:]]
+
+        avals, activation = without_mask(avals), params.get("activation")
+        sequence = next(aval for aval in avals if aval.ndim == 3)  # [T, B, ...]
+        if not pallas.applies(avals[0].shape, sequence.shape, [aval.dtype for aval in avals], activation):
             return None
         run = functools.partial(getattr(pallas, name), reverse=params["reverse"], interpret=interpret,
                                 **({} if activation is None else {"activation": activation}))
 
         def kernel(*operands):
-            results = run(*without_mask(operands, masked), valid=operands[mask_at] if masked else None)
+            results = run(*without_mask(operands), valid=None if mask_at is None else operands[mask_at])
             if weight_gradient is None:
                 return results
             g_u, *g_carry = results
-            w_h = operands[0]
-            g_w = (jnp.zeros_like(w_h) if params.get("weight_grad") == "none"
-                   else weight_gradient(without_mask(operands, masked), g_u, params["reverse"], True))
+            g_w = (jnp.zeros_like(operands[0]) if params.get("weight_grad") == "none"
+                   else weight_gradient(without_mask(operands), g_u, params["reverse"], True))
             return [g_u, g_w, *g_carry]
 
         return kernel
@@ -645,7 +645,7 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
                     weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None):
     """One cell kernel's primitive and its masked twin (`_primitive`): ``(plain, masked)``. The twin (named and
     targeted ``*_masked``) takes one more operand, ``valid [T, B]`` booleans, at index ``mask_at``, which is passed to
-    ``reference`` as ``valid``, and to ``gpu_kernel`` as an operand with ``masked=True``. A backward primitive's
+    ``reference`` as ``valid``, and to ``gpu_kernel`` as an operand at ``mask_at``. A backward primitive's
     ``reference`` is the tangent reference it transposes, whose first ``residuals`` operands are fixed."""
 
     def masked(function):
@@ -665,7 +665,7 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
                        gpu_kernel=gpu_kernel),
             _primitive(f"{name}_masked", masked_reference, masked(out_shapes), masked_labels,
                        target and f"{target}_masked", masked_aliases, weight_gradient,
-                       gpu_kernel=gpu_kernel and functools.partial(gpu_kernel, masked=True)))
+                       gpu_kernel=gpu_kernel and functools.partial(gpu_kernel, mask_at=mask_at)))
 
 
 def _linear_primitives(cell: str, tangent_reference, tangent_shapes, tangent_labels: str, backward_shapes,
@@ -687,29 +687,28 @@ def _linear_primitives(cell: str, tangent_reference, tangent_shapes, tangent_lab
 
 lstm_forward_p, lstm_forward_masked_p = _cell_primitive(
     "rnnlab_lstm_forward", _reference_forward, _forward_shapes, "k g, b h, b h, t b g -> t b h, t b h, t b g",
-    "rnnlab_lstm_forward", {3: 2}, gpu_kernel=_pallas_kernel("lstm_forward", 3, 4), mask_at=4)
+    "rnnlab_lstm_forward", {3: 2}, gpu_kernel=_pallas_kernel("lstm_forward"), mask_at=4)
 lstm_tangent_p, lstm_tangent_masked_p, lstm_backward_p, lstm_backward_masked_p = _linear_primitives(
     "lstm", _reference_tangent, _tangent_shapes,
     "k g, t b g, t b h, b h, t b h, b h, t b g, k g, b h, b h -> t b h, b h, b h", _backward_shapes,
     "k g, t b g, t b h, b h, t b h, b h, t b h, b h, b h -> t b g, k g, b h, b h", {1: 0}, _lstm_weight_gradient,
-    residuals=6, like=4, gpu_kernel=_pallas_kernel("lstm_backward", 1, 6, _lstm_weight_gradient))
+    residuals=6, like=4, gpu_kernel=_pallas_kernel("lstm_backward", _lstm_weight_gradient))
 gru_forward_p, gru_forward_masked_p = _cell_primitive(
     "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
-    "rnnlab_gru_forward", {3: 1}, gpu_kernel=_pallas_kernel("gru_forward", 3, 4), mask_at=4)
+    "rnnlab_gru_forward", {3: 1}, gpu_kernel=_pallas_kernel("gru_forward"), mask_at=4)
 gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _linear_primitives(
     "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h",
     _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", {1: 0},
-    _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", 1, 5, _gru_weight_gradient))
+    _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient))
 rnn_forward_p, rnn_forward_masked_p = _cell_primitive(
     "rnnlab_rnn_forward", _reference_rnn_forward, lambda w_h, h0, px: [(px.shape, px.dtype)],
-    "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_pallas_kernel("rnn_forward", 2, 3),
-    mask_at=3)
+    "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_pallas_kernel("rnn_forward"), mask_at=3)
 rnn_tangent_p, rnn_tangent_masked_p, rnn_backward_p, rnn_backward_masked_p = _linear_primitives(
     "rnn", _reference_rnn_tangent, lambda w_h, hs, h0, u, dw, dh0: [(hs.shape, u.dtype), (dh0.shape, dh0.dtype)],
     "k h, t b h, b h, t b h, k h, b h -> t b h, b h",
     lambda w_h, hs, h0, g_hs, g_h: [(hs.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)],
     "k h, t b h, b h, t b h, b h -> t b h, k h, b h", {3: 0}, _rnn_weight_gradient, residuals=3, like=1,
-    gpu_kernel=_pallas_kernel("rnn_backward", 1, 3, _rnn_weight_gradient))
+    gpu_kernel=_pallas_kernel("rnn_backward", _rnn_weight_gradient))
 
 
 # --- gradient flow: log10 ||∂L/∂h_t|| for many configurations at once ---------------------------------------------
