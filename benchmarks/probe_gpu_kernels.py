@@ -5,7 +5,8 @@ sequences (the masked kernels) — against rnnlab on XLA's loops and torch's cuD
 these kernels. For each cell and shape, one training-style call (`bench_cells.py`'s): rnnlab as by default (the
 kernels, each step's inputs read one step ahead), ``RNNLAB_PALLAS=0`` (XLA's loops, unrolled 8 steps: what ran
 before), ``RNNLAB_PALLAS_AHEAD=0`` (the inputs read when used) and ``torch.nn`` on CUDA (cuDNN; packed sequences
-where padded); timed as `bench_cells.py` times (`blocked_medians`). Padded rows take lengths from ``[T/2, T]`` (`bench_padded.lengths_of`).
+where padded); timed as `bench_cells.py` times (`blocked_medians`). Padded rows take lengths from ``[T/2, T]``
+(`bench_padded.lengths_of`).
 Not run by `make bench`; `benchmarks/gpu.sh` runs it.
 
     python benchmarks/probe_gpu_kernels.py

@@ -99,6 +99,17 @@ def _time(step, steps: int, reverse: bool):
     return steps - 1 - step if reverse else step
 
 
+def _read_time(step, steps: int, reverse: bool):
+    """The time index whose inputs loop iteration ``step`` reads, clamped: reading ahead, the read one past the last
+    step is never used."""
+    return _time(jnp.minimum(step, steps - 1), steps, reverse)
+
+
+def _mask_at(valid_ref: list, t) -> tuple:
+    """``(valid[t] [ROWS],)`` with a padding mask, else ``()``."""
+    return tuple(valid[t, :] for valid in valid_ref)
+
+
 def _loop(steps: int, read, advance, state, ahead: bool):
     """``state`` after ``advance(s, state, *read(s))`` for ``s`` in ``0..steps-1``; ``ahead``: each step's
     ``read(s + 1)`` issued before its ``advance`` (``read`` clamps ``s``: the read past the last step is unused)."""
@@ -121,6 +132,7 @@ def _blocks(ref, index: tuple, gates: int, hidden: int) -> list:
 
 
 def _store_blocks(ref, t, blocks: list):
+    """``ref[t]``'s last axis from ``blocks``, each stored on its own."""
     from jax.experimental import pallas as pl
 
     hidden = blocks[0].shape[-1]
@@ -152,8 +164,7 @@ def _kept(keep, new, old):
 def _state_before(s, steps: int, back: bool, ref, first):
     """In a loop running backward through time, the state entering iteration ``s``'s step: ``ref`` at the time of
     iteration ``s + 1``, or ``first`` (``h0``, ``c0``) at the last iteration."""
-    t = _time(jnp.minimum(s + 1, steps - 1), steps, back)
-    return jnp.where(s >= steps - 1, first, ref[t, :, :])
+    return jnp.where(s >= steps - 1, first, ref[_read_time(s + 1, steps, back), :, :])
 
 
 # --- the plain RNN: h_t = φ(px_t + h_{t-1} W_h) --------------------------------------------------------------------
@@ -167,8 +178,8 @@ def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation
     w_h = w_ref[...]  # loaded once: held in registers for all steps
 
     def read(s):
-        t = _time(jnp.minimum(s, steps - 1), steps, reverse)
-        return (px_ref[t, :, :], *(valid[t, :] for valid in valid_ref))
+        t = _read_time(s, steps, reverse)
+        return (px_ref[t, :, :], *_mask_at(valid_ref, t))
 
     def advance(s, h, px_t, *valid_t):
         new = _kept(_keep(valid_t), phi(px_t + jnp.dot(h, w_h, preferred_element_type=jnp.float32)), h)
@@ -187,8 +198,8 @@ def _rnn_backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse
     back = not reverse  # the recurrence ran forward in time for `reverse=False`: its transpose runs the other way
 
     def read(s):
-        t = _time(jnp.minimum(s, steps - 1), steps, back)
-        return (hs_ref[t, :, :], g_hs_ref[t, :, :], *(valid[t, :] for valid in valid_ref))
+        t = _read_time(s, steps, back)
+        return (hs_ref[t, :, :], g_hs_ref[t, :, :], *_mask_at(valid_ref, t))
 
     def advance(s, g_carry, h_t, g_h_t, *valid_t):
         keep = _keep(valid_t)
@@ -209,8 +220,8 @@ def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, a
     w_h = _blocks(w_ref, (slice(None),), 4, hidden)
 
     def read(s):
-        t = _time(jnp.minimum(s, steps - 1), steps, reverse)
-        return (*_blocks(px_ref, (t, slice(None)), 4, hidden), *(valid[t, :] for valid in valid_ref))
+        t = _read_time(s, steps, reverse)
+        return (*_blocks(px_ref, (t, slice(None)), 4, hidden), *_mask_at(valid_ref, t))
 
     def advance(s, carry, px_i, px_f, px_g, px_o, *valid_t):
         h, c = carry
@@ -237,9 +248,9 @@ def _lstm_backward_kernel(w_ref, gates_ref, cs_ref, c0_ref, g_hs_ref, g_h_ref, g
     back = not reverse
 
     def read(s):  # the step's gates, the cell state entering it, its output's cotangent
-        t = _time(jnp.minimum(s, steps - 1), steps, back)
+        t = _read_time(s, steps, back)
         return (*_blocks(gates_ref, (t, slice(None)), 4, hidden), _state_before(s, steps, back, cs_ref, c0),
-                g_hs_ref[t, :, :], *(valid[t, :] for valid in valid_ref))
+                g_hs_ref[t, :, :], *_mask_at(valid_ref, t))
 
     def advance(s, state, i, f, g, o, c_prev, g_hs_t, *valid_t):
         g_h, g_c, c = state  # the carry's cotangents, and the cell state this step made
@@ -267,8 +278,8 @@ def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahe
     b_h = [b[None, :] for b in _blocks(b_ref, (), 3, hidden)]
 
     def read(s):
-        t = _time(jnp.minimum(s, steps - 1), steps, reverse)
-        return (*_blocks(px_ref, (t, slice(None)), 3, hidden), *(valid[t, :] for valid in valid_ref))
+        t = _read_time(s, steps, reverse)
+        return (*_blocks(px_ref, (t, slice(None)), 3, hidden), *_mask_at(valid_ref, t))
 
     def advance(s, h, x_r, x_z, x_n, *valid_t):
         a_r, a_z, a_n = (hw + b for hw, b in zip(_times_w(h, w_h), b_h))
@@ -292,9 +303,9 @@ def _gru_backward_kernel(w_ref, gates_ref, a_n_ref, hs_ref, h0_ref, g_hs_ref, g_
     back = not reverse
 
     def read(s):  # the step's gates and a_n, the state entering it, its output's cotangent
-        t = _time(jnp.minimum(s, steps - 1), steps, back)
+        t = _read_time(s, steps, back)
         return (*_blocks(gates_ref, (t, slice(None)), 3, hidden), a_n_ref[t, :, :],
-                _state_before(s, steps, back, hs_ref, h0), g_hs_ref[t, :, :], *(valid[t, :] for valid in valid_ref))
+                _state_before(s, steps, back, hs_ref, h0), g_hs_ref[t, :, :], *_mask_at(valid_ref, t))
 
     def advance(s, g_carry, r, z, n, a_n, h_prev, g_hs_t, *valid_t):
         # The transpose of `fused._gru_tangent_step`: the cotangent of u per block is g ⊙ into_h, and the carry's
