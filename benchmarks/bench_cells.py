@@ -17,9 +17,9 @@ float32 by JAX's default matmul precision, by ``jax.experimental.rnn`` and by ``
 the targets there are to stay within 1.5x of each cuDNN peer.
 
 Gradients are taken with respect to the parameters only, as in training. The details table also shows rnnlab with
-its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone) on CPU, and on a GPU with its loops
-unrolled 1 and 16 steps per iteration instead of the default 8 (``RNNLAB_GPU_UNROLL``). Every figure is the median of 14 calls
-after warm-up: 7 rounds in which each library runs a block of 3 calls back to back, the block's first call not
+its native kernels off (``RNNLAB_NATIVE=0``: the fused recurrence on XLA alone) on CPU, and on a GPU with its Pallas
+kernels off (``RNNLAB_PALLAS=0``) and not reading ahead (``RNNLAB_PALLAS_AHEAD=0``). Every figure is the median of
+14 calls after warm-up: 7 rounds in which each library runs a block of 3 calls back to back, the block's first call not
 counted (it pays for the previous library's lingering threads: `blocked_medians`), so that a busy machine slows
 every library alike and each is measured as its users run it. Also measured in the same
 run: a large float32 matmul (this machine's matmul peak: the best of measurements at the start and beside each row)
@@ -61,8 +61,9 @@ TORCH_TARGET, FLAX_TARGET = 1.0, 1.5
 #: On a GPU: rnnlab within 1.5x of cuDNN (peer time / rnnlab time >= 1 / 1.5).
 CUDNN_TARGET = 1 / 1.5
 #: More rnnlab columns, each the same call under other settings (environment variables read while it is lowered):
-#: the native kernels off on CPU; on a GPU the plain RNN's Pallas kernels off (XLA's loops, unrolled 8 steps, which
-#: the LSTM and GRU run at these hidden sizes anyway) and those kernels not reading each step's inputs ahead.
+#: the native kernels off on CPU; on a GPU the Pallas kernels off (XLA's loops, unrolled 8 steps, which the LSTM and
+#: GRU run at these hidden sizes anyway, and the plain RNN at hidden 256) and those kernels not reading each step's
+#: inputs ahead.
 VARIANTS = ({"rnnlab no Pallas": {"RNNLAB_PALLAS": "0"}, "rnnlab not ahead": {"RNNLAB_PALLAS_AHEAD": "0"}} if GPU
             else {"rnnlab XLA only": {"RNNLAB_NATIVE": "0"}})
 #: The timed columns of the details table ("jax cuDNN": `jax.experimental.rnn`, which runs on a GPU only).

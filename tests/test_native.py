@@ -434,8 +434,9 @@ def step_copies(make_function, args, platform, variable, value, monkeypatch) -> 
 def test_on_a_gpu_the_loops_lower_unrolled(kind, padded, monkeypatch):
     """A GPU runs an XLA loop's iterations one launch sequence at a time, so there the primitives' loops are
     unrolled (`native.gpu_unroll`; run and timed on a GPU by `benchmarks/gpu.sh`). Lowered for CUDA here (no GPU
-    needed): ``$RNNLAB_GPU_UNROLL`` steps of the body per iteration; the CPU program does not change. (The plain
-    RNN's loops are Pallas kernels there by default: here with those off, as where they do not apply.) Padded
+    needed): ``$RNNLAB_GPU_UNROLL`` steps of the body per iteration; the CPU program does not change. (At this
+    hidden size every cell's loops are Pallas kernels there by default: here with those off, as where they do not
+    apply.) Padded
     sequences' masked primitives too."""
     monkeypatch.setenv("RNNLAB_PALLAS", "0")
     cell, params, xs, carry, weights = problem(16, (3,), 20, kind=kind)
