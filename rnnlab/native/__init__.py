@@ -186,7 +186,7 @@ def gpu_flow_unroll() -> int:
 
 
 def gpu_pallas() -> bool:
-    """Whether the plain RNN's loops run as Pallas kernels on a GPU where they apply (`rnnlab.native.pallas`):
+    """Whether the cells' loops run as Pallas kernels on a GPU where they apply (`rnnlab.native.pallas`):
     ``$RNNLAB_PALLAS`` is not ``0``; read at lowering."""
     return os.environ.get("RNNLAB_PALLAS", "1") != "0"
 
@@ -372,12 +372,13 @@ def _pallas_kernel(name: str, weight_gradient=None):
                                 **({} if activation is None else {"activation": activation}))
 
         def kernel(*operands):
-            results = run(*without_mask(operands), valid=None if mask_at is None else operands[mask_at])
+            unmasked = without_mask(operands)
+            results = run(*unmasked, valid=None if mask_at is None else operands[mask_at])
             if weight_gradient is None:
                 return results
             g_u, *g_carry = results
-            g_w = (jnp.zeros_like(operands[0]) if params.get("weight_grad") == "none"
-                   else weight_gradient(without_mask(operands), g_u, params["reverse"], True))
+            g_w = (jnp.zeros_like(unmasked[0]) if params.get("weight_grad") == "none"
+                   else weight_gradient(unmasked, g_u, params["reverse"], True))
             return [g_u, g_w, *g_carry]
 
         return kernel

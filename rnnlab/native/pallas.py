@@ -18,8 +18,9 @@ from ``t = T - 1`` down, as `lax.scan` does. With ``valid [T, B]`` (padded seque
 twins) a row at an invalid step keeps its carry, its pre-activation cotangent is zero and the carry's cotangent
 (its output's added) passes to the step before unchanged.
 
-Triton slices no loaded value, so the gate blocks are loaded and stored one by one (``W_h``'s blocks too), and
-each gate has its own matmul.
+Triton slices no loaded value, so the gate blocks are loaded and stored one by one (``W_h``'s blocks too), each
+gate has its own matmul, and the gate maths is written here block by block rather than taken from `rnnlab.fused`'s
+steps, which split and concatenate whole rows; the tests hold the kernels to those steps' float64 results.
 
 The LSTM and GRU at hidden 128 are not here: their ``W_h`` (256 and 192 KB) does not fit in one program's
 registers. Read from the L2 cache every step, one program per 16 rows ran the LSTM 2x slower than XLA's loop; four
@@ -182,7 +183,7 @@ def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation
         return (px_ref[t, :, :], *_mask_at(valid_ref, t))
 
     def advance(s, h, px_t, *valid_t):
-        new = _kept(_keep(valid_t), phi(px_t + jnp.dot(h, w_h, preferred_element_type=jnp.float32)), h)
+        new = _kept(_keep(valid_t), phi(px_t + _times_w(h, [w_h])[0]), h)
         hs_ref[_time(s, steps, reverse), :, :] = new
         return new
 
@@ -357,9 +358,11 @@ def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret):
     return [jax.lax.slice_in_dim(o, 0, batch, axis=axis) for o, axis in zip(outs, out_batch_axes)]
 
 
-def _run(kernel, steps: int, operands, batch_axes, out_shapes, out_batch_axes, valid, interpret, **params):
+def _run(kernel, operands, batch_axes, out_shapes, out_batch_axes, valid, interpret, **params):
     """``kernel`` (with ``params``, each step's inputs read ahead where `read_ahead`) on ``operands`` and, with a
-    padding mask, ``valid [T, B]`` (booleans; the kernels read float32 ones and zeros) after them."""
+    padding mask, ``valid [T, B]`` (booleans; the kernels read float32 ones and zeros) after them. The steps are
+    the leading axis of the operands ``[T, B, ...]`` (batch axis 1)."""
+    steps = next(a.shape[0] for a, axis in zip(operands, batch_axes) if axis == 1)
     mask = [] if valid is None else [jnp.asarray(valid, jnp.float32)]
     kernel = functools.partial(kernel, steps=steps, ahead=read_ahead(), **params)
     return _call(kernel, [*operands, *mask], out_shapes, [*batch_axes, *[1] * len(mask)], out_batch_axes, interpret)
@@ -372,14 +375,14 @@ def _run(kernel, steps: int, operands, batch_axes, out_shapes, out_batch_axes, v
 def rnn_forward(w_h, h0, px, valid=None, *, reverse: bool, activation: str, interpret: bool = False):
     """``[hs]``, ``hs [T, B, H]`` of ``h_t = φ(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B,
     H]``)."""
-    return _run(_rnn_forward_kernel, px.shape[0], [w_h, h0, px], [None, 0, 1], [px.shape], [1], valid, interpret,
+    return _run(_rnn_forward_kernel, [w_h, h0, px], [None, 0, 1], [px.shape], [1], valid, interpret,
                 reverse=reverse, activation=activation)
 
 
 def rnn_backward(w_h, hs, h0, g_hs, g_h, valid=None, *, reverse: bool, activation: str, interpret: bool = False):
     """``[g_z [T, B, H], g_h0 [B, H]]``: the cotangents of ``px`` and ``h0`` given those of ``hs`` and of the last
     carry, ``g_hs [T, B, H]`` and ``g_h [B, H]``."""
-    return _run(_rnn_backward_kernel, hs.shape[0], [w_h, hs, g_hs, g_h], [None, 1, 1, 0], [hs.shape, g_h.shape],
+    return _run(_rnn_backward_kernel, [w_h, hs, g_hs, g_h], [None, 1, 1, 0], [hs.shape, g_h.shape],
                 [1, 0], valid, interpret, reverse=reverse, activation=activation)
 
 
@@ -387,14 +390,14 @@ def lstm_forward(w_h, h0, c0, px, valid=None, *, reverse: bool, interpret: bool 
     """``[hs, cs, gates]`` (``[T, B, H]``, ``[T, B, H]``, ``[T, B, 4H]``) from ``w_h [H, 4H]``, ``h0``, ``c0`` and
     ``px [T, B, 4H]``."""
     sequence = px.shape[:2] + h0.shape[-1:]
-    return _run(_lstm_forward_kernel, px.shape[0], [w_h, h0, c0, px], [None, 0, 0, 1], [sequence, sequence, px.shape],
+    return _run(_lstm_forward_kernel, [w_h, h0, c0, px], [None, 0, 0, 1], [sequence, sequence, px.shape],
                 [1, 1, 1], valid, interpret, reverse=reverse)
 
 
 def lstm_backward(w_h, gates, cs, c0, hs, h0, g_hs, g_h, g_c, valid=None, *, reverse: bool, interpret: bool = False):
     """``[g_z [T, B, 4H], g_h0, g_c0]``: the cotangents of ``px`` and of the first carry given those of ``hs`` and of
     the last carry (``hs`` and ``h0`` enter W_h's gradient only)."""
-    return _run(_lstm_backward_kernel, gates.shape[0], [w_h, gates, cs, c0, g_hs, g_h, g_c], [None, 1, 1, 0, 1, 0, 0],
+    return _run(_lstm_backward_kernel, [w_h, gates, cs, c0, g_hs, g_h, g_c], [None, 1, 1, 0, 1, 0, 0],
                 [gates.shape, g_h.shape, g_c.shape], [1, 0, 0], valid, interpret, reverse=reverse)
 
 
@@ -402,12 +405,12 @@ def gru_forward(w_h, b_h, h0, px, valid=None, *, reverse: bool, interpret: bool 
     """``[hs, gates, a_n]`` (``[T, B, H]``, ``[T, B, 3H]``: r, z, n, ``[T, B, H]``: the n block of ``h W_h + b_h``)
     from ``w_h [H, 3H]``, ``b_h [3H]``, ``h0`` and ``px [T, B, 3H]``."""
     sequence = px.shape[:2] + h0.shape[-1:]
-    return _run(_gru_forward_kernel, px.shape[0], [w_h, b_h, h0, px], [None, None, 0, 1],
+    return _run(_gru_forward_kernel, [w_h, b_h, h0, px], [None, None, 0, 1],
                 [sequence, px.shape, sequence], [1, 1, 1], valid, interpret, reverse=reverse)
 
 
 def gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, valid=None, *, reverse: bool, interpret: bool = False):
     """``[g_u [T, B, 3H], g_h0]``: the cotangents of the tangent's ``u`` and of ``h0`` given those of ``hs`` and of
     the last carry."""
-    return _run(_gru_backward_kernel, gates.shape[0], [w_h, gates, a_n, hs, h0, g_hs, g_h],
+    return _run(_gru_backward_kernel, [w_h, gates, a_n, hs, h0, g_hs, g_h],
                 [None, 1, 1, 1, 0, 1, 0], [gates.shape, g_h.shape], [1, 0], valid, interpret, reverse=reverse)
