@@ -294,28 +294,28 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
     w_h = params["w_h"]
     if kernel == _LSTM:
         h0, c0 = carry
-        hs, cs, gates = primitive("lstm_forward").bind(w_h, h0, c0, px, *mask, **options)
+        hs, cs, gates = native.bind(primitive("lstm_forward"), w_h, h0, c0, px, *mask, **options)
         primal = _outputs(hs, valid), (hs[last], cs[last])
         if d_params is None:
             return primal
-        d_hs, d_h, d_c = primitive("lstm_tangent").bind(w_h, gates, cs, c0, hs, h0, *mask, dpx, d_params["w_h"],
-                                                         *d_carry, **options)
+        d_hs, d_h, d_c = native.bind(primitive("lstm_tangent"), w_h, gates, cs, c0, hs, h0, *mask, dpx,
+                                     d_params["w_h"], *d_carry, **options)
         return primal, (_outputs(d_hs, valid), (d_h, d_c))
     h0 = carry
     if kernel == _GRU:
-        hs, gates, a_n = primitive("gru_forward").bind(w_h, params["b_h"], h0, px, *mask, **options)
+        hs, gates, a_n = native.bind(primitive("gru_forward"), w_h, params["b_h"], h0, px, *mask, **options)
         if d_params is None:
             return _outputs(hs, valid), hs[last]
         u = dpx + _through_reset(gates[..., : h0.shape[-1]], jnp.broadcast_to(d_params["b_h"], px.shape))
-        d_hs, d_h = primitive("gru_tangent").bind(w_h, gates, a_n, hs, h0, *mask, u, d_params["w_h"], d_carry,
-                                                  **options)
+        d_hs, d_h = native.bind(primitive("gru_tangent"), w_h, gates, a_n, hs, h0, *mask, u, d_params["w_h"],
+                                d_carry, **options)
         return (_outputs(hs, valid), hs[last]), (_outputs(d_hs, valid), d_h)
     activation = next(name for name, rnn in _RNN.items() if rnn == kernel)
-    (hs,) = primitive("rnn_forward").bind(w_h, h0, px, *mask, activation=activation, **options)
+    (hs,) = native.bind(primitive("rnn_forward"), w_h, h0, px, *mask, activation=activation, **options)
     if d_params is None:
         return _outputs(hs, valid), hs[last]
-    d_hs, d_h = primitive("rnn_tangent").bind(w_h, hs, h0, *mask, dpx, d_params["w_h"], d_carry,
-                                              activation=activation, **options)
+    d_hs, d_h = native.bind(primitive("rnn_tangent"), w_h, hs, h0, *mask, dpx, d_params["w_h"], d_carry,
+                            activation=activation, **options)
     return (_outputs(hs, valid), hs[last]), (_outputs(d_hs, valid), d_h)
 
 

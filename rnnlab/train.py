@@ -21,7 +21,9 @@ non-finite loss or gradient norm leaves parameters and optimiser state untouched
 **Several devices** (``batch_axes``): each leaf of the batch is split along its batch axis over a one-axis mesh
 (``"batch"``) of all devices, `jax.sharding.NamedSharding`, while parameters and optimiser state are replicated;
 XLA's SPMD partitioner inserts the all-reduce of the gradient, so the numbers are those of one device up to the
-order of float32 sums. The batch is drawn from a key inside the compiled step, so it is never sent from the host
+order of float32 sums. The built-in cells' kernels are traced split along the same axis (`rnnlab.native.split_batch`:
+each device runs them on its own rows), so the compiled steps carry no Python callback and JAX's persistent
+compilation cache serves them to a new process. The batch is drawn from a key inside the compiled step, so it is never sent from the host
 and each device can make just its own slice. On several hosts, after `jax.distributed.initialize()`,
 ``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices
 (tested with two processes on one machine, CPU collectives over gloo: ``tests/test_multihost.py``); checkpoints are
@@ -30,6 +32,7 @@ written by process 0, so ``checkpoint_path`` must be on a filesystem every host 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -42,7 +45,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rnnlab import checkpoint, gradflow, models
+from rnnlab import checkpoint, gradflow, models, native
 
 HISTORY_COLUMNS = ("step", "update", "loss", "grad_norm", "update_norm", "finite")
 
@@ -170,11 +173,18 @@ def _sampler(batch_fn, data_key, batch_sharding):
     return sample
 
 
-def _full_bptt_step(loss_fn, optimizer, sample):
+def _traced_split(mesh):
+    """Where the batch is split over ``mesh``'s ``"batch"`` axis, the cells' kernels are traced split along it too
+    (`rnnlab.native.split_batch`), so a warm persistent compilation cache holds the step in a new process."""
+    return contextlib.nullcontext() if mesh is None else native.split_batch(mesh, "batch")
+
+
+def _full_bptt_step(loss_fn, optimizer, sample, mesh):
     @jax.jit
     def step(params, opt_state, step_index):
         batch = sample(step_index)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        with _traced_split(mesh):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         params, opt_state, metrics = _guarded_update(optimizer, params, opt_state, loss, grads)
         return params, opt_state, [metrics]
 
@@ -189,7 +199,7 @@ def _time_length(batch) -> int:
     return lengths.pop()
 
 
-def _truncated_step(loss_fn, optimizer, sample, truncation: Truncation):
+def _truncated_step(loss_fn, optimizer, sample, truncation: Truncation, mesh):
     # Chunks sliced from a sharded batch keep its batch-axis sharding, and `update` follows its inputs' shardings.
     sample = jax.jit(sample)
 
@@ -201,7 +211,8 @@ def _truncated_step(loss_fn, optimizer, sample, truncation: Truncation):
                 _, carry = loss_fn(params, carry, chunk)
             return loss_fn(params, carry, window[-1])
 
-        (loss, final_carry), grads = jax.value_and_grad(window_loss, has_aux=True)(params)
+        with _traced_split(mesh):
+            (loss, final_carry), grads = jax.value_and_grad(window_loss, has_aux=True)(params)
         params, opt_state, metrics = _guarded_update(optimizer, params, opt_state, loss, grads)
         return params, opt_state, jax.lax.stop_gradient(final_carry), metrics
 
@@ -300,10 +311,11 @@ def train(
     optimizer = with_clipping(optimizer, clip)
     batch_sharding, state_sharding = _shardings(batch_axes, batch_fn, data_key)
     sample = _sampler(batch_fn, data_key, batch_sharding)
+    mesh = None if state_sharding is None else state_sharding.mesh
     if truncation is None:
-        step_fn = _full_bptt_step(loss_fn, optimizer, sample)
+        step_fn = _full_bptt_step(loss_fn, optimizer, sample, mesh)
     else:
-        step_fn = _truncated_step(loss_fn, optimizer, sample, truncation)
+        step_fn = _truncated_step(loss_fn, optimizer, sample, truncation, mesh)
 
     opt_state = optimizer.init(params)
     rows: list[dict] = []

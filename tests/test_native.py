@@ -361,7 +361,7 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
     """The same gradient with 1 and 3 threads per kernel (bit for bit); with the kernels off, or unbuildable (no
     compiler: a warning, and XLA runs the LSTM); and with the batch split over 2 CPU devices running at once, 3
     threads per kernel (more than XLA's pool, so a kernel's helper task may never start: it must not hang), where
-    each device must run the kernels on its own rows."""
+    each device must run the kernels on its own rows, split by `custom_partitioning` or by `native.split_batch`."""
     runs = {"one-thread": {"RNNLAB_NATIVE_THREADS": "1"}, "three-threads": {"RNNLAB_NATIVE_THREADS": "3"},
             "off": {"RNNLAB_NATIVE": "0"}}
     together = _run(_GRAD_PROGRAM.format(runs=runs, folder=str(tmp_path)), {})
@@ -384,6 +384,7 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
         import jax, jax.numpy as jnp, numpy as np, rnnlab
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from rnnlab import native
         cell = rnnlab.LSTM(hidden_size=64)
         params = cell.init(jax.random.PRNGKey(0), 8)
         xs = jax.random.normal(jax.random.PRNGKey(1), (50, 32, 8))
@@ -397,11 +398,30 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
             got = grad(params, xs)
         np.testing.assert_allclose(got["w_h"], ref["w_h"], rtol=1e-5, atol=1e-7)
         # Each device runs the kernels on its own 16 rows, and nothing gathers the batch.
-        compiled = grad.lower(params, xs).compile().as_text()
-        print("all-gather" in compiled, "f32[50,16,256]" in compiled, "rnnlab_lstm_backward" in compiled)
+        lowered = grad.lower(params, xs)
+        compiled = lowered.compile().as_text()
+        print("CustomSPMDPartitioning" in lowered.as_text(), "all-gather" in compiled, "f32[50,16,256]" in compiled,
+              "rnnlab_lstm_backward" in compiled)
+        # The same split by shard_map (native.split_batch), with no custom_partitioning call, padded sequences too.
+        def padded_loss(p, x, lengths=None):
+            return jnp.mean(rnnlab.scan(cell, p, x, lengths=lengths)[0] ** 2)
+        @jax.jit
+        def split_grad(p, x, lengths=None):
+            with native.split_batch(mesh, "batch"):
+                return jax.grad(padded_loss)(p, x, lengths)
+        for extra in ((), (jnp.arange(32) % 40 + 11,)):
+            ref = jax.jit(jax.grad(padded_loss))(params, np.asarray(xs), *extra)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         split_grad(params, xs, *extra), ref)
+            lowered = split_grad.lower(params, xs, *extra)
+            compiled = lowered.compile().as_text()
+            print("CustomSPMDPartitioning" in lowered.as_text(), "all-gather" in compiled,
+                  "f32[50,16,256]" in compiled, "rnnlab_lstm_backward" in compiled)
     """, {"RNNLAB_NATIVE_THREADS": "3"}, timeout=300)
     assert two_devices.returncode == 0, two_devices.stderr
-    assert two_devices.stdout.split()[-3:] == ["False", "True", "True"], two_devices.stdout
+    lines = two_devices.stdout.strip().split("\n")
+    assert lines[-3].split() == ["True", "False", "True", "True"], two_devices.stdout
+    assert lines[-2].split() == lines[-1].split() == ["False", "False", "True", "True"], two_devices.stdout
 
 
 @needs_kernels

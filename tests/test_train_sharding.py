@@ -188,6 +188,40 @@ def test_task_batch_axes_follow_the_documented_layouts():
     assert train._task_batch_axes(LAG, BATCH) == {"inputs": 1, "labels": 1, "weights": 1}
 
 
+def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache(tmp_path):
+    """With the batch split over 2 devices (the LSTM on the native kernels), a fresh process training the same model
+    compiles nothing new, full and truncated BPTT alike: the kernels are split by `jax.shard_map`
+    (`rnnlab.native.split_batch`), not by a `custom_partitioning` callback, whose id would change the programs'
+    persistent-cache keys in every process."""
+    script = (
+        "import jax, optax, rnnlab\n"
+        "from rnnlab import models, sweep, tasks, train\n"
+        "sweep.use_cpu_cores(2)\n"
+        "task = tasks.LagTask(seq_len=12, lag=2)\n"
+        "model = models.ManyToMany(rnnlab.LSTM(16), task.output_size)\n"
+        "params = model.init(jax.random.key(0), task.input_size)\n"
+        "def chunk_loss(params, carry, chunk):\n"
+        "    logits, carry = model(params, chunk['inputs'], carry=carry)\n"
+        "    return task.loss(logits, chunk), carry\n"
+        "full = lambda params, batch: chunk_loss(params, None, batch)[0]\n"
+        "for truncation, loss in [(None, full), (train.Truncation(4, 8), chunk_loss)]:\n"
+        "    train.train(loss, params, optax.adam(1e-2), lambda key: task.sample(key, 8), steps=2,\n"
+        "                data_key=jax.random.key(1), truncation=truncation, batch_axes=1, progress=False)\n"
+    )
+    cache = tmp_path / "cache"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PLATFORMS": "cpu"}
+    entries = []
+    for _ in range(2):
+        completed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                   timeout=240)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        entries.append(sorted(path.name for path in cache.iterdir()))
+    assert any(name.startswith("jit_step") for name in entries[0])
+    assert any(name.startswith("jit_update") for name in entries[0])
+    assert entries[1] == entries[0]
+
+
 @pytest.mark.parametrize("batch_axes, match", [
     (3, r"axis 3 .*\['inputs'\] of shape \(8, 8, 2\)"),
     ({"inputs": 1, "targets": "0"}, r"axis '0' .*\['targets'\]"),
