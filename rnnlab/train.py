@@ -175,7 +175,8 @@ def _sampler(batch_fn, data_key, batch_sharding):
 
 def _traced_split(mesh):
     """Where the batch is split over ``mesh``'s ``"batch"`` axis, the cells' kernels are traced split along it too
-    (`rnnlab.native.split_batch`), so a warm persistent compilation cache holds the step in a new process."""
+    (`rnnlab.native.split_batch`), so a warm persistent compilation cache holds the steps (and a jitted ``eval_fn``)
+    in a new process."""
     return contextlib.nullcontext() if mesh is None else native.split_batch(mesh, "batch")
 
 
@@ -346,7 +347,9 @@ def train(
     def evaluate(step):
         if eval_fn is None:
             return None
-        row = {"step": step, **{name: float(value) for name, value in eval_fn(params).items()}}
+        with _traced_split(mesh):  # a jitted eval_fn traced here splits its kernels too
+            values = eval_fn(params)
+        row = {"step": step, **{name: float(value) for name, value in values.items()}}
         eval_rows.append(row)
         return row
 

@@ -190,7 +190,7 @@ def test_task_batch_axes_follow_the_documented_layouts():
 
 def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache(tmp_path):
     """With the batch split over 2 devices (the LSTM on the native kernels), a fresh process training the same model
-    compiles nothing new, full and truncated BPTT alike: the kernels are split by `jax.shard_map`
+    compiles nothing new, full and truncated BPTT and a jitted evaluation alike: the kernels are split by `jax.shard_map`
     (`rnnlab.native.split_batch`), not by a `custom_partitioning` callback, whose id would change the programs'
     persistent-cache keys in every process."""
     script = (
@@ -204,9 +204,11 @@ def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache
         "    logits, carry = model(params, chunk['inputs'], carry=carry)\n"
         "    return task.loss(logits, chunk), carry\n"
         "full = lambda params, batch: chunk_loss(params, None, batch)[0]\n"
+        "evaluate, test = jax.jit(full), task.sample(jax.random.key(2), 16)\n"
         "for truncation, loss in [(None, full), (train.Truncation(4, 8), chunk_loss)]:\n"
         "    train.train(loss, params, optax.adam(1e-2), lambda key: task.sample(key, 8), steps=2,\n"
-        "                data_key=jax.random.key(1), truncation=truncation, batch_axes=1, progress=False)\n"
+        "                data_key=jax.random.key(1), truncation=truncation, batch_axes=1, progress=False,\n"
+        "                eval_fn=lambda params: {'loss': evaluate(params, test)}, eval_every=1)\n"
     )
     cache = tmp_path / "cache"
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -219,6 +221,7 @@ def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache
         entries.append(sorted(path.name for path in cache.iterdir()))
     assert any(name.startswith("jit_step") for name in entries[0])
     assert any(name.startswith("jit_update") for name in entries[0])
+    assert any(name.startswith("jit__lambda") for name in entries[0])  # the evaluation
     assert entries[1] == entries[0]
 
 
