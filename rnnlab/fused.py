@@ -181,9 +181,11 @@ def _gru_coefficients(params, saved, hs, h_prev):
 
 
 def _through_reset(r: jax.Array, da: jax.Array) -> jax.Array:
-    """The tangent of ``a = h W_h + b_h`` as it enters the GRU's gates: its n-block through the reset gate."""
-    da_r, da_z, da_n = jnp.split(da, 3, axis=-1)
-    return jnp.concatenate([da_r, da_z, r * da_n], axis=-1)
+    """The tangent of ``a = h W_h + b_h`` as it enters the GRU's gates: its n-block through the reset gate. (A
+    product with ``[1, 1, r]``, not a concatenation of ``da``'s blocks: in `jax.sharding`'s explicit mode ``r`` may
+    be split over devices where ``da`` is not, and blocks to concatenate must be split alike.)"""
+    ones = jnp.ones_like(r)
+    return da * jnp.concatenate([ones, ones, r], axis=-1)
 
 
 def _gru_tangent_inputs(params, d_params, dpx, h_prev, coeffs):
@@ -306,7 +308,7 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
         hs, gates, a_n = native.bind(primitive("gru_forward"), w_h, params["b_h"], h0, px, *mask, **options)
         if d_params is None:
             return _outputs(hs, valid), hs[last]
-        u = dpx + _through_reset(gates[..., : h0.shape[-1]], jnp.broadcast_to(d_params["b_h"], px.shape))
+        u = dpx + _through_reset(gates[..., : h0.shape[-1]], d_params["b_h"])
         d_hs, d_h = native.bind(primitive("gru_tangent"), w_h, gates, a_n, hs, h0, *mask, u, d_params["w_h"],
                                 d_carry, **options)
         return (_outputs(hs, valid), hs[last]), (_outputs(d_hs, valid), d_h)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from rnnlab import fused
 from rnnlab.checks import check_float_input, check_input_size
@@ -84,6 +85,19 @@ def _remat_scan(run_steps, carry, inputs, *, chunk: int, reverse: bool):
     return carry, jax.tree_util.tree_map(lambda a: a.reshape((seq_len,) + a.shape[2:]), ys)
 
 
+def _split_like_inputs(carry, xs: jax.Array):
+    """``carry`` with its batch axes split over devices as ``xs [T, *batch, input_size]``'s are, where ``xs``'s type
+    says so (`jax.sharding`'s explicit mode; elsewhere types carry no split and this does nothing). Explicit mode
+    types a loop's carry: a carry of zeros, replicated, against steps that return it split would not scan."""
+    spec = getattr(getattr(jax.typeof(xs), "sharding", None), "spec", None)
+    batch_spec = tuple(spec[1:xs.ndim - 1]) if spec is not None and len(spec) >= xs.ndim - 1 else ()
+    if not any(batch_spec):
+        return carry
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.sharding.reshard(leaf, PartitionSpec(*batch_spec, *(None,) * (leaf.ndim - len(batch_spec)))),
+        carry)
+
+
 def prepare(cell, params, xs: jax.Array, carry: Any = None, time_axis: int = 0):
     """Check ``xs`` and ``carry`` against ``cell`` and ``params``; return ``(xs_time_major, carry, time_axis)``.
 
@@ -109,7 +123,7 @@ def prepare(cell, params, xs: jax.Array, carry: Any = None, time_axis: int = 0):
         carry = cell.initial_carry(batch_shape, xs.dtype)
     else:
         _check_carry(cell, carry, batch_shape, xs.dtype)
-    return xs, carry, axis
+    return xs, _split_like_inputs(carry, xs), axis
 
 
 def step_and_inputs(cell, params, xs: jax.Array, *, hoist: bool = True):

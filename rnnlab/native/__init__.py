@@ -499,14 +499,37 @@ def split_batch(mesh: Mesh, axis: str):
         _BATCH_SPLIT.reset(token)
 
 
+def _explicit_split(operands, batch_axes):
+    """``(mesh, axis)`` where the operands' types split their batch axis over mesh axes of `AxisType.Explicit`
+    (`jax.sharding`'s explicit mode, whose types carry their sharding), each split one along the same ``axis`` (a
+    name or a tuple of names); else None."""
+    axes, mesh = set(), None
+    for x, b in zip(operands, batch_axes):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if b is not None and spec is not None and len(spec) > b and spec[b] is not None:
+            axes.add(spec[b])
+            mesh = sharding.mesh
+    if len(axes) != 1:  # none split (a carry of zeros is not), or split in different ways: left to JAX
+        return None
+    axis = axes.pop()
+    names = axis if isinstance(axis, tuple) else (axis,)
+    explicit = all(mesh.axis_types[mesh.axis_names.index(name)] == AxisType.Explicit for name in names)
+    return (mesh, axis) if explicit else None
+
+
 def bind(p: Primitive, *operands, **params):
-    """``p.bind(*operands, **params)``, in `jax.shard_map` within `split_batch` (see there)."""
-    split = _BATCH_SPLIT.get()
+    """``p.bind(*operands, **params)``, in `jax.shard_map` with the batch split where it is: within `split_batch`
+    (see there) along its axis, and where the operands' types (`jax.sharding`'s explicit mode) split it. Without
+    this, explicit mode gathered a split batch and ran the kernels whole on every device, its results' types
+    replicated."""
+    batch_in, batch_out = p.batch_axes
+    explicit = _BATCH_SPLIT.get() is None
+    split = _explicit_split(operands, batch_in) if explicit else _BATCH_SPLIT.get()
     if split is None:
         return p.bind(*operands, **params)
     mesh, axis = split
-    count = mesh.shape[axis]
-    batch_in, batch_out = p.batch_axes
+    count = int(np.prod([mesh.shape[name] for name in (axis if isinstance(axis, tuple) else (axis,))]))
     sizes = {x.shape[b] for x, b in zip(operands, batch_in) if b is not None}
     manual = AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types
     if count == 1 or manual or any(size % count for size in sizes):
@@ -515,9 +538,11 @@ def bind(p: Primitive, *operands, **params):
     def spec(rank, batch):
         return PartitionSpec(*(axis if i == batch else None for i in range(rank)))
 
+    in_specs = tuple(spec(jnp.ndim(x), b) for x, b in zip(operands, batch_in))
+    if explicit:  # the types must match the specs: a carry of zeros is split, a weight split otherwise made whole
+        operands = [jax.sharding.reshard(x, s) for x, s in zip(operands, in_specs)]
     out_ranks = [len(shape) for shape, _ in p.out_shapes(*operands)]
-    return jax.shard_map(lambda *xs: p.bind(*xs, **params), mesh=mesh,
-                         in_specs=tuple(spec(jnp.ndim(x), b) for x, b in zip(operands, batch_in)),
+    return jax.shard_map(lambda *xs: p.bind(*xs, **params), mesh=mesh, in_specs=in_specs,
                          out_specs=[spec(rank, b) for rank, b in zip(out_ranks, batch_out)],
                          check_vma=False)(*operands)
 
