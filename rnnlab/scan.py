@@ -176,6 +176,10 @@ def scan(
     tangent rule whose weight gradients are one matmul over all steps (`rnnlab.fused`; on a CPU the native kernels,
     with ``lengths`` their masked twins); the results equal those of the plain step to rounding. With ``remat`` each
     chunk projects its own inputs and runs the fused recurrence, recomputed on the way back.
+
+    In `jax.sharding`'s explicit mode, where ``xs``'s type splits its batch axes over devices, the default carry is
+    split alike (a given one is resharded so), and the built-in cells' kernels run on each device's rows
+    (`rnnlab.native.bind`): ``ys`` and the final carry come out split the same way.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]

@@ -46,7 +46,8 @@ hidden 64) to 3.3x (tanh RNN, hidden 64) faster than the XLA loops.
 With the batch split over several devices, each device runs the kernels on its own rows: in a jit that XLA's SPMD
 partitioner splits, through `custom_partitioning` (`_partitioned`); traced within `split_batch` (as `rnnlab.train`
 traces its steps), in `jax.shard_map`, which leaves no Python callback in the program, so that JAX's persistent
-compilation cache holds it across processes.
+compilation cache holds it across processes; in `jax.sharding`'s explicit mode, where the operands' types split the
+batch, in `jax.shard_map` too (`bind`).
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
