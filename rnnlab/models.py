@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from rnnlab import fused
 from rnnlab.scan import scan
@@ -36,6 +37,15 @@ def dense_init(key: jax.Array, in_size: int, out_size: int, dtype: Any = jnp.flo
     """A dense layer ``{"w": [in, out] ~ N(0, 1/in), "b": [out] = 0}``."""
     w = jax.random.normal(key, (in_size, out_size), dtype) / jnp.sqrt(jnp.asarray(in_size, dtype))
     return {"w": w, "b": jnp.zeros((out_size,), dtype)}
+
+
+def embed_tokens(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``table [V, E]`` rows for integer ``tokens [...]``: ``[..., E]``. In `jax.sharding`'s explicit mode the rows
+    are split over devices as ``tokens`` are (a lookup there needs its result's sharding spelled out)."""
+    spec = getattr(getattr(jax.typeof(tokens), "sharding", None), "spec", None)
+    if spec is not None and any(axis is not None for axis in spec):
+        return table.at[tokens].get(out_sharding=PartitionSpec(*spec, None))
+    return table[tokens]
 
 
 def dense(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -241,15 +251,16 @@ class Seq2Seq:
 
     def encode(self, params, src: jax.Array, src_lengths: jax.Array | None = None):
         """``src [S, *batch]`` tokens -> the encoder's final carry."""
-        _, carry = run_sequence(self.encoder, params["encoder"], params["src_embed"][src], lengths=src_lengths)
+        _, carry = run_sequence(self.encoder, params["encoder"], embed_tokens(params["src_embed"], src),
+                                lengths=src_lengths)
         return carry
 
     def __call__(self, params, src: jax.Array, tgt: jax.Array, *, src_lengths: jax.Array | None = None) -> jax.Array:
         """Teacher forcing: ``src [S, *batch]``, ``tgt [U, *batch]`` tokens -> logits ``[U, *batch, Vt]`` for
         ``tgt`` (step ``u`` sees ``bos, tgt[0], ..., tgt[u-1]``)."""
         carry = self.encode(params, src, src_lengths)
-        shifted = jnp.concatenate([jnp.full((1,) + tgt.shape[1:], self.bos, tgt.dtype), tgt[:-1]], axis=0)
-        ys, _ = run_sequence(self.decoder, params["decoder"], params["tgt_embed"][shifted], carry=carry)
+        shifted = jnp.concatenate([jnp.full_like(tgt[:1], self.bos), tgt[:-1]], axis=0)  # split as tgt is
+        ys, _ = run_sequence(self.decoder, params["decoder"], embed_tokens(params["tgt_embed"], shifted), carry=carry)
         return dense(params["readout"], ys)
 
     def decode(self, params, src: jax.Array, steps: int, *, src_lengths: jax.Array | None = None,
@@ -258,11 +269,11 @@ class Seq2Seq:
         carry = self.encode(params, src, src_lengths)
         batch_shape = src.shape[1:]
         carry, y = _one_step(self.decoder, params["decoder"], carry,
-                             params["tgt_embed"][jnp.full(batch_shape, self.bos, jnp.int32)])
+                             embed_tokens(params["tgt_embed"], jnp.full(batch_shape, self.bos, jnp.int32)))
         key = jax.random.key(0) if key is None else key
         tokens, _ = _autoregress(self.decoder, params["decoder"], params["readout"],
-                                 lambda token: params["tgt_embed"][token], carry, dense(params["readout"], y), key,
-                                 steps, temperature)
+                                 lambda token: embed_tokens(params["tgt_embed"], token), carry,
+                                 dense(params["readout"], y), key, steps, temperature)
         return tokens
 
 

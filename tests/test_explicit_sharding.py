@@ -5,8 +5,10 @@ the batch, and the outputs' types stay split.
 Explicit mode types a loop's carry and every op's sharding. Before, the built-in cells' kernels gathered a split
 batch and ran whole on every device (their results typed replicated), a vmapped gradient failed on a reshape, and a
 cell on the plain `lax.scan` path (a user's cell, ``unroll`` > 1) failed: its carry of zeros was replicated where
-its steps returned it split. Now the kernels run in `jax.shard_map` on each device's rows (`rnnlab.native.bind`) and
-the initial carry is split as the inputs are (`rnnlab.scan.prepare`).
+its steps returned it split. Now the kernels run in `jax.shard_map` on each device's rows (`rnnlab.native.bind`),
+the initial carry is split as the inputs are (`rnnlab.scan.prepare`), and `Seq2Seq`'s token embeddings and shifted
+targets are split as its tokens are (a lookup with no result sharding given, or a concatenation of a replicated and
+a split block, failed).
 
 A process fixes its device count when JAX starts, so the cases run in one fresh process with 4 virtual CPU devices
 (this file as a script); each case's reference is the same function on unsplit inputs in that process (one device).
@@ -95,6 +97,14 @@ def _child(out: str) -> None:
         params = model.init(jax.random.key(0), 8)
         case(name, jax.grad(lambda p, x, model=model, apply=apply: jnp.mean(apply(model, p, x) ** 2)), (params, xs),
              [(params, None), (xs, split)], line)
+    seq2seq = models.Seq2Seq(rnnlab.GRU(32), rnnlab.GRU(32), 11, 13, 8)
+    params = seq2seq.init(jax.random.key(0))
+    src = jax.random.randint(jax.random.key(1), (7, 32), 0, 11)
+    tgt = jax.random.randint(jax.random.key(2), (5, 32), 0, 13)
+    src_lengths = jnp.arange(32) % 7 + 1
+    case("Seq2Seq grad", jax.grad(lambda p, s, t, n: jnp.mean(seq2seq(p, s, t, src_lengths=n) ** 2)),
+         (params, src, tgt, src_lengths), [(params, P()), (src, split), (tgt, split), (src_lengths, P("batch"))], line)
+    case("Seq2Seq decode", lambda p, s: seq2seq.decode(p, s, 6), (params, src), [(params, P()), (src, split)], line)
     pathlib.Path(out).write_text(json.dumps(results))
 
 
@@ -118,7 +128,7 @@ def _cases(results: dict) -> dict:
 
 def test_explicit_mode_computes_the_numbers_of_one_device(on_devices):
     cases = _cases(on_devices)
-    assert len(cases) == 3 * 6 + 4
+    assert len(cases) == 3 * 6 + 4 + 2
     for name, figures in cases.items():
         assert figures["error"] < 1e-5, (name, figures)
 
