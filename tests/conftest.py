@@ -41,6 +41,8 @@ if jax.config.read("jax_disable_most_optimizations") and _QUICK_COMPILE_FLAG not
     if _xla_accepts(_flags):
         os.environ["XLA_FLAGS"] = _flags
 
+import pytest  # noqa: E402
+
 import rnnlab  # noqa: E402
 
 # Compiled programs are reused across test runs, even the small ones (most of the tests' time is compilation);
@@ -71,10 +73,32 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("cell", list(cells.values()), ids=list(cells))
 
 
+@pytest.fixture
+def two_processes_cache(tmp_path):
+    """``run(script) -> [names after the first process, after the second]``: ``script`` (Python source) run in two
+    fresh processes, one after the other, sharing a new persistent compilation cache that stores every program; the
+    cache's file names (one per program) after each."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PLATFORMS": "cpu"}
+
+    def run(script: str) -> list[list[str]]:
+        entries = []
+        for _ in range(2):
+            completed = subprocess.run([sys.executable, "-c", script], env=env, cwd=pathlib.Path(__file__).parents[1],
+                                       capture_output=True, text=True, timeout=240)
+            assert completed.returncode == 0, completed.stderr[-3000:]
+            entries.append(sorted(path.name for path in cache.iterdir()))
+        return entries
+
+    return run
+
+
 #: The modules with the suite's longest tests (`pytest --durations`: other processes, several devices, experiment
 #: scripts), run first: under `pytest -n 2` the two workers then finish on short tests together, rather than one of
 #: them on a long test while the other waits.
-_LONG_FIRST = ("test_multihost.py", "test_train_sharding.py", "test_experiments_training.py", "test_sweep.py")
+_LONG_FIRST = ("test_multihost.py", "test_train_sharding.py", "test_experiments_training.py", "test_sweep.py",
+               "test_explicit_sharding.py")
 
 
 def pytest_collection_modifyitems(items):

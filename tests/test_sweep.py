@@ -179,7 +179,7 @@ def test_vmapped_initialisation_of_gated_cells_does_not_hang():
         pytest.fail("vmapped LSTM/GRU initialisation did not finish in 240 s: the batched-QR deadlock is back")
 
 
-def test_a_second_process_finds_every_sweep_program_in_the_persistent_cache(tmp_path):
+def test_a_second_process_finds_every_sweep_program_in_the_persistent_cache(two_processes_cache):
     """On 2 devices (each measuring its own configurations, through the native kernel where it applies) a fresh
     process running the same sweep compiles nothing new: every program's persistent-cache key is the same in every
     process (a `custom_partitioning` callback in a program would change it)."""
@@ -190,12 +190,6 @@ def test_a_second_process_finds_every_sweep_program_in_the_persistent_cache(tmp_
         "for name in ('lstm', 'rnn_tanh'):\n"
         "    sweep.grad_norm_table(sweep.make_cell(name, 32), grid, 30, input_size=3, batch=4)\n"
     )
-    cache = tmp_path / "cache"
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PLATFORMS": "cpu"}
-    entries = []
-    for _ in range(2):
-        subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT, timeout=240)
-        entries.append(sorted(path.name for path in cache.iterdir()))
+    entries = two_processes_cache(script)
     assert any(name.startswith("jit_measure_configs") for name in entries[0])
     assert entries[1] == entries[0]

@@ -188,7 +188,7 @@ def test_task_batch_axes_follow_the_documented_layouts():
     assert train._task_batch_axes(LAG, BATCH) == {"inputs": 1, "labels": 1, "weights": 1}
 
 
-def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache(tmp_path):
+def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache(two_processes_cache):
     """With the batch split over 2 devices (the LSTM on the native kernels), a fresh process training the same model
     compiles nothing new, full and truncated BPTT and a jitted evaluation alike: the kernels are split by `jax.shard_map`
     (`rnnlab.native.split_batch`), not by a `custom_partitioning` callback, whose id would change the programs'
@@ -210,15 +210,7 @@ def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache
         "                data_key=jax.random.key(1), truncation=truncation, batch_axes=1, progress=False,\n"
         "                eval_fn=lambda params: {'loss': evaluate(params, test)}, eval_every=1)\n"
     )
-    cache = tmp_path / "cache"
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PLATFORMS": "cpu"}
-    entries = []
-    for _ in range(2):
-        completed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                                   timeout=240)
-        assert completed.returncode == 0, completed.stderr[-3000:]
-        entries.append(sorted(path.name for path in cache.iterdir()))
+    entries = two_processes_cache(script)
     assert any(name.startswith("jit_step") for name in entries[0])
     assert any(name.startswith("jit_update") for name in entries[0])
     assert any(name.startswith("jit__lambda") for name in entries[0])  # the evaluation
