@@ -1,6 +1,7 @@
 """rnnlab: a JAX lab for recurrent networks.
 
-A cell is configuration plus pure functions (`rnnlab.cells`); `rnnlab.scan` runs any cell over time; `rnnlab.init`
+A cell is configuration plus pure functions (`rnnlab.cells`); `rnnlab.scan` runs any cell over time
+(`rnnlab.split_batch` splits its kernels' batch over devices in traced code); `rnnlab.init`
 holds the initialisers; `rnnlab.interop` converts to and from flax and torch. The gradient-flow lab is
 `rnnlab.gradflow` (log-domain measurements), `rnnlab.theory` (closed forms) and `rnnlab.sweep` (vmapped, sharded
 sweeps); training is `rnnlab.train` with `rnnlab.models`, `rnnlab.tasks` and `rnnlab.checkpoint`; result files are
@@ -11,6 +12,7 @@ import importlib
 
 from rnnlab import init
 from rnnlab.cells import GRU, LSTM, RNN, Stack
+from rnnlab.native import split_batch
 from rnnlab.scan import remat_near_sqrt, scan
 
 _SUBMODULES = ("checkpoint", "gradflow", "interop", "models", "results", "sweep", "tasks", "theory", "train")
@@ -30,6 +32,6 @@ def __dir__():
 
 __all__ = [
     "GRU", "LSTM", "RNN", "Stack", "checkpoint", "gradflow", "init", "interop", "models", "remat_near_sqrt",
-    "results", "scan", "sweep", "tasks", "theory", "train",
+    "results", "scan", "split_batch", "sweep", "tasks", "theory", "train",
 ]
 __version__ = "0.1.0"

@@ -93,9 +93,14 @@ def _split_like_inputs(carry, xs: jax.Array):
     batch_spec = tuple(spec[1:xs.ndim - 1]) if spec is not None and len(spec) >= xs.ndim - 1 else ()
     if not any(batch_spec):
         return carry
-    return jax.tree_util.tree_map(
-        lambda leaf: jax.sharding.reshard(leaf, PartitionSpec(*batch_spec, *(None,) * (leaf.ndim - len(batch_spec)))),
-        carry)
+    batch_shape = xs.shape[1:-1]
+
+    def split(leaf):  # a leaf without the batch axes in front (a step count, say) is left as it is
+        if jnp.shape(leaf)[:len(batch_shape)] != batch_shape:
+            return leaf
+        return jax.sharding.reshard(leaf, PartitionSpec(*batch_spec, *(None,) * (jnp.ndim(leaf) - len(batch_spec))))
+
+    return jax.tree_util.tree_map(split, carry)
 
 
 def prepare(cell, params, xs: jax.Array, carry: Any = None, time_axis: int = 0):

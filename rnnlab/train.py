@@ -21,10 +21,10 @@ non-finite loss or gradient norm leaves parameters and optimiser state untouched
 **Several devices** (``batch_axes``): each leaf of the batch is split along its batch axis over a one-axis mesh
 (``"batch"``) of all devices, `jax.sharding.NamedSharding`, while parameters and optimiser state are replicated;
 XLA's SPMD partitioner inserts the all-reduce of the gradient, so the numbers are those of one device up to the
-order of float32 sums. The built-in cells' kernels are traced split along the same axis (`rnnlab.native.split_batch`:
-each device runs them on its own rows), so the compiled steps carry no Python callback and JAX's persistent
-compilation cache serves them to a new process. The batch is drawn from a key inside the compiled step, so it is never sent from the host
-and each device can make just its own slice. On several hosts, after `jax.distributed.initialize()`,
+order of float32 sums. The built-in cells' kernels are traced split along the same axis (`rnnlab.split_batch`: each
+device runs them on its own rows), so the compiled steps carry no Python callback and JAX's persistent compilation
+cache serves them to a new process. The batch is drawn from a key inside the compiled step, so it is never sent from
+the host and each device can make just its own slice. On several hosts, after `jax.distributed.initialize()`,
 ``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices
 (tested with two processes on one machine, CPU collectives over gloo: ``tests/test_multihost.py``); checkpoints are
 written by process 0, so ``checkpoint_path`` must be on a filesystem every host sees for a resume.

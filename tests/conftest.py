@@ -98,7 +98,7 @@ def two_processes_cache(tmp_path):
 #: scripts), run first: under `pytest -n 2` the two workers then finish on short tests together, rather than one of
 #: them on a long test while the other waits.
 _LONG_FIRST = ("test_multihost.py", "test_train_sharding.py", "test_experiments_training.py", "test_sweep.py",
-               "test_explicit_sharding.py")
+               "test_sharded_scan.py")
 
 
 def pytest_collection_modifyitems(items):

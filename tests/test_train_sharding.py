@@ -190,9 +190,9 @@ def test_task_batch_axes_follow_the_documented_layouts():
 
 def test_a_second_process_finds_the_split_training_steps_in_the_persistent_cache(two_processes_cache):
     """With the batch split over 2 devices (the LSTM on the native kernels), a fresh process training the same model
-    compiles nothing new, full and truncated BPTT and a jitted evaluation alike: the kernels are split by `jax.shard_map`
-    (`rnnlab.native.split_batch`), not by a `custom_partitioning` callback, whose id would change the programs'
-    persistent-cache keys in every process."""
+    compiles nothing new, full and truncated BPTT and a jitted evaluation alike: the kernels are split by
+    `jax.shard_map` (`rnnlab.split_batch`), not by a `custom_partitioning` callback, whose id would change the
+    programs' persistent-cache keys in every process."""
     script = (
         "import jax, optax, rnnlab\n"
         "from rnnlab import models, sweep, tasks, train\n"

@@ -1,0 +1,260 @@
+"""`rnnlab.scan` with the batch split over 4 devices in traced code: in `jax.sharding`'s explicit mode, and within
+`rnnlab.native.split_batch`. Either way: the numbers of one device, nothing gathers the batch, the kernels run on
+each device's rows.
+
+**Explicit mode** (``jax.set_mesh`` over `AxisType.Explicit` axes, whose array types carry their sharding) types a
+loop's carry and every op's sharding. Before, the built-in cells' kernels gathered a split batch and ran whole on
+every device (their results typed replicated), a vmapped gradient failed on a reshape, a cell on the plain
+`lax.scan` path (a user's cell, ``unroll`` > 1) failed (its carry of zeros was replicated where its steps returned it
+split), and so did `Seq2Seq` (a token lookup with no result sharding given, a concatenation of a replicated and a
+split block). Now the kernels run in `jax.shard_map` (`rnnlab.native.bind`), the initial carry is split as the
+inputs are (`rnnlab.scan.prepare`; a carry leaf without the batch axes in front, a step count, is left whole), and
+`Seq2Seq` splits its lookups as its tokens are.
+
+**`split_batch(mesh, axis)`** (JAX's default, auto mode: what `rnnlab.train` uses) binds the kernels in
+`jax.shard_map` along ``axis`` instead of leaving them to `custom_partitioning`. Checked for every cell, padded,
+vmapped, to second order, on a 2x2 mesh, with a batch that does not divide (left as it is), inside a user's
+`shard_map`, and for jit's cache: a function traced within and called outside (or the other way) is traced afresh.
+
+A process fixes its device count when JAX starts, so the cases run in one fresh process with 4 virtual CPU devices
+(this file as a script); each case's reference is the same function on unsplit inputs in that process (one device).
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEVICES = 4
+CELLS = ("LSTM", "GRU", "RNN")
+
+
+def _child(out: str) -> None:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import rnnlab
+    from rnnlab import models, native
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from user_cell import IndRNN
+
+    @dataclasses.dataclass(frozen=True)
+    class CountingIndRNN(IndRNN):
+        """IndRNN whose carry also counts its steps: a carry leaf without the batch axes."""
+
+        def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+            return super().initial_carry(batch_shape, dtype), jnp.zeros((), dtype)
+
+        def __call__(self, params, carry, x):
+            h, count = carry
+            h, y = super().__call__(params, h, x)
+            return (h, count + 1), y + count
+
+    xs = jax.random.normal(jax.random.key(1), (30, 32, 8))
+    lengths = jnp.arange(32) % 30 + 1
+    results = {"devices": len(jax.devices()), "kernels": native.available()}
+
+    def relative_error(got, want):
+        pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        assert pairs and all(np.shape(a) == np.shape(b) for a, b in pairs)
+        return max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) for a, b in pairs)
+
+    def record(name, got, want, lowered):
+        compiled = lowered.compile().as_text()
+        kernels = [line for line in compiled.splitlines() if 'custom_call_target="rnnlab' in line]
+        results[name] = {"error": relative_error(got, want), "gathers": "all-gather" in compiled,
+                         "partitioner": "CustomSPMDPartitioning" in lowered.as_text(),
+                         "kernel_rows": sorted({int(rows) for line in kernels
+                                                for rows in re.findall(r"f32\[30,(\d+),", line)})}
+
+    def case(name, function, args, specs, mesh):
+        """Explicit mode: ``function(*args)`` on one device against the same within ``jax.set_mesh(mesh)``, each
+        argument put there with its spec in ``specs``."""
+        want = jax.jit(function)(*args)
+        with jax.set_mesh(mesh):
+            split_args = [jax.device_put(a, spec) for a, spec in zip(args, specs)]
+            record(name, jax.jit(function)(*split_args), want, jax.jit(function).lower(*split_args))
+
+    def split_case(name, function, args, specs, mesh, axis="batch"):
+        """Auto mode: ``function(*args)`` on one device against the same traced within ``split_batch(mesh,
+        axis)``, each argument put on ``mesh`` with its spec in ``specs``."""
+        want = jax.jit(function)(*args)
+        split_args = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
+        with native.split_batch(mesh, axis):
+            record(name, jax.jit(function)(*split_args), want, jax.jit(function).lower(*split_args))
+
+    line = jax.make_mesh((DEVICES,), ("batch",), axis_types=(AxisType.Explicit,))
+    grid = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    auto_line = Mesh(np.asarray(jax.devices()), ("batch",))
+    auto_grid = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "model"))
+    split, whole = P(None, "batch"), P()
+    for cell in (rnnlab.LSTM(64), rnnlab.GRU(24), rnnlab.RNN(50, activation="relu")):
+        kind = type(cell).__name__
+        params = cell.init(jax.random.key(0), 8)
+        tangent = jax.tree.map(jnp.ones_like, params)
+        stacked = jnp.stack([xs, -xs])
+
+        def loss(p, x, lengths=None, cell=cell):
+            return jnp.mean(rnnlab.scan(cell, p, x, lengths=lengths)[0] ** 2)
+
+        def jvp(p, x, loss=loss, tangent=tangent):
+            return jax.jvp(lambda p: loss(p, x), (p,), (tangent,))
+
+        def hvp(p, x, loss=loss, tangent=tangent):
+            return jax.jvp(lambda p: jax.grad(loss)(p, x), (p,), (tangent,))[1]
+
+        for prefix, run, meshes in (("", case, (line, grid)), ("split_batch ", split_case, (auto_line, auto_grid))):
+            run(f"{prefix}{kind} grad", jax.grad(loss), (params, xs), (whole, split), meshes[0])
+            run(f"{prefix}{kind} grad padded", jax.grad(loss), (params, xs, lengths), (whole, split, P("batch")),
+                meshes[0])
+            run(f"{prefix}{kind} vmap grad", jax.vmap(jax.grad(loss), (None, 0)), (params, stacked),
+                (whole, P(None, None, "batch")), meshes[0])
+            run(f"{prefix}{kind} jvp", jvp, (params, xs), (whole, split), meshes[0])
+            run(f"{prefix}{kind} hvp", hvp, (params, xs), (whole, split), meshes[0])
+        case(f"{kind} grad, batch over one axis of a 2x2 mesh", jax.grad(loss), (params, xs), (whole, P(None, "data")),
+             grid)
+        case(f"{kind} grad, batch over both axes of a 2x2 mesh", jax.grad(loss), (params, xs),
+             (whole, P(None, ("data", "model"))), grid)
+        split_case(f"split_batch {kind} grad, batch over one axis of a 2x2 mesh", jax.grad(loss), (params, xs),
+                   (whole, P(None, "data")), auto_grid, "data")
+        with jax.set_mesh(line):
+            ys = jax.jit(lambda p, x, cell=cell: rnnlab.scan(cell, p, x)[0])(params, jax.device_put(xs, split))
+            results[f"{kind} output spec"] = [str(axis) for axis in jax.typeof(ys).sharding.spec]
+
+    for name, model, apply in [
+        ("ManyToOne LSTM remat", models.ManyToOne(rnnlab.LSTM(32), 3, remat=5), lambda m, p, x: m(p, x)),
+        ("ManyToMany Stack GRU LSTM", models.ManyToMany(rnnlab.Stack([rnnlab.GRU(16), rnnlab.LSTM(16)]), 3),
+         lambda m, p, x: m(p, x)[0]),
+        ("ManyToOne user IndRNN", models.ManyToOne(IndRNN(16), 3), lambda m, p, x: m(p, x)),
+        ("ManyToMany user IndRNN counting its steps", models.ManyToMany(CountingIndRNN(16), 3),
+         lambda m, p, x: m(p, x)[0]),
+        ("ManyToOne RNN unroll 4", models.ManyToOne(rnnlab.RNN(16), 3, unroll=4), lambda m, p, x: m(p, x)),
+    ]:
+        params = model.init(jax.random.key(0), 8)
+        case(name, jax.grad(lambda p, x, model=model, apply=apply: jnp.mean(apply(model, p, x) ** 2)), (params, xs),
+             (whole, split), line)
+    seq2seq = models.Seq2Seq(rnnlab.GRU(32), rnnlab.GRU(32), 11, 13, 8)
+    params = seq2seq.init(jax.random.key(0))
+    src = jax.random.randint(jax.random.key(1), (7, 32), 0, 11)
+    tgt = jax.random.randint(jax.random.key(2), (5, 32), 0, 13)
+    src_lengths = jnp.arange(32) % 7 + 1
+    case("Seq2Seq grad", jax.grad(lambda p, s, t, n: jnp.mean(seq2seq(p, s, t, src_lengths=n) ** 2)),
+         (params, src, tgt, src_lengths), (whole, split, split, P("batch")), line)
+    case("Seq2Seq decode", lambda p, s: seq2seq.decode(p, s, 6), (params, src), (whole, split), line)
+
+    # split_batch, where it must leave the primitives as they are, and jit's cache.
+    cell = rnnlab.LSTM(64)
+    params = cell.init(jax.random.key(0), 8)
+
+    def loss(p, x):
+        return jnp.mean(rnnlab.scan(cell, p, x)[0] ** 2)
+
+    split_case("split_batch batch of 6 over 4 devices", jax.grad(loss), (params, xs[:, :6]), (whole, P()),
+               auto_line)
+    split_case("split_batch around a user's shard_map",
+               jax.shard_map(lambda p, x: jax.lax.pmean(jax.grad(loss)(p, x), "batch"), mesh=auto_line,
+                             in_specs=(whole, split), out_specs=whole, check_vma=False), (params, xs), (whole, split),
+               auto_line)
+    # jit's trace cache is per function: each scenario jits its own.
+    want = jax.jit(loss)(params, xs)
+
+    def traced_within(p, x):
+        return loss(p, x)
+
+    once = jax.jit(traced_within)
+    with native.split_batch(Mesh(np.asarray(jax.devices()[:2]), ("batch",)), "batch"):
+        within = once(params, xs)
+    device = jax.devices()[3]
+    try:  # must be traced afresh: a trace holding a shard_map over devices 0 and 1 cannot run on device 3
+        outside = once(jax.device_put(params, device), jax.device_put(xs, device))
+        error = max(relative_error(within, want), relative_error(outside, want))
+    except ValueError as failure:
+        error = str(failure)
+    results["split_batch traced within, called outside"] = {"error": error}
+
+    def traced_outside(p, x):
+        return loss(p, x)
+
+    before = jax.jit(traced_outside)
+    before(params, xs)
+    with native.split_batch(auto_line, "batch"):  # must be traced afresh, with the split
+        results["split_batch traced outside, called within: shard_map"] = "shard_map" in str(
+            jax.make_jaxpr(before)(params, xs))
+    pathlib.Path(out).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def on_devices(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("sharded") / "results.json"
+    env = {name: value for name, value in os.environ.items() if name != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip())
+    completed = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
+                               timeout=500, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["devices"] == DEVICES
+    return results
+
+
+def _cases(results: dict, split_batch: bool) -> dict:
+    return {name: value for name, value in results.items()
+            if isinstance(value, dict) and "gathers" in value and name.startswith("split_batch") == split_batch}
+
+
+@pytest.mark.parametrize("split_batch, count", [(False, 3 * 7 + 5 + 2), (True, 3 * 6 + 2)])
+def test_the_numbers_of_one_device(on_devices, split_batch, count):
+    cases = _cases(on_devices, split_batch)
+    assert len(cases) == count
+    for name, figures in cases.items():
+        assert figures["error"] < 1e-5, (name, figures)
+
+
+@pytest.mark.parametrize("split_batch", [False, True])
+def test_nothing_gathers_the_split_batch(on_devices, split_batch):
+    gathered = [name for name, figures in _cases(on_devices, split_batch).items() if figures["gathers"]]
+    assert not gathered
+
+
+def test_the_kernels_run_on_each_devices_rows_and_the_outputs_stay_split(on_devices):
+    cases = {**_cases(on_devices, False), **_cases(on_devices, True)}
+    if on_devices["kernels"]:
+        for kind in CELLS:  # 32 rows over 4 devices; over the 2 of one axis of a 2x2 mesh
+            for prefix in ("", "split_batch "):
+                assert cases[f"{prefix}{kind} grad"]["kernel_rows"] == [8]
+                assert cases[f"{prefix}{kind} grad, batch over one axis of a 2x2 mesh"]["kernel_rows"] == [16]
+    for kind in CELLS:
+        assert on_devices[f"{kind} output spec"] == ["None", "batch", "None"]
+
+
+def test_split_batch_leaves_custom_partitioning_behind(on_devices):
+    cases = _cases(on_devices, True)
+    for kind in CELLS:
+        assert not cases[f"split_batch {kind} grad"]["partitioner"]
+    # A batch that does not divide is left to the partitioner; in a user's shard_map each device has its own rows.
+    assert cases["split_batch batch of 6 over 4 devices"]["partitioner"]
+    assert not cases["split_batch around a user's shard_map"]["partitioner"]
+
+
+def test_a_function_traced_within_split_batch_is_traced_afresh_outside(on_devices):
+    error = on_devices["split_batch traced within, called outside"]["error"]
+    assert isinstance(error, float) and error < 1e-5, error
+
+
+def test_a_function_traced_outside_split_batch_is_traced_afresh_within(on_devices):
+    assert on_devices["split_batch traced outside, called within: shard_map"] is True
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
