@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rnnlab import checkpoint, gradflow, models, native
 
@@ -309,6 +309,11 @@ def train(
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}.")
+    context = jax.sharding.get_abstract_mesh()
+    if AxisType.Explicit in context.axis_types:
+        raise ValueError(f"train was called within jax.set_mesh of a mesh with explicit axes ({context}); it splits "
+                         "the batch over a mesh of its own (batch_axes), in JAX's default (auto) mode: call it "
+                         "outside that context.")
     optimizer = with_clipping(optimizer, clip)
     batch_sharding, state_sharding = _shardings(batch_axes, batch_fn, data_key)
     sample = _sampler(batch_fn, data_key, batch_sharding)
