@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rnnlab import gradflow, theory
 from rnnlab import init as initializers
@@ -189,7 +189,8 @@ def measure_configs(cell, params, xs: jax.Array, which: jax.Array | None = None)
     With several devices (the configurations a multiple of their count, as `grad_norm_table` pads them) each device
     measures its own configurations (`jax.shard_map`; every device holds the inputs). Left to XLA's partitioner, the
     native kernel would go through `custom_partitioning`, whose Python callback makes the program's
-    persistent-cache key differ in every process: a warm cache would never hold it."""
+    persistent-cache key differ in every process: a warm cache would never hold it. Within a caller's `jax.set_mesh`
+    of auto axes the sweep still uses its own mesh; within one of explicit axes it raises `ValueError`."""
     def measure(params, xs, which=None):
         which = jnp.arange(xs.shape[1], dtype=jnp.int32) if which is None else which
         return gradflow.grad_norms_of_configs(cell, params, xs, which)
@@ -197,13 +198,20 @@ def measure_configs(cell, params, xs: jax.Array, which: jax.Array | None = None)
     devices = jax.devices()
     if len(devices) == 1:
         return measure(params, xs, which)
+    context = jax.sharding.get_abstract_mesh()
+    if AxisType.Explicit in context.axis_types:
+        raise ValueError(f"a sweep was run within jax.set_mesh of a mesh with explicit axes ({context}); it splits "
+                         "its configurations over a mesh of its own, in JAX's default (auto) mode: run it outside "
+                         "that context.")
     mesh = Mesh(np.asarray(devices), ("config",))
     configs = PartitionSpec("config")
-    if which is None:  # the inputs split with the configurations
-        return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(None, "config")),
-                             out_specs=configs, check_vma=False)(params, xs)
-    return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(), configs), out_specs=configs,
-                         check_vma=False)(params, xs, which)
+    # shard_map wants JAX's abstract-mesh context to be its mesh: a caller's `jax.set_mesh` would clash with it.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        if which is None:  # the inputs split with the configurations
+            return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(None, "config")),
+                                 out_specs=configs, check_vma=False)(params, xs)
+        return jax.shard_map(measure, mesh=mesh, in_specs=(configs, PartitionSpec(), configs), out_specs=configs,
+                             check_vma=False)(params, xs, which)
 
 
 def use_cpu_cores(count: int | None = None) -> None:

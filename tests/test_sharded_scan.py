@@ -16,6 +16,10 @@ inputs are (`rnnlab.scan.prepare`; a carry leaf without the batch axes in front,
 vmapped, to second order, on a 2x2 mesh, with a batch that does not divide (left as it is), inside a user's
 `shard_map`, and for jit's cache: a function traced within and called outside (or the other way) is traced afresh.
 
+**A sweep** splits its configurations over a mesh of its own: within a caller's ``jax.set_mesh`` (auto axes) it
+failed, the context mesh not being the one its `shard_map` names; now the same numbers, and a clear error within a
+mesh of explicit axes.
+
 A process fixes its device count when JAX starts, so the cases run in one fresh process with 4 virtual CPU devices
 (this file as a script); each case's reference is the same function on unsplit inputs in that process (one device).
 """
@@ -191,6 +195,22 @@ def _child(out: str) -> None:
     with native.split_batch(auto_line, "batch"):  # must be traced afresh, with the split
         results["split_batch traced outside, called within: shard_map"] = "shard_map" in str(
             jax.make_jaxpr(before)(params, xs))
+    # A sweep splits its configurations over a mesh of its own, whatever mesh the caller has set.
+    from rnnlab import sweep
+
+    def table():
+        return np.asarray(sweep.grad_norm_table(sweep.make_cell("lstm", 16), sweep.Grid.product([0.5, 1.0], [0, 1]),
+                                                20, input_size=3, batch=4)[0])
+
+    alone = table()
+    with jax.set_mesh(auto_grid):
+        results["sweep within a caller's mesh"] = {"error": relative_error(table(), alone)}
+    try:
+        with jax.set_mesh(line):
+            table()
+        results["sweep within a caller's explicit mesh"] = "no error"
+    except ValueError as failure:
+        results["sweep within a caller's explicit mesh"] = str(failure)
     pathlib.Path(out).write_text(json.dumps(results))
 
 
@@ -254,6 +274,11 @@ def test_a_function_traced_within_split_batch_is_traced_afresh_outside(on_device
 
 def test_a_function_traced_outside_split_batch_is_traced_afresh_within(on_devices):
     assert on_devices["split_batch traced outside, called within: shard_map"] is True
+
+
+def test_a_sweep_keeps_its_own_mesh_within_a_callers(on_devices):
+    assert on_devices["sweep within a caller's mesh"]["error"] < 1e-6
+    assert "explicit axes" in on_devices["sweep within a caller's explicit mesh"]
 
 
 if __name__ == "__main__":
