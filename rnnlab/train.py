@@ -24,7 +24,8 @@ XLA's SPMD partitioner inserts the all-reduce of the gradient, so the numbers ar
 order of float32 sums. The built-in cells' kernels are traced split along the same axis (`rnnlab.split_batch`: each
 device runs them on its own rows), so the compiled steps carry no Python callback and JAX's persistent compilation
 cache serves them to a new process. The batch is drawn from a key inside the compiled step, so it is never sent from
-the host and each device can make just its own slice. On several hosts, after `jax.distributed.initialize()`,
+the host and each device can make just its own slice. Within a caller's `jax.set_mesh`, that mesh must be the one
+`train` splits over (auto axes); any other raises `ValueError`. On several hosts, after `jax.distributed.initialize()`,
 ``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices
 (tested with two processes on one machine, CPU collectives over gloo: ``tests/test_multihost.py``); checkpoints are
 written by process 0, so ``checkpoint_path`` must be on a filesystem every host sees for a resume.
@@ -309,13 +310,14 @@ def train(
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}.")
-    context = jax.sharding.get_abstract_mesh()
-    if AxisType.Explicit in context.axis_types:
-        raise ValueError(f"train was called within jax.set_mesh of a mesh with explicit axes ({context}); it splits "
-                         "the batch over a mesh of its own (batch_axes), in JAX's default (auto) mode: call it "
-                         "outside that context.")
     optimizer = with_clipping(optimizer, clip)
     batch_sharding, state_sharding = _shardings(batch_axes, batch_fn, data_key)
+    context = jax.sharding.get_abstract_mesh()
+    if AxisType.Explicit in context.axis_types or (
+            state_sharding is not None and not context.empty and context != state_sharding.mesh.abstract_mesh):
+        raise ValueError(f"train was called within jax.set_mesh of {context}; it splits the batch (batch_axes) over "
+                         f"a mesh of its own, {state_sharding.mesh.abstract_mesh if state_sharding else 'none here'}, "
+                         "in JAX's default (auto) mode, which that context would clash with: call it outside.")
     sample = _sampler(batch_fn, data_key, batch_sharding)
     mesh = None if state_sharding is None else state_sharding.mesh
     if truncation is None:

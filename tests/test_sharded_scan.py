@@ -18,7 +18,8 @@ vmapped, to second order, on a 2x2 mesh, with a batch that does not divide (left
 
 **A sweep** splits its configurations over a mesh of its own: within a caller's ``jax.set_mesh`` (auto axes) it
 failed, the context mesh not being the one its `shard_map` names; now the same numbers, and a clear error within a
-mesh of explicit axes.
+mesh of explicit axes. **Training** splits its batch over a mesh of its own too: within a caller's mesh context
+that is the same mesh it runs; within another it is refused with a clear error (before, JAX failed mid-step).
 
 A process fixes its device count when JAX starts, so the cases run in one fresh process with 4 virtual CPU devices
 (this file as a script); each case's reference is the same function on unsplit inputs in that process (one device).
@@ -211,6 +212,24 @@ def _child(out: str) -> None:
         results["sweep within a caller's explicit mesh"] = "no error"
     except ValueError as failure:
         results["sweep within a caller's explicit mesh"] = str(failure)
+    # Training splits its batch over a mesh of its own: a caller's mesh context must be that mesh, or it is refused.
+    from rnnlab import tasks, train
+
+    def losses():
+        task = tasks.AddingProblem(10)
+        run = train.train_on_task(task, models.ManyToOne(rnnlab.LSTM(16), 1), seed=0, steps=2, batch_size=8,
+                                  learning_rate=1e-2, test_size=8, eval_every=2, progress=False)
+        return np.asarray(run.history["loss"])
+
+    alone = losses()
+    with jax.set_mesh(auto_line):
+        results["train within the caller's same mesh"] = {"error": relative_error(losses(), alone)}
+    try:
+        with jax.set_mesh(auto_grid):
+            losses()
+        results["train within a caller's other mesh"] = "no error"
+    except ValueError as failure:
+        results["train within a caller's other mesh"] = str(failure)
     pathlib.Path(out).write_text(json.dumps(results))
 
 
@@ -279,6 +298,11 @@ def test_a_function_traced_outside_split_batch_is_traced_afresh_within(on_device
 def test_a_sweep_keeps_its_own_mesh_within_a_callers(on_devices):
     assert on_devices["sweep within a caller's mesh"]["error"] < 1e-6
     assert "explicit axes" in on_devices["sweep within a caller's explicit mesh"]
+
+
+def test_training_within_a_callers_mesh_runs_on_its_own_or_is_refused(on_devices):
+    assert on_devices["train within the caller's same mesh"]["error"] < 1e-6
+    assert "call it outside" in on_devices["train within a caller's other mesh"]
 
 
 if __name__ == "__main__":

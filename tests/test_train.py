@@ -211,6 +211,6 @@ def test_bad_options_raise():
                     data_key=jax.random.key(0), on_nonfinite="ignore")
     # Within a mesh of explicit axes (jax.sharding's explicit mode) train's own mesh would clash with it.
     explicit = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
-    with jax.set_mesh(explicit), pytest.raises(ValueError, match="explicit axes .* outside that context"):
+    with jax.set_mesh(explicit), pytest.raises(ValueError, match="within jax.set_mesh of .* call it outside"):
         train.train(_quadratic, {"w": jnp.ones(3)}, optax.sgd(0.1), _nan_batch_fn, steps=1,
                     data_key=jax.random.key(0))
