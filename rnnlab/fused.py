@@ -177,7 +177,7 @@ def _gru_coefficients(params, saved, hs, h_prev):
     # i.e. ḣ' = Σ_blocks(into_h ⊙ u + into_h ⊙ [1, 1, r] ⊙ ȧ) + z ḣ with these per-block coefficients:
     new_coeff = (1 - z) * (1 - n * n)
     into_h = jnp.concatenate([new_coeff * r * (1 - r) * h_n, (h_prev - n) * z * (1 - z), new_coeff], axis=-1)
-    return r, into_h, into_h * jnp.concatenate([jnp.ones_like(r), jnp.ones_like(r), r], axis=-1), z
+    return r, into_h, _through_reset(r, into_h), z
 
 
 def _through_reset(r: jax.Array, da: jax.Array) -> jax.Array:

@@ -42,8 +42,8 @@ def dense_init(key: jax.Array, in_size: int, out_size: int, dtype: Any = jnp.flo
 def embed_tokens(table: jax.Array, tokens: jax.Array) -> jax.Array:
     """``table [V, E]`` rows for integer ``tokens [...]``: ``[..., E]``. In `jax.sharding`'s explicit mode the rows
     are split over devices as ``tokens`` are (a lookup there needs its result's sharding spelled out)."""
-    spec = getattr(getattr(jax.typeof(tokens), "sharding", None), "spec", None)
-    if spec is not None and any(axis is not None for axis in spec):
+    spec = jax.typeof(tokens).sharding.spec
+    if any(axis is not None for axis in spec):
         return table.at[tokens].get(out_sharding=PartitionSpec(*spec, None))
     return table[tokens]
 

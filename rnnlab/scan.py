@@ -89,8 +89,7 @@ def _split_like_inputs(carry, xs: jax.Array):
     """``carry`` with its batch axes split over devices as ``xs [T, *batch, input_size]``'s are, where ``xs``'s type
     says so (`jax.sharding`'s explicit mode; elsewhere types carry no split and this does nothing). Explicit mode
     types a loop's carry: a carry of zeros, replicated, against steps that return it split would not scan."""
-    spec = getattr(getattr(jax.typeof(xs), "sharding", None), "spec", None)
-    batch_spec = tuple(spec[1:xs.ndim - 1]) if spec is not None and len(spec) >= xs.ndim - 1 else ()
+    batch_spec = tuple(jax.typeof(xs).sharding.spec[1:xs.ndim - 1])
     if not any(batch_spec):
         return carry
     batch_shape = xs.shape[1:-1]

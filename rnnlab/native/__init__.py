@@ -441,6 +441,11 @@ def _ffi_call(target: str, out_shapes, aliases: dict, params: dict):
     return call
 
 
+def _batch_spec(rank: int, batch: int | None, axis) -> PartitionSpec:
+    """The spec of a rank-``rank`` operand whose axis ``batch`` (None: none) is split over mesh axis ``axis``."""
+    return PartitionSpec(*(axis if i == batch else None for i in range(rank)))
+
+
 def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: dict, summed: int | None = None):
     """The kernel call as a `custom_partitioning` function that XLA's SPMD partitioner splits along the batch axis:
     each device runs the kernel on its own rows (an opaque custom call would otherwise be gathered and run whole on
@@ -454,10 +459,7 @@ def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: di
         axis = next((spec[b] for spec, b in zip(specs, batch_in) if b is not None and len(spec) > b), None)
 
         def sharding(rank, batch):
-            spec = [None] * rank
-            if batch is not None:
-                spec[batch] = axis
-            return NamedSharding(mesh, PartitionSpec(*spec))
+            return NamedSharding(mesh, _batch_spec(rank, batch, axis))
 
         def local(*args):
             outs = list(kernel(*args))
@@ -514,10 +516,9 @@ def _explicit_split(operands, batch_axes):
     name or a tuple of names); else None."""
     axes, mesh = set(), None
     for x, b in zip(operands, batch_axes):
-        sharding = getattr(jax.typeof(x), "sharding", None)
-        spec = getattr(sharding, "spec", None)
-        if b is not None and spec is not None and len(spec) > b and spec[b] is not None:
-            axes.add(spec[b])
+        sharding = jax.typeof(x).sharding
+        if b is not None and len(sharding.spec) > b and sharding.spec[b] is not None:
+            axes.add(sharding.spec[b])
             mesh = sharding.mesh
     if len(axes) != 1:  # none split (a carry of zeros is not), or split in different ways: left to JAX
         return None
@@ -533,8 +534,10 @@ def bind(p: Primitive, *operands, **params):
     this, explicit mode gathered a split batch and ran the kernels whole on every device, its results' types
     replicated."""
     batch_in, batch_out = p.batch_axes
-    explicit = _BATCH_SPLIT.get() is None
-    split = _explicit_split(operands, batch_in) if explicit else _BATCH_SPLIT.get()
+    split = _BATCH_SPLIT.get()
+    explicit = split is None
+    if explicit:
+        split = _explicit_split(operands, batch_in)
     if split is None:
         return p.bind(*operands, **params)
     mesh, axis = split
@@ -544,15 +547,12 @@ def bind(p: Primitive, *operands, **params):
     if count == 1 or manual or any(size % count for size in sizes):
         return p.bind(*operands, **params)
 
-    def spec(rank, batch):
-        return PartitionSpec(*(axis if i == batch else None for i in range(rank)))
-
-    in_specs = tuple(spec(jnp.ndim(x), b) for x, b in zip(operands, batch_in))
+    in_specs = tuple(_batch_spec(jnp.ndim(x), b, axis) for x, b in zip(operands, batch_in))
     if explicit:  # the types must match the specs: a carry of zeros is split, a weight split otherwise made whole
         operands = [jax.sharding.reshard(x, s) for x, s in zip(operands, in_specs)]
     out_ranks = [len(shape) for shape, _ in p.out_shapes(*operands)]
     return jax.shard_map(lambda *xs: p.bind(*xs, **params), mesh=mesh, in_specs=in_specs,
-                         out_specs=[spec(rank, b) for rank, b in zip(out_ranks, batch_out)],
+                         out_specs=[_batch_spec(rank, b, axis) for rank, b in zip(out_ranks, batch_out)],
                          check_vma=False)(*operands)
 
 
