@@ -10,17 +10,19 @@
 #
 # Parts, in this order, and their time limits (seconds; each can be set in the environment):
 #     cells      run.py cells                                       GPU_BENCH_CELLS_S   200
-#     tests      the GPU test subset                                GPU_TESTS_S         150
+#     tests      the GPU test subset                                GPU_TESTS_S         240
+#     sharding   the sharding tests on 4 CPU devices, this JAX      GPU_SHARDING_S      120
 #     kernels    probe_gpu_kernels.py                               GPU_PROBE_KERNELS_S 100
 #     precision  probe_precision.py                                 GPU_PROBE_S          40
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
-# Every part: about 11 minutes at most. Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests
-# kernels`.
+# Every part: about 14 minutes at most. With a cold compilation cache the tests part ran three quarters of its tests
+# in 150 s on an H100 (2026-11-27, run 8); all of them took 84 s with the cache warm. Where GPU time is short, name
+# the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
 set -u
 python=${PYTHON:-python3}
 out=${1:-gpu_results}
 shift $(( $# > 0 ? 1 : 0 ))
-parts=" ${*:-cells tests kernels precision sweep} "
+parts=" ${*:-cells tests sharding kernels precision sweep} "
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -46,11 +48,15 @@ part() {
 part cells bench_cells.txt "${GPU_BENCH_CELLS_S:-200}" "$python" benchmarks/run.py cells
 
 JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 \
-  part tests tests.txt "${GPU_TESTS_S:-150}" "$python" -m pytest -q -p no:cacheprovider -n 8 \
+  part tests tests.txt "${GPU_TESTS_S:-240}" "$python" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark -n 16 \
   tests/test_gpu.py tests/test_fused.py tests/test_scan.py tests/test_gradflow.py \
   tests/test_native.py::test_on_a_gpu_the_loops_lower_unrolled \
   tests/test_native.py::test_on_a_gpu_the_recurrences_run_as_pallas_kernels \
   tests/test_native.py::test_pallas_kernels_equal_the_float64_references
+
+# The device's JAX is often newer than the one `make test` installs: explicit sharding mode and `split_batch` on it.
+JAX_PLATFORMS=cpu part sharding sharding.txt "${GPU_SHARDING_S:-120}" "$python" -m pytest -q -rfE -p no:cacheprovider \
+  -p no:benchmark -n 16 tests/test_sharded_scan.py tests/test_train_sharding.py
 
 part kernels probe_gpu_kernels.txt "${GPU_PROBE_KERNELS_S:-100}" "$python" benchmarks/probe_gpu_kernels.py
 
