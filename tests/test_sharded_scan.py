@@ -15,6 +15,8 @@ inputs are (`rnnlab.scan.prepare`; a carry leaf without the batch axes in front,
 `jax.shard_map` along ``axis`` instead of leaving them to `custom_partitioning`. Checked for every cell, padded,
 vmapped, to second order, on a 2x2 mesh, with a batch that does not divide (left as it is), inside a user's
 `shard_map`, and for jit's cache: a function traced within and called outside (or the other way) is traced afresh.
+Lowered for CUDA, either split gives each device the Pallas kernels on its own rows (this project is lent one GPU
+at a time, so that is where several are checked).
 
 **A sweep** splits its configurations over a mesh of its own: within a caller's ``jax.set_mesh`` (auto axes) it
 failed, the context mesh not being the one its `shard_map` names; now the same numbers, and a clear error within a
@@ -196,6 +198,27 @@ def _child(out: str) -> None:
     with native.split_batch(auto_line, "batch"):  # must be traced afresh, with the split
         results["split_batch traced outside, called within: shard_map"] = "shard_map" in str(
             jax.make_jaxpr(before)(params, xs))
+    # Lowered for a GPU (CUDA; no GPU needed): within a split, each device runs the Pallas kernels on its own rows
+    # (8, padded to a program's 16), as on one GPU; a plain jit over a split batch keeps XLA's loops, the kernels
+    # being opaque to XLA's partitioner.
+    def triton_calls(function, args):
+        text = function.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+        return [len(calls), sorted({int(rows) for line in calls for rows in re.findall(r"tensor<30x(\d+)x", line)})]
+
+    for cell, extra in ((rnnlab.LSTM(64), ()), (rnnlab.LSTM(64), (lengths,)), (rnnlab.GRU(32), ()),
+                        (rnnlab.RNN(128), ())):
+        name = f"{type(cell).__name__}{' padded' if extra else ''}"
+        params = cell.init(jax.random.key(0), 8)
+        grad = jax.jit(jax.grad(lambda p, x, n=None, cell=cell: jnp.mean(rnnlab.scan(cell, p, x, lengths=n)[0] ** 2)))
+        with jax.set_mesh(line):
+            args = [jax.device_put(a, spec) for a, spec in zip((params, xs, *extra), (whole, split, P("batch")))]
+            results[f"cuda explicit {name}"] = triton_calls(grad, args)
+        args = [jax.device_put(a, NamedSharding(auto_line, spec))
+                for a, spec in zip((params, xs, *extra), (whole, split, P("batch")))]
+        with native.split_batch(auto_line, "batch"):
+            results[f"cuda split_batch {name}"] = triton_calls(grad, args)
+        results[f"cuda plain jit {name}"] = triton_calls(jax.jit(grad), args)
     # A sweep, and training, split their work over a mesh of their own: within a caller's mesh context the same
     # numbers (training: only within that very mesh), else a clear error.
     from rnnlab import sweep, tasks, train
@@ -283,6 +306,15 @@ def test_a_function_traced_within_split_batch_is_traced_afresh_outside(on_device
 
 def test_a_function_traced_outside_split_batch_is_traced_afresh_within(on_devices):
     assert on_devices["split_batch traced outside, called within: shard_map"] is True
+
+
+def test_on_several_gpus_each_device_would_run_the_pallas_kernels_on_its_rows(on_devices):
+    """This project is lent one GPU at a time, so the split on several is checked in the CUDA lowering: in explicit
+    mode and within `split_batch`, two Triton calls (forward and backward) on each device's 8 rows padded to 16;
+    a plain jit over the split batch keeps XLA's loops (`native._several_devices`)."""
+    for name in ("LSTM", "LSTM padded", "GRU", "RNN"):
+        assert on_devices[f"cuda explicit {name}"] == on_devices[f"cuda split_batch {name}"] == [2, [16]], name
+        assert on_devices[f"cuda plain jit {name}"] == [0, []], name
 
 
 def test_a_sweep_keeps_its_own_mesh_within_a_callers(on_devices):
