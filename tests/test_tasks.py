@@ -65,7 +65,9 @@ def test_lag_task_echoes_and_baseline():
     np.testing.assert_array_equal(data["weights"][:5], 0)
     np.testing.assert_array_equal(data["weights"][5:], 1)
     assert abs(bits.mean() - 0.5) < 0.01
-    assert float(task.loss(jnp.zeros((64, 1024, 2)), data)) == pytest.approx(math.log(2), rel=1e-6)
+    # A float32 mean of about 60 000 terms, each log 2: its rounding depends on XLA's reduction order, which changed
+    # between jaxlib releases (0.10.0 and 0.10.1: 7.7e-6 high, 130 ulps; 0.10.2: within 1e-6).
+    assert float(task.loss(jnp.zeros((64, 1024, 2)), data)) == pytest.approx(math.log(2), rel=2e-5)
     perfect = 50.0 * jax.nn.one_hot(data["labels"], 2)
     assert float(task.accuracy(perfect, data)) == 1.0
 
