@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # JAX's persistent compilation cache, in a folder the user can see and clear (`make clean-cache`).
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
-.PHONY: demo test test-all bench clean-cache
+.PHONY: demo test test-all test-floors bench clean-cache
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: $(STAMP)
 # Every test, compiled at full optimisation as users' programs are (`make test` compiles less: tests/conftest.py).
 test-all: $(STAMP)
 	JAX_DISABLE_MOST_OPTIMIZATIONS=0 $(PY) -m pytest -q -n 2 --timeout 1800 -m '' tests
+
+# The suite on the oldest releases pyproject.toml allows: jax, jaxlib, flax, optax and numpy each pinned to the
+# release series of its floor (`jax>=0.10.0` -> `jax==0.10.0.*`), in a venv of its own.
+FLOORS_VENV := .venv-floors
+FLOORS := $(shell sed -n 's/^ *"\(jax\|jaxlib\|flax\|optax\|numpy\)>=\([0-9.]*\)",.*/\1==\2.*/p' pyproject.toml)
+test-floors:
+	test -d $(FLOORS_VENV) || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -e '.[dev]' $(foreach f,$(FLOORS),'$(f)')
+	$(FLOORS_VENV)/bin/python -m pip list 2>/dev/null | grep -E '^(jax|jaxlib|flax|optax|numpy) '
+	$(FLOORS_VENV)/bin/python -m pytest -q -n 2 --timeout 600 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
