@@ -24,9 +24,10 @@ XLA's SPMD partitioner inserts the all-reduce of the gradient, so the numbers ar
 order of float32 sums. The built-in cells' kernels are traced split along the same axis (`rnnlab.split_batch`: each
 device runs them on its own rows), so the compiled steps carry no Python callback and JAX's persistent compilation
 cache serves them to a new process. The batch is drawn from a key inside the compiled step, so it is never sent from
-the host and each device can make just its own slice. Within a caller's `jax.set_mesh`, that mesh must be the one
-`train` splits over (auto axes); any other raises `ValueError`. On several hosts, after `jax.distributed.initialize()`,
-``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices
+the host and each device can make just its own slice. Within a caller's `jax.set_mesh` of auto axes, the batch is
+split over that mesh instead, over all of its axes at once (its devices, which may be fewer than all); within one
+of explicit axes (`jax.sharding`'s explicit mode) `train` raises `ValueError`. On several hosts, after
+`jax.distributed.initialize()`, ``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices
 (tested with two processes on one machine, CPU collectives over gloo: ``tests/test_multihost.py``); checkpoints are
 written by process 0, so ``checkpoint_path`` must be on a filesystem every host sees for a resume.
 """
@@ -123,15 +124,18 @@ def _guarded_update(optimizer, params, opt_state, loss, grads):
     return params, opt_state, metrics
 
 
-def _shardings(batch_axes, batch_fn, data_key):
-    """``(batch_sharding, state_sharding)``: every leaf of ``batch_fn``'s batch split over a ``"batch"`` mesh of
-    all devices along its axis in ``batch_axes`` (replicated where that is ``None``), and the replication of
-    parameters and optimiser state; ``(None, None)`` without ``batch_axes`` or with one device. Bad ``batch_axes``
-    raise `ValueError`, with one device as with several."""
+def _shardings(batch_axes, batch_fn, data_key, mesh: Mesh | None = None):
+    """``(batch_sharding, state_sharding)``: every leaf of ``batch_fn``'s batch split along its axis in
+    ``batch_axes`` (replicated where that is ``None``) over ``mesh`` (default: a ``"batch"`` mesh of all devices),
+    over all of its axes at once, and the replication of parameters and optimiser state on it; ``(None, None)``
+    without ``batch_axes`` or with one device. Bad ``batch_axes`` raise `ValueError`, with one device as with
+    several."""
     if batch_axes is None:
         return None, None
+    mesh = mesh or Mesh(np.asarray(jax.devices()), ("batch",))
+    split = _all_axes(mesh)
     batch_shapes = jax.eval_shape(batch_fn, data_key)
-    device_count = len(jax.devices())
+    device_count = mesh.size
     prefix_paths_and_axes, prefix = jax.tree_util.tree_flatten_with_path(batch_axes, is_leaf=lambda x: x is None)
     try:
         subtrees = prefix.flatten_up_to(batch_shapes)
@@ -151,13 +155,12 @@ def _shardings(batch_axes, batch_fn, data_key):
             raise ValueError(f"batch_axes splits the {name} along axis {axis}, of size {shape.shape[axis]}, over "
                              f"{device_count} devices: the batch size must be a multiple of the device count "
                              f"({device_count}); or pass batch_axes=None to train on one device.")
-        return PartitionSpec(*[None] * axis, "batch")
+        return PartitionSpec(*[None] * axis, split)
 
     specs = prefix.unflatten([jax.tree_util.tree_map_with_path(functools.partial(leaf_spec, prefix_path, axis), subtree)
                               for (prefix_path, axis), subtree in zip(prefix_paths_and_axes, subtrees)])
     if device_count == 1:
         return None, None
-    mesh = Mesh(np.asarray(jax.devices()), ("batch",))
     batch_sharding = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs,
                                             is_leaf=lambda x: isinstance(x, PartitionSpec))
     return batch_sharding, NamedSharding(mesh, PartitionSpec())
@@ -174,11 +177,16 @@ def _sampler(batch_fn, data_key, batch_sharding):
     return sample
 
 
+def _all_axes(mesh: Mesh):
+    """``mesh``'s axes as one entry of a `PartitionSpec`: its name where it has one axis, else the tuple of names."""
+    return mesh.axis_names if len(mesh.axis_names) > 1 else mesh.axis_names[0]
+
+
 def _traced_split(mesh):
-    """Where the batch is split over ``mesh``'s ``"batch"`` axis, the cells' kernels are traced split along it too
+    """Where the batch is split over ``mesh`` (all its axes), the cells' kernels are traced split the same way
     (`rnnlab.native.split_batch`), so a warm persistent compilation cache holds the steps (and a jitted ``eval_fn``)
     in a new process."""
-    return contextlib.nullcontext() if mesh is None else native.split_batch(mesh, "batch")
+    return contextlib.nullcontext() if mesh is None else native.split_batch(mesh, _all_axes(mesh))
 
 
 def _full_bptt_step(loss_fn, optimizer, sample, mesh):
@@ -311,13 +319,13 @@ def train(
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}.")
     optimizer = with_clipping(optimizer, clip)
-    batch_sharding, state_sharding = _shardings(batch_axes, batch_fn, data_key)
     context = jax.sharding.get_abstract_mesh()
-    if AxisType.Explicit in context.axis_types or (
-            state_sharding is not None and not context.empty and context != state_sharding.mesh.abstract_mesh):
-        raise ValueError(f"train was called within jax.set_mesh of {context}; it splits the batch (batch_axes) over "
-                         f"a mesh of its own, {state_sharding.mesh.abstract_mesh if state_sharding else 'none here'}, "
-                         "in JAX's default (auto) mode, which that context would clash with: call it outside.")
+    if AxisType.Explicit in context.axis_types:
+        raise ValueError(f"train was called within jax.set_mesh of {context}, whose explicit axes (jax.sharding's "
+                         "explicit mode) it does not take: it splits the batch (batch_axes) in JAX's default (auto) "
+                         "mode. Call it outside, or within a mesh of auto axes, which it then splits the batch over.")
+    caller_mesh = None if context.empty else jax.sharding.get_mesh()
+    batch_sharding, state_sharding = _shardings(batch_axes, batch_fn, data_key, caller_mesh)
     sample = _sampler(batch_fn, data_key, batch_sharding)
     mesh = None if state_sharding is None else state_sharding.mesh
     if truncation is None:

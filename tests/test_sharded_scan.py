@@ -20,8 +20,9 @@ at a time, so that is where several are checked).
 
 **A sweep** splits its configurations over a mesh of its own: within a caller's ``jax.set_mesh`` (auto axes) it
 failed, the context mesh not being the one its `shard_map` names; now the same numbers, and a clear error within a
-mesh of explicit axes. **Training** splits its batch over a mesh of its own too: within a caller's mesh context
-that is the same mesh it runs; within another it is refused with a clear error (before, JAX failed mid-step).
+mesh of explicit axes. **Training** splits its batch over a caller's mesh of auto axes (all its axes, its devices),
+else over a mesh of its own; within explicit axes it is refused with a clear error (before, JAX failed mid-step
+within any mesh but its own).
 
 A process fixes its device count when JAX starts, so the cases run in one fresh process with 4 virtual CPU devices
 (this file as a script); each case's reference is the same function on unsplit inputs in that process (one device).
@@ -219,8 +220,9 @@ def _child(out: str) -> None:
         with native.split_batch(auto_line, "batch"):
             results[f"cuda split_batch {name}"] = triton_calls(grad, args)
         results[f"cuda plain jit {name}"] = triton_calls(jax.jit(grad), args)
-    # A sweep, and training, split their work over a mesh of their own: within a caller's mesh context the same
-    # numbers (training: only within that very mesh), else a clear error.
+    # A sweep splits its work over a mesh of its own: within a caller's mesh context of auto axes the same numbers,
+    # within explicit axes a clear error. Training splits its batch over the caller's mesh of auto axes (all its
+    # axes, its devices), else over its own; within explicit axes a clear error.
     from rnnlab import sweep, tasks, train
 
     def table():
@@ -229,14 +231,24 @@ def _child(out: str) -> None:
 
     def losses():
         task = tasks.AddingProblem(10)
-        run = train.train_on_task(task, models.ManyToOne(rnnlab.LSTM(16), 1), seed=0, steps=2, batch_size=8,
-                                  learning_rate=1e-2, test_size=8, eval_every=2, progress=False)
-        return np.asarray(run.history["loss"])
+        meshes = []  # where the parameters are after each step
 
-    for name, run, accepted, refused in (("sweep", table, auto_grid, line), ("train", losses, auto_line, auto_grid)):
-        alone = run()
-        with jax.set_mesh(accepted):
-            results[f"{name} within an accepted mesh"] = {"error": relative_error(run(), alone)}
+        def callback(step, p):
+            meshes.append(dict(jax.tree.leaves(p)[0].sharding.mesh.shape))
+
+        run = train.train_on_task(task, models.ManyToOne(rnnlab.LSTM(16), 1), seed=0, steps=2, batch_size=8,
+                                  learning_rate=1e-2, test_size=8, eval_every=2, progress=False, callback=callback)
+        return np.asarray(run.history["loss"]), meshes[-1]
+
+    pair = Mesh(np.asarray(jax.devices()[2:]), ("data",))
+    for name, run, accepted, refused in (("sweep", lambda: (table(), None), [auto_grid], line),
+                                         ("train", losses, [auto_line, auto_grid, pair], line)):
+        alone, _ = run()
+        for mesh in accepted:
+            with jax.set_mesh(mesh):
+                numbers, params_mesh = run()
+            results[f"{name} within {dict(mesh.shape)}"] = {"error": relative_error(numbers, alone),
+                                                           "params on": params_mesh}
         try:
             with jax.set_mesh(refused):
                 run()
@@ -318,13 +330,31 @@ def test_on_several_gpus_each_device_would_run_the_pallas_kernels_on_its_rows(on
 
 
 def test_a_sweep_keeps_its_own_mesh_within_a_callers(on_devices):
-    assert on_devices["sweep within an accepted mesh"]["error"] < 1e-6  # auto axes
+    assert on_devices["sweep within {'data': 2, 'model': 2}"]["error"] < 1e-6  # auto axes
     assert "explicit axes" in on_devices["sweep within a refused mesh"]
 
 
-def test_training_within_a_callers_mesh_runs_on_its_own_or_is_refused(on_devices):
-    assert on_devices["train within an accepted mesh"]["error"] < 1e-6  # its own
-    assert "call it outside" in on_devices["train within a refused mesh"]
+def test_training_splits_its_batch_over_a_callers_mesh_of_auto_axes(on_devices):
+    """The same losses within the caller's mesh as alone (one device, 4 devices of its own), with the parameters
+    on the caller's mesh: all 4 devices on one axis or a 2x2 grid, or 2 of the 4."""
+    for shape in ({"batch": 4}, {"data": 2, "model": 2}, {"data": 2}):
+        figures = on_devices[f"train within {shape}"]
+        assert figures["error"] < 1e-6 and figures["params on"] == shape, (shape, figures)
+    assert "explicit axes" in on_devices["train within a refused mesh"]
+
+
+def test_split_batch_names_a_bad_axis():
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    import rnnlab
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("batch",))
+    for axis in ("data", ("batch", "data")):
+        with pytest.raises(ValueError, match="split_batch: axis .* is not one of the mesh's axes"):
+            with rnnlab.split_batch(mesh, axis):
+                pass
 
 
 if __name__ == "__main__":

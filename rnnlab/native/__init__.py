@@ -483,9 +483,10 @@ _BATCH_SPLIT: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.Cont
 
 
 @contextlib.contextmanager
-def split_batch(mesh: Mesh, axis: str):
+def split_batch(mesh: Mesh, axis: str | tuple[str, ...]):
     """Within it, what is traced binds the cells' primitives (`bind`) in `jax.shard_map` over ``mesh``, with the
-    batch split along mesh axis ``axis`` and every other dimension whole; W_h's gradient is each device's sum over
+    batch split along mesh axis ``axis`` (or a tuple of axes, split over all of them) and every other dimension
+    whole; W_h's gradient is each device's sum over
     its rows, all-reduced by `shard_map`'s transpose. That is what the primitives' `custom_partitioning` lowering
     does for a batch XLA's partitioner splits, but with no Python callback in the program, whose id would make JAX's
     persistent-cache key differ in every process (training on 2 CPU devices: first step 3.9 s with a warm cache,
@@ -497,8 +498,9 @@ def split_batch(mesh: Mesh, axis: str):
 
     The numbers are the same either way: a primitive whose batch does not divide by the axis's size is bound as it
     is, and within a `shard_map` body (where the mesh's axes are already manual) this does nothing."""
-    if axis not in mesh.axis_names:
-        raise ValueError(f"split_batch: axis {axis!r} is not one of the mesh's axes {mesh.axis_names}.")
+    if not all(name in mesh.axis_names for name in (axis if isinstance(axis, tuple) else (axis,))):
+        raise ValueError(f"split_batch: axis {axis!r} is not one of the mesh's axes {mesh.axis_names}, nor a tuple "
+                         "of them.")
     if AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types:
         yield
         return
