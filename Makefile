@@ -27,10 +27,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	JAX_DISABLE_MOST_OPTIMIZATIONS=0 $(PY) -m pytest -q -n 2 --timeout 1800 -m '' tests
 
-# The suite on the oldest releases pyproject.toml allows: jax, jaxlib, flax, optax and numpy each pinned to the
-# release series of its floor (`jax>=0.10.0` -> `jax==0.10.0.*`), in a venv of its own.
+# The suite on the oldest releases pyproject.toml allows: jax, jaxlib, flax, optax and numpy each pinned to its
+# floor (`jax>=0.10.0` -> `jax==0.10.0`), in a venv of its own (with $(PYTHON): one that has wheels of them, 3.11).
 FLOORS_VENV := .venv-floors
-FLOORS := $(shell sed -n 's/^ *"\(jax\|jaxlib\|flax\|optax\|numpy\)>=\([0-9.]*\)",.*/\1==\2.*/p' pyproject.toml)
+FLOORS := $(shell sed -n 's/^ *"\(jax\|jaxlib\|flax\|optax\|numpy\)>=\([0-9.]*\)",.*/\1==\2/p' pyproject.toml)
 test-floors:
 	test -d $(FLOORS_VENV) || $(PYTHON) -m venv $(FLOORS_VENV)
 	$(FLOORS_VENV)/bin/python -m pip install --quiet -e '.[dev]' $(foreach f,$(FLOORS),'$(f)')

@@ -15,8 +15,9 @@
 #     kernels    probe_gpu_kernels.py                               GPU_PROBE_KERNELS_S 100
 #     precision  probe_precision.py                                 GPU_PROBE_S          40
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
-# Every part: about 14 minutes at most. With a cold compilation cache the tests part ran three quarters of its tests
-# in 150 s on an H100 (2026-11-27, run 8); all of them took 84 s with the cache warm. Where GPU time is short, name
+# Every part: about 14 minutes at most. With a cold compilation cache the tests part ran 251 of its 300 tests in
+# 150 s at -n 8 on an H100 (2026-11-27, run 8); all of them took 84 s at -n 16 with the cache warm (cold at -n 16:
+# not yet timed). Where GPU time is short, name
 # the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
 set -u
 python=${PYTHON:-python3}
@@ -55,8 +56,9 @@ JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 \
   tests/test_native.py::test_pallas_kernels_equal_the_float64_references
 
 # The device's JAX is often newer than the one `make test` installs: explicit sharding mode and `split_batch` on it.
+# Each file's tests share one child process of 4 CPU devices: one worker per file.
 JAX_PLATFORMS=cpu part sharding sharding.txt "${GPU_SHARDING_S:-120}" "$python" -m pytest -q -rfE -p no:cacheprovider \
-  -p no:benchmark -n 16 tests/test_sharded_scan.py tests/test_train_sharding.py
+  -p no:benchmark -n 2 --dist loadfile tests/test_sharded_scan.py tests/test_train_sharding.py
 
 part kernels probe_gpu_kernels.txt "${GPU_PROBE_KERNELS_S:-100}" "$python" benchmarks/probe_gpu_kernels.py
 

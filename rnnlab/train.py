@@ -25,11 +25,14 @@ order of float32 sums. The built-in cells' kernels are traced split along the sa
 device runs them on its own rows), so the compiled steps carry no Python callback and JAX's persistent compilation
 cache serves them to a new process. The batch is drawn from a key inside the compiled step, so it is never sent from
 the host and each device can make just its own slice. Within a caller's `jax.set_mesh` of auto axes, the batch is
-split over that mesh instead, over all of its axes at once (its devices, which may be fewer than all); within one
-of explicit axes (`jax.sharding`'s explicit mode) `train` raises `ValueError`. On several hosts, after
-`jax.distributed.initialize()`, ``jax.devices()`` lists the devices of every host and each process runs the same global program on its own devices
-(tested with two processes on one machine, CPU collectives over gloo: ``tests/test_multihost.py``); checkpoints are
-written by process 0, so ``checkpoint_path`` must be on a filesystem every host sees for a resume.
+split over that mesh instead, over all of its axes at once (its devices, which may be fewer than all; a run with
+``batch_axes=None`` there is replicated on them, as JAX places a jit's results within a mesh); within one of explicit
+axes (`jax.sharding`'s explicit mode), or within an abstract mesh alone (`jax.sharding.use_abstract_mesh`,
+`rnnlab.split_batch`) other than `train`'s own, it raises `ValueError`. On several hosts, after
+`jax.distributed.initialize()`, ``jax.devices()`` lists the devices of every host and each process runs the same
+global program on its own devices (tested with two processes on one machine, CPU collectives over gloo:
+``tests/test_multihost.py``); checkpoints are written by process 0, so ``checkpoint_path`` must be on a filesystem
+every host sees for a resume.
 """
 
 from __future__ import annotations
@@ -132,7 +135,9 @@ def _shardings(batch_axes, batch_fn, data_key, mesh: Mesh | None = None):
     several."""
     if batch_axes is None:
         return None, None
-    mesh = mesh or Mesh(np.asarray(jax.devices()), ("batch",))
+    where = "the devices of the caller's jax.set_mesh" if mesh is not None else "this run's devices"
+    if mesh is None:
+        mesh = Mesh(np.asarray(jax.devices()), ("batch",))
     split = _all_axes(mesh)
     batch_shapes = jax.eval_shape(batch_fn, data_key)
     device_count = mesh.size
@@ -153,8 +158,8 @@ def _shardings(batch_axes, batch_fn, data_key, mesh: Mesh | None = None):
         axis = int(axis) % shape.ndim
         if shape.shape[axis] % device_count:
             raise ValueError(f"batch_axes splits the {name} along axis {axis}, of size {shape.shape[axis]}, over "
-                             f"{device_count} devices: the batch size must be a multiple of the device count "
-                             f"({device_count}); or pass batch_axes=None to train on one device.")
+                             f"{where}, {dict(mesh.shape)}: the batch size must be a multiple of their device count "
+                             f"({device_count}); or pass batch_axes=None not to split it.")
         return PartitionSpec(*[None] * axis, split)
 
     specs = prefix.unflatten([jax.tree_util.tree_map_with_path(functools.partial(leaf_spec, prefix_path, axis), subtree)
@@ -300,11 +305,13 @@ def train(
       ``truncation`` (see the module docstring).
     - ``optimizer``: any optax transformation; ``clip`` puts `optax.clip_by_global_norm` before it.
     - ``batch_fn``: ``key -> batch``, pure and jittable; step ``s`` uses ``fold_in(data_key, s)``.
-    - ``batch_axes``: with several devices, split every batch over all of them (see the module docstring): the
-      batch axis of each leaf, as a pytree prefix of the batch whose leaves are ints (an axis) or ``None`` (a leaf
-      given whole to every device), or one int for every leaf; e.g. ``{"inputs": 1, "targets": 0}`` for
-      ``inputs [T, B, I]``, ``targets [B, 1]``. Each batch size must be a multiple of the device count (else
-      `ValueError`). ``None`` (the default), or a single device: the run stays on the default device.
+    - ``batch_axes``: with several devices, split every batch over all of them, or over the caller's
+      `jax.set_mesh` mesh where there is one (see the module docstring): the batch axis of each leaf, as a pytree
+      prefix of the batch whose leaves are ints (an axis) or ``None`` (a leaf given whole to every device), or one
+      int for every leaf; e.g. ``{"inputs": 1, "targets": 0}`` for ``inputs [T, B, I]``, ``targets [B, 1]``. Each
+      batch size must be a multiple of that many devices (else `ValueError`). ``None`` (the default), or a single
+      device: the batch is not split, and the run stays on the default device (within a caller's mesh JAX
+      replicates it on the mesh's devices).
     - ``on_nonfinite``: ``"stop"`` (raise `NonFiniteError`) or ``"skip"`` (drop the update, carry on).
     - ``eval_fn``: ``params -> {metric: value}`` on held-out data, called before training and every ``eval_every``
       steps and at the end.
@@ -324,8 +331,13 @@ def train(
         raise ValueError(f"train was called within jax.set_mesh of {context}, whose explicit axes (jax.sharding's "
                          "explicit mode) it does not take: it splits the batch (batch_axes) in JAX's default (auto) "
                          "mode. Call it outside, or within a mesh of auto axes, which it then splits the batch over.")
-    caller_mesh = None if context.empty else jax.sharding.get_mesh()
-    batch_sharding, state_sharding = _shardings(batch_axes, batch_fn, data_key, caller_mesh)
+    caller_mesh = jax.sharding.get_mesh()  # empty within an abstract mesh alone
+    batch_sharding, state_sharding = _shardings(batch_axes, batch_fn, data_key,
+                                                None if caller_mesh.empty else caller_mesh)
+    if state_sharding is not None and not context.empty and context != state_sharding.mesh.abstract_mesh:
+        raise ValueError(f"train was called within the abstract mesh {context} (jax.sharding.use_abstract_mesh, "
+                         f"rnnlab.split_batch) alone; it splits the batch over {state_sharding.mesh.abstract_mesh}, "
+                         "which that context would clash with. Call it outside, or within jax.set_mesh.")
     sample = _sampler(batch_fn, data_key, batch_sharding)
     mesh = None if state_sharding is None else state_sharding.mesh
     if truncation is None:
@@ -469,8 +481,8 @@ def train_on_task(task, model, *, seed: int, steps: int, batch_size: int, learni
     (``task.test_batch()`` when the task has a fixed one, else ``test_size`` fresh sequences) from
     ``fold_in(key(seed), 2)``. ``evals`` hold ``test_loss`` (and ``test_accuracy``). Other options go to `train`;
     ``batch_axes`` defaults to each leaf's batch axis, the one whose size follows ``batch_size`` (from
-    `jax.eval_shape`), so with several devices every batch is split over all of them (``batch_size`` a multiple
-    of the device count; ``batch_axes=None`` keeps the run on one device).
+    `jax.eval_shape`), so with several devices every batch is split over all of them, or over the caller's
+    `jax.set_mesh` mesh (``batch_size`` a multiple of their count; ``batch_axes=None`` does not split it).
     """
     root = jax.random.key(seed)
     if params is None:

@@ -136,6 +136,8 @@ def _child(out: str) -> None:
              (whole, P(None, ("data", "model"))), grid)
         split_case(f"split_batch {kind} grad, batch over one axis of a 2x2 mesh", jax.grad(loss), (params, xs),
                    (whole, P(None, "data")), auto_grid, "data")
+        split_case(f"split_batch {kind} grad, batch over both axes of a 2x2 mesh", jax.grad(loss), (params, xs),
+                   (whole, P(None, ("data", "model"))), auto_grid, ("data", "model"))
         with jax.set_mesh(line):
             ys = jax.jit(lambda p, x, cell=cell: rnnlab.scan(cell, p, x)[0])(params, jax.device_put(xs, split))
             results[f"{kind} output spec"] = [str(axis) for axis in jax.typeof(ys).sharding.spec]
@@ -229,16 +231,27 @@ def _child(out: str) -> None:
         return np.asarray(sweep.grad_norm_table(sweep.make_cell("lstm", 16), sweep.Grid.product([0.5, 1.0], [0, 1]),
                                                 20, input_size=3, batch=4)[0])
 
-    def losses():
-        task = tasks.AddingProblem(10)
-        meshes = []  # where the parameters are after each step
+    @dataclasses.dataclass(frozen=True)
+    class Watched(models.ManyToOne):
+        """ManyToOne noting, as each use of its inputs ``[T, B, I]`` is compiled, the devices holding them and
+        their rows on each."""
 
-        def callback(step, p):
+        splits: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+        def __call__(self, params, xs, *args, **kwargs):
+            jax.debug.inspect_array_sharding(xs, callback=lambda sharding: self.splits.append(
+                [len(sharding.device_set), sharding.shard_shape(xs.shape)[1]]))
+            return super().__call__(params, xs, *args, **kwargs)
+
+    def losses():
+        task, model, meshes = tasks.AddingProblem(10), Watched(rnnlab.LSTM(16), 1), []
+
+        def callback(step, p):  # where the parameters are after each step
             meshes.append(dict(jax.tree.leaves(p)[0].sharding.mesh.shape))
 
-        run = train.train_on_task(task, models.ManyToOne(rnnlab.LSTM(16), 1), seed=0, steps=2, batch_size=8,
-                                  learning_rate=1e-2, test_size=8, eval_every=2, progress=False, callback=callback)
-        return np.asarray(run.history["loss"]), meshes[-1]
+        run = train.train_on_task(task, model, seed=0, steps=2, batch_size=8, learning_rate=1e-2, test_size=8,
+                                  eval_every=2, progress=False, callback=callback)
+        return np.asarray(run.history["loss"]), {"params on": meshes[-1], "splits": model.splits}
 
     pair = Mesh(np.asarray(jax.devices()[2:]), ("data",))
     for name, run, accepted, refused in (("sweep", lambda: (table(), None), [auto_grid], line),
@@ -246,15 +259,24 @@ def _child(out: str) -> None:
         alone, _ = run()
         for mesh in accepted:
             with jax.set_mesh(mesh):
-                numbers, params_mesh = run()
-            results[f"{name} within {dict(mesh.shape)}"] = {"error": relative_error(numbers, alone),
-                                                           "params on": params_mesh}
+                numbers, where = run()
+            results[f"{name} within {dict(mesh.shape)}"] = {"error": relative_error(numbers, alone), **(where or {})}
         try:
             with jax.set_mesh(refused):
                 run()
             results[f"{name} within a refused mesh"] = "no error"
         except ValueError as failure:
             results[f"{name} within a refused mesh"] = str(failure)
+    # Within an abstract mesh alone (split_batch sets one): train's own mesh runs, another is refused.
+    alone, _ = losses()
+    with native.split_batch(auto_line, "batch"):
+        results["train within split_batch of its own mesh"] = {"error": relative_error(losses()[0], alone)}
+    try:
+        with native.split_batch(pair, "data"):
+            losses()
+        results["train within split_batch of another mesh"] = "no error"
+    except ValueError as failure:
+        results["train within split_batch of another mesh"] = str(failure)
     pathlib.Path(out).write_text(json.dumps(results))
 
 
@@ -277,7 +299,7 @@ def _cases(results: dict, split_batch: bool) -> dict:
             if isinstance(value, dict) and "gathers" in value and name.startswith("split_batch") == split_batch}
 
 
-@pytest.mark.parametrize("split_batch, count", [(False, 3 * 7 + 5 + 2), (True, 3 * 6 + 2)])
+@pytest.mark.parametrize("split_batch, count", [(False, 3 * 7 + 5 + 2), (True, 3 * 7 + 2)])
 def test_the_numbers_of_one_device(on_devices, split_batch, count):
     cases = _cases(on_devices, split_batch)
     assert len(cases) == count
@@ -298,6 +320,7 @@ def test_the_kernels_run_on_each_devices_rows_and_the_outputs_stay_split(on_devi
             for prefix in ("", "split_batch "):
                 assert cases[f"{prefix}{kind} grad"]["kernel_rows"] == [8]
                 assert cases[f"{prefix}{kind} grad, batch over one axis of a 2x2 mesh"]["kernel_rows"] == [16]
+                assert cases[f"{prefix}{kind} grad, batch over both axes of a 2x2 mesh"]["kernel_rows"] == [8]
     for kind in CELLS:
         assert on_devices[f"{kind} output spec"] == ["None", "batch", "None"]
 
@@ -335,12 +358,17 @@ def test_a_sweep_keeps_its_own_mesh_within_a_callers(on_devices):
 
 
 def test_training_splits_its_batch_over_a_callers_mesh_of_auto_axes(on_devices):
-    """The same losses within the caller's mesh as alone (one device, 4 devices of its own), with the parameters
-    on the caller's mesh: all 4 devices on one axis or a 2x2 grid, or 2 of the 4."""
-    for shape in ({"batch": 4}, {"data": 2, "model": 2}, {"data": 2}):
+    """Within the caller's mesh: the same losses as on `train`'s own mesh (all 4 devices, one axis), the parameters
+    on the caller's mesh, and each step's batch of 8 split over all of its devices: all 4 on one axis or on a 2x2
+    grid (2 rows each), or 2 of the 4 (4 rows each)."""
+    for shape, split in (({"batch": 4}, [4, 2]), ({"data": 2, "model": 2}, [4, 2]), ({"data": 2}, [2, 4])):
         figures = on_devices[f"train within {shape}"]
         assert figures["error"] < 1e-6 and figures["params on"] == shape, (shape, figures)
+        assert split in figures["splits"], (shape, figures)
     assert "explicit axes" in on_devices["train within a refused mesh"]
+    # Within an abstract mesh alone (as `split_batch` sets): its own mesh runs, another is refused.
+    assert on_devices["train within split_batch of its own mesh"]["error"] < 1e-6
+    assert "abstract mesh" in on_devices["train within split_batch of another mesh"]
 
 
 def test_split_batch_names_a_bad_axis():
@@ -351,7 +379,7 @@ def test_split_batch_names_a_bad_axis():
     import rnnlab
 
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("batch",))
-    for axis in ("data", ("batch", "data")):
+    for axis in ("data", ("batch", "data"), (), ("batch", "batch")):
         with pytest.raises(ValueError, match="split_batch: axis .* is not one of the mesh's axes"):
             with rnnlab.split_batch(mesh, axis):
                 pass

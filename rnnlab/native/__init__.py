@@ -478,19 +478,24 @@ def _partitioned(target: str, out_shapes, labels: str, aliases: dict, params: di
 
 
 #: ``(mesh, axis)`` while `split_batch` is on.
-_BATCH_SPLIT: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar("rnnlab_batch_split",
-                                                                                         default=None)
+_BATCH_SPLIT: contextvars.ContextVar[tuple[Mesh, str | tuple[str, ...]] | None] = contextvars.ContextVar(
+    "rnnlab_batch_split", default=None)
+
+
+def _axis_names(axis) -> tuple:
+    """A `PartitionSpec` entry's mesh axes: ``axis`` itself where it is a tuple of names, else ``(axis,)``."""
+    return axis if isinstance(axis, tuple) else (axis,)
 
 
 @contextlib.contextmanager
 def split_batch(mesh: Mesh, axis: str | tuple[str, ...]):
     """Within it, what is traced binds the cells' primitives (`bind`) in `jax.shard_map` over ``mesh``, with the
     batch split along mesh axis ``axis`` (or a tuple of axes, split over all of them) and every other dimension
-    whole; W_h's gradient is each device's sum over
-    its rows, all-reduced by `shard_map`'s transpose. That is what the primitives' `custom_partitioning` lowering
-    does for a batch XLA's partitioner splits, but with no Python callback in the program, whose id would make JAX's
-    persistent-cache key differ in every process (training on 2 CPU devices: first step 3.9 s with a warm cache,
-    against 1.8 s on one device). `rnnlab.train.train` traces its steps within it when it splits the batch.
+    whole; W_h's gradient is each device's sum over its rows, all-reduced by `shard_map`'s transpose. That is what
+    the primitives' `custom_partitioning` lowering does for a batch XLA's partitioner splits, but with no Python
+    callback in the program, whose id would make JAX's persistent-cache key differ in every process (training on 2
+    CPU devices: first step 3.9 s with a warm cache, against 1.8 s on one device). `rnnlab.train.train` traces its
+    steps within it when it splits the batch.
 
     It also makes ``mesh`` JAX's abstract-mesh context (`jax.sharding.use_abstract_mesh`), which is part of jit's
     cache key: a jitted function traced within is traced afresh when called outside, and one traced outside afresh
@@ -498,9 +503,10 @@ def split_batch(mesh: Mesh, axis: str | tuple[str, ...]):
 
     The numbers are the same either way: a primitive whose batch does not divide by the axis's size is bound as it
     is, and within a `shard_map` body (where the mesh's axes are already manual) this does nothing."""
-    if not all(name in mesh.axis_names for name in (axis if isinstance(axis, tuple) else (axis,))):
+    names = _axis_names(axis)
+    if not names or len(set(names)) < len(names) or not all(name in mesh.axis_names for name in names):
         raise ValueError(f"split_batch: axis {axis!r} is not one of the mesh's axes {mesh.axis_names}, nor a tuple "
-                         "of them.")
+                         "of distinct ones.")
     if AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types:
         yield
         return
@@ -525,7 +531,7 @@ def _explicit_split(operands, batch_axes):
     if len(axes) != 1:  # none split (a carry of zeros is not), or split in different ways: left to JAX
         return None
     axis = axes.pop()
-    names = axis if isinstance(axis, tuple) else (axis,)
+    names = _axis_names(axis)
     explicit = all(mesh.axis_types[mesh.axis_names.index(name)] == AxisType.Explicit for name in names)
     return (mesh, axis) if explicit else None
 
@@ -543,7 +549,7 @@ def bind(p: Primitive, *operands, **params):
     if split is None:
         return p.bind(*operands, **params)
     mesh, axis = split
-    count = int(np.prod([mesh.shape[name] for name in (axis if isinstance(axis, tuple) else (axis,))]))
+    count = int(np.prod([mesh.shape[name] for name in _axis_names(axis)]))
     sizes = {x.shape[b] for x, b in zip(operands, batch_in) if b is not None}
     manual = AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types
     if count == 1 or manual or any(size % count for size in sizes):
