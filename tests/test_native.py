@@ -19,6 +19,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pallas_lowering
 import pytest
 from test_fused import assert_trees_close, plain_twin
 
@@ -546,6 +547,7 @@ def test_pallas_kernels_equal_the_float64_references(kind, reverse, masked, monk
 
 
 @needs_pallas_triton
+@pytest.mark.skipif(not pallas_lowering.lowers_for_cuda_here(), reason=pallas_lowering.REASON)
 def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
     """Lowered for CUDA here (no GPU needed; run and timed on a GPU by `benchmarks/gpu.sh`): the forward and
     backward loops of the plain RNN (to hidden 128) and of the LSTM and GRU (to hidden 64) are two Triton calls and no

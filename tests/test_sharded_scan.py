@@ -55,6 +55,7 @@ def _child(out: str) -> None:
     from rnnlab import models, native
 
     sys.path.insert(0, str(ROOT / "tests"))
+    import pallas_lowering
     from user_cell import IndRNN
 
     @dataclasses.dataclass(frozen=True)
@@ -205,6 +206,8 @@ def _child(out: str) -> None:
     # (8, padded to a program's 16), as on one GPU; a plain jit over a split batch keeps XLA's loops, the kernels
     # being opaque to XLA's partitioner.
     def triton_calls(function, args):
+        if not pallas_lowering.lowers_for_cuda_here():
+            return pallas_lowering.REASON
         text = function.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
         return [len(calls), sorted({int(rows) for line in calls for rows in re.findall(r"tensor<30x(\d+)x", line)})]
@@ -347,6 +350,8 @@ def test_on_several_gpus_each_device_would_run_the_pallas_kernels_on_its_rows(on
     """This project is lent one GPU at a time, so the split on several is checked in the CUDA lowering: in explicit
     mode and within `split_batch`, two Triton calls (forward and backward) on each device's 8 rows padded to 16;
     a plain jit over the split batch keeps XLA's loops (`native._several_devices`)."""
+    if isinstance(on_devices["cuda explicit LSTM"], str):
+        pytest.skip(on_devices["cuda explicit LSTM"])
     for name in ("LSTM", "LSTM padded", "GRU", "RNN"):
         assert on_devices[f"cuda explicit {name}"] == on_devices[f"cuda split_batch {name}"] == [2, [16]], name
         assert on_devices[f"cuda plain jit {name}"] == [0, []], name
