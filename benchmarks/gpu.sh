@@ -17,8 +17,7 @@
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
 # Every part: about 14 minutes at most. With a cold compilation cache the tests part ran 251 of its 300 tests in
 # 150 s at -n 8 on an H100 (2026-11-27, run 8); all of them took 84 s at -n 16 with the cache warm (cold at -n 16:
-# not yet timed). Where GPU time is short, name
-# the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
+# not yet timed). Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
 set -u
 python=${PYTHON:-python3}
 out=${1:-gpu_results}

@@ -246,20 +246,22 @@ def _child(out: str) -> None:
                 [len(sharding.device_set), sharding.shard_shape(xs.shape)[1]]))
             return super().__call__(params, xs, *args, **kwargs)
 
-    def losses():
+    def losses(**options):
         task, model, meshes = tasks.AddingProblem(10), Watched(rnnlab.LSTM(16), 1), []
 
-        def callback(step, p):  # where the parameters are after each step
-            meshes.append(dict(jax.tree.leaves(p)[0].sharding.mesh.shape))
+        def callback(step, p):  # where the parameters are after each step (on one device: no mesh)
+            mesh = getattr(jax.tree.leaves(p)[0].sharding, "mesh", None)
+            meshes.append(None if mesh is None else dict(mesh.shape))
 
         run = train.train_on_task(task, model, seed=0, steps=2, batch_size=8, learning_rate=1e-2, test_size=8,
-                                  eval_every=2, progress=False, callback=callback)
+                                  eval_every=2, progress=False, callback=callback, **options)
         return np.asarray(run.history["loss"]), {"params on": meshes[-1], "splits": model.splits}
 
     pair = Mesh(np.asarray(jax.devices()[2:]), ("data",))
-    for name, run, accepted, refused in (("sweep", lambda: (table(), None), [auto_grid], line),
-                                         ("train", losses, [auto_line, auto_grid, pair], line)):
-        alone, _ = run()
+    one_device = losses(batch_axes=None)[0]  # training's reference: the batch whole on one device
+    for name, run, alone, accepted, refused in (
+            ("sweep", lambda: (table(), None), table(), [auto_grid], line),  # its reference: its own mesh
+            ("train", losses, one_device, [auto_line, auto_grid, pair], line)):
         for mesh in accepted:
             with jax.set_mesh(mesh):
                 numbers, where = run()
@@ -271,9 +273,8 @@ def _child(out: str) -> None:
         except ValueError as failure:
             results[f"{name} within a refused mesh"] = str(failure)
     # Within an abstract mesh alone (split_batch sets one): train's own mesh runs, another is refused.
-    alone, _ = losses()
     with native.split_batch(auto_line, "batch"):
-        results["train within split_batch of its own mesh"] = {"error": relative_error(losses()[0], alone)}
+        results["train within split_batch of its own mesh"] = {"error": relative_error(losses()[0], one_device)}
     try:
         with native.split_batch(pair, "data"):
             losses()
@@ -363,8 +364,8 @@ def test_a_sweep_keeps_its_own_mesh_within_a_callers(on_devices):
 
 
 def test_training_splits_its_batch_over_a_callers_mesh_of_auto_axes(on_devices):
-    """Within the caller's mesh: the same losses as on `train`'s own mesh (all 4 devices, one axis), the parameters
-    on the caller's mesh, and each step's batch of 8 split over all of its devices: all 4 on one axis or on a 2x2
+    """Within the caller's mesh: the same losses as with the batch whole on one device, the parameters on the
+    caller's mesh, and each step's batch of 8 split over all of its devices: all 4 on one axis or on a 2x2
     grid (2 rows each), or 2 of the 4 (4 rows each)."""
     for shape, split in (({"batch": 4}, [4, 2]), ({"data": 2, "model": 2}, [4, 2]), ({"data": 2}, [2, 4])):
         figures = on_devices[f"train within {shape}"]
