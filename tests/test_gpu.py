@@ -16,6 +16,7 @@ from test_interop import torch_grads_in_rnnlab_layout
 
 import rnnlab
 from rnnlab import interop
+from rnnlab.native import pallas
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: compares with cuDNN")
 
@@ -125,6 +126,22 @@ def test_pallas_kernels_equal_xla_loops(kind, reverse, hidden, padded, monkeypat
     kernels take, and the largest the LSTM's do; the kernels as by default (each step's inputs read one step
     ahead) and reading them when used (``RNNLAB_PALLAS_AHEAD=0``). Padded: sequences of lengths 1 to ``SEQ_LEN``
     (`lengths`), on the masked kernels."""
+    pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch)
+
+
+@pytest.mark.parametrize(("kind", "hidden"), [("LSTM", 128), ("GRU", 128), ("RNN-tanh", 256), ("RNN-relu", 256)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+@jax.default_matmul_precision("float32")
+def test_pallas_teams_equal_xla_loops(kind, hidden, reverse, padded, monkeypatch):
+    """The kernels' teams (`rnnlab.native.pallas.team_size`: 4 programs per 16 rows, each holding a quarter of
+    W_h's columns and exchanging its units through global memory every step) as the kernels of a single program are
+    checked above: the LSTM and GRU at hidden 128, the plain RNN at 256; batch 20, two teams."""
+    assert pallas.team_size((hidden, hidden * {"LSTM": 4, "GRU": 3}.get(kind, 1)), 20) == 4
+    pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch)
+
+
+def pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch):
     cell = (rnnlab.RNN(hidden, activation=kind.removeprefix("RNN-")) if kind.startswith("RNN-")
             else getattr(rnnlab, kind)(hidden))
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))

@@ -11,10 +11,12 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -563,21 +565,25 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
             text = jax.export.export(grad, platforms=(platform,))(params, xs, carry).mlir_module()
         else:
             text = grad.trace(params, xs, carry).lower(lowering_platforms=(platform,)).as_text()
-        return text.count("xla.gpu.triton"), text.count("stablehlo.while")
+        return text.count("xla.gpu.triton"), text.count("stablehlo.while"), *sorted(set(re.findall(r"grid_y = (\d+)",
+                                                                                                text)))
 
-    assert lowered("RNN-tanh", 128) == (2, 0)
+    assert lowered("RNN-tanh", 128) == (2, 0, "1")
     monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", "0")
-    assert lowered("RNN-tanh", 64) == (2, 0)  # each step's inputs read when used
-    assert lowered("GRU", 32) == (2, 0)
+    assert lowered("RNN-tanh", 64) == (2, 0, "1")  # each step's inputs read when used
+    assert lowered("GRU", 32) == (2, 0, "1")
     monkeypatch.delenv("RNNLAB_PALLAS_AHEAD")
-    assert lowered("RNN-relu", 16) == (2, 0)
-    assert lowered("LSTM", 64) == (2, 0)
-    assert lowered("GRU", 64) == (2, 0)
+    assert lowered("RNN-relu", 16) == (2, 0, "1")
+    assert lowered("LSTM", 64) == (2, 0, "1")
+    assert lowered("GRU", 64) == (2, 0, "1")
     padded = jnp.array([12, 5, 1])  # padded sequences: the masked twins
-    assert lowered("RNN-tanh", 32, lengths=padded) == lowered("LSTM", 16, lengths=padded) == (2, 0)
+    assert lowered("RNN-tanh", 32, lengths=padded) == lowered("LSTM", 16, lengths=padded) == (2, 0, "1")
+    # W_h of 256, 192 and 256 KB: teams of 4 programs, each holding a quarter of its columns (or rows, backward).
+    assert lowered("LSTM", 128) == lowered("GRU", 128) == lowered("RNN-tanh", 256) == (2, 0, "4")
+    assert lowered("LSTM", 128, lengths=padded) == (2, 0, "4")
     assert lowered("RNN-tanh", 64, pallas="0")[0] == 0
     assert lowered("RNN-tanh", 48)[0] == 0
-    assert lowered("LSTM", 128)[0] == lowered("GRU", 128)[0] == 0  # W_h 256 and 192 KB: XLA's loops
+    assert lowered("LSTM", 256)[0] == lowered("GRU", 256)[0] == 0  # W_h of 1 MB and 768 KB: XLA's loops
     assert lowered("RNN-tanh", 64, export=True)[0] == 0
     assert lowered("LSTM", 64, platform="cpu")[0] == 0
     assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
@@ -585,18 +591,30 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
 
 @needs_pallas_triton
 def test_the_pallas_kernels_apply_where_their_offsets_fit():
-    """Where `native.pallas` runs: one W_h ``[H, G·H]`` of a held size (at most 64 KB), float32, a sequence whose
-    padded rows fit Triton's 32-bit offsets."""
+    """Where `native.pallas` runs: one W_h ``[H, G·H]`` that one program holds (at most 64 KB) or a team of at most
+    `pallas.MAX_TEAM` (each program a quarter of it, at least 16 units), float32, a sequence whose padded rows fit
+    Triton's 32-bit offsets and, for a team, whose teams all run at once (no GPU here: at most 16 programs)."""
     f32 = [jnp.float32] * 3
     assert pallas.applies((128, 128), (1000, 16, 128), f32, "tanh")
     assert pallas.applies((16, 16), (3, 1, 16), f32, "linear")
     assert pallas.applies((64, 256), (3, 1, 256), f32)  # the LSTM at hidden 64
     assert pallas.applies((64, 192), (3, 1, 192), f32)  # the GRU at hidden 64
-    assert not pallas.applies((128, 512), (3, 1, 512), f32)  # the LSTM at hidden 128: W_h too large to hold
-    assert not pallas.applies((128, 384), (3, 1, 384), f32)
+    assert pallas.applies((128, 512), (3, 1, 512), f32)  # the LSTM at hidden 128: a team of 4
+    assert pallas.applies((128, 384), (3, 64, 384), f32)  # the GRU: 4 teams of 4
+    assert not pallas.applies((128, 384), (3, 65, 384), f32)  # 5 teams of 4: more than 16 programs
+    assert pallas.applies((256, 256), (10, 16, 256), f32, "tanh")
+    assert not pallas.applies((256, 1024), (3, 1, 1024), f32)  # W_h of 1 MB: a team of 16
+    assert not pallas.applies((256, 768), (3, 1, 768), f32)
     assert not pallas.applies((64, 128), (3, 1, 128), f32)  # two gates: no cell
     assert not pallas.applies((64, 256), (3, 1, 256), f32, "tanh")  # an activation names the plain RNN
-    assert not pallas.applies((256, 256), (10, 16, 256), f32, "tanh")  # W_h too large to hold
+    assert [pallas.team_size((h, g * h), 16) for h, g in [(16, 4), (64, 4), (128, 1), (128, 3), (128, 4), (256, 1)]] \
+        == [1, 1, 1, 4, 4, 4]
+    with mock.patch.object(pallas, "MAX_TEAM", 16):  # the LSTM at hidden 256 in 16 programs of 16 units
+        assert pallas.team_size((256, 1024), 16) == 16
+        assert pallas.team_size((256, 1024), 17) is None  # two teams: 32 programs
+        assert pallas.team_size((128, 512), 16) == 4
+    with mock.patch.object(pallas, "HELD_FLOATS", 64):  # a team of 4 programs of 4 units: too narrow
+        assert pallas.team_size((16, 16), 16) is None
     assert not pallas.applies((3, 64, 64), (10, 16, 64), f32, "tanh")  # one W_h per configuration
     assert not pallas.applies((64, 64), (10, 16, 64), [jnp.float32, jnp.float64, jnp.float32], "tanh")
     assert not pallas.applies((64, 64), (10, 16, 64), f32, "softplus")

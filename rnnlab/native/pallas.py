@@ -1,5 +1,5 @@
-"""The recurrences of the plain RNN, and of the LSTM and GRU at small hidden sizes, on a GPU as one Pallas (Triton)
-program per 16 batch rows.
+"""The recurrences of the plain RNN, the LSTM and the GRU to hidden 128 (the plain RNN to 256) on a GPU as Pallas
+(Triton) programs, one program or a team of them per 16 batch rows.
 
 On a GPU, XLA runs a `lax.scan` as a loop whose every iteration launches its kernels and waits for the loop
 condition: about 4 µs a step for the tanh RNN at batch 16, hidden 128 on an H200, whatever the step's work (see
@@ -7,6 +7,20 @@ benchmarks/README.md, "On a GPU"). Here one program runs all ``T`` steps of its 
 and held in registers (at most `HELD_FLOATS` float32, 64 KB: the plain RNN to hidden 128, the LSTM and GRU to
 hidden 64), so a step costs the loads of its inputs, one small matmul per gate, the gate maths and the stores
 (the loads issued a step ahead, `read_ahead`).
+
+A larger ``W_h`` (the LSTM's and GRU's at hidden 128, 256 and 192 KB; the plain RNN's at 256) is shared out over a
+team of programs (`team_size`, `_Team`), as cuDNN's persistent kernels share it over multiprocessors: the team's
+programs run side by side on the same 16 rows, each holding ``W_h``'s columns for a quarter of the hidden units
+(its rows for them, backward) and computing those units of every gate. Every step each program stores its units
+of ``h`` (backward: of the gates' cotangent) in the output it writes anyway, then reads that step's whole row back
+once the others have stored theirs: the output starts as a NaN of a bit pattern no arithmetic makes (`SENTINEL`),
+and a program reads again (past its L1 cache) until none of the row is left, so data and signal travel together,
+with no counter or barrier. That needs every program of a team running at once: `team_size` keeps a batch's
+programs within the GPU's multiprocessors. On an H100 at batch 16, T = 1000, hidden 128 (benchmarks/README.md,
+"Run 9") the teams run the LSTM and GRU 1.6-1.7x faster than XLA's loops (the counter barrier of the H200 probe
+was 10 % faster), and the plain RNN at hidden 256, batch 64, 1.25-1.3x. Pallas's interpreter runs the programs one
+after another, so there (`interpret`, the tests without a GPU) one program does a team's work; `tests/test_gpu.py`
+holds the teams to XLA's loops on a GPU.
 
 Each forward kernel computes what its primitive in `rnnlab.native` does (``hs``, and the LSTM's ``cs`` and gates,
 the GRU's gates and ``a_n``); each backward kernel is the transpose of the primitive's tangent, run from the last
@@ -21,11 +35,6 @@ twins) a row at an invalid step keeps its carry, its pre-activation cotangent is
 Triton slices no loaded value, so the gate blocks are loaded and stored one by one (``W_h``'s blocks too), each
 gate has its own matmul, and the gate maths is written here block by block rather than taken from `rnnlab.fused`'s
 steps, which split and concatenate whole rows; the tests hold the kernels to those steps' float64 results.
-
-The LSTM and GRU at hidden 128 are not here: their ``W_h`` (256 and 192 KB) does not fit in one program's
-registers. Read from the L2 cache every step, one program per 16 rows ran the LSTM 2x slower than XLA's loop; four
-programs each holding one gate's block and meeting at a barrier every step were 10 % faster than it, forward only
-(probes of 2026-11-26 on an H200, benchmarks/README.md).
 
 The kernels' matmuls follow `jax.default_matmul_precision` as XLA's do (`jnp.dot` reads it while tracing): TF32
 allowed on a GPU by default, float32 under ``"highest"``.
@@ -46,10 +55,24 @@ import jax.numpy as jnp
 #: Rows of the batch per program: the smallest matmul a Triton dot takes.
 ROWS = 16
 #: Hidden sizes the kernels take (powers of two: Triton's blocks are).
-HIDDEN_SIZES = (16, 32, 64, 128)
+HIDDEN_SIZES = (16, 32, 64, 128, 256)
 #: Floats of ``W_h [H, G·H]`` one program holds in registers: the plain RNN's at hidden 128 (64 KB), which held
-#: was 1.4x faster than read from L2 every step in the H200 probe.
+#: was 1.4x faster than read from L2 every step in the H200 probe. A larger ``W_h`` is shared out over a team of
+#: programs (`team_size`).
 HELD_FLOATS = 128 * 128
+#: The most programs in a team (`team_size`): the LSTM and GRU at hidden 128 and the plain RNN at 256 take 4.
+MAX_TEAM = 4
+#: The fewest units of each gate a program of a team computes: the narrowest matmul a Triton dot takes.
+MIN_UNITS = 16
+#: The bits (as int32) of the NaN a team's exchange starts as (`_Team.gathered`): a negative quiet NaN whose payload
+#: no arithmetic makes (NVIDIA's own NaN is 0x7FFFFFFF).
+SENTINEL = -0x3F2153  # 0xFFC0DEAD
+#: Reads of one step's exchange after which a program of a team stops waiting (`_Team.gathered`): some 2²⁰ reads of
+#: 0.5-1 µs each, a second or so, where a step's wait is a few reads.
+PATIENCE = 2**20
+#: Programs that may run at once where no GPU says how many streaming multiprocessors it has (lowered for CUDA
+#: without one): a team's programs must all run at once (`team_size`).
+FEWEST_PROCESSORS = 16
 #: Warps per program: with each step's inputs read ahead, 4 took 3-10 % less time than 8 in each of five cases on an
 #: H100 (LSTM and GRU at hidden 64, the plain RNN at 64 and 128; 16 warps 11-30 % more; benchmarks/README.md, "Run
 #: 7"). Without reading ahead, 8 had taken 7-19 % less than 4 in the H200 probe of the plain RNN.
@@ -61,19 +84,46 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 def applies(w_h_shape, sequence_shape, dtypes, activation: str | None = None) -> bool:
     """Whether the kernels run this recurrence: ``W_h [H, G·H]`` (one set of weights; ``G`` 1 for the plain RNN,
     whose built-in ``activation`` is given, 3 for the GRU and 4 for the LSTM, ``activation=None``) with ``H`` in
-    `HIDDEN_SIZES` and at most `HELD_FLOATS` elements, a sequence ``[T, B, ...]`` with rows (``B > 0``) whose widest
-    array ``[T, B, G·H]`` has fewer than 2³¹ elements once padded (Triton's offsets are 32-bit), float32 throughout,
-    and a Pallas that lowers to Triton."""
+    `HIDDEN_SIZES` that a program or a team of them holds (`team_size`), a sequence ``[T, B, ...]`` with rows
+    (``B > 0``) whose widest array ``[T, B, G·H]`` has fewer than 2³¹ elements once padded (Triton's offsets are
+    32-bit), float32 throughout, and a Pallas that lowers to Triton."""
     from rnnlab.fused import _RNN_DERIVATIVES
 
     if len(w_h_shape) != 2 or w_h_shape[0] not in HIDDEN_SIZES:
         return False
     (hidden, width), (steps, batch) = w_h_shape, sequence_shape[:2]
     gates = GATES["rnn"] if activation is not None else width // hidden
-    return (width == gates * hidden and gates in GATES.values() and hidden * width <= HELD_FLOATS
+    return (width == gates * hidden and gates in GATES.values()
             and (activation in _RNN_DERIVATIVES if gates == 1 else activation is None)
             and 0 < steps * _padded_rows(batch) * width < 2**31 and all(dtype == jnp.float32 for dtype in dtypes)
-            and _compiler_params() is not None)
+            and team_size(w_h_shape, batch) is not None and _compiler_params() is not None)
+
+
+def team_size(w_h_shape, batch: int) -> int | None:
+    """Programs per `ROWS` rows for ``W_h [H, G·H]`` and ``batch`` rows: the fewest (a power of two, at most
+    `MAX_TEAM`) whose shares of ``W_h``'s columns, ``[H, G·H / size]``, each fit in `HELD_FLOATS`, each program
+    computing at least `MIN_UNITS` units; None where there are none, or where a team's programs over the whole
+    batch could outnumber the GPU's streaming multiprocessors (`FEWEST_PROCESSORS` where no GPU is visible). Every
+    program of a team waits for the others every step, so they must all run at once: with at most one program on
+    each multiprocessor they do, whatever else the GPU runs, unless it is shared out (MPS's active thread
+    percentage), where `_Team.gathered` stops waiting after `PATIENCE` reads and the results hold NaNs."""
+    hidden, width = w_h_shape
+    size = 1
+    while hidden * width > size * HELD_FLOATS:
+        size *= 2
+    if size > MAX_TEAM or hidden // size < MIN_UNITS:
+        return None
+    return size if size == 1 or _padded_rows(batch) // ROWS * size <= _processors() else None
+
+
+@functools.cache
+def _processors() -> int:
+    """The streaming multiprocessors of the visible GPUs' smallest, or `FEWEST_PROCESSORS` without one."""
+    try:
+        counts = [getattr(device, "core_count", 0) for device in jax.devices("gpu")]
+    except RuntimeError:
+        counts = []
+    return min(counts) if counts and min(counts) > 0 else FEWEST_PROCESSORS
 
 
 @functools.cache
@@ -125,20 +175,75 @@ def _loop(steps: int, read, advance, state, ahead: bool):
     return jax.lax.fori_loop(0, steps, step, (state, read(0)))[0]
 
 
-def _blocks(ref, index: tuple, gates: int, hidden: int) -> list:
-    """``ref[index]``'s last axis as ``gates`` blocks of ``hidden``, each loaded on its own."""
-    from jax.experimental import pallas as pl
+class _Team:
+    """The hidden units one program of a team computes: the programs along the grid's second axis share their 16
+    rows, program ``m`` of ``size`` computing units ``m·U`` to ``(m + 1)·U - 1`` (``U = H / size``) of each gate,
+    and the team exchanging its units every step through an output (`gathered`). With one program (``size`` 1) a
+    program computes every unit and exchanges nothing."""
 
-    return [ref[(*index, pl.ds(k * hidden, hidden))] for k in range(gates)]
+    def __init__(self, size: int, hidden: int):
+        from jax.experimental import pallas as pl
 
+        self.size, self.hidden, self.units = size, hidden, hidden // size
+        self.start = pl.program_id(1) * self.units if size > 1 else 0
 
-def _store_blocks(ref, t, blocks: list):
-    """``ref[t]``'s last axis from ``blocks``, each stored on its own."""
-    from jax.experimental import pallas as pl
+    def own(self, block: int = 0):
+        """The columns of gate block ``block`` this program computes, as a slice of a ``[..., G·H]`` axis."""
+        from jax.experimental import pallas as pl
 
-    hidden = blocks[0].shape[-1]
-    for k, block in enumerate(blocks):
-        ref[t, :, pl.ds(k * hidden, hidden)] = block
+        return pl.ds(block * self.hidden + self.start, self.units)
+
+    def whole(self, block: int = 0):
+        """Gate block ``block``, every unit."""
+        from jax.experimental import pallas as pl
+
+        return pl.ds(block * self.hidden, self.hidden)
+
+    def columns(self, ref, gates: int) -> list:
+        """``W_h``'s columns of this program's units, ``[H, U]`` per gate block: a forward step's ``h W_h``."""
+        return [ref[:, self.own(k)] for k in range(gates)]
+
+    def rows(self, ref, gates: int) -> list:
+        """``W_h``'s rows of this program's units, ``[U, H]`` per gate block: a backward step's ``g W_hᵀ``."""
+        return [ref[self.own(0), self.whole(k)] for k in range(gates)]
+
+    def load(self, ref, index: tuple, gates: int = 1) -> list:
+        """``ref[index]``'s columns of this program's units, per gate block."""
+        return [ref[(*index, self.own(k))] for k in range(gates)]
+
+    def store(self, ref, t, blocks: list):
+        """``ref[t]``'s columns of this program's units from ``blocks``, one per gate block."""
+        for k, block in enumerate(blocks):
+            ref[t, :, self.own(k)] = block
+
+    def start_state(self) -> tuple:
+        """The waiting state a loop carries (`gathered`): none for a single program."""
+        return () if self.size == 1 else (jnp.bool_(True),)
+
+    def gathered(self, ref, t, own_blocks: list, waiting: tuple):
+        """``(blocks, waiting)``: every unit of ``ref[t]``, one ``[ROWS, H]`` per gate block, once the whole team
+        has stored its units there (with one program, ``own_blocks``). ``ref`` starts as `SENTINEL` (`_call`); the
+        program reads it again until no element is, the reads bypassing its L1 cache (``volatile``). A team whose
+        programs were not all running would wait for ever: after `PATIENCE` reads of one step the program stops
+        waiting (``waiting`` False) for this and every later step, and its results hold the sentinel, a NaN."""
+        if self.size == 1:
+            return own_blocks, waiting
+        from jax.experimental.pallas import triton as pallas_triton
+
+        def read(_):
+            return [pallas_triton.load(ref.at[t, :, self.whole(k)], volatile=True) for k in range(len(own_blocks))]
+
+        def incomplete(blocks):
+            marked = [jnp.max(jnp.where(jax.lax.bitcast_convert_type(b, jnp.int32) == SENTINEL, 1, 0))
+                      for b in blocks]
+            return functools.reduce(jnp.maximum, marked) > 0
+
+        def again(state):
+            blocks, reads = state
+            return incomplete(blocks) & (reads < PATIENCE) & waiting[0]
+
+        blocks, reads = jax.lax.while_loop(again, lambda state: (read(None), state[1] + 1), (read(None), 1))
+        return blocks, (waiting[0] & (reads < PATIENCE),)
 
 
 def _times_w(h, w_blocks: list) -> list:
@@ -162,99 +267,116 @@ def _kept(keep, new, old):
     return new if keep is None else jnp.where(keep, new, old)
 
 
-def _state_before(s, steps: int, back: bool, ref, first):
+def _state_before(s, steps: int, back: bool, ref, columns, first):
     """In a loop running backward through time, the state entering iteration ``s``'s step: ``ref`` at the time of
-    iteration ``s + 1``, or ``first`` (``h0``, ``c0``) at the last iteration."""
-    return jnp.where(s >= steps - 1, first, ref[_read_time(s + 1, steps, back), :, :])
+    iteration ``s + 1`` (its ``columns``), or ``first`` (``h0``, ``c0``) at the last iteration."""
+    return jnp.where(s >= steps - 1, first, ref[_read_time(s + 1, steps, back), :, columns])
+
+
+def _forward_state(team: _Team, h0_ref) -> tuple:
+    """A forward loop's hidden state at its start: ``(h, h_own)``, the whole ``h0`` (the next step's matmul) and
+    this program's units of it (what a masked row keeps); with one program they are one (``h_own`` None)."""
+    return h0_ref[...], (None if team.size == 1 else h0_ref[:, team.own()])
 
 
 # --- the plain RNN: h_t = φ(px_t + h_{t-1} W_h) --------------------------------------------------------------------
 
 
-def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation, ahead):
+def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation, ahead, team):
     from rnnlab.cells import _ACTIVATIONS
 
     *valid_ref, hs_ref = refs  # with a padding mask, ``valid [T, B]`` (1.0 or 0.0) before the output
     phi = _ACTIVATIONS[activation]
-    w_h = w_ref[...]  # loaded once: held in registers for all steps
+    team = _Team(team, h0_ref.shape[-1])
+    w_h = team.columns(w_ref, 1)  # loaded once: held in registers for all steps
 
     def read(s):
         t = _read_time(s, steps, reverse)
-        return (px_ref[t, :, :], *_mask_at(valid_ref, t))
+        return (*team.load(px_ref, (t, slice(None))), *_mask_at(valid_ref, t))
 
-    def advance(s, h, px_t, *valid_t):
-        new = _kept(_keep(valid_t), phi(px_t + _times_w(h, [w_h])[0]), h)
-        hs_ref[_time(s, steps, reverse), :, :] = new
-        return new
+    def advance(s, state, px_t, *valid_t):
+        (h, h_own), waiting = state
+        new = _kept(_keep(valid_t), phi(px_t + _times_w(h, w_h)[0]), h if h_own is None else h_own)
+        t = _time(s, steps, reverse)
+        team.store(hs_ref, t, [new])
+        (h,), waiting = team.gathered(hs_ref, t, [new], waiting)
+        return (h, None if h_own is None else new), waiting
 
-    _loop(steps, read, advance, h0_ref[...], ahead)
+    _loop(steps, read, advance, (_forward_state(team, h0_ref), team.start_state()), ahead)
 
 
-def _rnn_backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, activation, ahead):
+def _rnn_backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, activation, ahead, team):
     from rnnlab.fused import _RNN_DERIVATIVES
 
     *valid_ref, g_z_ref, g_h0_ref = refs
     derivative = _RNN_DERIVATIVES[activation]
-    w_h = w_ref[...]
+    team = _Team(team, g_h_ref.shape[-1])
+    w_h = team.rows(w_ref, 1)
     back = not reverse  # the recurrence ran forward in time for `reverse=False`: its transpose runs the other way
 
     def read(s):
         t = _read_time(s, steps, back)
-        return (hs_ref[t, :, :], g_hs_ref[t, :, :], *_mask_at(valid_ref, t))
+        return (*team.load(hs_ref, (t, slice(None))), *team.load(g_hs_ref, (t, slice(None))),
+                *_mask_at(valid_ref, t))
 
-    def advance(s, g_carry, h_t, g_h_t, *valid_t):
+    def advance(s, state, h_t, g_h_t, *valid_t):
+        g_carry, waiting = state
         keep = _keep(valid_t)
         g = g_h_t + g_carry
         g_z = _kept(keep, g if derivative is None else g * derivative(h_t), 0.0)
-        g_z_ref[_time(s, steps, back), :, :] = g_z
-        return _kept(keep, _times_w_transposed([g_z], [w_h]), g)
+        t = _time(s, steps, back)
+        team.store(g_z_ref, t, [g_z])
+        g_z_all, waiting = team.gathered(g_z_ref, t, [g_z], waiting)
+        return _kept(keep, _times_w_transposed(g_z_all, w_h), g), waiting
 
-    g_h0_ref[...] = _loop(steps, read, advance, g_h_ref[...], ahead)
+    g_h0_ref[:, team.own()] = _loop(steps, read, advance, (g_h_ref[:, team.own()], team.start_state()), ahead)[0]
 
 
 # --- the LSTM (gates i, f, g, o) ------------------------------------------------------------------------------------
 
 
-def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, ahead):
+def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, ahead, team):
     *valid_ref, hs_ref, cs_ref, gates_ref = refs
-    hidden = h0_ref.shape[-1]
-    w_h = _blocks(w_ref, (slice(None),), 4, hidden)
+    team = _Team(team, h0_ref.shape[-1])
+    w_h = team.columns(w_ref, 4)
 
     def read(s):
         t = _read_time(s, steps, reverse)
-        return (*_blocks(px_ref, (t, slice(None)), 4, hidden), *_mask_at(valid_ref, t))
+        return (*team.load(px_ref, (t, slice(None)), 4), *_mask_at(valid_ref, t))
 
-    def advance(s, carry, px_i, px_f, px_g, px_o, *valid_t):
-        h, c = carry
+    def advance(s, state, px_i, px_f, px_g, px_o, *valid_t):
+        (h, h_own), c, waiting = state
         z_i, z_f, z_g, z_o = (px + hw for px, hw in zip((px_i, px_f, px_g, px_o), _times_w(h, w_h)))
         i, f, g, o = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_g), jax.nn.sigmoid(z_o)
         keep = _keep(valid_t)
         c_new = _kept(keep, f * c + i * g, c)
-        h_new = _kept(keep, o * jnp.tanh(c_new), h)
+        h_new = _kept(keep, o * jnp.tanh(c_new), h if h_own is None else h_own)
         t = _time(s, steps, reverse)
-        hs_ref[t, :, :] = h_new
-        cs_ref[t, :, :] = c_new
-        _store_blocks(gates_ref, t, [i, f, g, o])  # an invalid step's too, as the reference saves them
-        return h_new, c_new
+        team.store(cs_ref, t, [c_new])
+        team.store(gates_ref, t, [i, f, g, o])  # an invalid step's too, as the reference saves them
+        team.store(hs_ref, t, [h_new])
+        (h,), waiting = team.gathered(hs_ref, t, [h_new], waiting)
+        return (h, None if h_own is None else h_new), c_new, waiting
 
-    _loop(steps, read, advance, (h0_ref[...], c0_ref[...]), ahead)
+    start = (_forward_state(team, h0_ref), c0_ref[:, team.own()], team.start_state())
+    _loop(steps, read, advance, start, ahead)
 
 
 def _lstm_backward_kernel(w_ref, gates_ref, cs_ref, c0_ref, g_hs_ref, g_h_ref, g_c_ref, *refs, steps, reverse,
-                          ahead):
+                          ahead, team):
     *valid_ref, g_z_ref, g_h0_ref, g_c0_ref = refs
-    hidden = c0_ref.shape[-1]
-    w_h = _blocks(w_ref, (slice(None),), 4, hidden)
-    c0 = c0_ref[...]
+    team = _Team(team, c0_ref.shape[-1])
+    w_h = team.rows(w_ref, 4)
+    c0 = c0_ref[:, team.own()]
     back = not reverse
 
     def read(s):  # the step's gates, the cell state entering it, its output's cotangent
         t = _read_time(s, steps, back)
-        return (*_blocks(gates_ref, (t, slice(None)), 4, hidden), _state_before(s, steps, back, cs_ref, c0),
-                g_hs_ref[t, :, :], *_mask_at(valid_ref, t))
+        return (*team.load(gates_ref, (t, slice(None)), 4), _state_before(s, steps, back, cs_ref, team.own(), c0),
+                *team.load(g_hs_ref, (t, slice(None))), *_mask_at(valid_ref, t))
 
     def advance(s, state, i, f, g, o, c_prev, g_hs_t, *valid_t):
-        g_h, g_c, c = state  # the carry's cotangents, and the cell state this step made
+        g_h, g_c, c, waiting = state  # the carry's cotangents, and the cell state this step made
         keep = _keep(valid_t)
         g_h = g_h + g_hs_t
         tanh_c = jnp.tanh(c)
@@ -262,65 +384,78 @@ def _lstm_backward_kernel(w_ref, gates_ref, cs_ref, c0_ref, g_hs_ref, g_h_ref, g
         g_z = [g_c_total * g * i * (1 - i), g_c_total * c_prev * f * (1 - f), g_c_total * i * (1 - g * g),
                g_h * tanh_c * o * (1 - o)]
         g_z = [_kept(keep, block, 0.0) for block in g_z]
-        _store_blocks(g_z_ref, _time(s, steps, back), g_z)
-        return _kept(keep, _times_w_transposed(g_z, w_h), g_h), _kept(keep, g_c_total * f, g_c), c_prev
+        t = _time(s, steps, back)
+        team.store(g_z_ref, t, g_z)
+        g_z_all, waiting = team.gathered(g_z_ref, t, g_z, waiting)
+        return (_kept(keep, _times_w_transposed(g_z_all, w_h), g_h), _kept(keep, g_c_total * f, g_c), c_prev,
+                waiting)
 
-    first = cs_ref[_time(0, steps, back), :, :]
-    g_h0_ref[...], g_c0_ref[...], _ = _loop(steps, read, advance, (g_h_ref[...], g_c_ref[...], first), ahead)
+    first = cs_ref[_time(0, steps, back), :, team.own()]
+    start = (g_h_ref[:, team.own()], g_c_ref[:, team.own()], first, team.start_state())
+    g_h0_ref[:, team.own()], g_c0_ref[:, team.own()], *_ = _loop(steps, read, advance, start, ahead)
 
 
 # --- the GRU (cuDNN's convention: gates r, z, n; a = h W_h + b_h) ---------------------------------------------------
 
 
-def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahead):
+def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahead, team):
     *valid_ref, hs_ref, gates_ref, a_n_ref = refs
-    hidden = h0_ref.shape[-1]
-    w_h = _blocks(w_ref, (slice(None),), 3, hidden)
-    b_h = [b[None, :] for b in _blocks(b_ref, (), 3, hidden)]
+    team = _Team(team, h0_ref.shape[-1])
+    w_h = team.columns(w_ref, 3)
+    b_h = [b[None, :] for b in team.load(b_ref, (), 3)]
 
     def read(s):
         t = _read_time(s, steps, reverse)
-        return (*_blocks(px_ref, (t, slice(None)), 3, hidden), *_mask_at(valid_ref, t))
+        return (*team.load(px_ref, (t, slice(None)), 3), *_mask_at(valid_ref, t))
 
-    def advance(s, h, x_r, x_z, x_n, *valid_t):
+    def advance(s, state, x_r, x_z, x_n, *valid_t):
+        (h, h_own), waiting = state
         a_r, a_z, a_n = (hw + b for hw, b in zip(_times_w(h, w_h), b_h))
         r, z = jax.nn.sigmoid(x_r + a_r), jax.nn.sigmoid(x_z + a_z)
         n = jnp.tanh(x_n + r * a_n)
-        h_new = _kept(_keep(valid_t), (1.0 - z) * n + z * h, h)
+        h_prev = h if h_own is None else h_own
+        h_new = _kept(_keep(valid_t), (1.0 - z) * n + z * h_prev, h_prev)
         t = _time(s, steps, reverse)
-        hs_ref[t, :, :] = h_new
-        _store_blocks(gates_ref, t, [r, z, n])
-        a_n_ref[t, :, :] = a_n
-        return h_new
+        team.store(gates_ref, t, [r, z, n])
+        team.store(a_n_ref, t, [a_n])
+        team.store(hs_ref, t, [h_new])
+        (h,), waiting = team.gathered(hs_ref, t, [h_new], waiting)
+        return (h, None if h_own is None else h_new), waiting
 
-    _loop(steps, read, advance, h0_ref[...], ahead)
+    _loop(steps, read, advance, (_forward_state(team, h0_ref), team.start_state()), ahead)
 
 
-def _gru_backward_kernel(w_ref, gates_ref, a_n_ref, hs_ref, h0_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, ahead):
+def _gru_backward_kernel(w_ref, gates_ref, a_n_ref, hs_ref, h0_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, ahead,
+                         team):
     *valid_ref, g_u_ref, g_h0_ref = refs
-    hidden = h0_ref.shape[-1]
-    w_h = _blocks(w_ref, (slice(None),), 3, hidden)
-    h0 = h0_ref[...]
+    team = _Team(team, h0_ref.shape[-1])
+    w_h = team.rows(w_ref, 3)
+    h0 = h0_ref[:, team.own()]
     back = not reverse
 
-    def read(s):  # the step's gates and a_n, the state entering it, its output's cotangent
+    def read(s):  # the step's gates and a_n, the state entering it, its output's cotangent; every unit's r
         t = _read_time(s, steps, back)
-        return (*_blocks(gates_ref, (t, slice(None)), 3, hidden), a_n_ref[t, :, :],
-                _state_before(s, steps, back, hs_ref, h0), g_hs_ref[t, :, :], *_mask_at(valid_ref, t))
+        r_all = () if team.size == 1 else (gates_ref[t, :, team.whole(0)],)
+        return (*team.load(gates_ref, (t, slice(None)), 3), *team.load(a_n_ref, (t, slice(None))),
+                _state_before(s, steps, back, hs_ref, team.own(), h0), *team.load(g_hs_ref, (t, slice(None))),
+                *r_all, *_mask_at(valid_ref, t))
 
-    def advance(s, g_carry, r, z, n, a_n, h_prev, g_hs_t, *valid_t):
+    def advance(s, state, r, z, n, a_n, h_prev, g_hs_t, *rest):
         # The transpose of `fused._gru_tangent_step`: the cotangent of u per block is g ⊙ into_h, and the carry's
         # is (g ⊙ into_h ⊙ [1, 1, r]) W_hᵀ + z ⊙ g.
+        (r_all, *valid_t), (g_carry, waiting) = (rest if team.size > 1 else (r, *rest)), state
         keep = _keep(valid_t)
         g = g_carry + g_hs_t
         new_coeff = (1 - z) * (1 - n * n)
         g_u = [g * new_coeff * r * (1 - r) * a_n, g * (h_prev - n) * z * (1 - z), g * new_coeff]
         g_u = [_kept(keep, block, 0.0) for block in g_u]
-        _store_blocks(g_u_ref, _time(s, steps, back), g_u)
-        recurrent = _times_w_transposed([g_u[0], g_u[1], g_u[2] * r], w_h)
-        return _kept(keep, recurrent + z * g, g)
+        t = _time(s, steps, back)
+        team.store(g_u_ref, t, g_u)
+        (g_u_r, g_u_z, g_u_n), waiting = team.gathered(g_u_ref, t, g_u, waiting)
+        recurrent = _times_w_transposed([g_u_r, g_u_z, g_u_n * r_all], w_h)
+        return _kept(keep, recurrent + z * g, g), waiting
 
-    g_h0_ref[...] = _loop(steps, read, advance, g_h_ref[...], ahead)
+    g_h0_ref[:, team.own()] = _loop(steps, read, advance, (g_h_ref[:, team.own()], team.start_state()), ahead)[0]
 
 
 # --- calls ------------------------------------------------------------------------------------------------------------
@@ -330,9 +465,11 @@ def _padded_rows(batch: int) -> int:
     return -(-batch // ROWS) * ROWS
 
 
-def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret):
-    """``kernel`` over programs of `ROWS` rows: the batch padded to a multiple of `ROWS` (padded rows are zero and
-    stay zero: none of the activations moves 0) and cut back after."""
+def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret, team: int = 1):
+    """``kernel`` over programs of `ROWS` rows, ``team`` programs per `ROWS` rows (`_Team`; the grid's second axis):
+    the batch padded to a multiple of `ROWS` (padded rows are zero and stay zero: none of the activations moves 0)
+    and cut back after. With a team, the first output, through which the team exchanges its units, starts as
+    `SENTINEL` everywhere."""
     from jax.experimental import pallas as pl
 
     batch = next(a.shape[axis] for a, axis in zip(args, batch_axes) if axis is not None)
@@ -342,30 +479,43 @@ def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret):
 
     def spec(shape, axis):
         if axis is None:
-            return pl.BlockSpec(shape, lambda b: (0,) * len(shape))
+            return pl.BlockSpec(shape, lambda b, m: (0,) * len(shape))
         block = shape[:axis] + (ROWS,) + shape[axis + 1:]
-        return pl.BlockSpec(block, lambda b, axis=axis, rank=len(shape): tuple(b if d == axis else 0
-                                                                                for d in range(rank)))
+        return pl.BlockSpec(block, lambda b, m, axis=axis, rank=len(shape): tuple(b if d == axis else 0
+                                                                                   for d in range(rank)))
 
     out_full = [jax.ShapeDtypeStruct(s[:axis] + (padded,) + s[axis + 1:], jnp.float32)
                 for s, axis in zip(out_shapes, out_batch_axes)]
+    exchange = []
+    if team > 1:
+        marked = jax.lax.bitcast_convert_type(jnp.full(out_full[0].shape, SENTINEL, jnp.int32), jnp.float32)
+        exchange, inputs = [marked], len(args)
+        kernel = functools.partial(_without_input, kernel, inputs)
     outs = pl.pallas_call(
-        kernel, grid=(padded // ROWS,),
-        in_specs=[spec(a.shape, axis) for a, axis in zip(args, batch_axes)],
+        kernel, grid=(padded // ROWS, team),
+        in_specs=[spec(a.shape, axis) for a, axis in zip([*args, *exchange], [*batch_axes, *out_batch_axes[:1]])],
         out_specs=[spec(o.shape, axis) for o, axis in zip(out_full, out_batch_axes)],
-        out_shape=out_full, interpret=interpret,
-        **({} if interpret else {"compiler_params": _compiler_params()}))(*args)
+        out_shape=out_full, interpret=interpret, input_output_aliases={len(args): 0} if exchange else {},
+        **({} if interpret else {"compiler_params": _compiler_params()}))(*args, *exchange)
     return [jax.lax.slice_in_dim(o, 0, batch, axis=axis) for o, axis in zip(outs, out_batch_axes)]
+
+
+def _without_input(kernel, index: int, *refs, **params):
+    """``kernel`` on ``refs`` without the input ``index`` (the first output's starting values, aliased to it)."""
+    return kernel(*refs[:index], *refs[index + 1:], **params)
 
 
 def _run(kernel, operands, batch_axes, out_shapes, out_batch_axes, valid, interpret, **params):
     """``kernel`` (with ``params``, each step's inputs read ahead where `read_ahead`) on ``operands`` and, with a
-    padding mask, ``valid [T, B]`` (booleans; the kernels read float32 ones and zeros) after them. The steps are
-    the leading axis of the operands ``[T, B, ...]`` (batch axis 1)."""
-    steps = next(a.shape[0] for a, axis in zip(operands, batch_axes) if axis == 1)
+    padding mask, ``valid [T, B]`` (booleans; the kernels read float32 ones and zeros) after them, by teams of
+    `team_size` programs (one in Pallas's interpreter, which runs the programs one after another). The steps are
+    the leading axis of the operands ``[T, B, ...]`` (batch axis 1); ``W_h`` is the first operand."""
+    steps, batch = next(a.shape[:2] for a, axis in zip(operands, batch_axes) if axis == 1)
     mask = [] if valid is None else [jnp.asarray(valid, jnp.float32)]
-    kernel = functools.partial(kernel, steps=steps, ahead=read_ahead(), **params)
-    return _call(kernel, [*operands, *mask], out_shapes, [*batch_axes, *[1] * len(mask)], out_batch_axes, interpret)
+    team = 1 if interpret else team_size(operands[0].shape, batch)
+    kernel = functools.partial(kernel, steps=steps, ahead=read_ahead(), team=team, **params)
+    return _call(kernel, [*operands, *mask], out_shapes, [*batch_axes, *[1] * len(mask)], out_batch_axes, interpret,
+                 team)
 
 
 # Each takes its primitive's operands (the mask apart, given as ``valid``) and returns the primitive's results, the
