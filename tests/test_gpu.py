@@ -7,6 +7,8 @@ the maths, not of the precision each library picks by default. Skipped where JAX
 machine with ``python -m pytest tests/test_gpu.py``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,6 @@ from test_interop import torch_grads_in_rnnlab_layout
 
 import rnnlab
 from rnnlab import interop
-from rnnlab.native import pallas
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: compares with cuDNN")
 
@@ -123,10 +124,10 @@ def test_pallas_kernels_equal_xla_loops(kind, reverse, hidden, padded, monkeypat
     to hidden 64) against the same `rnnlab.scan` with XLA's loops (``RNNLAB_PALLAS=0``), both compiled for this
     GPU: the loss's gradients, and per-example gradients under `jax.vmap` (the batch joins the kernel's rows; W_h's
     gradient per example formed by XLA). Batch 20: padded to two programs of 16 rows; the smallest hidden size the
-    kernels take, and the largest the LSTM's do; the kernels as by default (each step's inputs read one step
-    ahead) and reading them when used (``RNNLAB_PALLAS_AHEAD=0``). Padded: sequences of lengths 1 to ``SEQ_LEN``
-    (`lengths`), on the masked kernels."""
-    pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch)
+    kernels take, and the largest at which one program holds the LSTM's W_h; the kernels as by default (each step's
+    inputs read one step ahead) and reading them when used (``RNNLAB_PALLAS_AHEAD=0``). Padded: sequences of lengths
+    1 to ``SEQ_LEN`` (`lengths`), on the masked kernels."""
+    pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch, members=1)
 
 
 @pytest.mark.parametrize(("kind", "hidden"), [("LSTM", 128), ("GRU", 128), ("RNN-tanh", 256), ("RNN-relu", 256)])
@@ -137,11 +138,34 @@ def test_pallas_teams_equal_xla_loops(kind, hidden, reverse, padded, monkeypatch
     """The kernels' teams (`rnnlab.native.pallas.team_size`: 4 programs per 16 rows, each holding a quarter of
     W_h's columns and exchanging its units through global memory every step) as the kernels of a single program are
     checked above: the LSTM and GRU at hidden 128, the plain RNN at 256; batch 20, two teams."""
-    assert pallas.team_size((hidden, hidden * {"LSTM": 4, "GRU": 3}.get(kind, 1)), 20) == 4
-    pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch)
+    pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch, members=4)
 
 
-def pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch):
+@pytest.mark.parametrize("hidden", [64, 256])
+def test_pallas_kernels_keep_nans_as_xla_does(hidden, monkeypatch):
+    """A NaN in one row's input at one step: the ReLU RNN's Pallas kernels (one program at hidden 64, a team at 256)
+    give NaN where XLA's loops do, in the outputs and in the input's gradient, and nowhere else (Triton's max,
+    ``maxnumf``, would make ReLU(NaN) 0: the kernels write ReLU as a `jnp.where`)."""
+    cell = rnnlab.RNN(hidden, activation="relu")
+    params = cell.init(jax.random.PRNGKey(2), INPUT_SIZE)
+    xs = jax.random.normal(jax.random.PRNGKey(3), (SEQ_LEN, 20, INPUT_SIZE)).at[5, 3, 0].set(jnp.nan)
+
+    def run(pallas_on):
+        monkeypatch.setenv("RNNLAB_PALLAS", pallas_on)
+        forward = jax.jit(lambda xs: rnnlab.scan(cell, params, xs)[0]).lower(xs)
+        assert (forward.as_text().count("xla.gpu.triton") == 1) == (pallas_on == "1")
+        grad = jax.jit(jax.grad(lambda xs: jnp.sum(rnnlab.scan(cell, params, xs)[0][:, :4])))
+        return np.isnan(np.asarray(forward.compile()(xs))), np.isnan(np.asarray(grad(xs)))
+
+    (ys_nan, grad_nan), (xla_ys_nan, xla_grad_nan) = run("1"), run("0")
+    assert xla_ys_nan[5:, 3].any() and not xla_ys_nan[:, 4:].any() and xla_grad_nan.any()
+    np.testing.assert_array_equal(ys_nan, xla_ys_nan)
+    np.testing.assert_array_equal(grad_nan, xla_grad_nan)
+
+
+def pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch, members):
+    """The loss's gradients and per-example gradients with the Pallas kernels, ``members`` programs per 16 rows,
+    against XLA's loops (see `test_pallas_kernels_equal_xla_loops`)."""
     cell = (rnnlab.RNN(hidden, activation=kind.removeprefix("RNN-")) if kind.startswith("RNN-")
             else getattr(rnnlab, kind)(hidden))
     params = jax.tree_util.tree_map(lambda a: 0.5 * a, cell.init(jax.random.PRNGKey(2), INPUT_SIZE))
@@ -161,6 +185,8 @@ def pallas_against_xla_loops(kind, hidden, reverse, padded, monkeypatch):
         one = lambda p, x, w, n: loss(p, x[:, None], w[:, None], None if n is None else n[None])  # noqa: E731
         per_example = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 1, 1, None if lengths is None else 0)))
         assert (whole.as_text().count("xla.gpu.triton") == 2) == (pallas == "1")
+        if pallas == "1":  # programs per 16 rows: the grid's first axis
+            assert re.findall(r"grid_x = (\d+)", whole.as_text()) == [str(members)] * 2
         return whole.compile()(params, xs, weights), per_example(params, xs, weights, lengths)
 
     xla_loops = gradients("0")

@@ -548,12 +548,74 @@ def test_pallas_kernels_equal_the_float64_references(kind, reverse, masked, monk
         assert np.all(np.asarray(g_u)[~np.asarray(valid)] == 0) and np.any(truth[0][:, 1] != 0)
 
 
+def pallas_truth(kind, reverse, masked, hidden):
+    """`pallas_problem`'s operands at ``hidden``, and in float64 by the primitives' references: the forward results
+    and the backward ones (the first carry's cotangents after g_u and W_h's)."""
+    operands, (forward_p, backward_p), params, residuals, cotangents, valid = pallas_problem(kind, hidden=hidden)
+    params = {**params, "reverse": reverse, "threads": 1}
+    if masked:
+        forward_p, backward_p = (getattr(native, p.name.removeprefix("rnnlab_") + "_masked_p")
+                                 for p in (forward_p, backward_p))
+    mask = (valid,) if masked else ()
+    with jax.enable_x64(True):
+        as64 = lambda arrays: [jnp.asarray(a, jnp.float64) for a in arrays]  # noqa: E731
+        results = forward_p.reference(*as64(operands), *mask, **params)
+        truth = backward_p.reference(*residuals(*results), *mask, *as64(cotangents), **params)
+        results, truth = [np.asarray(r, np.float32) for r in results], [np.asarray(t, np.float32) for t in truth]
+    backward_operands = [*residuals(*results), *cotangents]
+    return operands, backward_operands, valid if masked else None, params.get("activation"), results, truth
+
+
+@needs_pallas_triton
+@pytest.mark.parametrize("kind", PALLAS_KINDS)
+@pytest.mark.parametrize(("reverse", "masked"), [(False, False), (True, True)], ids=["forward-dense", "reverse-masked"])
+def test_each_program_of_a_team_computes_its_units(kind, reverse, masked):
+    """A team of 4 programs per 16 rows (`pallas._Team`, on a GPU the LSTM's and GRU's at hidden 128), each
+    computing 16 of hidden 64's units, run by Pallas's interpreter, which runs the programs one after another: the
+    exchange through which the team shares its units every step starts as the float64 references' results (the
+    forward's ``hs``, the backward's g_u), so that no program waits and each computes its own units of every step
+    from the others' as the references have them, with its share of W_h (columns forward, rows backward). Every
+    result equals the references' (two teams: batch 20 padded to 32 rows)."""
+    operands, backward_operands, valid, activation, results, truth = pallas_truth(kind, reverse, masked, 64)
+    name = {"LSTM": "lstm", "GRU": "gru"}.get(kind, "rnn")
+    settings = {"reverse": reverse, "interpret": True, "members": 4, **({"activation": activation} if activation
+                                                                         else {})}
+    forward = getattr(pallas, name + "_forward")(*operands, valid, exchange=results[0], **settings)
+    for result, expected in zip(forward, results, strict=True):
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+    backward = getattr(pallas, name + "_backward")(*backward_operands, valid, exchange=truth[0], **settings)
+    for result, expected in zip(backward, [truth[0], *truth[2:]], strict=True):
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_pallas_triton
+@pytest.mark.parametrize("kind", ["RNN-relu", "LSTM", "GRU"])
+def test_a_team_that_waits_in_vain_gives_nans_not_wrong_numbers(kind, monkeypatch):
+    """A team whose programs do not all run at once (here Pallas's interpreter runs them one after another, the
+    exchange starting as the sentinel) stops waiting after `pallas.PATIENCE` reads of a step instead of hanging, and
+    computes on with the sentinel's NaN: every result is NaN or the references' value, some are NaN (the first
+    programs'; the last finds the others' units stored). ReLU included: Triton's max would turn a NaN into 0."""
+    monkeypatch.setattr(pallas, "PATIENCE", 3)
+    operands, backward_operands, valid, activation, results, truth = pallas_truth(kind, False, True, 64)
+    name = {"LSTM": "lstm", "GRU": "gru"}.get(kind, "rnn")
+    settings = {"reverse": False, "interpret": True, "members": 4, **({"activation": activation} if activation
+                                                                      else {})}
+    forward = getattr(pallas, name + "_forward")(*operands, valid, **settings)
+    backward = getattr(pallas, name + "_backward")(*backward_operands, valid, **settings)
+    for got, expected in zip([*forward, *backward], [*results, truth[0], *truth[2:]], strict=True):
+        got = np.asarray(got)
+        assert np.isnan(got).any()
+        np.testing.assert_allclose(got[~np.isnan(got)], expected[~np.isnan(got)], rtol=1e-5, atol=1e-5)
+    assert not np.isnan(results[0]).any() and not np.isnan(truth[0]).any()
+
+
 @needs_pallas_triton
 def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
     """Lowered for CUDA here (no GPU needed; run and timed on a GPU by `benchmarks/gpu.sh`): the forward and
-    backward loops of the plain RNN (to hidden 128) and of the LSTM and GRU (to hidden 64) are two Triton calls and no
-    XLA loop, for padded sequences too; ``RNNLAB_PALLAS=0``, a hidden size the kernels do not hold, `jax.export`,
-    ROCm and the CPU keep XLA's loops."""
+    backward loops of the plain RNN (to hidden 256) and of the LSTM and GRU (to hidden 128) are two Triton calls and
+    no XLA loop, for padded sequences too, one program per 16 rows where it holds W_h, else a team of 4 (the grid's
+    first axis); ``RNNLAB_PALLAS=0``, a hidden size the kernels do not take, `jax.export`, ROCm and the CPU keep
+    XLA's loops."""
     if not pallas_lowering.lowers_for_cuda_here():  # asked here, not while collecting: it lowers a Pallas call
         pytest.skip(pallas_lowering.REASON)
 
@@ -565,7 +627,7 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
             text = jax.export.export(grad, platforms=(platform,))(params, xs, carry).mlir_module()
         else:
             text = grad.trace(params, xs, carry).lower(lowering_platforms=(platform,)).as_text()
-        return text.count("xla.gpu.triton"), text.count("stablehlo.while"), *sorted(set(re.findall(r"grid_y = (\d+)",
+        return text.count("xla.gpu.triton"), text.count("stablehlo.while"), *sorted(set(re.findall(r"grid_x = (\d+)",
                                                                                                 text)))
 
     assert lowered("RNN-tanh", 128) == (2, 0, "1")
@@ -590,11 +652,13 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
 
 
 @needs_pallas_triton
-def test_the_pallas_kernels_apply_where_their_offsets_fit():
+def test_the_pallas_kernels_apply_where_their_offsets_fit(monkeypatch):
     """Where `native.pallas` runs: one W_h ``[H, G·H]`` that one program holds (at most 64 KB) or a team of at most
     `pallas.MAX_TEAM` (each program a quarter of it, at least 16 units), float32, a sequence whose padded rows fit
-    Triton's 32-bit offsets and, for a team, whose teams all run at once (no GPU here: at most 16 programs)."""
+    Triton's 32-bit offsets and, for a team, whose teams all run at once (here, as without a GPU: at most 16
+    programs)."""
     f32 = [jnp.float32] * 3
+    monkeypatch.setattr(pallas, "_processors", lambda: pallas.FEWEST_PROCESSORS)  # 132 on an H100
     assert pallas.applies((128, 128), (1000, 16, 128), f32, "tanh")
     assert pallas.applies((16, 16), (3, 1, 16), f32, "linear")
     assert pallas.applies((64, 256), (3, 1, 256), f32)  # the LSTM at hidden 64

@@ -17,10 +17,11 @@ once the others have stored theirs: the output starts as a NaN of a bit pattern 
 and a program reads again (past its L1 cache) until none of the row is left, so data and signal travel together,
 with no counter or barrier. That needs every program of a team running at once: `team_size` keeps a batch's
 programs within the GPU's multiprocessors. On an H100 at batch 16, T = 1000, hidden 128 (benchmarks/README.md,
-"Run 9") the teams run the LSTM and GRU 1.6-1.7x faster than XLA's loops (the counter barrier of the H200 probe
-was 10 % faster), and the plain RNN at hidden 256, batch 64, 1.25-1.3x. Pallas's interpreter runs the programs one
-after another, so there (`interpret`, the tests without a GPU) one program does a team's work; `tests/test_gpu.py`
-holds the teams to XLA's loops on a GPU.
+"Run 9") the teams run the LSTM and GRU 1.6-1.7x faster than XLA's loops (the H200 probe's four programs meeting at
+an atomic counter every step ran the LSTM's forward loop 10 % faster than XLA's), and the plain RNN at hidden 256,
+batch 64, 1.25-1.3x. Pallas's interpreter runs the programs one
+after another, so there (`interpret`, the tests without a GPU) one program does a team's work, unless a test asks
+for a team (`_run`); `tests/test_gpu.py` holds the teams to XLA's loops on a GPU.
 
 Each forward kernel computes what its primitive in `rnnlab.native` does (``hs``, and the LSTM's ``cs`` and gates,
 the GRU's gates and ``a_n``); each backward kernel is the transpose of the primitive's tangent, run from the last
@@ -64,10 +65,10 @@ HELD_FLOATS = 128 * 128
 MAX_TEAM = 4
 #: The fewest units of each gate a program of a team computes: the narrowest matmul a Triton dot takes.
 MIN_UNITS = 16
-#: The bits (as int32) of the NaN a team's exchange starts as (`_Team.gathered`): a negative quiet NaN whose payload
+#: The bits (as int32) of the NaN a team's exchange starts as (`_Team.exchange`): a negative quiet NaN whose payload
 #: no arithmetic makes (NVIDIA's own NaN is 0x7FFFFFFF).
 SENTINEL = -0x3F2153  # 0xFFC0DEAD
-#: Reads of one step's exchange after which a program of a team stops waiting (`_Team.gathered`): some 2²⁰ reads of
+#: Reads of one step's exchange after which a program of a team stops waiting (`_Team.exchange`): some 2²⁰ reads of
 #: 0.5-1 µs each, a second or so, where a step's wait is a few reads.
 PATIENCE = 2**20
 #: Programs that may run at once where no GPU says how many streaming multiprocessors it has (lowered for CUDA
@@ -104,9 +105,11 @@ def team_size(w_h_shape, batch: int) -> int | None:
     `MAX_TEAM`) whose shares of ``W_h``'s columns, ``[H, G·H / size]``, each fit in `HELD_FLOATS`, each program
     computing at least `MIN_UNITS` units; None where there are none, or where a team's programs over the whole
     batch could outnumber the GPU's streaming multiprocessors (`FEWEST_PROCESSORS` where no GPU is visible). Every
-    program of a team waits for the others every step, so they must all run at once: with at most one program on
-    each multiprocessor they do, whatever else the GPU runs, unless it is shared out (MPS's active thread
-    percentage), where `_Team.gathered` stops waiting after `PATIENCE` reads and the results hold NaNs."""
+    program of a team waits for the others every step, so they must all run at once. Nothing guarantees that short
+    of a cooperative launch, which Pallas does not make; with at most one program per multiprocessor, and each
+    team's programs consecutive in launch order, they do in practice, unless other work holds multiprocessors for
+    long (another process's kernels under MPS, for one): there `_Team.exchange` stops waiting after `PATIENCE`
+    reads and the results hold NaNs."""
     hidden, width = w_h_shape
     size = 1
     while hidden * width > size * HELD_FLOATS:
@@ -118,12 +121,12 @@ def team_size(w_h_shape, batch: int) -> int | None:
 
 @functools.cache
 def _processors() -> int:
-    """The streaming multiprocessors of the visible GPUs' smallest, or `FEWEST_PROCESSORS` without one."""
+    """The streaming multiprocessors of this process's smallest GPU, or `FEWEST_PROCESSORS` where none says."""
     try:
-        counts = [getattr(device, "core_count", 0) for device in jax.devices("gpu")]
-    except RuntimeError:
+        counts = [getattr(device, "core_count", 0) for device in jax.local_devices(backend="gpu")]
+    except RuntimeError:  # no GPU backend
         counts = []
-    return min(counts) if counts and min(counts) > 0 else FEWEST_PROCESSORS
+    return min([count for count in counts if count > 0], default=FEWEST_PROCESSORS)
 
 
 @functools.cache
@@ -176,22 +179,23 @@ def _loop(steps: int, read, advance, state, ahead: bool):
 
 
 class _Team:
-    """The hidden units one program of a team computes: the programs along the grid's second axis share their 16
-    rows, program ``m`` of ``size`` computing units ``m·U`` to ``(m + 1)·U - 1`` (``U = H / size``) of each gate,
-    and the team exchanging its units every step through an output (`gathered`). With one program (``size`` 1) a
-    program computes every unit and exchanges nothing."""
+    """The hidden units one program of a team computes: the programs along the grid's first axis share their 16
+    rows (a team's programs are consecutive in launch order, so whole teams start together), program ``m`` of
+    ``size`` computing units ``m·U`` to ``(m + 1)·U - 1`` (``U = H / size``) of each gate, and the team exchanging
+    its units every step through an output (`exchange`). With one program (``size`` 1) a program computes every
+    unit and exchanges nothing."""
 
     def __init__(self, size: int, hidden: int):
         from jax.experimental import pallas as pl
 
         self.size, self.hidden, self.units = size, hidden, hidden // size
-        self.start = pl.program_id(1) * self.units if size > 1 else 0
+        self.first = pl.program_id(0) * self.units if size > 1 else 0  # the first unit it computes
 
     def own(self, block: int = 0):
         """The columns of gate block ``block`` this program computes, as a slice of a ``[..., G·H]`` axis."""
         from jax.experimental import pallas as pl
 
-        return pl.ds(block * self.hidden + self.start, self.units)
+        return pl.ds(block * self.hidden + self.first, self.units)
 
     def whole(self, block: int = 0):
         """Gate block ``block``, every unit."""
@@ -216,34 +220,56 @@ class _Team:
         for k, block in enumerate(blocks):
             ref[t, :, self.own(k)] = block
 
-    def start_state(self) -> tuple:
-        """The waiting state a loop carries (`gathered`): none for a single program."""
+    def waiting(self) -> tuple:
+        """The state of waiting a loop carries (`exchange`): none for a single program."""
         return () if self.size == 1 else (jnp.bool_(True),)
 
-    def gathered(self, ref, t, own_blocks: list, waiting: tuple):
-        """``(blocks, waiting)``: every unit of ``ref[t]``, one ``[ROWS, H]`` per gate block, once the whole team
-        has stored its units there (with one program, ``own_blocks``). ``ref`` starts as `SENTINEL` (`_call`); the
-        program reads it again until no element is, the reads bypassing its L1 cache (``volatile``). A team whose
-        programs were not all running would wait for ever: after `PATIENCE` reads of one step the program stops
-        waiting (``waiting`` False) for this and every later step, and its results hold the sentinel, a NaN."""
+    def exchange(self, ref, t, blocks: list, waiting: tuple):
+        """``(whole, waiting)``: ``blocks`` (this program's units, one per gate block) stored in ``ref[t]``, and every
+        unit of ``ref[t]``, one ``[ROWS, H]`` per gate block, once the whole team has stored its units there (with
+        one program, ``blocks``).
+
+        ``ref`` starts as `SENTINEL` (`_call`); the program reads the row again, past its L1 cache (``volatile``),
+        until no element is. Every element is stored once, by one thread, whole (32 bits), and checked on its own,
+        so a read sees each either as the sentinel or as its value, whatever the order in which the stores reach
+        the L2 cache: the stores are plain and the PTX memory model promises nothing about when another program
+        sees them, which can delay a step but not change a value. A team whose programs were not all running would
+        wait for ever: after `PATIENCE` reads of one step the program stops waiting (``waiting`` False) for this
+        and every later step, and computes on with the sentinel, a NaN, which every result it touches keeps."""
+        self.store(ref, t, blocks)
         if self.size == 1:
-            return own_blocks, waiting
+            return blocks, waiting
         from jax.experimental.pallas import triton as pallas_triton
 
-        def read(_):
-            return [pallas_triton.load(ref.at[t, :, self.whole(k)], volatile=True) for k in range(len(own_blocks))]
-
-        def incomplete(blocks):
+        def read():
+            whole = [pallas_triton.load(ref.at[t, :, self.whole(k)], volatile=True) for k in range(len(blocks))]
             marked = [jnp.max(jnp.where(jax.lax.bitcast_convert_type(b, jnp.int32) == SENTINEL, 1, 0))
-                      for b in blocks]
-            return functools.reduce(jnp.maximum, marked) > 0
+                      for b in whole]
+            return whole, functools.reduce(jnp.maximum, marked) > 0
 
         def again(state):
-            blocks, reads = state
-            return incomplete(blocks) & (reads < PATIENCE) & waiting[0]
+            _, incomplete, reads = state
+            return incomplete & (reads < PATIENCE) & waiting[0]
 
-        blocks, reads = jax.lax.while_loop(again, lambda state: (read(None), state[1] + 1), (read(None), 1))
-        return blocks, (waiting[0] & (reads < PATIENCE),)
+        whole, incomplete, _ = jax.lax.while_loop(again, lambda state: (*read(), state[2] + 1), (*read(), 1))
+        return whole, (waiting[0] & ~incomplete,)
+
+    def start(self, h0_ref) -> tuple:
+        """A forward loop's hidden state at its start: ``(h, h_own)``, the whole ``h0`` (the next step's matmul) and
+        this program's units of it (what a masked row keeps); with one program they are one (``h_own`` None)."""
+        return h0_ref[...], (None if self.size == 1 else h0_ref[:, self.own()])
+
+    @staticmethod
+    def mine(hidden: tuple):
+        """This program's units of a forward loop's hidden state ``(h, h_own)``."""
+        h, h_own = hidden
+        return h if h_own is None else h_own
+
+    def advance(self, hs_ref, t, h_new, waiting: tuple) -> tuple:
+        """``((h, h_own), waiting)`` after a forward step: ``h_new`` (this program's units) stored in ``hs_ref[t]``
+        and the whole of it once the team has stored theirs (`exchange`)."""
+        (h,), waiting = self.exchange(hs_ref, t, [h_new], waiting)
+        return (h, None if self.size == 1 else h_new), waiting
 
 
 def _times_w(h, w_blocks: list) -> list:
@@ -273,21 +299,21 @@ def _state_before(s, steps: int, back: bool, ref, columns, first):
     return jnp.where(s >= steps - 1, first, ref[_read_time(s + 1, steps, back), :, columns])
 
 
-def _forward_state(team: _Team, h0_ref) -> tuple:
-    """A forward loop's hidden state at its start: ``(h, h_own)``, the whole ``h0`` (the next step's matmul) and
-    this program's units of it (what a masked row keeps); with one program they are one (``h_own`` None)."""
-    return h0_ref[...], (None if team.size == 1 else h0_ref[:, team.own()])
+def _activation(name: str):
+    """The plain RNN's φ in a kernel: `rnnlab.cells`'s, but ReLU as a `jnp.where` that keeps a NaN, as XLA's
+    ReLU does (Pallas lowers ``max`` to Triton's ``maxnumf``, which would turn a NaN into 0)."""
+    from rnnlab.cells import _ACTIVATIONS
+
+    return (lambda z: jnp.where(z < 0, 0.0, z)) if name == "relu" else _ACTIVATIONS[name]
 
 
 # --- the plain RNN: h_t = φ(px_t + h_{t-1} W_h) --------------------------------------------------------------------
 
 
-def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation, ahead, team):
-    from rnnlab.cells import _ACTIVATIONS
-
+def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation, ahead, members):
     *valid_ref, hs_ref = refs  # with a padding mask, ``valid [T, B]`` (1.0 or 0.0) before the output
-    phi = _ACTIVATIONS[activation]
-    team = _Team(team, h0_ref.shape[-1])
+    phi = _activation(activation)
+    team = _Team(members, h0_ref.shape[-1])
     w_h = team.columns(w_ref, 1)  # loaded once: held in registers for all steps
 
     def read(s):
@@ -295,22 +321,19 @@ def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation
         return (*team.load(px_ref, (t, slice(None))), *_mask_at(valid_ref, t))
 
     def advance(s, state, px_t, *valid_t):
-        (h, h_own), waiting = state
-        new = _kept(_keep(valid_t), phi(px_t + _times_w(h, w_h)[0]), h if h_own is None else h_own)
-        t = _time(s, steps, reverse)
-        team.store(hs_ref, t, [new])
-        (h,), waiting = team.gathered(hs_ref, t, [new], waiting)
-        return (h, None if h_own is None else new), waiting
+        hidden, waiting = state
+        new = _kept(_keep(valid_t), phi(px_t + _times_w(hidden[0], w_h)[0]), team.mine(hidden))
+        return team.advance(hs_ref, _time(s, steps, reverse), new, waiting)
 
-    _loop(steps, read, advance, (_forward_state(team, h0_ref), team.start_state()), ahead)
+    _loop(steps, read, advance, (team.start(h0_ref), team.waiting()), ahead)
 
 
-def _rnn_backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, activation, ahead, team):
+def _rnn_backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, activation, ahead, members):
     from rnnlab.fused import _RNN_DERIVATIVES
 
     *valid_ref, g_z_ref, g_h0_ref = refs
     derivative = _RNN_DERIVATIVES[activation]
-    team = _Team(team, g_h_ref.shape[-1])
+    team = _Team(members, g_h_ref.shape[-1])
     w_h = team.rows(w_ref, 1)
     back = not reverse  # the recurrence ran forward in time for `reverse=False`: its transpose runs the other way
 
@@ -324,20 +347,18 @@ def _rnn_backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse
         keep = _keep(valid_t)
         g = g_h_t + g_carry
         g_z = _kept(keep, g if derivative is None else g * derivative(h_t), 0.0)
-        t = _time(s, steps, back)
-        team.store(g_z_ref, t, [g_z])
-        g_z_all, waiting = team.gathered(g_z_ref, t, [g_z], waiting)
+        g_z_all, waiting = team.exchange(g_z_ref, _time(s, steps, back), [g_z], waiting)
         return _kept(keep, _times_w_transposed(g_z_all, w_h), g), waiting
 
-    g_h0_ref[:, team.own()] = _loop(steps, read, advance, (g_h_ref[:, team.own()], team.start_state()), ahead)[0]
+    g_h0_ref[:, team.own()] = _loop(steps, read, advance, (g_h_ref[:, team.own()], team.waiting()), ahead)[0]
 
 
 # --- the LSTM (gates i, f, g, o) ------------------------------------------------------------------------------------
 
 
-def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, ahead, team):
+def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, ahead, members):
     *valid_ref, hs_ref, cs_ref, gates_ref = refs
-    team = _Team(team, h0_ref.shape[-1])
+    team = _Team(members, h0_ref.shape[-1])
     w_h = team.columns(w_ref, 4)
 
     def read(s):
@@ -345,27 +366,25 @@ def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, a
         return (*team.load(px_ref, (t, slice(None)), 4), *_mask_at(valid_ref, t))
 
     def advance(s, state, px_i, px_f, px_g, px_o, *valid_t):
-        (h, h_own), c, waiting = state
-        z_i, z_f, z_g, z_o = (px + hw for px, hw in zip((px_i, px_f, px_g, px_o), _times_w(h, w_h)))
+        hidden, c, waiting = state
+        z_i, z_f, z_g, z_o = (px + hw for px, hw in zip((px_i, px_f, px_g, px_o), _times_w(hidden[0], w_h)))
         i, f, g, o = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_g), jax.nn.sigmoid(z_o)
         keep = _keep(valid_t)
         c_new = _kept(keep, f * c + i * g, c)
-        h_new = _kept(keep, o * jnp.tanh(c_new), h if h_own is None else h_own)
+        h_new = _kept(keep, o * jnp.tanh(c_new), team.mine(hidden))
         t = _time(s, steps, reverse)
         team.store(cs_ref, t, [c_new])
         team.store(gates_ref, t, [i, f, g, o])  # an invalid step's too, as the reference saves them
-        team.store(hs_ref, t, [h_new])
-        (h,), waiting = team.gathered(hs_ref, t, [h_new], waiting)
-        return (h, None if h_own is None else h_new), c_new, waiting
+        hidden, waiting = team.advance(hs_ref, t, h_new, waiting)
+        return hidden, c_new, waiting
 
-    start = (_forward_state(team, h0_ref), c0_ref[:, team.own()], team.start_state())
-    _loop(steps, read, advance, start, ahead)
+    _loop(steps, read, advance, (team.start(h0_ref), c0_ref[:, team.own()], team.waiting()), ahead)
 
 
 def _lstm_backward_kernel(w_ref, gates_ref, cs_ref, c0_ref, g_hs_ref, g_h_ref, g_c_ref, *refs, steps, reverse,
-                          ahead, team):
+                          ahead, members):
     *valid_ref, g_z_ref, g_h0_ref, g_c0_ref = refs
-    team = _Team(team, c0_ref.shape[-1])
+    team = _Team(members, c0_ref.shape[-1])
     w_h = team.rows(w_ref, 4)
     c0 = c0_ref[:, team.own()]
     back = not reverse
@@ -384,23 +403,21 @@ def _lstm_backward_kernel(w_ref, gates_ref, cs_ref, c0_ref, g_hs_ref, g_h_ref, g
         g_z = [g_c_total * g * i * (1 - i), g_c_total * c_prev * f * (1 - f), g_c_total * i * (1 - g * g),
                g_h * tanh_c * o * (1 - o)]
         g_z = [_kept(keep, block, 0.0) for block in g_z]
-        t = _time(s, steps, back)
-        team.store(g_z_ref, t, g_z)
-        g_z_all, waiting = team.gathered(g_z_ref, t, g_z, waiting)
+        g_z_all, waiting = team.exchange(g_z_ref, _time(s, steps, back), g_z, waiting)
         return (_kept(keep, _times_w_transposed(g_z_all, w_h), g_h), _kept(keep, g_c_total * f, g_c), c_prev,
                 waiting)
 
     first = cs_ref[_time(0, steps, back), :, team.own()]
-    start = (g_h_ref[:, team.own()], g_c_ref[:, team.own()], first, team.start_state())
+    start = (g_h_ref[:, team.own()], g_c_ref[:, team.own()], first, team.waiting())
     g_h0_ref[:, team.own()], g_c0_ref[:, team.own()], *_ = _loop(steps, read, advance, start, ahead)
 
 
 # --- the GRU (cuDNN's convention: gates r, z, n; a = h W_h + b_h) ---------------------------------------------------
 
 
-def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahead, team):
+def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahead, members):
     *valid_ref, hs_ref, gates_ref, a_n_ref = refs
-    team = _Team(team, h0_ref.shape[-1])
+    team = _Team(members, h0_ref.shape[-1])
     w_h = team.columns(w_ref, 3)
     b_h = [b[None, :] for b in team.load(b_ref, (), 3)]
 
@@ -409,31 +426,29 @@ def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahe
         return (*team.load(px_ref, (t, slice(None)), 3), *_mask_at(valid_ref, t))
 
     def advance(s, state, x_r, x_z, x_n, *valid_t):
-        (h, h_own), waiting = state
-        a_r, a_z, a_n = (hw + b for hw, b in zip(_times_w(h, w_h), b_h))
+        hidden, waiting = state
+        a_r, a_z, a_n = (hw + b for hw, b in zip(_times_w(hidden[0], w_h), b_h))
         r, z = jax.nn.sigmoid(x_r + a_r), jax.nn.sigmoid(x_z + a_z)
         n = jnp.tanh(x_n + r * a_n)
-        h_prev = h if h_own is None else h_own
+        h_prev = team.mine(hidden)
         h_new = _kept(_keep(valid_t), (1.0 - z) * n + z * h_prev, h_prev)
         t = _time(s, steps, reverse)
         team.store(gates_ref, t, [r, z, n])
         team.store(a_n_ref, t, [a_n])
-        team.store(hs_ref, t, [h_new])
-        (h,), waiting = team.gathered(hs_ref, t, [h_new], waiting)
-        return (h, None if h_own is None else h_new), waiting
+        return team.advance(hs_ref, t, h_new, waiting)
 
-    _loop(steps, read, advance, (_forward_state(team, h0_ref), team.start_state()), ahead)
+    _loop(steps, read, advance, (team.start(h0_ref), team.waiting()), ahead)
 
 
 def _gru_backward_kernel(w_ref, gates_ref, a_n_ref, hs_ref, h0_ref, g_hs_ref, g_h_ref, *refs, steps, reverse, ahead,
-                         team):
+                         members):
     *valid_ref, g_u_ref, g_h0_ref = refs
-    team = _Team(team, h0_ref.shape[-1])
+    team = _Team(members, h0_ref.shape[-1])
     w_h = team.rows(w_ref, 3)
     h0 = h0_ref[:, team.own()]
     back = not reverse
 
-    def read(s):  # the step's gates and a_n, the state entering it, its output's cotangent; every unit's r
+    def read(s):  # the step's gates and a_n, the state entering it, its output's cotangent; a team: every unit's r
         t = _read_time(s, steps, back)
         r_all = () if team.size == 1 else (gates_ref[t, :, team.whole(0)],)
         return (*team.load(gates_ref, (t, slice(None)), 3), *team.load(a_n_ref, (t, slice(None))),
@@ -443,19 +458,18 @@ def _gru_backward_kernel(w_ref, gates_ref, a_n_ref, hs_ref, h0_ref, g_hs_ref, g_
     def advance(s, state, r, z, n, a_n, h_prev, g_hs_t, *rest):
         # The transpose of `fused._gru_tangent_step`: the cotangent of u per block is g ⊙ into_h, and the carry's
         # is (g ⊙ into_h ⊙ [1, 1, r]) W_hᵀ + z ⊙ g.
-        (r_all, *valid_t), (g_carry, waiting) = (rest if team.size > 1 else (r, *rest)), state
+        r_all, *valid_t = rest if team.size > 1 else (r, *rest)
+        g_carry, waiting = state
         keep = _keep(valid_t)
         g = g_carry + g_hs_t
         new_coeff = (1 - z) * (1 - n * n)
         g_u = [g * new_coeff * r * (1 - r) * a_n, g * (h_prev - n) * z * (1 - z), g * new_coeff]
         g_u = [_kept(keep, block, 0.0) for block in g_u]
-        t = _time(s, steps, back)
-        team.store(g_u_ref, t, g_u)
-        (g_u_r, g_u_z, g_u_n), waiting = team.gathered(g_u_ref, t, g_u, waiting)
+        (g_u_r, g_u_z, g_u_n), waiting = team.exchange(g_u_ref, _time(s, steps, back), g_u, waiting)
         recurrent = _times_w_transposed([g_u_r, g_u_z, g_u_n * r_all], w_h)
         return _kept(keep, recurrent + z * g, g), waiting
 
-    g_h0_ref[:, team.own()] = _loop(steps, read, advance, (g_h_ref[:, team.own()], team.start_state()), ahead)[0]
+    g_h0_ref[:, team.own()] = _loop(steps, read, advance, (g_h_ref[:, team.own()], team.waiting()), ahead)[0]
 
 
 # --- calls ------------------------------------------------------------------------------------------------------------
@@ -465,38 +479,41 @@ def _padded_rows(batch: int) -> int:
     return -(-batch // ROWS) * ROWS
 
 
-def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret, team: int = 1):
-    """``kernel`` over programs of `ROWS` rows, ``team`` programs per `ROWS` rows (`_Team`; the grid's second axis):
-    the batch padded to a multiple of `ROWS` (padded rows are zero and stay zero: none of the activations moves 0)
-    and cut back after. With a team, the first output, through which the team exchanges its units, starts as
-    `SENTINEL` everywhere."""
+def _call(kernel, args, out_shapes, batch_axes, out_batch_axes, interpret, members: int, exchange, name: str):
+    """``kernel`` over programs of `ROWS` rows, ``members`` programs per `ROWS` rows (`_Team`; the grid's first
+    axis, so that a team's programs are consecutive in launch order): the batch padded to a multiple of `ROWS` with
+    zero rows, whose results are cut off after. With a team, the first output, through which the team exchanges its
+    units, starts as ``exchange`` (its shape, unpadded) or, if None, as `SENTINEL` everywhere."""
     from jax.experimental import pallas as pl
 
     batch = next(a.shape[axis] for a, axis in zip(args, batch_axes) if axis is not None)
     padded = _padded_rows(batch)
-    args = [a if axis is None else jnp.pad(a, [(0, padded - batch if d == axis else 0) for d in range(a.ndim)])
-            for a, axis in zip(args, batch_axes)]
+
+    def pad(a, axis):
+        return a if axis is None else jnp.pad(a, [(0, padded - batch if d == axis else 0) for d in range(a.ndim)])
 
     def spec(shape, axis):
         if axis is None:
-            return pl.BlockSpec(shape, lambda b, m: (0,) * len(shape))
+            return pl.BlockSpec(shape, lambda m, b: (0,) * len(shape))
         block = shape[:axis] + (ROWS,) + shape[axis + 1:]
-        return pl.BlockSpec(block, lambda b, m, axis=axis, rank=len(shape): tuple(b if d == axis else 0
+        return pl.BlockSpec(block, lambda m, b, axis=axis, rank=len(shape): tuple(b if d == axis else 0
                                                                                    for d in range(rank)))
 
+    args = [pad(a, axis) for a, axis in zip(args, batch_axes)]
     out_full = [jax.ShapeDtypeStruct(s[:axis] + (padded,) + s[axis + 1:], jnp.float32)
                 for s, axis in zip(out_shapes, out_batch_axes)]
-    exchange = []
-    if team > 1:
-        marked = jax.lax.bitcast_convert_type(jnp.full(out_full[0].shape, SENTINEL, jnp.int32), jnp.float32)
-        exchange, inputs = [marked], len(args)
-        kernel = functools.partial(_without_input, kernel, inputs)
+    start, aliases = [], {}
+    if members > 1:
+        start = [pad(exchange, out_batch_axes[0]) if exchange is not None else
+                 jax.lax.bitcast_convert_type(jnp.full(out_full[0].shape, SENTINEL, jnp.int32), jnp.float32)]
+        aliases = {len(args): 0}
+        kernel = functools.partial(_without_input, kernel, len(args))
     outs = pl.pallas_call(
-        kernel, grid=(padded // ROWS, team),
-        in_specs=[spec(a.shape, axis) for a, axis in zip([*args, *exchange], [*batch_axes, *out_batch_axes[:1]])],
+        kernel, grid=(members, padded // ROWS), name=name,
+        in_specs=[spec(a.shape, axis) for a, axis in zip([*args, *start], [*batch_axes, *out_batch_axes[:1]])],
         out_specs=[spec(o.shape, axis) for o, axis in zip(out_full, out_batch_axes)],
-        out_shape=out_full, interpret=interpret, input_output_aliases={len(args): 0} if exchange else {},
-        **({} if interpret else {"compiler_params": _compiler_params()}))(*args, *exchange)
+        out_shape=out_full, interpret=interpret, input_output_aliases=aliases,
+        **({} if interpret else {"compiler_params": _compiler_params()}))(*args, *start)
     return [jax.lax.slice_in_dim(o, 0, batch, axis=axis) for o, axis in zip(outs, out_batch_axes)]
 
 
@@ -505,62 +522,73 @@ def _without_input(kernel, index: int, *refs, **params):
     return kernel(*refs[:index], *refs[index + 1:], **params)
 
 
-def _run(kernel, operands, batch_axes, out_shapes, out_batch_axes, valid, interpret, **params):
+def _run(kernel, operands, batch_axes, out_shapes, out_batch_axes, valid, interpret, members=None, exchange=None,
+         **params):
     """``kernel`` (with ``params``, each step's inputs read ahead where `read_ahead`) on ``operands`` and, with a
     padding mask, ``valid [T, B]`` (booleans; the kernels read float32 ones and zeros) after them, by teams of
-    `team_size` programs (one in Pallas's interpreter, which runs the programs one after another). The steps are
-    the leading axis of the operands ``[T, B, ...]`` (batch axis 1); ``W_h`` is the first operand."""
+    `team_size` programs. The steps are the leading axis of the operands ``[T, B, ...]`` (batch axis 1); ``W_h`` is
+    the first operand.
+
+    Pallas's interpreter runs the programs one after another, so there a team's first program would wait for ever
+    for the others: there a program works alone unless ``members`` says otherwise, and then (the tests) the team's
+    exchange starts as ``exchange`` (the first output, e.g. as one program computes it, so that no program waits
+    and each computes and stores its own units; None: the sentinel, so that each waits `PATIENCE` reads)."""
     steps, batch = next(a.shape[:2] for a, axis in zip(operands, batch_axes) if axis == 1)
     mask = [] if valid is None else [jnp.asarray(valid, jnp.float32)]
-    team = 1 if interpret else team_size(operands[0].shape, batch)
-    kernel = functools.partial(kernel, steps=steps, ahead=read_ahead(), team=team, **params)
+    members = members or (1 if interpret else team_size(operands[0].shape, batch))
+    name = "rnnlab_" + kernel.__name__.strip("_").removesuffix("_kernel")
+    kernel = functools.partial(kernel, steps=steps, ahead=read_ahead(), members=members, **params)
     return _call(kernel, [*operands, *mask], out_shapes, [*batch_axes, *[1] * len(mask)], out_batch_axes, interpret,
-                 team)
+                 members, exchange, name)
 
 
 # Each takes its primitive's operands (the mask apart, given as ``valid``) and returns the primitive's results, the
-# backward ones without W_h's gradient.
+# backward ones without W_h's gradient; ``team``: `_run`'s ``members`` and ``exchange``, for the tests.
 
 
-def rnn_forward(w_h, h0, px, valid=None, *, reverse: bool, activation: str, interpret: bool = False):
+def rnn_forward(w_h, h0, px, valid=None, *, reverse: bool, activation: str, interpret: bool = False, **team):
     """``[hs]``, ``hs [T, B, H]`` of ``h_t = φ(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B,
     H]``)."""
     return _run(_rnn_forward_kernel, [w_h, h0, px], [None, 0, 1], [px.shape], [1], valid, interpret,
-                reverse=reverse, activation=activation)
+                reverse=reverse, activation=activation, **team)
 
 
-def rnn_backward(w_h, hs, h0, g_hs, g_h, valid=None, *, reverse: bool, activation: str, interpret: bool = False):
+def rnn_backward(w_h, hs, h0, g_hs, g_h, valid=None, *, reverse: bool, activation: str, interpret: bool = False,
+                 **team):
     """``[g_z [T, B, H], g_h0 [B, H]]``: the cotangents of ``px`` and ``h0`` given those of ``hs`` and of the last
     carry, ``g_hs [T, B, H]`` and ``g_h [B, H]``."""
     return _run(_rnn_backward_kernel, [w_h, hs, g_hs, g_h], [None, 1, 1, 0], [hs.shape, g_h.shape],
-                [1, 0], valid, interpret, reverse=reverse, activation=activation)
+                [1, 0], valid, interpret, reverse=reverse, activation=activation, **team)
 
 
-def lstm_forward(w_h, h0, c0, px, valid=None, *, reverse: bool, interpret: bool = False):
+def lstm_forward(w_h, h0, c0, px, valid=None, *, reverse: bool, interpret: bool = False, **team):
     """``[hs, cs, gates]`` (``[T, B, H]``, ``[T, B, H]``, ``[T, B, 4H]``) from ``w_h [H, 4H]``, ``h0``, ``c0`` and
     ``px [T, B, 4H]``."""
     sequence = px.shape[:2] + h0.shape[-1:]
     return _run(_lstm_forward_kernel, [w_h, h0, c0, px], [None, 0, 0, 1], [sequence, sequence, px.shape],
-                [1, 1, 1], valid, interpret, reverse=reverse)
+                [1, 1, 1], valid, interpret, reverse=reverse, **team)
 
 
-def lstm_backward(w_h, gates, cs, c0, hs, h0, g_hs, g_h, g_c, valid=None, *, reverse: bool, interpret: bool = False):
+def lstm_backward(w_h, gates, cs, c0, hs, h0, g_hs, g_h, g_c, valid=None, *, reverse: bool, interpret: bool = False,
+                  **team):
     """``[g_z [T, B, 4H], g_h0, g_c0]``: the cotangents of ``px`` and of the first carry given those of ``hs`` and of
     the last carry (``hs`` and ``h0`` enter W_h's gradient only)."""
     return _run(_lstm_backward_kernel, [w_h, gates, cs, c0, g_hs, g_h, g_c], [None, 1, 1, 0, 1, 0, 0],
-                [gates.shape, g_h.shape, g_c.shape], [1, 0, 0], valid, interpret, reverse=reverse)
+                [gates.shape, g_h.shape, g_c.shape], [1, 0, 0], valid, interpret, reverse=reverse, **team)
 
 
-def gru_forward(w_h, b_h, h0, px, valid=None, *, reverse: bool, interpret: bool = False):
+def gru_forward(w_h, b_h, h0, px, valid=None, *, reverse: bool, interpret: bool = False, **team):
     """``[hs, gates, a_n]`` (``[T, B, H]``, ``[T, B, 3H]``: r, z, n, ``[T, B, H]``: the n block of ``h W_h + b_h``)
     from ``w_h [H, 3H]``, ``b_h [3H]``, ``h0`` and ``px [T, B, 3H]``."""
     sequence = px.shape[:2] + h0.shape[-1:]
     return _run(_gru_forward_kernel, [w_h, b_h, h0, px], [None, None, 0, 1],
-                [sequence, px.shape, sequence], [1, 1, 1], valid, interpret, reverse=reverse)
+                [sequence, px.shape, sequence], [1, 1, 1], valid, interpret, reverse=reverse, **team)
 
 
-def gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, valid=None, *, reverse: bool, interpret: bool = False):
+def gru_backward(w_h, gates, a_n, hs, h0, g_hs, g_h, valid=None, *, reverse: bool, interpret: bool = False,
+                 **team):
     """``[g_u [T, B, 3H], g_h0]``: the cotangents of the tangent's ``u`` and of ``h0`` given those of ``hs`` and of
     the last carry."""
     return _run(_gru_backward_kernel, [w_h, gates, a_n, hs, h0, g_hs, g_h],
-                [None, 1, 1, 1, 0, 1, 0], [gates.shape, g_h.shape], [1, 0], valid, interpret, reverse=reverse)
+                [None, 1, 1, 1, 0, 1, 0], [gates.shape, g_h.shape], [1, 0], valid, interpret, reverse=reverse,
+                **team)
