@@ -62,8 +62,8 @@ TORCH_TARGET, FLAX_TARGET = 1.0, 1.5
 CUDNN_TARGET = 1 / 1.5
 #: More rnnlab columns, each the same call under other settings (environment variables read while it is lowered):
 #: the native kernels off on CPU; on a GPU the Pallas kernels off (XLA's loops, unrolled 8 steps, which the LSTM and
-#: GRU run at these hidden sizes anyway, and the plain RNN at hidden 256) and those kernels not reading each step's
-#: inputs ahead.
+#: GRU run at hidden 256 and 512 anyway, and the plain RNN at 512) and those kernels not reading each step's inputs
+#: ahead.
 VARIANTS = ({"rnnlab no Pallas": {"RNNLAB_PALLAS": "0"}, "rnnlab not ahead": {"RNNLAB_PALLAS_AHEAD": "0"}} if GPU
             else {"rnnlab XLA only": {"RNNLAB_NATIVE": "0"}})
 #: The timed columns of the details table ("jax cuDNN": `jax.experimental.rnn`, which runs on a GPU only).

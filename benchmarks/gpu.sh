@@ -12,17 +12,18 @@
 #     cells      run.py cells                                       GPU_BENCH_CELLS_S   200
 #     tests      the GPU test subset                                GPU_TESTS_S         300
 #     sharding   the sharding tests on 4 CPU devices, this JAX      GPU_SHARDING_S      120
-#     kernels    probe_gpu_kernels.py                               GPU_PROBE_KERNELS_S 100
+#     kernels    probe_gpu_kernels.py                               GPU_PROBE_KERNELS_S 120
+#     team       probe_team_step.py                                 GPU_PROBE_TEAM_S     90
 #     precision  probe_precision.py                                 GPU_PROBE_S          40
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
-# Every part: about 15 minutes at most. With a cold compilation cache the tests part ran about 245 of its 316 tests
+# Every part: about 17 minutes at most. With a cold compilation cache the tests part ran about 245 of its 316 tests
 # in 220 s at -n 16 on an H100 (2026-11-27, run 9; 251 of 300 in 150 s at -n 8 in run 8); with the cache warm all
 # of them took 74-84 s. Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
 set -u
 python=${PYTHON:-python3}
 out=${1:-gpu_results}
 shift $(( $# > 0 ? 1 : 0 ))
-parts=" ${*:-cells tests sharding kernels precision sweep} "
+parts=" ${*:-cells tests sharding kernels team precision sweep} "
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -59,7 +60,9 @@ JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 \
 JAX_PLATFORMS=cpu part sharding sharding.txt "${GPU_SHARDING_S:-120}" "$python" -m pytest -q -rfE -p no:cacheprovider \
   -p no:benchmark -n 2 --dist loadfile tests/test_sharded_scan.py tests/test_train_sharding.py
 
-part kernels probe_gpu_kernels.txt "${GPU_PROBE_KERNELS_S:-100}" "$python" benchmarks/probe_gpu_kernels.py
+part kernels probe_gpu_kernels.txt "${GPU_PROBE_KERNELS_S:-120}" "$python" benchmarks/probe_gpu_kernels.py
+
+part team probe_team_step.txt "${GPU_PROBE_TEAM_S:-90}" "$python" benchmarks/probe_team_step.py
 
 part precision probe_precision.txt "${GPU_PROBE_S:-40}" "$python" benchmarks/probe_precision.py
 

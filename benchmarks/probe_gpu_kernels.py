@@ -1,8 +1,8 @@
-"""Probe (GPU): the Pallas kernels where only they run — the LSTM and GRU at hidden 64 and below, and padded
-sequences (the masked kernels) — against rnnlab on XLA's loops and torch's cuDNN.
+"""Probe (GPU): the Pallas kernels where `bench_cells.py` does not time them — the LSTM and GRU at hidden 64 (one
+program per 16 rows), and padded sequences (the masked kernels, at hidden 128 those of the LSTM's and GRU's teams)
+— against rnnlab on XLA's loops and torch's cuDNN.
 
-`bench_cells.py`'s shapes have hidden 128 and more, where the LSTM and GRU keep XLA's loops, so it does not time
-these kernels. For each cell and shape, one training-style call (`bench_cells.py`'s): rnnlab as by default (the
+`bench_cells.py`'s shapes have hidden 128 and more, where the LSTM and GRU run as teams or keep XLA's loops. For each cell and shape, one training-style call (`bench_cells.py`'s): rnnlab as by default (the
 kernels, each step's inputs read one step ahead), ``RNNLAB_PALLAS=0`` (XLA's loops, unrolled 8 steps: what ran
 before), ``RNNLAB_PALLAS_AHEAD=0`` (the inputs read when used) and ``torch.nn`` on CUDA (cuDNN; packed sequences
 where padded); timed as `bench_cells.py` times (`blocked_medians`). Padded rows take lengths from ``[T/2, T]``
@@ -21,7 +21,8 @@ from bench_padded import lengths_of
 #: (cell, batch, T, input, hidden, padded)
 CASES = tuple((kind, *shape, False) for kind in ("LSTM", "GRU", "RNN")
               for shape in ((16, 1000, 32, 64), (32, 100, 64, 64))) + tuple(
-    (kind, 16, 1000, 32, 64, True) for kind in ("LSTM", "GRU", "RNN"))
+    (kind, 16, 1000, 32, 64, True) for kind in ("LSTM", "GRU", "RNN")) + tuple(
+    (kind, 16, 1000, 32, 128, True) for kind in ("LSTM", "GRU"))
 
 
 def main() -> None:
