@@ -16,7 +16,7 @@
 #     team       probe_team_step.py                                 GPU_PROBE_TEAM_S     90
 #     precision  probe_precision.py                                 GPU_PROBE_S          40
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
-# Every part: about 17 minutes at most. With a cold compilation cache the tests part ran about 245 of its 316 tests
+# Every part: about 17 minutes at most. With a cold compilation cache the tests part ran 279 of its 316 tests
 # in 220 s at -n 16 on an H100 (2026-11-27, run 9; 251 of 300 in 150 s at -n 8 in run 8); with the cache warm all
 # of them took 74-84 s. Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
 set -u

@@ -2,10 +2,11 @@
 program per 16 rows), and padded sequences (the masked kernels, at hidden 128 those of the LSTM's and GRU's teams)
 — against rnnlab on XLA's loops and torch's cuDNN.
 
-`bench_cells.py`'s shapes have hidden 128 and more, where the LSTM and GRU run as teams or keep XLA's loops. For each cell and shape, one training-style call (`bench_cells.py`'s): rnnlab as by default (the
-kernels, each step's inputs read one step ahead), ``RNNLAB_PALLAS=0`` (XLA's loops, unrolled 8 steps: what ran
-before), ``RNNLAB_PALLAS_AHEAD=0`` (the inputs read when used) and ``torch.nn`` on CUDA (cuDNN; packed sequences
-where padded); timed as `bench_cells.py` times (`blocked_medians`). Padded rows take lengths from ``[T/2, T]``
+`bench_cells.py`'s shapes have hidden 128 and more, where the LSTM and GRU run as teams or keep XLA's loops. For
+each cell and shape, one training-style call (`bench_cells.py`'s): rnnlab as by default (the kernels, each step's
+inputs read one step ahead), ``RNNLAB_PALLAS=0`` (XLA's loops, unrolled 8 steps: what ran before),
+``RNNLAB_PALLAS_AHEAD=0`` (the inputs read when used) and ``torch.nn`` on CUDA (cuDNN; packed sequences where
+padded); timed as `bench_cells.py` times (`blocked_medians`). Padded rows take lengths from ``[T/2, T]``
 (`bench_padded.lengths_of`).
 Not run by `make bench`; `benchmarks/gpu.sh` runs it.
 

@@ -156,6 +156,8 @@ def test_pallas_kernels_keep_nans_as_xla_does(hidden, monkeypatch):
         monkeypatch.setenv("RNNLAB_PALLAS", pallas_on)
         forward = jax.jit(lambda xs: rnnlab.scan(cell, params, xs)[0]).lower(xs)
         assert (forward.as_text().count("xla.gpu.triton") == 1) == (pallas_on == "1")
+        if pallas_on == "1":
+            assert re.findall(r"grid_x = (\d+)", forward.as_text()) == ["1" if hidden == 64 else "4"]
         grad = jax.jit(jax.grad(lambda xs: jnp.sum(rnnlab.scan(cell, params, xs)[0][:, :4])))
         return np.asarray(forward.compile()(xs)), np.asarray(grad(xs))
 

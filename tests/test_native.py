@@ -8,6 +8,7 @@ really calls the kernel, so a silent fallback cannot pass for it.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -566,47 +567,79 @@ def pallas_truth(kind, reverse, masked, hidden):
     return operands, backward_operands, valid if masked else None, params.get("activation"), results, truth
 
 
-@needs_pallas_triton
-@pytest.mark.parametrize("kind", PALLAS_KINDS)
-@pytest.mark.parametrize(("reverse", "masked"), [(False, False), (True, True)], ids=["forward-dense", "reverse-masked"])
-def test_each_program_of_a_team_computes_its_units(kind, reverse, masked):
-    """A team of 4 programs per 16 rows (`pallas._Team`, on a GPU the LSTM's and GRU's at hidden 128), each
-    computing 16 of hidden 64's units, run by Pallas's interpreter, which runs the programs one after another: the
-    exchange through which the team shares its units every step starts as the float64 references' results (the
-    forward's ``hs``, the backward's g_u), so that no program waits and each computes its own units of every step
-    from the others' as the references have them, with its share of W_h (columns forward, rows backward). Every
-    result equals the references' (two teams: batch 20 padded to 32 rows)."""
+def team_of_four(kind, reverse, masked):
+    """`pallas_truth` at hidden 64, and the kernels as a team of 4 programs of 16 units each in Pallas's interpreter,
+    ``(forward, backward)``, each taking ``exchange`` (the starting values of its first output, `pallas._run`); the
+    truth of the backward kernel's results (the first carry's cotangents after g_u, without W_h's)."""
     operands, backward_operands, valid, activation, results, truth = pallas_truth(kind, reverse, masked, 64)
     name = {"LSTM": "lstm", "GRU": "gru"}.get(kind, "rnn")
     settings = {"reverse": reverse, "interpret": True, "members": 4, **({"activation": activation} if activation
                                                                          else {})}
-    forward = getattr(pallas, name + "_forward")(*operands, valid, exchange=results[0], **settings)
-    for result, expected in zip(forward, results, strict=True):
-        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
-    backward = getattr(pallas, name + "_backward")(*backward_operands, valid, exchange=truth[0], **settings)
-    for result, expected in zip(backward, [truth[0], *truth[2:]], strict=True):
-        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+    forward = functools.partial(getattr(pallas, name + "_forward"), *operands, valid, **settings)
+    backward = functools.partial(getattr(pallas, name + "_backward"), *backward_operands, valid, **settings)
+    return forward, backward, results, [truth[0], *truth[2:]]
+
+
+def units_of(member, width, hidden=64, units=16):
+    """The columns of a ``[..., G·H]`` array (``width = G·H``) that program ``member`` of a team computes."""
+    return np.concatenate([np.arange(k * hidden + member * units, k * hidden + (member + 1) * units)
+                           for k in range(width // hidden)])
+
+
+@needs_pallas_triton
+@pytest.mark.parametrize("kind", PALLAS_KINDS)
+@pytest.mark.parametrize(("reverse", "masked"), [(False, False), (True, True)], ids=["forward-dense", "reverse-masked"])
+def test_each_program_of_a_team_computes_its_units(kind, reverse, masked, monkeypatch):
+    """A team of 4 programs per 16 rows (`pallas._Team`, on a GPU the LSTM's and GRU's at hidden 128), each
+    computing 16 of hidden 64's units, run by Pallas's interpreter, which runs the programs one after another (the
+    first program of each team first). The exchange through which the team shares its units every step (the
+    forward's ``hs``, the backward's g_u) starts as the float64 references' results, except the first program's
+    units, which start as the sentinel: the first program finds the others' units there and its own as it stores
+    them, the others find its units only if it stored them. Every result equals the references' (two teams: batch
+    20 padded to 32 rows); a program that waited in vain (`PATIENCE` 3 here) would have left NaNs."""
+    monkeypatch.setattr(pallas, "PATIENCE", 3)
+    forward, backward, results, truth = team_of_four(kind, reverse, masked)
+    sentinel = np.array(pallas.SENTINEL, np.int32).view(np.float32)
+    for run, expected in ((forward, results), (backward, truth)):
+        start = expected[0].copy()
+        start[..., units_of(0, start.shape[-1])] = sentinel
+        for result, want in zip(run(exchange=start), expected, strict=True):
+            np.testing.assert_allclose(result, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_pallas_triton
 @pytest.mark.parametrize("kind", ["RNN-relu", "LSTM", "GRU"])
 def test_a_team_that_waits_in_vain_gives_nans_not_wrong_numbers(kind, monkeypatch):
     """A team whose programs do not all run at once (here Pallas's interpreter runs them one after another, the
-    exchange starting as the sentinel) stops waiting after `pallas.PATIENCE` reads of a step instead of hanging, and
-    computes on with the sentinel's NaN: every result is NaN or the references' value, some are NaN (the first
-    programs'; the last finds the others' units stored). ReLU included: Triton's max would turn a NaN into 0."""
+    exchange starting as the sentinel everywhere) stops waiting after `pallas.PATIENCE` reads of a step instead of
+    hanging, and computes on with the sentinel's NaN: every result is NaN or the references' value, and some are
+    NaN (the first programs'). The last program finds the others' units of the first step stored, so its units of
+    the second step are right."""
     monkeypatch.setattr(pallas, "PATIENCE", 3)
-    operands, backward_operands, valid, activation, results, truth = pallas_truth(kind, False, True, 64)
-    name = {"LSTM": "lstm", "GRU": "gru"}.get(kind, "rnn")
-    settings = {"reverse": False, "interpret": True, "members": 4, **({"activation": activation} if activation
-                                                                      else {})}
-    forward = getattr(pallas, name + "_forward")(*operands, valid, **settings)
-    backward = getattr(pallas, name + "_backward")(*backward_operands, valid, **settings)
-    for got, expected in zip([*forward, *backward], [*results, truth[0], *truth[2:]], strict=True):
+    forward, backward, results, truth = team_of_four(kind, False, True)
+    forward, backward = forward(exchange=None), backward(exchange=None)
+    for got, expected in zip([*forward, *backward], [*results, *truth], strict=True):
         got = np.asarray(got)
         assert np.isnan(got).any()
         np.testing.assert_allclose(got[~np.isnan(got)], expected[~np.isnan(got)], rtol=1e-5, atol=1e-5)
     assert not np.isnan(results[0]).any() and not np.isnan(truth[0]).any()
+    last_units = np.asarray(forward[0])[1][:, units_of(3, 64)], np.asarray(backward[0])[-2][:, units_of(3, 64 * (
+        {"LSTM": 4, "GRU": 3}.get(kind, 1)))]  # steps 1 and T - 2: the backward runs from the last step
+    assert all(np.isfinite(units).all() for units in last_units)
+
+
+def test_the_kernels_relu_keeps_a_nan():
+    """The plain RNN's ReLU in the kernels is no ``max``: Pallas lowers ``max`` to Triton's ``maxnumf``, which
+    turns a NaN into 0 where XLA's ReLU keeps it (checked on a GPU by
+    `test_gpu.py::test_pallas_kernels_keep_nans_as_xla_does`; here, where the interpreter's max is XLA's, in the
+    kernel's jaxpr)."""
+    w_h, h0, px = pallas_problem("RNN-relu")[0]
+    jaxpr = jax.make_jaxpr(functools.partial(pallas.rnn_forward, reverse=False, activation="relu",
+                                             interpret=True))(w_h, h0, px)
+    kernel = str(next(eqn for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call").params["jaxpr"])
+    assert re.search(r"\bmax\b", kernel) is None and "select_n" in kernel
+    relu = pallas._activation("relu")
+    np.testing.assert_array_equal(relu(jnp.array([-1.0, 0.0, 2.0, jnp.nan])), [0.0, 0.0, 2.0, jnp.nan])
 
 
 @needs_pallas_triton

@@ -40,10 +40,10 @@ the cells' gradients 1.1-1.9x faster on an H200 at every shape of ``benchmarks/b
 iteration (default 1: 8 ran the sweep's steady state 1.2-1.3x faster on an H200 but compiled it seconds longer). Where
 ``W_h`` fits one program's registers (the plain RNN to hidden 128, the LSTM and GRU to hidden 64) or a team of four
 programs' (the LSTM and GRU at 128, the plain RNN at 256, while the batch's teams fit the GPU's multiprocessors: to
-batch 528 on an H100; one device), the cells' loops there are Pallas kernels
-instead, the masked twins' too (`rnnlab.native.pallas`: one program, or a team exchanging its units every step, per
-16 rows runs every step; ``RNNLAB_PALLAS=0`` turns them off): at batch 16, T = 1000 on an H100, 1.6-1.7x (LSTM and
-GRU, hidden 128, teams) to 3.3x (tanh RNN, hidden 64) faster than the XLA loops.
+batch 528 on an H100; one device), the cells' loops there are Pallas kernels instead, the masked twins' too
+(`rnnlab.native.pallas`: one program, or a team exchanging its units every step, per 16 rows runs every step;
+``RNNLAB_PALLAS=0`` turns them off): at batch 16, T = 1000 on an H100, 1.6-1.7x (LSTM and GRU, hidden 128, teams) to
+3.3x (tanh RNN, hidden 64) faster than the XLA loops.
 
 With the batch split over several devices, each device runs the kernels on its own rows: in a jit that XLA's SPMD
 partitioner splits, through `custom_partitioning` (`_partitioned`); traced within `split_batch` (as `rnnlab.train`

@@ -15,13 +15,12 @@ programs run side by side on the same 16 rows, each holding ``W_h``'s columns fo
 of ``h`` (backward: of the gates' cotangent) in the output it writes anyway, then reads that step's whole row back
 once the others have stored theirs: the output starts as a NaN of a bit pattern no arithmetic makes (`SENTINEL`),
 and a program reads again (past its L1 cache) until none of the row is left, so data and signal travel together,
-with no counter or barrier. That needs every program of a team running at once: `team_size` keeps a batch's
-programs within the GPU's multiprocessors. On an H100 at batch 16, T = 1000, hidden 128 (benchmarks/README.md,
-"Run 9") the teams run the LSTM and GRU 1.6-1.7x faster than XLA's loops (the H200 probe's four programs meeting at
-an atomic counter every step ran the LSTM's forward loop 10 % faster than XLA's), and the plain RNN at hidden 256,
-batch 64, 1.25-1.3x. Pallas's interpreter runs the programs one
-after another, so there (`interpret`, the tests without a GPU) one program does a team's work, unless a test asks
-for a team (`_run`); `tests/test_gpu.py` holds the teams to XLA's loops on a GPU.
+with no counter or barrier. That needs every program of a team running at once: `team_size` keeps a batch's programs
+within the GPU's multiprocessors. On an H100 at batch 16, T = 1000, hidden 128 (benchmarks/README.md, "Run 9") the teams
+run the LSTM and GRU 1.6-1.7x faster than XLA's loops (the H200 probe's four programs meeting at an atomic counter every
+step ran the LSTM's forward loop 10 % faster than XLA's), and the plain RNN at hidden 256, batch 64, 1.25-1.3x. Pallas's
+interpreter runs the programs one after another, so there (`interpret`, the tests without a GPU) one program does a
+team's work, unless a test asks for a team (`_run`); `tests/test_gpu.py` holds the teams to XLA's loops on a GPU.
 
 Each forward kernel computes what its primitive in `rnnlab.native` does (``hs``, and the LSTM's ``cs`` and gates,
 the GRU's gates and ``a_n``); each backward kernel is the transpose of the primitive's tangent, run from the last
