@@ -210,11 +210,12 @@ def _child(out: str) -> None:
             return pallas_lowering.REASON
         text = function.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
-        return [len(calls), sorted({int(rows) for line in calls for rows in re.findall(r"tensor<30x(\d+)x", line)})]
+        return [len(calls), sorted({int(rows) for line in calls for rows in re.findall(r"tensor<30x(\d+)x", line)}),
+                sorted({int(members) for line in calls for members in re.findall(r"grid_x = (\d+)", line)})]
 
-    for cell, extra in ((rnnlab.LSTM(64), ()), (rnnlab.LSTM(64), (lengths,)), (rnnlab.GRU(32), ()),
-                        (rnnlab.RNN(128), ())):
-        name = f"{type(cell).__name__}{' padded' if extra else ''}"
+    for name, cell, extra in (("LSTM", rnnlab.LSTM(64), ()), ("LSTM padded", rnnlab.LSTM(64), (lengths,)),
+                              ("GRU", rnnlab.GRU(32), ()), ("RNN", rnnlab.RNN(128), ()),
+                              ("LSTM team", rnnlab.LSTM(128), ())):
         params = cell.init(jax.random.key(0), 8)
         grad = jax.jit(jax.grad(lambda p, x, n=None, cell=cell: jnp.mean(rnnlab.scan(cell, p, x, lengths=n)[0] ** 2)))
         with jax.set_mesh(line):
@@ -349,13 +350,15 @@ def test_a_function_traced_outside_split_batch_is_traced_afresh_within(on_device
 
 def test_on_several_gpus_each_device_would_run_the_pallas_kernels_on_its_rows(on_devices):
     """This project is lent one GPU at a time, so the split on several is checked in the CUDA lowering: in explicit
-    mode and within `split_batch`, two Triton calls (forward and backward) on each device's 8 rows padded to 16;
-    a plain jit over the split batch keeps XLA's loops (`native._several_devices`)."""
+    mode and within `split_batch`, two Triton calls (forward and backward) on each device's 8 rows padded to 16,
+    one program per 16 rows, or a team of 4 for the LSTM at hidden 128 (`native.pallas.team_size`); a plain jit over
+    the split batch keeps XLA's loops (`native._several_devices`)."""
     if isinstance(on_devices["cuda explicit LSTM"], str):
         pytest.skip(on_devices["cuda explicit LSTM"])
-    for name in ("LSTM", "LSTM padded", "GRU", "RNN"):
-        assert on_devices[f"cuda explicit {name}"] == on_devices[f"cuda split_batch {name}"] == [2, [16]], name
-        assert on_devices[f"cuda plain jit {name}"] == [0, []], name
+    for name in ("LSTM", "LSTM padded", "GRU", "RNN", "LSTM team"):
+        expected = [2, [16], [4 if name == "LSTM team" else 1]]
+        assert on_devices[f"cuda explicit {name}"] == on_devices[f"cuda split_batch {name}"] == expected, name
+        assert on_devices[f"cuda plain jit {name}"] == [0, [], []], name
 
 
 def test_a_sweep_keeps_its_own_mesh_within_a_callers(on_devices):
