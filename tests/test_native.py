@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from unittest import mock
 
 import jax
@@ -517,20 +518,10 @@ def test_pallas_kernels_equal_the_float64_references(kind, reverse, masked, monk
     modes, of the first carry), each step's inputs read one step ahead (the default) and when used
     (``RNNLAB_PALLAS_AHEAD=0``).
     Batch 20 is padded to 32 rows (two programs). Masked: the twins' kernels, with `pallas_problem`'s mask."""
-    operands, (forward_p, backward_p), params, residuals, cotangents, valid = pallas_problem(kind)
-    params = {**params, "reverse": reverse, "threads": 1}
-    if masked:
-        twin = lambda p: getattr(native, p.name.removeprefix("rnnlab_") + "_masked_p")  # noqa: E731
-        forward_p, backward_p = twin(forward_p), twin(backward_p)
-    mask = (valid,) if masked else ()
-    with jax.enable_x64(True):
-        as64 = lambda arrays: [jnp.asarray(a, jnp.float64) for a in arrays]  # noqa: E731
-        results = forward_p.reference(*as64(operands), *mask, **params)
-        backward_operands = [*residuals(*results), *mask, *as64(cotangents)]
-        truth = backward_p.reference(*backward_operands, **params)
-        results, truth = [np.asarray(r) for r in results], [np.asarray(t) for t in truth]
-    as32 = lambda arrays: [a if a.dtype == jnp.bool_ else jnp.asarray(a, jnp.float32) for a in arrays]  # noqa: E731
-    backward_operands = as32(backward_operands)
+    problem = pallas_truth(kind, reverse, masked)
+    (forward_p, backward_p), params, operands, mask = problem.primitives, problem.params, problem.operands, problem.mask
+    results, truth, valid = problem.results, problem.truth, problem.valid
+    backward_operands = [*problem.residuals, *mask, *problem.cotangents]
     aval = lambda arrays: [jax.core.ShapedArray(a.shape, a.dtype) for a in arrays]  # noqa: E731
     for ahead, modes in (("1", ("kernel", "xla", "none")), ("0", ("xla",))):
         monkeypatch.setenv("RNNLAB_PALLAS_AHEAD", ahead)
@@ -549,35 +540,42 @@ def test_pallas_kernels_equal_the_float64_references(kind, reverse, masked, monk
         assert np.all(np.asarray(g_u)[~np.asarray(valid)] == 0) and np.any(truth[0][:, 1] != 0)
 
 
-def pallas_truth(kind, reverse, masked, hidden):
-    """`pallas_problem`'s operands at ``hidden``, and in float64 by the primitives' references: the forward results
-    and the backward ones (the first carry's cotangents after g_u and W_h's)."""
-    operands, (forward_p, backward_p), params, residuals, cotangents, valid = pallas_problem(kind, hidden=hidden)
+def pallas_truth(kind, reverse, masked, hidden=32):
+    """`pallas_problem` at ``hidden``, with ``operands``, ``cotangents``, ``valid`` (None unless ``masked``) and
+    ``mask`` (``(valid,)`` or ``()``); the ``primitives`` ``(forward, backward)`` (the masked twins where
+    ``masked``) and their ``params``; in float64 by their references, the forward ``results`` and the backward
+    ``truth`` (g_u, W_h's gradient, the first carry's cotangents); ``residuals``, the backward primitive's operands
+    before the mask, from the results in float32."""
+    operands, primitives, params, residuals, cotangents, valid = pallas_problem(kind, hidden=hidden)
     params = {**params, "reverse": reverse, "threads": 1}
     if masked:
-        forward_p, backward_p = (getattr(native, p.name.removeprefix("rnnlab_") + "_masked_p")
-                                 for p in (forward_p, backward_p))
+        primitives = tuple(getattr(native, p.name.removeprefix("rnnlab_") + "_masked_p") for p in primitives)
     mask = (valid,) if masked else ()
     with jax.enable_x64(True):
         as64 = lambda arrays: [jnp.asarray(a, jnp.float64) for a in arrays]  # noqa: E731
-        results = forward_p.reference(*as64(operands), *mask, **params)
-        truth = backward_p.reference(*residuals(*results), *mask, *as64(cotangents), **params)
-        results, truth = [np.asarray(r, np.float32) for r in results], [np.asarray(t, np.float32) for t in truth]
-    backward_operands = [*residuals(*results), *cotangents]
-    return operands, backward_operands, valid if masked else None, params.get("activation"), results, truth
+        results = primitives[0].reference(*as64(operands), *mask, **params)
+        truth = primitives[1].reference(*residuals(*results), *mask, *as64(cotangents), **params)
+        results, truth = [np.asarray(r) for r in results], [np.asarray(t) for t in truth]
+    return types.SimpleNamespace(
+        operands=operands, cotangents=cotangents, valid=valid if masked else None, mask=mask, primitives=primitives,
+        params=params, results=results, truth=truth,
+        residuals=[jnp.asarray(a, jnp.float32) for a in residuals(*results)])
 
 
 def team_of_four(kind, reverse, masked):
     """`pallas_truth` at hidden 64, and the kernels as a team of 4 programs of 16 units each in Pallas's interpreter,
     ``(forward, backward)``, each taking ``exchange`` (the starting values of its first output, `pallas._run`); the
     truth of the backward kernel's results (the first carry's cotangents after g_u, without W_h's)."""
-    operands, backward_operands, valid, activation, results, truth = pallas_truth(kind, reverse, masked, 64)
+    problem = pallas_truth(kind, reverse, masked, 64)
     name = {"LSTM": "lstm", "GRU": "gru"}.get(kind, "rnn")
+    activation = problem.params.get("activation")
     settings = {"reverse": reverse, "interpret": True, "members": 4, **({"activation": activation} if activation
                                                                          else {})}
-    forward = functools.partial(getattr(pallas, name + "_forward"), *operands, valid, **settings)
-    backward = functools.partial(getattr(pallas, name + "_backward"), *backward_operands, valid, **settings)
-    return forward, backward, results, [truth[0], *truth[2:]]
+    forward = functools.partial(getattr(pallas, name + "_forward"), *problem.operands, problem.valid, **settings)
+    backward = functools.partial(getattr(pallas, name + "_backward"), *problem.residuals, *problem.cotangents,
+                                 problem.valid, **settings)
+    as32 = lambda arrays: [a.astype(np.float32) for a in arrays]  # noqa: E731
+    return forward, backward, as32(problem.results), as32([problem.truth[0], *problem.truth[2:]])
 
 
 def units_of(member, width, hidden=64, units=16):

@@ -210,8 +210,10 @@ class _Team:
         """``W_h``'s rows of this program's units, ``[U, H]`` per gate block: a backward step's ``g W_hᵀ``."""
         return [ref[self.own(0), self.whole(k)] for k in range(gates)]
 
-    def load(self, ref, index: tuple, gates: int = 1) -> list:
-        """``ref[index]``'s columns of this program's units, per gate block."""
+    def load(self, ref, t=None, gates: int = 1) -> list:
+        """``ref[t]``'s columns of this program's units (``ref``'s, of a 1-D ``ref``, without ``t``), per gate
+        block."""
+        index = () if t is None else (t, slice(None))
         return [ref[(*index, self.own(k))] for k in range(gates)]
 
     def store(self, ref, t, blocks: list):
@@ -317,7 +319,7 @@ def _rnn_forward_kernel(w_ref, h0_ref, px_ref, *refs, steps, reverse, activation
 
     def read(s):
         t = _read_time(s, steps, reverse)
-        return (*team.load(px_ref, (t, slice(None))), *_mask_at(valid_ref, t))
+        return (*team.load(px_ref, t), *_mask_at(valid_ref, t))
 
     def advance(s, state, px_t, *valid_t):
         hidden, waiting = state
@@ -338,8 +340,7 @@ def _rnn_backward_kernel(w_ref, hs_ref, g_hs_ref, g_h_ref, *refs, steps, reverse
 
     def read(s):
         t = _read_time(s, steps, back)
-        return (*team.load(hs_ref, (t, slice(None))), *team.load(g_hs_ref, (t, slice(None))),
-                *_mask_at(valid_ref, t))
+        return (*team.load(hs_ref, t), *team.load(g_hs_ref, t), *_mask_at(valid_ref, t))
 
     def advance(s, state, h_t, g_h_t, *valid_t):
         g_carry, waiting = state
@@ -362,7 +363,7 @@ def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, a
 
     def read(s):
         t = _read_time(s, steps, reverse)
-        return (*team.load(px_ref, (t, slice(None)), 4), *_mask_at(valid_ref, t))
+        return (*team.load(px_ref, t, 4), *_mask_at(valid_ref, t))
 
     def advance(s, state, px_i, px_f, px_g, px_o, *valid_t):
         hidden, c, waiting = state
@@ -390,8 +391,8 @@ def _lstm_backward_kernel(w_ref, gates_ref, cs_ref, c0_ref, g_hs_ref, g_h_ref, g
 
     def read(s):  # the step's gates, the cell state entering it, its output's cotangent
         t = _read_time(s, steps, back)
-        return (*team.load(gates_ref, (t, slice(None)), 4), _state_before(s, steps, back, cs_ref, team.own(), c0),
-                *team.load(g_hs_ref, (t, slice(None))), *_mask_at(valid_ref, t))
+        return (*team.load(gates_ref, t, 4), _state_before(s, steps, back, cs_ref, team.own(), c0),
+                *team.load(g_hs_ref, t), *_mask_at(valid_ref, t))
 
     def advance(s, state, i, f, g, o, c_prev, g_hs_t, *valid_t):
         g_h, g_c, c, waiting = state  # the carry's cotangents, and the cell state this step made
@@ -418,11 +419,11 @@ def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahe
     *valid_ref, hs_ref, gates_ref, a_n_ref = refs
     team = _Team(members, h0_ref.shape[-1])
     w_h = team.columns(w_ref, 3)
-    b_h = [b[None, :] for b in team.load(b_ref, (), 3)]
+    b_h = [b[None, :] for b in team.load(b_ref, gates=3)]
 
     def read(s):
         t = _read_time(s, steps, reverse)
-        return (*team.load(px_ref, (t, slice(None)), 3), *_mask_at(valid_ref, t))
+        return (*team.load(px_ref, t, 3), *_mask_at(valid_ref, t))
 
     def advance(s, state, x_r, x_z, x_n, *valid_t):
         hidden, waiting = state
@@ -450,9 +451,9 @@ def _gru_backward_kernel(w_ref, gates_ref, a_n_ref, hs_ref, h0_ref, g_hs_ref, g_
     def read(s):  # the step's gates and a_n, the state entering it, its output's cotangent; a team: every unit's r
         t = _read_time(s, steps, back)
         r_all = () if team.size == 1 else (gates_ref[t, :, team.whole(0)],)
-        return (*team.load(gates_ref, (t, slice(None)), 3), *team.load(a_n_ref, (t, slice(None))),
-                _state_before(s, steps, back, hs_ref, team.own(), h0), *team.load(g_hs_ref, (t, slice(None))),
-                *r_all, *_mask_at(valid_ref, t))
+        return (*team.load(gates_ref, t, 3), *team.load(a_n_ref, t),
+                _state_before(s, steps, back, hs_ref, team.own(), h0), *team.load(g_hs_ref, t), *r_all,
+                *_mask_at(valid_ref, t))
 
     def advance(s, state, r, z, n, a_n, h_prev, g_hs_t, *rest):
         # The transpose of `fused._gru_tangent_step`: the cotangent of u per block is g ⊙ into_h, and the carry's
