@@ -682,6 +682,25 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
 
 
+def test_the_mosaic_gpu_probe_kernels_compute_the_recurrence():
+    """`benchmarks/probe_mosaic_rnn.py`, which only a GPU times (`benchmarks/gpu.sh`, part ``mosaic``), kept working
+    here: its Mosaic GPU kernels for the tanh RNN's forward and backward recurrences lower for CUDA to TF32
+    ``wgmma``s, and in Mosaic GPU's interpreter (a simulated GPU, race detection on) equal a float64 loop of their
+    own (``--check``; the interpreter of jax 0.10.0 fails on an indexed barrier, so there only the lowering)."""
+    import importlib.util
+
+    try:
+        from jax.experimental.pallas import mosaic_gpu  # noqa: F401
+    except ImportError:
+        pytest.skip("this JAX has no Mosaic GPU")
+    spec = importlib.util.spec_from_file_location("probe_mosaic_rnn", ROOT / "benchmarks" / "probe_mosaic_rnn.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    probe.lower()
+    if jax.__version_info__ >= (0, 10, 2):
+        probe.check()
+
+
 @needs_pallas_triton
 def test_the_pallas_kernels_apply_where_their_offsets_fit(monkeypatch):
     """Where `native.pallas` runs: one W_h ``[H, G·H]`` that one program holds (at most 64 KB) or a team of at most
