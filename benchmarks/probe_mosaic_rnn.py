@@ -7,11 +7,14 @@ The kernels: one program (a CUDA block of one warpgroup) per `ROWS` rows runs al
 into shared memory. Forward (`mosaic_rnn_forward`): each step's ``h_{t-1} W_h`` is one ``wgmma`` (TF32 tensor cores,
 float32 accumulator) reading ``h_{t-1}`` and ``W_h`` from shared memory; ``h_t = tanh(px_t + h_{t-1} W_h)`` is
 computed in registers, stored into shared memory for the next step's matmul and copied from there to ``hs[t]`` by
-the TMA unit, asynchronously; ``px_{t+1}`` is fetched (TMA) while step ``t`` runs; two buffers each for ``h`` and
-``px``. Backward (`mosaic_rnn_backward`), from the last step to the first: ``g_z_t = (g_hs_t + λ) ⊙ (1 - h_t²)``
-stored into shared memory, whence the TMA copies it to ``g_z[t]`` and the ``wgmma`` computes ``λ ← g_z_t W_hᵀ``;
-``hs`` and ``g_hs`` fetched a step ahead (two buffers each), ``g_z`` in one (at hidden 128 a second would not fit
-beside them: 227 KB of shared memory a block on an H100).
+the TMA unit, asynchronously; while the ``wgmma`` runs, ``px_{t+1}``'s fetch (TMA) is issued and ``px_t`` read
+into registers; two buffers each for ``h`` and ``px``. Backward (`mosaic_rnn_backward`), from the last step to the
+first: ``g_z_t = (g_hs_t + λ) ⊙ (1 - h_t²)`` stored into shared memory, whence the TMA copies it to ``g_z[t]`` and
+the ``wgmma`` computes ``λ ← g_z_t W_hᵀ``; ``hs`` and ``g_hs`` fetched two steps ahead (two buffers each) and the next
+step's read into registers while the ``wgmma`` runs; ``g_z`` in one buffer (at hidden 128 a second would not fit
+beside them: 227 KB of shared memory a block on an H100). (Both overlaps as a review proposed, which found the
+ordering right by the PTX memory model and the primitives' lowering: `commit_smem` is a proxy fence and a warpgroup
+barrier, each TMA store its own bulk group, barrier parity tracked per wait inside the loop.)
 
 Constraints of Mosaic GPU this design meets: a ``wgmma`` takes 64 rows at least (``M``), so a program has 64 rows,
 the batch padded with zero rows (at batch 16, 4x the elementwise work of a Triton program's 16 rows); float32
@@ -102,19 +105,20 @@ def mosaic_rnn_forward(w_h, h0, px, interpret=None):
 
         def step(t, carry):
             slot = jax.lax.rem(t, 2)
-            other = 1 - slot  # px_smem[other] was read (into registers) last step: free
+            other = 1 - slot  # px_smem[other] was read (into registers) last step, before its commit_smem
 
-            @pl.when(t + 1 < steps)
-            def _():
-                plgpu.copy_gmem_to_smem(px_gmem.at[t + 1, rows], px_smem.at[other], px_ready.at[other])
-
-            def matmul(acc):
+            def matmul(acc):  # while the wgmma runs: the next step's px fetched, this step's read
                 plgpu.wgmma(acc, h_smem.at[slot], w)
-                return acc[...]  # waits for the wgmma
 
-            hw = pl.run_scoped(matmul, plgpu.ACC((ROWS, hidden), jnp.float32))
-            plgpu.barrier_wait(px_ready.at[slot])
-            h = jnp.tanh(px_smem[slot] + hw)
+                @pl.when(t + 1 < steps)
+                def _():
+                    plgpu.copy_gmem_to_smem(px_gmem.at[t + 1, rows], px_smem.at[other], px_ready.at[other])
+
+                plgpu.barrier_wait(px_ready.at[slot])
+                px_t = px_smem[slot]
+                return acc[...] + px_t  # waits for the wgmma
+
+            h = jnp.tanh(pl.run_scoped(matmul, plgpu.ACC((ROWS, hidden), jnp.float32)))
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # h_smem[other]'s copy of two steps ago has read it
             h_smem[other] = h
             plgpu.commit_smem()  # visible to the next wgmma and to the TMA copy
@@ -158,26 +162,32 @@ def mosaic_rnn_backward(w_h, hs, g_hs, g_h, interpret=None):
             plgpu.copy_gmem_to_smem(hs_gmem.at[t, rows], hs_smem.at[slot], hs_ready.at[slot])
             plgpu.copy_gmem_to_smem(g_hs_gmem.at[t, rows], g_hs_smem.at[slot], g_hs_ready.at[slot])
 
+        def inputs(slot):  # a step's h_t and g_hs_t, into registers, once fetched
+            plgpu.barrier_wait(hs_ready.at[slot])
+            plgpu.barrier_wait(g_hs_ready.at[slot])
+            return hs_smem[slot], g_hs_smem[slot]
+
         plgpu.copy_gmem_to_smem(w_gmem, w_smem, w_ready)
         plgpu.copy_gmem_to_smem(g_h_gmem.at[rows], g_smem, carry_ready)
-        fetch(steps - 1, 0)
+        for s in range(min(2, steps)):  # two steps ahead: step s's inputs in buffer s % 2
+            fetch(steps - 1 - s, s)
         plgpu.barrier_wait(w_ready)
         plgpu.barrier_wait(carry_ready)
         w = plgpu.transpose_ref(w_smem, (1, 0)) if transposed else w_smem  # [K, N] = W_hᵀ either way
         start = g_smem[...]  # in the accumulator's layout, as the loop carries it (the interpreter has none)
         start = start if interpret else plgpu.layout_cast(start, plgpu.Layout.WGMMA)
 
-        def step(s, carry):
+        def step(s, state, last=False):
+            """Step ``s`` (time ``t``), its inputs in registers (``state``: λ, h_t, g_hs_t), and, but at the last,
+            the next step's inputs read while its wgmma runs."""
+            carry, h, g_hs_t = state
             t, slot = steps - 1 - s, jax.lax.rem(s, 2)
 
-            @pl.when(t > 0)
+            @pl.when(t >= 2)
             def _():
-                fetch(t - 1, 1 - slot)  # buffers read (into registers) last step, before its commit_smem
+                fetch(t - 2, slot)  # read into registers last step, before its commit_smem
 
-            plgpu.barrier_wait(hs_ready.at[slot])
-            plgpu.barrier_wait(g_hs_ready.at[slot])
-            h = hs_smem[slot]
-            g_z = (g_hs_smem[slot] + carry) * (1.0 - h * h)
+            g_z = (g_hs_t + carry) * (1.0 - h * h)
             # One buffer for g_z (shared memory holds no second beside W_h and the inputs' two at hidden 128):
             # last step's copy to g_z[t + 1], issued a matmul ago, must have read it.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -187,11 +197,13 @@ def mosaic_rnn_backward(w_h, hs, g_hs, g_h, interpret=None):
 
             def matmul(acc):
                 plgpu.wgmma(acc, g_smem, w)
-                return acc[...]
+                upcoming = () if last else inputs(1 - slot)
+                return acc[...], *upcoming  # waits for the wgmma
 
             return pl.run_scoped(matmul, plgpu.ACC((ROWS, hidden), jnp.float32))
 
-        carry = jax.lax.fori_loop(0, steps, step, start)
+        state = jax.lax.fori_loop(0, steps - 1, step, (start, *inputs(0)))
+        (carry,) = step(steps - 1, state, last=True)
         plgpu.wait_smem_to_gmem(0)
         g_smem[...] = carry
         plgpu.commit_smem()
@@ -289,7 +301,7 @@ def check() -> None:
     params = InterpretGPUParams(detect_races=True)
     forward = functools.partial(mosaic_rnn_forward, interpret=params)
     backward = functools.partial(mosaic_rnn_backward, interpret=params)
-    for batch, steps, hidden in ((16, 5, 64), (70, 4, 32), (3, 3, 128)):
+    for batch, steps, hidden in ((16, 5, 64), (70, 4, 32), (3, 3, 128), (5, 2, 32), (5, 1, 32)):
         args = problem(batch, steps, hidden)
         got = both(forward, backward)(*args)
         error, races = _largest_error(got, truth(*args)), get_races().races_found
