@@ -30,10 +30,11 @@ What runs where:
   transposed operand and it has no `plgpu.layout_cast`, so there ``W_h`` goes in already transposed for the
   ``wgmma`` and the backward's first ``λ`` is not cast: the lines that differ from the GPU's kernels.
 - ``--lower`` (any machine): the GPU's kernels lowered for CUDA (Mosaic GPU's MLIR, which the GPU compiles to PTX),
-  each holding a TF32 ``wgmma``. The lowering checks that shared memory suffices.
+  each holding a TF32 ``wgmma``, and each forward variant. The lowering checks that shared memory suffices.
 - no flag (a GPU): each shape timed as `bench_cells.py` times (`blocked_medians`): forward+backward and forward
   alone, three ways: these kernels, the Triton kernels, XLA's loops (``lax.scan``); each way's largest difference
-  from float64. A way that fails to compile is reported and the others timed.
+  from float64. Then the forward's `VARIANTS` (parts of its step left out, or approximate ``tanh``) at
+  `VARIANT_CASES`: µs a step each. A way that fails to compile is reported and the others timed.
 
 `tests/test_native.py` runs ``--lower`` and ``--check``. Not run by `make bench`; `benchmarks/gpu.sh` runs it (part
 ``mosaic``).
@@ -78,9 +79,13 @@ def _kernel(body, out, scratch, **params):
     return plgpu.kernel(body, out_shape=out, scratch_shapes=scratch, **params)
 
 
-def mosaic_rnn_forward(w_h, h0, px, interpret=None):
+def mosaic_rnn_forward(w_h, h0, px, interpret=None, without: frozenset = frozenset(), approx: bool = False):
     """``hs [T, B, H]`` of ``h_t = tanh(px_t + h_{t-1} W_h)`` (``w_h [H, H]``, ``h0 [B, H]``, ``px [T, B, H]``),
-    as a Mosaic GPU kernel; ``interpret``: an `InterpretGPUParams`, to run it in Mosaic GPU's interpreter."""
+    as a Mosaic GPU kernel; ``interpret``: an `InterpretGPUParams`, to run it in Mosaic GPU's interpreter.
+
+    To see where a step's time goes (`VARIANTS`, timed only; their results are wrong): ``without`` some of
+    ``"hs copy"`` (no TMA copy of ``h_t`` to ``hs``), ``"px"`` (no ``px`` fetched or read) and ``"wgmma"`` (no matmul:
+    ``h_t = tanh(px_t)``); ``approx``: Mosaic GPU's approximate math (``tanh.approx.f32``)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -98,7 +103,8 @@ def mosaic_rnn_forward(w_h, h0, px, interpret=None):
         rows = pl.ds(jax.lax.axis_index("rows") * ROWS, ROWS)
         plgpu.copy_gmem_to_smem(w_gmem, w_smem, w_ready)
         plgpu.copy_gmem_to_smem(h0_gmem.at[rows], h_smem.at[0], h0_ready)
-        plgpu.copy_gmem_to_smem(px_gmem.at[0, rows], px_smem.at[0], px_ready.at[0])
+        if "px" not in without:
+            plgpu.copy_gmem_to_smem(px_gmem.at[0, rows], px_smem.at[0], px_ready.at[0])
         plgpu.barrier_wait(w_ready)
         plgpu.barrier_wait(h0_ready)
         w = plgpu.transpose_ref(w_smem, (1, 0)) if transposed else w_smem  # [K, N] = W_h either way
@@ -108,7 +114,10 @@ def mosaic_rnn_forward(w_h, h0, px, interpret=None):
             other = 1 - slot  # px_smem[other] was read (into registers) last step, before its commit_smem
 
             def matmul(acc):  # while the wgmma runs: the next step's px fetched, this step's read
-                plgpu.wgmma(acc, h_smem.at[slot], w)
+                if "wgmma" not in without:
+                    plgpu.wgmma(acc, h_smem.at[slot], w)
+                if "px" in without:
+                    return acc[...]
 
                 @pl.when(t + 1 < steps)
                 def _():
@@ -122,7 +131,8 @@ def mosaic_rnn_forward(w_h, h0, px, interpret=None):
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # h_smem[other]'s copy of two steps ago has read it
             h_smem[other] = h
             plgpu.commit_smem()  # visible to the next wgmma and to the TMA copy
-            plgpu.copy_smem_to_gmem(h_smem.at[other], hs_gmem.at[t, rows])
+            if "hs copy" not in without:
+                plgpu.copy_smem_to_gmem(h_smem.at[other], hs_gmem.at[t, rows])
             return carry
 
         jax.lax.fori_loop(0, steps, step, 0)
@@ -135,7 +145,8 @@ def mosaic_rnn_forward(w_h, h0, px, interpret=None):
                        plgpu.SMEM((2, ROWS, hidden), jnp.float32, transforms=transforms),
                        plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
                        plgpu.Barrier(num_arrivals=1, num_barriers=2)],
-        grid=(padded // ROWS,), grid_names=("rows",), interpret=interpret)
+        grid=(padded // ROWS,), grid_names=("rows",), interpret=interpret,
+        **({"compiler_params": plgpu.CompilerParams(approx_math=True)} if approx else {}))
     return kernel(w_h.T if transposed else w_h, h0, px)[:, :batch]
 
 
@@ -311,15 +322,29 @@ def check() -> None:
         assert error < 1e-5 and not races, (error, races)
 
 
+#: The forward kernel's variants timed on a GPU at `VARIANT_CASES` (`mosaic_rnn_forward`'s ``without`` and
+#: ``approx``): what each part of a step costs.
+VARIANTS = {"as is": {}, "no hs copy": {"without": frozenset({"hs copy"})}, "no px": {"without": frozenset({"px"})},
+            "no wgmma": {"without": frozenset({"wgmma"})}, "approx. tanh": {"approx": True}}
+VARIANT_CASES = ((16, 1000, 128), (64, 1000, 128))
+
+
 def lower() -> None:
-    """The GPU's kernels lowered for CUDA: two Mosaic GPU calls, each holding a TF32 wgmma of 64 rows."""
+    """The GPU's kernels lowered for CUDA: two Mosaic GPU calls, each holding a TF32 wgmma of 64 rows; and each
+    forward variant, a program of its own (all but ``no wgmma`` with the wgmma)."""
     args = problem(16, 8, 128)
     text = jax.jit(both(mosaic_rnn_forward, mosaic_rnn_backward)).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
-    calls = text.count("stablehlo.custom_call @mosaic_gpu")
-    tf32 = text.count("wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32")
+    wgmma = "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32"
+    calls, tf32 = text.count("stablehlo.custom_call @mosaic_gpu"), text.count(wgmma)
     print(f"lowered for CUDA: {calls} Mosaic GPU calls, {tf32} holding a TF32 wgmma m64n128k8")
     assert calls == 2 and tf32 == 2
+    texts = {name: jax.jit(functools.partial(mosaic_rnn_forward, **params)).trace(*args[:3]).lower(
+        lowering_platforms=("cuda",)).as_text() for name, params in VARIANTS.items()}
+    for name, variant in texts.items():
+        print(f"variant {name}: lowered, wgmma {wgmma in variant}")
+        assert (wgmma in variant) == (name != "no wgmma")
+    assert len(set(texts.values())) == len(texts), "two variants lowered to one program"
 
 
 WAYS = {"Mosaic GPU": (mosaic_rnn_forward, mosaic_rnn_backward),
@@ -360,6 +385,24 @@ def main() -> None:
     _table(("batch,T,hidden", *(f"{n} fwd+bwd, median (fastest)" for n in WAYS), *(f"{n} fwd" for n in WAYS),
             "Triton / Mosaic (fwd+bwd)", "Mosaic µs a step (fwd+bwd)",
             *(f"{n}: largest diff. from float64 (relative)" for n in WAYS)), rows)
+    print("\nThe Mosaic GPU forward without parts of its step (wrong results; timed only): µs a step")
+    rows = []
+    for batch, steps, hidden in VARIANT_CASES:
+        args = problem(batch, steps, hidden)[:3]
+        calls = {}
+        for name, params in VARIANTS.items():
+            forward = jax.jit(functools.partial(mosaic_rnn_forward, **params))
+            try:
+                jax.block_until_ready(forward(*args))
+            except Exception as error:
+                print(f"variant {name} at {batch},{steps},{hidden} failed: {str(error)[:2000]}", flush=True)
+                continue
+            calls[name] = lambda f=forward: jax.block_until_ready(f(*args))
+        medians, _, _ = blocked_medians(calls)
+        rows.append([f"{batch},{steps},{hidden}"] + [f"{medians[n] / steps * 1e6:.2f}" if n in medians else "—"
+                                                     for n in VARIANTS])
+        print(*rows[-1], sep=" | ", flush=True)
+    _table(("batch,T,hidden", *VARIANTS), rows)
 
 
 if __name__ == "__main__":
