@@ -34,7 +34,8 @@ What runs where:
 - no flag (a GPU): each shape timed as `bench_cells.py` times (`blocked_medians`): forward+backward and forward
   alone, three ways: these kernels, the Triton kernels, XLA's loops (``lax.scan``); each way's largest difference
   from float64. Then the forward's `VARIANTS` (parts of its step left out, or approximate ``tanh``) at
-  `VARIANT_CASES`: µs a step each. A way that fails to compile is reported and the others timed.
+  `VARIANT_CASES`, and the Triton forward's (`TRITON_VARIANTS`) at the first: µs a step each. A way that fails to
+  compile is reported and the others timed.
 
 `tests/test_native.py` runs ``--lower`` and ``--check``. Not run by `make bench`; `benchmarks/gpu.sh` runs it (part
 ``mosaic``).
@@ -44,6 +45,7 @@ What runs where:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -327,6 +329,41 @@ def check() -> None:
 VARIANTS = {"as is": {}, "no hs copy": {"without": frozenset({"hs copy"})}, "no px": {"without": frozenset({"px"})},
             "no wgmma": {"without": frozenset({"wgmma"})}, "approx. tanh": {"approx": True}}
 VARIANT_CASES = ((16, 1000, 128), (64, 1000, 128))
+#: The landed Triton forward kernel's variants, timed beside them at the first of `VARIANT_CASES` (`triton_variant`).
+TRITON_VARIANTS = ("as is", "linear (no tanh)", "no px read", "no dot")
+
+
+@contextlib.contextmanager
+def triton_variant(name: str):
+    """`rnnlab.native.pallas` changed, while a call is traced, to leave out a part of the Triton forward kernel's step
+    (its results wrong; timed only): ``no px read`` (each step's inputs zeros, not loaded), ``no dot`` (``h W_h``
+    zeros: no matmul, and no layout change of ``h`` for it); ``linear (no tanh)`` is the kernel with the linear
+    activation (`triton_forward_of`)."""
+    from rnnlab.native import pallas
+
+    saved = pallas._times_w, pallas._Team.load
+    if name == "no dot":
+        pallas._times_w = lambda h, ws: [jnp.zeros((h.shape[0], w.shape[-1]), jnp.float32) for w in ws]
+    elif name == "no px read":
+        pallas._Team.load = lambda self, ref, t=None, gates=1: [jnp.zeros((pallas.ROWS, self.units), jnp.float32)
+                                                                 for _ in range(gates)]
+    try:
+        yield
+    finally:
+        pallas._times_w, pallas._Team.load = saved
+
+
+def triton_forward_of(name: str):
+    """The Triton forward kernel as variant ``name``, jitted and traced (by a first call) within `triton_variant`."""
+    from rnnlab.native import pallas
+
+    activation = "linear" if name == "linear (no tanh)" else "tanh"
+    forward = jax.jit(lambda w_h, h0, px: pallas.rnn_forward(w_h, h0, px, reverse=False, activation=activation)[0])
+
+    def call(*args):
+        with triton_variant(name):
+            return forward(*args)
+    return call
 
 
 def lower() -> None:
@@ -345,6 +382,13 @@ def lower() -> None:
         print(f"variant {name}: lowered, wgmma {wgmma in variant}")
         assert (wgmma in variant) == (name != "no wgmma")
     assert len(set(texts.values())) == len(texts), "two variants lowered to one program"
+    from rnnlab.native import pallas
+
+    if pallas._compiler_params() is not None:  # a Pallas that lowers to Triton
+        triton = {name: jax.jit(triton_forward_of(name)).trace(*args[:3]).lower(lowering_platforms=("cuda",)).as_text()
+                  for name in TRITON_VARIANTS}
+        print("Triton variants lowered:", ", ".join(triton))
+        assert len(set(triton.values())) == len(triton), "two Triton variants lowered to one program"
 
 
 WAYS = {"Mosaic GPU": (mosaic_rnn_forward, mosaic_rnn_backward),
@@ -398,11 +442,17 @@ def main() -> None:
                 print(f"variant {name} at {batch},{steps},{hidden} failed: {str(error)[:2000]}", flush=True)
                 continue
             calls[name] = lambda f=forward: jax.block_until_ready(f(*args))
+        if (batch, steps, hidden) == VARIANT_CASES[0]:
+            for name in TRITON_VARIANTS:
+                forward = triton_forward_of(name)
+                jax.block_until_ready(forward(*args))
+                calls[f"Triton {name}"] = lambda f=forward: jax.block_until_ready(f(*args))
         medians, _, _ = blocked_medians(calls)
+        names = [*VARIANTS, *(f"Triton {name}" for name in TRITON_VARIANTS)]
         rows.append([f"{batch},{steps},{hidden}"] + [f"{medians[n] / steps * 1e6:.2f}" if n in medians else "—"
-                                                     for n in VARIANTS])
+                                                     for n in names])
         print(*rows[-1], sep=" | ", flush=True)
-    _table(("batch,T,hidden", *VARIANTS), rows)
+    _table(("batch,T,hidden", *(f"Mosaic {n}" for n in VARIANTS), *(f"Triton {n}" for n in TRITON_VARIANTS)), rows)
 
 
 if __name__ == "__main__":
