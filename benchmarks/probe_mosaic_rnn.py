@@ -32,10 +32,10 @@ What runs where:
 - ``--lower`` (any machine): the GPU's kernels lowered for CUDA (Mosaic GPU's MLIR, which the GPU compiles to PTX),
   each holding a TF32 ``wgmma``, and each forward variant. The lowering checks that shared memory suffices.
 - no flag (a GPU): each shape timed as `bench_cells.py` times (`blocked_medians`): forward+backward and forward
-  alone, three ways: these kernels, the Triton kernels, XLA's loops (``lax.scan``); each way's largest difference
-  from float64. Then the forward's `VARIANTS` (parts of its step left out, or approximate ``tanh``) at
-  `VARIANT_CASES`, and the Triton forward's (`TRITON_VARIANTS`) at the first: µs a step each. A way that fails to
-  compile is reported and the others timed.
+  alone, three ways: these kernels, the Triton kernels, XLA's loops (the primitives' references, as rnnlab runs
+  them with ``RNNLAB_PALLAS=0``); each way's largest difference from float64. Then the forward's `VARIANTS` (parts
+  of its step left out, or approximate ``tanh``) at `VARIANT_CASES`, and the Triton forward's (`TRITON_VARIANTS`) at
+  the first: µs a step each. A way that fails to compile is reported and the others timed.
 
 `tests/test_native.py` runs ``--lower`` and ``--check``. Not run by `make bench`; `benchmarks/gpu.sh` runs it (part
 ``mosaic``).
@@ -237,21 +237,24 @@ def mosaic_rnn_backward(w_h, hs, g_hs, g_h, interpret=None):
 
 
 def xla_rnn_forward(w_h, h0, px):
-    """``hs`` by `lax.scan`, as XLA's loop runs it."""
-    def step(h, px_t):
-        h = jnp.tanh(px_t + h @ w_h)
-        return h, h
-    return jax.lax.scan(step, h0, px)[1]
+    """``hs`` by the loop rnnlab runs where no kernel applies (``RNNLAB_PALLAS=0``): the forward primitive's
+    reference, a `lax.scan` of `rnnlab.fused`'s step, unrolled as on a GPU (`native.gpu_unroll`)."""
+    from rnnlab import native
+
+    return native._reference_rnn_forward(w_h, h0, px, reverse=False, threads=1, activation="tanh",
+                                         unroll=native.gpu_unroll())[0]
 
 
 def xla_rnn_backward(w_h, hs, g_hs, g_h):
-    """``[g_z, g_h0]`` by `lax.scan` (run backward through time), as XLA's loop runs the transpose."""
-    def step(carry, inputs):
-        h_t, g_hs_t = inputs
-        g_z = (g_hs_t + carry) * (1.0 - h_t * h_t)
-        return g_z @ w_h.T, g_z
-    g_h0, g_z = jax.lax.scan(step, g_h, (hs, g_hs), reverse=True)
-    return [g_z, g_h0]
+    """``[g_z, g_h0]`` by the backward primitive's reference where no kernel applies: the transpose of its tangent
+    loop (`native._reference_rnn_tangent`, ``W_h``'s tangent zero: its gradient is not timed) in ``u`` and ``dh0``."""
+    from rnnlab import native
+
+    def tangent(u, dh0):
+        return native._reference_rnn_tangent(w_h, hs, jnp.zeros_like(g_h), u, jnp.zeros_like(w_h), dh0, reverse=False,
+                                             threads=1, activation="tanh", unroll=native.gpu_unroll())
+
+    return list(jax.linear_transpose(tangent, hs, g_h)((g_hs, g_h)))
 
 
 def triton_rnn_forward(w_h, h0, px):
