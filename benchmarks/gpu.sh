@@ -13,11 +13,11 @@
 #     tests      the GPU test subset                                GPU_TESTS_S         300
 #     sharding   the sharding tests on 4 CPU devices, this JAX      GPU_SHARDING_S      120
 #     kernels    probe_gpu_kernels.py                               GPU_PROBE_KERNELS_S 120
-#     team       probe_team_step.py                                 GPU_PROBE_TEAM_S    150
+#     team       probe_team_step.py                                 GPU_PROBE_TEAM_S     90
 #     mosaic     probe_mosaic_rnn.py                                GPU_PROBE_MOSAIC_S  120
 #     precision  probe_precision.py                                 GPU_PROBE_S          40
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
-# Every part: about 20 minutes at most. With a cold compilation cache the tests part ran 279 of its 316 tests
+# Every part: about 19 minutes at most. With a cold compilation cache the tests part ran 279 of its 316 tests
 # in 220 s at -n 16 on an H100 (2026-11-27, run 9; 251 of 300 in 150 s at -n 8 in run 8); with the cache warm all
 # of them took 74-84 s. Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
 set -u
@@ -63,7 +63,7 @@ JAX_PLATFORMS=cpu part sharding sharding.txt "${GPU_SHARDING_S:-120}" "$python" 
 
 part kernels probe_gpu_kernels.txt "${GPU_PROBE_KERNELS_S:-120}" "$python" benchmarks/probe_gpu_kernels.py
 
-part team probe_team_step.txt "${GPU_PROBE_TEAM_S:-150}" "$python" benchmarks/probe_team_step.py
+part team probe_team_step.txt "${GPU_PROBE_TEAM_S:-90}" "$python" benchmarks/probe_team_step.py
 
 part mosaic probe_mosaic_rnn.txt "${GPU_PROBE_MOSAIC_S:-120}" "$python" benchmarks/probe_mosaic_rnn.py
 

@@ -13,15 +13,8 @@ Each cell's training-style call (`bench_cells.rnnlab_call`) is compiled four way
 - ``no read``: the row read is of step 0's, cached (not volatile), and nothing is waited for: the step without the
   exchange's trip through L2, i.e. the matmuls, gate maths, loads of the inputs and stores.
 
-Then, at the two cuDNN misses of run 9 and the LSTM beside them (batch 16, T = 1000, hidden 128), the same call with
-other team sizes (`pallas.team_size` patched; `SIZE_CASES`): the plain RNN, one program as landed, as a team of 2 and
-of 4, and the LSTM and GRU, 4 programs as landed, as a team of 8 (16 units each, the narrowest `MIN_UNITS` takes: the
-step's matmuls halved, the exchange the same). Each size's gradients are compared with the landed size's before
-timing (the largest difference relative to the largest gradient), so a size that runs wrong shows as such.
-
 Not run by `make bench`; `benchmarks/gpu.sh` runs it (part ``team``). ``--lower``: on a machine without a GPU, lower
-each variant and each team size for CUDA only (checks the patches apply and each size's grid; with jax 0.10, whose
-Pallas lowers Triton calls without a GPU).
+each variant for CUDA only (checks the patches apply; with jax 0.10, whose Pallas lowers Triton calls without a GPU).
 
     python benchmarks/probe_team_step.py
 """
@@ -29,7 +22,6 @@ Pallas lowers Triton calls without a GPU).
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 
 import jax
@@ -41,9 +33,6 @@ from rnnlab.native import pallas
 
 #: (cell, batch, T, input, hidden)
 CASES = (("LSTM", 16, 1000, 32, 128), ("GRU", 16, 1000, 32, 128), ("RNN", 64, 200, 128, 256))
-#: (cell, batch, T, input, hidden, team sizes): the landed size first (`pallas.team_size`), then the others timed.
-SIZE_CASES = (("RNN", 16, 1000, 32, 128, (1, 2, 4)), ("GRU", 16, 1000, 32, 128, (4, 8)),
-              ("LSTM", 16, 1000, 32, 128, (4, 8)))
 
 
 @contextlib.contextmanager
@@ -89,33 +78,6 @@ def patched(variant: str):
         team.store, team.exchange = saved
 
 
-@contextlib.contextmanager
-def team_of(size: int):
-    """`pallas.team_size` giving ``size`` programs per 16 rows, whatever the shape (while a call runs: it is traced
-    and lowered at its first)."""
-    landed = pallas.team_size
-    pallas.team_size = lambda w_h_shape, batch: size
-    try:
-        yield
-    finally:
-        pallas.team_size = landed
-
-
-def sized_call(kind, shape, size):
-    inner = rnnlab_call(kind, shape)
-
-    def call():
-        with team_of(size):
-            return inner()
-    return call
-
-
-def difference(grads, reference) -> float:
-    """The largest difference between two gradients' leaves, relative to the reference's largest element."""
-    pairs = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(reference), strict=True)
-    return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in pairs)
-
-
 def variant_call(kind, shape, variant):
     inner = rnnlab_call(kind, shape)
 
@@ -153,21 +115,6 @@ def lower_only() -> None:
             # The plain RNN's forward stores nothing but h: storing it first changes nothing there.
             same = variant == "landed" or (variant == "exchange first" and kind == "RNN")
             assert (texts[variant] == texts["landed"]) == same, f"{variant}: the patch did not act as meant"
-    for kind, *shape, sizes in SIZE_CASES:
-        batch, steps, inputs, hidden = shape
-        cell = getattr(rnnlab, kind)(hidden_size=hidden)
-        params = cell.init(jax.random.PRNGKey(0), inputs)
-        xs = jnp.ones((8, batch, inputs))
-        gates = params["w_h"].shape[1] // hidden
-        assert sizes[0] == pallas.team_size((hidden, gates * hidden), batch), "SIZE_CASES: the landed size first"
-        for size in sizes:
-            grad = jax.jit(jax.grad(lambda params, xs: jnp.mean(rnnlab.scan(cell, params, xs)[0] ** 2)))
-            with team_of(size):
-                text = grad.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
-            grids = re.findall(r"grid_x = (\d+)", text)
-            print(kind, shape, f"team of {size}: Triton calls", text.count("xla.gpu.triton"), "grids", grids,
-                  flush=True)
-            assert grids == [str(size)] * 2, f"team of {size}: lowered with grids {grids}"
 
 
 def main() -> None:
@@ -183,20 +130,6 @@ def main() -> None:
                     + [f"{medians['landed'] / (2 * steps) * 1e6:.2f}"])
         print(*rows[-1], sep=" | ", flush=True)
     _table(("cell", "batch,T,input,hidden", *VARIANTS, "landed, forward only", "µs a step (landed, fwd+bwd)"), rows)
-    print()
-    rows = []
-    for kind, *shape, sizes in SIZE_CASES:
-        calls = {f"team of {size}": sized_call(kind, shape, size) for size in sizes}
-        grads = {name: call() for name, call in calls.items()}  # compiled here, and checked against the landed size
-        landed = next(iter(grads.values()))
-        medians, fastest, _ = blocked_medians(calls)
-        for name in calls:
-            rows.append([kind, ",".join(map(str, shape)), name, f"{medians[name] * 1e3:.3g} ms",
-                         f"{fastest[name] * 1e3:.3g} ms", f"{medians[name] / (2 * shape[1]) * 1e6:.2f}",
-                         f"{difference(grads[name], landed):.1e}"])
-            print(*rows[-1], sep=" | ", flush=True)
-    _table(("cell", "batch,T,input,hidden", "programs per 16 rows (first: landed)", "median", "fastest",
-            "µs a step (fwd+bwd)", "largest difference from landed"), rows)
 
 
 if __name__ == "__main__":

@@ -562,16 +562,15 @@ def pallas_truth(kind, reverse, masked, hidden=32):
         residuals=[jnp.asarray(a, jnp.float32) for a in residuals(*results)])
 
 
-def team_of(kind, reverse, masked, members=4, hidden=64):
-    """`pallas_truth` at ``hidden``, and the kernels as a team of ``members`` programs of ``hidden / members`` units
-    each in Pallas's interpreter, ``(forward, backward)``, each taking ``exchange`` (the starting values of its first
-    output, `pallas._run`); the truth of the backward kernel's results (the first carry's cotangents after g_u,
-    without W_h's)."""
-    problem = pallas_truth(kind, reverse, masked, hidden)
+def team_of_four(kind, reverse, masked):
+    """`pallas_truth` at hidden 64, and the kernels as a team of 4 programs of 16 units each in Pallas's interpreter,
+    ``(forward, backward)``, each taking ``exchange`` (the starting values of its first output, `pallas._run`); the
+    truth of the backward kernel's results (the first carry's cotangents after g_u, without W_h's)."""
+    problem = pallas_truth(kind, reverse, masked, 64)
     name = {"LSTM": "lstm", "GRU": "gru"}.get(kind, "rnn")
     activation = problem.params.get("activation")
-    settings = {"reverse": reverse, "interpret": True, "members": members,
-                **({"activation": activation} if activation else {})}
+    settings = {"reverse": reverse, "interpret": True, "members": 4, **({"activation": activation} if activation
+                                                                         else {})}
     forward = functools.partial(getattr(pallas, name + "_forward"), *problem.operands, problem.valid, **settings)
     backward = functools.partial(getattr(pallas, name + "_backward"), *problem.residuals, *problem.cotangents,
                                  problem.valid, **settings)
@@ -588,23 +587,20 @@ def units_of(member, width, hidden=64, units=16):
 @needs_pallas_triton
 @pytest.mark.parametrize("kind", PALLAS_KINDS)
 @pytest.mark.parametrize(("reverse", "masked"), [(False, False), (True, True)], ids=["forward-dense", "reverse-masked"])
-@pytest.mark.parametrize(("members", "hidden"), [(2, 64), (4, 64), (8, 128)], ids=["2x32", "4x16", "8x16"])
-def test_each_program_of_a_team_computes_its_units(kind, reverse, masked, members, hidden, monkeypatch):
-    """A team of ``members`` programs per 16 rows (`pallas._Team`; on a GPU the LSTM's and GRU's at hidden 128 are
-    4), each computing ``hidden / members`` units (2 of 32 and 4 of 16 at hidden 64, and 8 of 16 at hidden 128,
-    the sizes `benchmarks/probe_team_step.py` times beside the landed ones), run by Pallas's interpreter, which runs
-    the programs one after another (the first program of each team first). The exchange through which the team
-    shares its units every step (the forward's ``hs``, the backward's g_u) starts as the float64 references'
-    results, except the first program's units, which start as the sentinel: the first program finds the others'
-    units there and its own as it stores them, the others find its units only if it stored them. Every result
-    equals the references' (two teams: batch 20 padded to 32 rows); a program that waited in vain (`PATIENCE` 3
-    here) would have left NaNs."""
+def test_each_program_of_a_team_computes_its_units(kind, reverse, masked, monkeypatch):
+    """A team of 4 programs per 16 rows (`pallas._Team`, on a GPU the LSTM's and GRU's at hidden 128), each
+    computing 16 of hidden 64's units, run by Pallas's interpreter, which runs the programs one after another (the
+    first program of each team first). The exchange through which the team shares its units every step (the
+    forward's ``hs``, the backward's g_u) starts as the float64 references' results, except the first program's
+    units, which start as the sentinel: the first program finds the others' units there and its own as it stores
+    them, the others find its units only if it stored them. Every result equals the references' (two teams: batch
+    20 padded to 32 rows); a program that waited in vain (`PATIENCE` 3 here) would have left NaNs."""
     monkeypatch.setattr(pallas, "PATIENCE", 3)
-    forward, backward, results, truth = team_of(kind, reverse, masked, members, hidden)
+    forward, backward, results, truth = team_of_four(kind, reverse, masked)
     sentinel = np.array(pallas.SENTINEL, np.int32).view(np.float32)
     for run, expected in ((forward, results), (backward, truth)):
         start = expected[0].copy()
-        start[..., units_of(0, start.shape[-1], hidden, hidden // members)] = sentinel
+        start[..., units_of(0, start.shape[-1])] = sentinel
         for result, want in zip(run(exchange=start), expected, strict=True):
             np.testing.assert_allclose(result, want, rtol=1e-5, atol=1e-5)
 
@@ -618,7 +614,7 @@ def test_a_team_that_waits_in_vain_gives_nans_not_wrong_numbers(kind, monkeypatc
     NaN (the first programs'). The last program finds the others' units of the first step stored, so its units of
     the second step are right."""
     monkeypatch.setattr(pallas, "PATIENCE", 3)
-    forward, backward, results, truth = team_of(kind, False, True)
+    forward, backward, results, truth = team_of_four(kind, False, True)
     forward, backward = forward(exchange=None), backward(exchange=None)
     for got, expected in zip([*forward, *backward], [*results, *truth], strict=True):
         got = np.asarray(got)
@@ -703,21 +699,6 @@ def test_the_mosaic_gpu_probe_kernels_compute_the_recurrence():
     probe.lower()
     if jax.__version_info__ >= (0, 10, 2):
         probe.check()
-
-
-@needs_pallas_triton
-def test_the_team_step_probe_lowers_each_variant_and_team_size(monkeypatch):
-    """`benchmarks/probe_team_step.py`, which only a GPU times (`benchmarks/gpu.sh`, part ``team``), kept working
-    here (``--lower``): each patched variant of the teams' exchange lowers for CUDA to a program other than the
-    landed one where it should, and each team size it times lowers to a grid of that many programs per 16 rows."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the probe imports bench_cells
-    spec = importlib.util.spec_from_file_location("probe_team_step", ROOT / "benchmarks" / "probe_team_step.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    probe.lower_only()
-    assert pallas.team_size((128, 128), 16) == 1  # the patch undone
 
 
 @needs_pallas_triton
