@@ -702,6 +702,22 @@ def test_the_mosaic_gpu_probe_kernels_compute_the_recurrence():
 
 
 @needs_pallas_triton
+def test_the_team_step_probe_lowers_each_variant(monkeypatch):
+    """`benchmarks/probe_team_step.py`, which only a GPU times (`benchmarks/gpu.sh`, part ``team``), kept working
+    here (``--lower``): each patched variant of the teams' exchange lowers for CUDA, to a program other than the
+    landed one where it should, and the patches are undone after each."""
+    import importlib.util
+
+    landed = pallas._Team.store, pallas._Team.exchange
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the probe imports bench_cells
+    spec = importlib.util.spec_from_file_location("probe_team_step", ROOT / "benchmarks" / "probe_team_step.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    probe.lower_only()
+    assert (pallas._Team.store, pallas._Team.exchange) == landed
+
+
+@needs_pallas_triton
 def test_the_pallas_kernels_apply_where_their_offsets_fit(monkeypatch):
     """Where `native.pallas` runs: one W_h ``[H, G·H]`` that one program holds (at most 64 KB) or a team of at most
     `pallas.MAX_TEAM` (each program a quarter of it, at least 16 units), float32, a sequence whose padded rows fit
