@@ -48,6 +48,9 @@
 #include <vector>
 
 #include <sched.h>
+#ifdef __AVX512F__
+#include <immintrin.h>  // vexp's rounding and scaling
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -78,6 +81,35 @@ inline vf splat(float x) { return vf{} + x; }
 // exp(x), Cephes' single-precision polynomial (≈ 1 ulp on [-87, 88]). The clamps let a nan through (a comparison
 // with nan is false), so that nan gives nan here and in the sigmoid and tanh built on it, as in XLA: clamped, a nan
 // input became exp(88), a sigmoid of 0 or 1 and a tanh of 1, hiding it.
+//
+// With AVX-512 the rounding to n and the scaling by 2^n are one instruction each (vrndscaleps, vscalefps), in place
+// of the magic-number rounding and the exponent's integer arithmetic. vscalefps overflows to inf and goes through
+// the subnormals to 0 as expf does, so the clamps only keep the reduction's argument small (-104 is past the last
+// subnormal); exp itself is within 8.1e-8 relative of double precision on [-87, 88.7]. In L1 the LSTM's gate maths
+// (3 sigmoids and 2 tanh a unit) took 93-95 cycles per 16 units against 111-113, with the same largest errors
+// (sigmoid 1.4e-7, tanh 1.3e-7 relative) (2026-11-27, benchmarks/README.md).
+#ifdef __AVX512F__
+inline vf vexp(vf x) {
+  // vmaxps and vminps return their second operand where either is a nan: x's nan passes.
+  __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f), reinterpret_cast<__m512>(x));
+  v = _mm512_min_ps(_mm512_set1_ps(89.0f), v);
+  // Every product-sum an explicit FMA: left to the compiler, the two copies of a loop that inlines this (the
+  // gradient-flow kernel's forward steps and their rerun under remat) fused different ones and parted by an ulp.
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+  return reinterpret_cast<vf>(_mm512_scalef_ps(y, n));
+}
+#else
 inline vf vexp(vf x) {
   x = x > splat(88.3762626647949f) ? splat(88.3762626647949f) : x;
   x = x < splat(-87.3365478515625f) ? splat(-87.3365478515625f) : x;
@@ -97,6 +129,7 @@ inline vf vexp(vf x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
 }
+#endif
 
 inline vf vsigmoid(vf x) { return splat(1.0f) / (splat(1.0f) + vexp(-x)); }
 
@@ -160,6 +193,15 @@ void pack_into(std::vector<float>& packed, int k, int n, At at) {
     for (int kk = 0; kk < k; ++kk)
       for (int jj = 0; jj < width; ++jj) out[kk * width + jj] = at(kk, j + jj);
   }
+}
+
+// The columns of W [.., gates·H] that hold units [u0, u0 + nu) of each gate block, in order of gate: a part's
+// columns, as `pack` reads them (a table, so that packing divides nothing per element).
+std::vector<int> unit_columns(int H, int gates, int u0, int nu) {
+  std::vector<int> columns(static_cast<size_t>(gates) * nu);
+  for (int q = 0; q < gates; ++q)
+    for (int u = 0; u < nu; ++u) columns[static_cast<size_t>(q) * nu + u] = q * H + u0 + u;
+  return columns;
 }
 
 template <typename At>
@@ -403,8 +445,8 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
     int u0, u1;
     units_of(H, part, parts, &u0, &u1);
     const int nu = u1 - u0, width = loop.gates * nu;
-    const std::vector<float> panel =
-        pack(H, width, [&](int k, int j) { return w_h[k * G + (j / nu) * H + u0 + j % nu]; });
+    const std::vector<int> columns = unit_columns(H, loop.gates, u0, nu);
+    const std::vector<float> panel = pack(H, width, [&](int k, int j) { return w_h[k * G + columns[j]]; });
     std::vector<float> z(static_cast<size_t>(B) * width), gathered;
     std::vector<int> live;
     for (int s = 0; s < loop.steps; ++s) {
@@ -902,11 +944,11 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   const bool formed = team.parts == team.planned;
   const int sums_from = formed ? team.part : 0, sums_to = formed ? team.part + 1 : team.planned;
   // This part's columns of W_x and W_h (its units of every gate block, in order of gate) and its columns of W_hᵀ.
-  const auto column = [&](int j) { return (j / nu) * H + u0 + j % nu; };
+  const std::vector<int> columns = unit_columns(H, f.gates, u0, nu);
   const std::vector<float> panel_x =
-      pack(I, width, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + column(j)]; });
+      pack(I, width, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + columns[j]]; });
   const std::vector<float> panel_h =
-      pack(H, width, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + column(j)]; });
+      pack(H, width, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + columns[j]]; });
   const std::vector<float> panel_t =
       pack(G, nu, [&](int k, int u) { return w_h[static_cast<size_t>(u0 + u) * G + k]; });
   // bounds: the carry before each chunk (h, then c for the LSTM); hs[l], cs[l]: the carry before step l of the chunk
@@ -1060,6 +1102,10 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
       } else if (gru) {
         const float* h_prev = hs + l * NH + row;
         for (int j = 0; j < nu; j += kLanes) {
+          if (l > 0) {  // as the LSTM's: the step before's saved rows
+            for (int q = 0; q < 4; ++q) __builtin_prefetch(s - N * saved_width + q * H + j);
+            __builtin_prefetch(h_prev - NH + j);
+          }
           const vf r = load(s + j), z = load(s + H + j), n = load(s + 2 * H + j), a_n = load(s + 3 * H + j);
           const vf dh = load(ghb + j) * inverse, g_n = (kOne - z) * (kOne - n * n) * dh;
           store(dzb + j, g_n * r * (kOne - r) * a_n);
@@ -1069,8 +1115,10 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
         }
       } else {
         const float* h_new = hs + (l + 1) * NH + row;
-        for (int j = 0; j < nu; j += kLanes)
+        for (int j = 0; j < nu; j += kLanes) {
+          if (l > 0) __builtin_prefetch(h_new - NH + j);  // the step before's state
           store(dzb + j, load(ghb + j) * inverse * derivative(act, load(h_new + j)));
+        }
       }
     }
     team.barrier.wait();  // every column of the step's pre-activation cotangent
