@@ -78,9 +78,11 @@ inline vf load(const float* p) {
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) { return vf{} + x; }
 
-// exp(x), Cephes' single-precision polynomial (≈ 1 ulp on [-87, 88]). The clamps let a nan through (a comparison
-// with nan is false), so that nan gives nan here and in the sigmoid and tanh built on it, as in XLA: clamped, a nan
-// input became exp(88), a sigmoid of 0 or 1 and a tanh of 1, hiding it.
+// exp(x), Cephes' single-precision polynomial (≈ 1 ulp on [-87, 88]). Without AVX-512 (the second definition) the
+// input is clamped to [-87.3, 88.4], and the clamps let a nan through (a comparison with nan is false), so that nan
+// gives nan here and in the sigmoid and tanh built on it, as in XLA: clamped, a nan input became exp(88), a sigmoid
+// of 0 or 1 and a tanh of 1, hiding it. There exp saturates at about 1.2e-38 and 2.4e38 (a sigmoid of -89 is
+// 2.9e-39), where the AVX-512 one gives 0 and inf.
 //
 // With AVX-512 the rounding to n and the scaling by 2^n are one instruction each (vrndscaleps, vscalefps), in place
 // of the magic-number rounding and the exponent's integer arithmetic. vscalefps overflows to inf and goes through
@@ -975,8 +977,10 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   if (team.part == 0) finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0
 
   // Runs chunk `chunk_index`'s steps from its carry in `bounds`, keeping their carries and gates; on the first pass
-  // also whether each state is finite (a rerun finds the same).
-  const auto forward_chunk = [&](int chunk_index, bool first_pass) {
+  // also whether each state is finite (a rerun finds the same). Neither inlined nor cloned: the first pass and the
+  // rerun under remat must run the same machine code, or the compiler may fuse a different multiply and add into an
+  // FMA in each copy and the rerun part from the first pass by an ulp (it did, 2.4e-7, with an `exp` left to it).
+  const auto forward_chunk = [&](int chunk_index, bool first_pass) __attribute__((noinline, noclone)) {
     copy_units(hs, bounds + chunk_index * carry_floats);
     if (lstm) copy_units(cs, bounds + chunk_index * carry_floats + NH);
     team.barrier.wait();  // every unit of the chunk's first carry, for everyone's first matmul
