@@ -548,6 +548,14 @@ using Result = ffi::ResultBuffer<ffi::F32>;
 using Mask = ffi::Buffer<ffi::PRED>;
 const vf kOne = splat(1.0f);
 
+// A function whose every call must run the same machine code: neither inlined nor (GCC) cloned for constant
+// arguments. Clang has no `noclone`.
+#if defined(__clang__)
+#define RNNLAB_ONE_COPY __attribute__((noinline))
+#else
+#define RNNLAB_ONE_COPY __attribute__((noinline, noclone))
+#endif
+
 // --- LSTM: z = px_t + h_{t-1} W_h, gates (i, f, g, o) ------------------------------------------------------------
 
 ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, const Mask* valid, Result hs,
@@ -980,7 +988,7 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   // also whether each state is finite (a rerun finds the same). Neither inlined nor cloned: the first pass and the
   // rerun under remat must run the same machine code, or the compiler may fuse a different multiply and add into an
   // FMA in each copy and the rerun part from the first pass by an ulp (it did, 2.4e-7, with an `exp` left to it).
-  const auto forward_chunk = [&](int chunk_index, bool first_pass) __attribute__((noinline, noclone)) {
+  const auto forward_chunk = [&](int chunk_index, bool first_pass) RNNLAB_ONE_COPY {
     copy_units(hs, bounds + chunk_index * carry_floats);
     if (lstm) copy_units(cs, bounds + chunk_index * carry_floats + NH);
     team.barrier.wait();  // every unit of the chunk's first carry, for everyone's first matmul
