@@ -693,20 +693,25 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
 
 
-def test_the_mosaic_gpu_probe_kernels_compute_the_recurrence():
+def benchmark_script(name: str, monkeypatch):
+    """``benchmarks/<name>.py`` as a module, imported with ``benchmarks/`` on the path as the scripts expect (they
+    import `bench_cells`)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_the_mosaic_gpu_probe_kernels_compute_the_recurrence(monkeypatch):
     """`benchmarks/probe_mosaic_rnn.py`, which only a GPU times (`benchmarks/gpu.sh`, part ``mosaic``), kept working
     here: its Mosaic GPU kernels for the tanh RNN's forward and backward recurrences lower for CUDA to TF32
     ``wgmma``s, and in Mosaic GPU's interpreter (a simulated GPU, race detection on) equal a float64 loop of their
     own (``--check``; the interpreter of jax 0.10.0 fails on an indexed barrier, so there only the lowering)."""
-    import importlib.util
-
     try:
         from jax.experimental.pallas import mosaic_gpu  # noqa: F401
     except ImportError:
         pytest.skip("this JAX has no Mosaic GPU")
-    spec = importlib.util.spec_from_file_location("probe_mosaic_rnn", ROOT / "benchmarks" / "probe_mosaic_rnn.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = benchmark_script("probe_mosaic_rnn", monkeypatch)
     probe.lower()
     if jax.__version_info__ >= (0, 10, 2):
         probe.check()
@@ -717,14 +722,8 @@ def test_the_team_step_probe_lowers_each_variant(monkeypatch):
     """`benchmarks/probe_team_step.py`, which only a GPU times (`benchmarks/gpu.sh`, part ``team``), kept working
     here (``--lower``): each patched variant of the teams' exchange lowers for CUDA, to a program other than the
     landed one where it should, and the patches are undone after each."""
-    import importlib.util
-
     landed = pallas._Team.store, pallas._Team.exchange
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the probe imports bench_cells
-    spec = importlib.util.spec_from_file_location("probe_team_step", ROOT / "benchmarks" / "probe_team_step.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    probe.lower_only()
+    benchmark_script("probe_team_step", monkeypatch).lower_only()
     assert (pallas._Team.store, pallas._Team.exchange) == landed
 
 

@@ -1089,19 +1089,23 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
           diverged ? std::numeric_limits<float>::quiet_NaN()
                    : static_cast<float>(log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares)));
     const vf inverse = splat(inverse_f);
+    // The carry the step before meets (the LSTM's cell state before it, the GRU's h before it, the plain RNN's h
+    // after it), with its saved rows prefetched below while this step computes.
+    const float* met_before = l == 0 ? nullptr : lstm ? cs + (l - 1) * NH : hs + (gru ? l - 1 : l) * NH;
     for (int b = 0; b < N; ++b) {
       const size_t row = static_cast<size_t>(b) * H + u0;
       const float* s = saved + (static_cast<size_t>(l) * N + b) * saved_width + u0;
       float *ghb = gh + row, *dzb = dz + static_cast<size_t>(b) * G + u0;
+      if (met_before != nullptr)  // this row's share of what the step before reads, from memory meanwhile
+        for (int j = 0; j < nu; j += kLanes) {
+          for (size_t q = 0; q < saved_width; q += H) __builtin_prefetch(s - N * saved_width + q + j);
+          __builtin_prefetch(met_before + row + j);
+        }
       if (lstm) {
         // The tangent's transpose (rnnlab/fused.py): the cell state's cotangent gathers h's through o·tanh'.
         const float* c_old = cs + l * NH + row;
         float* gcb = gc + row;
         for (int j = 0; j < nu; j += kLanes) {
-          if (l > 0) {  // the step before's saved rows, from memory while this step computes
-            for (int q = 0; q < 4; ++q) __builtin_prefetch(s - N * saved_width + q * H + j);
-            __builtin_prefetch(c_old - NH + j);
-          }
           const vf i = load(s + j), fg = load(s + H + j), g = load(s + 2 * H + j), o = load(s + 3 * H + j);
           const vf tc = vtanh(load(c_old + NH + j)), dh = load(ghb + j) * inverse;
           const vf dc = load(gcb + j) * inverse + o * (kOne - tc * tc) * dh;
@@ -1114,10 +1118,6 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
       } else if (gru) {
         const float* h_prev = hs + l * NH + row;
         for (int j = 0; j < nu; j += kLanes) {
-          if (l > 0) {  // as the LSTM's: the step before's saved rows
-            for (int q = 0; q < 4; ++q) __builtin_prefetch(s - N * saved_width + q * H + j);
-            __builtin_prefetch(h_prev - NH + j);
-          }
           const vf r = load(s + j), z = load(s + H + j), n = load(s + 2 * H + j), a_n = load(s + 3 * H + j);
           const vf dh = load(ghb + j) * inverse, g_n = (kOne - z) * (kOne - n * n) * dh;
           store(dzb + j, g_n * r * (kOne - r) * a_n);
@@ -1127,10 +1127,8 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
         }
       } else {
         const float* h_new = hs + (l + 1) * NH + row;
-        for (int j = 0; j < nu; j += kLanes) {
-          if (l > 0) __builtin_prefetch(h_new - NH + j);  // the step before's state
+        for (int j = 0; j < nu; j += kLanes)
           store(dzb + j, load(ghb + j) * inverse * derivative(act, load(h_new + j)));
-        }
       }
     }
     team.barrier.wait();  // every column of the step's pre-activation cotangent
