@@ -46,10 +46,20 @@ def make_cell(kind: str, hidden: int):
 
 
 def problem(hidden, batch_shape, seq_len, seed=0, kind="LSTM"):
+    """A cell, its initial parameters each moved by N(0, 0.3²) noise, inputs, a carry and the loss's weights.
+
+    An Elman RNN's recurrent weights are moved by N(0, 1/H) instead: with 0.3 per element its recurrence has gain
+    0.3·√H (3.4 at hidden 128), which is chaotic — float32 rounding grew to 0.15 of the outputs' scale in 30 steps,
+    in XLA's own run as much as the kernels', so a comparison with the float64 truth could tell nothing. At gain
+    ≈ √2 XLA's largest float32 error stays below 3e-6 at every shape here, and the kernels' within 1.8x of it (seeds
+    0-5, both directions; the tanh RNN at hidden 128 had been held only to 3x XLA's 0.15)."""
     cell = make_cell(kind, hidden)
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
     params = cell.init(keys[0], INPUT_SIZE)
     params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(keys[1], p.shape), params)
+    if isinstance(cell, rnnlab.RNN):
+        w_h = cell.init(keys[0], INPUT_SIZE)["w_h"]
+        params["w_h"] = w_h + jax.random.normal(keys[1], w_h.shape) / math.sqrt(hidden)
     xs = jax.random.normal(keys[2], (seq_len, *batch_shape, INPUT_SIZE))
     carry = jax.tree_util.tree_map(lambda c: 0.5 * jax.random.normal(keys[3], c.shape),
                                    cell.initial_carry(batch_shape))
@@ -77,14 +87,8 @@ def assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths
     against plain autodiff of its step in float64. Float32 rounding grows along the recurrence (at 30 steps with
     these weights, to ~1e-5 relative) and two float32 runs summing in different orders land anywhere in that spread,
     so the kernels are held to within 10x XLA's own float32 error (at least 1e-6); a wrong term would be off by
-    orders of magnitude more.
-
-    Where the recurrence amplifies rounding far beyond that (XLA's own error somewhere in the results above 1e-5:
-    the tanh RNN at hidden 60 reaches 3e-4 on its outputs), each leaf's error in one float32 run is a draw from that
-    spread, and XLA's draw for one leaf can be 10x luckier than the kernels' (2026-11-27, `make test-all`: the loss
-    value 1.2e-6 against XLA's 8.8e-8, with the outputs at 4.0e-4 against 2.8e-4, after an `exp` as accurate as
-    before but rounding differently; the tree before failed so too on other seeds). There no leaf is held tighter
-    than 3x XLA's largest error."""
+    orders of magnitude more. The recurrences of `problem` are not chaotic, so that spread stays small (XLA's
+    largest error 1.8e-5, the LSTM at hidden 128)."""
 
     def results(the_cell, weights, params, xs, carry):
         outputs = rnnlab.scan(the_cell, params, xs, carry=carry, reverse=reverse, lengths=lengths)
@@ -101,10 +105,8 @@ def assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths
             scale = np.max(np.abs(true_leaf)) + 1e-30
             errors.append((np.max(np.abs(np.asarray(got_leaf, np.float64) - true_leaf)) / scale,
                            np.max(np.abs(np.asarray(plain_leaf, np.float64) - true_leaf)) / scale))
-        largest = max(plain_error for _, plain_error in errors)
-        amplified = 3 * largest if largest > 1e-5 else 0.0
         for got_error, plain_error in errors:
-            assert got_error <= max(10 * plain_error, 1e-6, amplified), (got_error, plain_error, largest)
+            assert got_error <= max(10 * plain_error, 1e-6), (got_error, plain_error)
 
 
 @needs_kernels
