@@ -154,7 +154,9 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     from coefficients saved by the forward loop (`rnnlab.fused`), so nothing is recomputed; with the default loss
     the whole measurement is one call of `rnnlab.native`'s gradient-flow kernel (C++ on CPU in float32, the same
     maths on XLA elsewhere; with ``remat`` it keeps the carry before each chunk and runs the chunk's steps again on
-    the way back), which under `jax.vmap` runs every configuration of a sweep at once.
+    the way back), which under `jax.vmap` runs every configuration of a sweep at once. Where the sequences are split
+    over devices (``xs``'s type splits its batch in `jax.sharding`'s explicit mode, or within
+    `rnnlab.split_batch`), each device runs it on its own and the squared norms are summed at the end.
     """
     xs, carry, batch_shape = _flattened(cell, params, xs, carry)
     seq_len = xs.shape[0]

@@ -24,6 +24,10 @@ mesh of explicit axes. **Training** splits its batch over a caller's mesh of aut
 else over a mesh of its own; within explicit axes it is refused with a clear error (before, JAX failed mid-step
 within any mesh but its own).
 
+**Gradient norms** (`rnnlab.gradflow.grad_norms`) of a batch split over devices, in either mode: each device runs the
+gradient-flow kernel on its own sequences and the norms are combined at the end (the squared norms add); before, the
+batch was gathered and measured whole on every device.
+
 A process fixes its device count when JAX starts, so the cases run in one fresh process with 4 virtual CPU devices
 (this file as a script); each case's reference is the same function on unsplit inputs in that process (one device).
 """
@@ -164,6 +168,58 @@ def _child(out: str) -> None:
          (params, src, tgt, src_lengths), (whole, split, split, P("batch")), line)
     case("Seq2Seq decode", lambda p, s: seq2seq.decode(p, s, 6), (params, src), (whole, split), line)
 
+    # Gradient norms over a split batch: each device measures its own sequences, the norms combined.
+    from rnnlab import gradflow
+
+    def norms_case(name, function, args, specs, mesh, within=None):
+        """``function(*args)`` (log10 norms) on one device against the same on ``mesh`` (explicit mode, or auto
+        within ``split_batch(mesh, within)``): the largest difference where both are finite, whether their -inf
+        and nan are at the same steps, whether the program gathers, and the gradient-flow kernel's rows a device."""
+        want = np.asarray(jax.jit(function)(*args))
+        if within is None:
+            with jax.set_mesh(mesh):
+                split_args = [jax.device_put(a, spec) for a, spec in zip(args, specs)]
+                got, lowered = jax.jit(function)(*split_args), jax.jit(function).lower(*split_args)
+        else:
+            split_args = [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
+            with native.split_batch(mesh, within):
+                got, lowered = jax.jit(function)(*split_args), jax.jit(function).lower(*split_args)
+        got, compiled = np.asarray(got), lowered.compile().as_text()
+        finite = np.isfinite(want) & np.isfinite(got)
+        kernels = [line for line in compiled.splitlines() if 'custom_call_target="rnnlab_gradflow"' in line]
+        results[name] = {"difference": float(np.max(np.abs(got - want), where=finite, initial=0.0)),
+                         "finite steps": int(finite.sum()), "steps": int(want.size),
+                         "same -inf and nan": bool(np.array_equal(np.isneginf(got), np.isneginf(want))
+                                                   and np.array_equal(np.isnan(got), np.isnan(want))),
+                         "-inf and nan": [int(np.isneginf(want).sum()), int(np.isnan(want).sum())],
+                         "gathers": "all-gather" in compiled,
+                         "kernel_rows": sorted({int(rows) for line in kernels
+                                                for rows in re.findall(r"f32\[30,1,(\d+),8\]", line)})}
+
+    for cell in (rnnlab.LSTM(64), rnnlab.GRU(24), rnnlab.RNN(50, activation="relu")):
+        kind, params = type(cell).__name__, cell.init(jax.random.key(0), 8)
+        norms = lambda p, x, cell=cell: gradflow.grad_norms(cell, p, x)  # noqa: E731
+        norms_case(f"norms {kind}", norms, (params, xs), (whole, split), line)
+        norms_case(f"norms {kind} remat", lambda p, x, cell=cell: gradflow.grad_norms(cell, p, x, remat=5),
+                   (params, xs), (whole, split), line)
+        norms_case(f"norms {kind}, batch over both axes of a 2x2 mesh", norms, (params, xs),
+                   (whole, P(None, ("data", "model"))), grid)
+        norms_case(f"norms {kind}, split_batch", norms, (params, xs), (whole, split), auto_line, "batch")
+    cell = rnnlab.RNN(50, activation="relu")
+    params = {**cell.init(jax.random.key(0), 8), "b": jnp.zeros((50,))}
+    norms = lambda p, x: gradflow.grad_norms(cell, p, x)  # noqa: E731
+    # The first device's 8 sequences stay at zero (no input, no bias), so its norms are all -inf (exactly zero);
+    # with a nan in one sequence every step is nan; with the recurrent weights zero, every step before the last -inf.
+    norms_case("norms, one device's rows all zero", norms, (params, xs.at[:, :8].set(0.0)), (whole, split), line)
+    norms_case("norms, a nan in one sequence", norms, (params, xs.at[12, 20, 3].set(jnp.nan)), (whole, split), line)
+    norms_case("norms, W_h zero", norms, ({**params, "w_h": jnp.zeros_like(params["w_h"])}, xs), (whole, split),
+               line)
+    norms_case("norms, split_batch, batch of 6 over 4 devices", norms, (params, xs[:, :6]), (whole, P()), auto_line,
+               "batch")
+    norms_case("norms, a loss of the user's (XLA's engine)",
+               lambda p, x: gradflow.grad_norms(cell, p, x, loss=lambda hs: jnp.sum(hs[-1] ** 2)), (params, xs),
+               (whole, split), line)
+
     # split_batch, where it must leave the primitives as they are, and jit's cache.
     cell = rnnlab.LSTM(64)
     params = cell.init(jax.random.key(0), 8)
@@ -301,7 +357,8 @@ def on_devices(tmp_path_factory) -> dict:
 
 def _cases(results: dict, split_batch: bool) -> dict:
     return {name: value for name, value in results.items()
-            if isinstance(value, dict) and "gathers" in value and name.startswith("split_batch") == split_batch}
+            if isinstance(value, dict) and "error" in value and "gathers" in value
+            and name.startswith("split_batch") == split_batch}
 
 
 @pytest.mark.parametrize("split_batch, count", [(False, 3 * 7 + 5 + 2), (True, 3 * 7 + 2)])
@@ -378,6 +435,39 @@ def test_training_splits_its_batch_over_a_callers_mesh_of_auto_axes(on_devices):
     # Within an abstract mesh alone (as `split_batch` sets): its own mesh runs, another is refused.
     assert on_devices["train within split_batch of its own mesh"]["error"] < 1e-6
     assert "abstract mesh" in on_devices["train within split_batch of another mesh"]
+
+
+def _norms_cases(results: dict) -> dict:
+    return {name: value for name, value in results.items() if name.startswith("norms")}
+
+
+def test_gradient_norms_of_a_split_batch_are_those_of_one_device(on_devices):
+    """Every step's log10 norm as on one device (float32 rounding of the combination), its -inf and nan at the same
+    steps: one device's rows all zero (its own norms -inf) changes nothing, a nan in one device's sequence makes
+    every step nan, zero recurrent weights leave every step but the last -inf on every device."""
+    cases = _norms_cases(on_devices)
+    assert len(cases) == 4 * 3 + 5
+    for name, figures in cases.items():
+        assert figures["same -inf and nan"] and figures["difference"] < 1e-5, (name, figures)
+        assert figures["finite steps"] == figures["steps"] - sum(figures["-inf and nan"]), (name, figures)
+    assert cases["norms, one device's rows all zero"]["-inf and nan"] == [0, 0]
+    assert cases["norms, a nan in one sequence"]["-inf and nan"] == [0, 30]
+    assert cases["norms, W_h zero"]["-inf and nan"] == [29, 0]
+
+
+def test_gradient_norms_of_a_split_batch_run_on_each_devices_rows(on_devices):
+    """Each device runs the gradient-flow kernel on its own 8 of the 32 sequences and nothing gathers them (before:
+    the whole batch on every device); a batch of 6 over 4 devices is measured whole; a loss of the user's goes to
+    XLA's engine."""
+    cases = _norms_cases(on_devices)
+    for name, figures in cases.items():
+        if "batch of 6" not in name and "user's" not in name:
+            assert not figures["gathers"], (name, figures)
+            if on_devices["kernels"]:
+                assert figures["kernel_rows"] == [8], (name, figures)
+    if on_devices["kernels"]:
+        assert cases["norms, split_batch, batch of 6 over 4 devices"]["kernel_rows"] == [6]
+    assert cases["norms, a loss of the user's (XLA's engine)"]["kernel_rows"] == []
 
 
 def test_split_batch_names_a_bad_axis():

@@ -538,25 +538,40 @@ def _explicit_split(operands, batch_axes):
     return (mesh, axis) if explicit else None
 
 
+def _devices_along(mesh: Mesh, axis) -> int:
+    return int(np.prod([mesh.shape[name] for name in _axis_names(axis)]))
+
+
+def _split_of(operands, batch_axes):
+    """``(mesh, axis, explicit)`` where operands with batch axes ``batch_axes`` (None: none) are to be split along
+    mesh axis ``axis``: within `split_batch` (``explicit`` false), or where their types split it (`jax.sharding`'s
+    explicit mode). None where they stay as they are: no split, one device along ``axis``, within a `shard_map`
+    body (the mesh's axes already manual), or a batch that does not divide."""
+    split = _BATCH_SPLIT.get()
+    explicit = split is None
+    if explicit:
+        split = _explicit_split(operands, batch_axes)
+    if split is None:
+        return None
+    mesh, axis = split
+    count = _devices_along(mesh, axis)
+    sizes = {x.shape[b] for x, b in zip(operands, batch_axes) if b is not None}
+    manual = AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types
+    if count == 1 or manual or any(size % count for size in sizes):
+        return None
+    return mesh, axis, explicit
+
+
 def bind(p: Primitive, *operands, **params):
     """``p.bind(*operands, **params)``, in `jax.shard_map` with the batch split where it is: within `split_batch`
     (see there) along its axis, and where the operands' types (`jax.sharding`'s explicit mode) split it. Without
     this, explicit mode gathered a split batch and ran the kernels whole on every device, its results' types
     replicated."""
     batch_in, batch_out = p.batch_axes
-    split = _BATCH_SPLIT.get()
-    explicit = split is None
-    if explicit:
-        split = _explicit_split(operands, batch_in)
+    split = _split_of(operands, batch_in)
     if split is None:
         return p.bind(*operands, **params)
-    mesh, axis = split
-    count = int(np.prod([mesh.shape[name] for name in _axis_names(axis)]))
-    sizes = {x.shape[b] for x, b in zip(operands, batch_in) if b is not None}
-    manual = AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types
-    if count == 1 or manual or any(size % count for size in sizes):
-        return p.bind(*operands, **params)
-
+    mesh, axis, explicit = split
     in_specs = tuple(_batch_spec(jnp.ndim(x), b, axis) for x, b in zip(operands, batch_in))
     if explicit:  # the types must match the specs: a carry of zeros is split, a weight split otherwise made whole
         operands = [jax.sharding.reshard(x, s) for x, s in zip(operands, in_specs)]
@@ -878,9 +893,42 @@ def grad_norms(cell, params, xs, carry, remat: int | None = None):
     built-in cell (`rnnlab.fused.supports`) on ``xs [T, N, input_size]`` from ``carry`` (batch flattened to ``N``),
     as one call of `gradflow_p` (``remat``: chunks of that many steps, each run forward again on the way back).
     Under `jax.vmap` (a sweep's configurations) the mapped axis becomes the primitive's configuration axis, which the
-    kernel shares out over its threads and `jax.sharding` splits over devices."""
+    kernel shares out over its threads and `jax.sharding` splits over devices.
+
+    With the sequences split over devices (`jax.sharding`'s explicit mode, where ``xs``'s type splits ``N``, or
+    within `split_batch`) each device measures its own in `jax.shard_map` and the devices' norms are combined
+    (`_combined_log10_norms`): the loss is a mean over sequences and each sequence's backward pass its own, so the
+    squared norms add, and the only traffic is two reductions of ``[T]`` at the end (not the whole batch gathered
+    on every device)."""
+    leaves = jax.tree_util.tree_leaves(carry)
+    split = _split_of([xs, *leaves], [1] + [0] * len(leaves))
+    if split is None:
+        return _grad_norms_whole(cell, params, xs, carry, remat)
+    mesh, axis, explicit = split
+    specs = (PartitionSpec(), PartitionSpec(None, axis), PartitionSpec(axis))  # prefixes of (params, xs, carry)
+    operands = (params, xs, carry)
+    if explicit:  # the types must match the specs: a carry of zeros is split, the parameters whole
+        operands = tuple(jax.sharding.reshard(tree, spec) for tree, spec in zip(operands, specs))
+    # Each device's loss divides by its own rows, a `parts`-th of N: its gradient is `parts` times its share.
+    parts = _devices_along(mesh, axis)
+    local = lambda p, x, c: (  # noqa: E731
+        _combined_log10_norms(_grad_norms_whole(cell, p, x, c, remat), axis) - np.log10(parts).astype(x.dtype))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=False)(*operands)
+
+
+def _grad_norms_whole(cell, params, xs, carry, remat):
     stacked = jax.tree_util.tree_map(lambda a: a[None], (params, carry))
     return grad_norms_of_configs(cell, *stacked, xs[:, None], jnp.zeros((1,), jnp.int32), remat)[0]
+
+
+def _combined_log10_norms(log10_norms, axis):
+    """Within `jax.shard_map` along mesh axis ``axis``, from each device's ``log10`` norms ``[T]`` of its own rows
+    those of all rows: squared norms add, so ``m + ½ log10 Σ_d 10^(2 (l_d − m))`` with ``m`` the devices' largest
+    (no overflow, exact far beyond float32's range as the norms are). ``-inf`` where every device's is (all zero:
+    the sum is 0), nan where any device's is (a state the gradient depends on not finite: nan enters the sum)."""
+    top = jax.lax.pmax(log10_norms, axis)
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    return shift + 0.5 * jnp.log10(jax.lax.psum(10.0 ** (2 * (log10_norms - shift)), axis))
 
 
 def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = None):
