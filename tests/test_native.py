@@ -875,8 +875,8 @@ def test_gradflow_kernel_equals_the_log_domain_engine(kind):
     assert got_error <= max(10 * plain_error, 1e-5), (got_error, plain_error)
 
 
-# (kind, hidden, rows): each step holds enough work for two threads (`native.flow_team`).
-SPLIT_FLOW_CASES = [("LSTM", 128, 16), ("GRU", 128, 32), ("RNN-tanh", 256, 16)]
+# (kind, hidden, rows): each step holds enough work for two threads (`native.flow_team`), too few rows for groups.
+SPLIT_FLOW_CASES = [("LSTM", 128, 8), ("GRU", 256, 8), ("RNN-tanh", 256, 12)]
 
 
 @needs_kernels
@@ -891,6 +891,7 @@ def test_gradflow_kernel_splits_one_configuration_over_threads(kind, hidden, row
     cell, params, xs, carry = flow_problem(kind, [1.0, 1.0], hidden=hidden, batch=rows, seq_len=24)
     if native.threads() >= 2:
         assert native.flow_team(cell, 1, rows) == 2 and native.flow_team(cell, 2, rows) == 1
+        assert native.flow_groups(1, rows) == 1
     first = jax.tree_util.tree_map(lambda a: a[:1], (params, xs, carry))
     split = np.asarray(flow_norms(cell, *first, "kernel"))
     np.testing.assert_array_equal(np.asarray(flow_norms(cell, *first, "kernel", remat=6)), split)
@@ -902,6 +903,57 @@ def test_gradflow_kernel_splits_one_configuration_over_threads(kind, hidden, row
         as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
         truth = np.asarray(flow_norms(cell, *as64(first), "xla"))
     np.testing.assert_allclose(split, truth, rtol=0, atol=1e-4)
+
+
+# (kind, hidden, rows): groups of 10 and 11 rows, 8 and 8, 16 and 16 on two threads (`native.flow_groups`).
+GROUP_FLOW_CASES = [("LSTM", 128, 21), ("GRU", 64, 16), ("RNN-tanh", 128, 32)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,hidden,rows", GROUP_FLOW_CASES, ids=[case[0] for case in GROUP_FLOW_CASES])
+def test_gradflow_kernel_measures_one_configuration_in_groups_of_rows(kind, hidden, rows):
+    """A single configuration with at least 8 rows a thread runs as groups of its rows, one a thread, whole (no
+    barrier), their squared norms added at the end: the numbers of the same configuration run whole on one thread
+    (two configurations in one call) to float32 rounding (each group renormalises by its own norm), bit-identical
+    with remat, and (the LSTM) those of the XLA engine in float64."""
+    cell, params, xs, carry = flow_problem(kind, [1.0, 1.0], hidden=hidden, batch=rows, seq_len=24)
+    if native.threads() >= 2:
+        assert native.flow_groups(1, rows) == 2 and native.flow_team(cell, 1, rows) == 1
+        assert native.flow_groups(2, rows) == 1
+    first = jax.tree_util.tree_map(lambda a: a[:1], (params, xs, carry))
+    grouped = np.asarray(flow_norms(cell, *first, "kernel"))
+    np.testing.assert_array_equal(np.asarray(flow_norms(cell, *first, "kernel", remat=6)), grouped)
+    whole = np.asarray(flow_norms(cell, params, xs, carry, "kernel"))[:1]
+    np.testing.assert_allclose(grouped, whole, rtol=0, atol=2e-6)
+    if kind != "LSTM":
+        return
+    with jax.enable_x64(True):
+        as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        truth = np.asarray(flow_norms(cell, *as64(first), "xla"))
+    np.testing.assert_allclose(grouped, truth, rtol=0, atol=1e-4)
+
+
+@needs_kernels
+def test_groups_of_rows_keep_minus_inf_and_nan():
+    """Measured in two groups (a ReLU RNN, 16 rows): where the first group's rows stay at zero (no input, no bias:
+    its norms -inf) the whole's norms are the other group's, as the XLA engine gives; a nan in one row makes every
+    step nan; with W_h zero every step but the last is -inf in both groups, and so in the whole."""
+    cell = rnnlab.RNN(32, activation="relu")
+    params = {**cell.init(jax.random.PRNGKey(0), 4), "b": jnp.zeros((32,))}
+    xs = jax.random.normal(jax.random.PRNGKey(1), (20, 16, 4))
+    if native.threads() >= 2:
+        assert native.flow_groups(1, 16) == 2
+    kernel = jax.jit(lambda p, x: rnnlab.gradflow.grad_norms(cell, p, x))
+    engine = jax.jit(lambda p, x: rnnlab.gradflow.log_domain_norms(cell, p, x, cell.initial_carry((16,))))
+    for name, p, x, inf_and_nan in (("first group zero", params, xs.at[:, :8].set(0.0), (0, 0)),
+                                    ("a nan", params, xs.at[7, 12, 1].set(jnp.nan), (0, 20)),
+                                    ("W_h zero", {**params, "w_h": jnp.zeros_like(params["w_h"])}, xs, (19, 0))):
+        got, want = np.asarray(kernel(p, x)), np.asarray(engine(p, x))
+        assert (np.isneginf(got).sum(), np.isnan(got).sum()) == inf_and_nan, name
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg=name)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-5, err_msg=name)
 
 
 @needs_kernels

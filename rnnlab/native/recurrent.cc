@@ -852,9 +852,9 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, con
 //   relu, linear; b_h is the GRU's and zero for the others, c0 the LSTM's), configuration c on inputs
 //   xs[:, which[c]], as rnnlab/gradflow.py's `grad_norms` with its default loss.
 // Each configuration runs whole on one thread (the threads share out the configurations, with no barrier); a single
-// configuration (one sequence batch's `grad_norms`) runs on a team of threads that split its hidden units as the
-// cell kernels do, meeting at barriers (one per forward step, two per backward step: the norm is a sum over every
-// unit). The forward loop projects each step's input and keeps the states and gates in the workspace, then the
+// configuration (one sequence batch's `grad_norms`) runs as groups of its rows, one a thread (`flow_groups`), or,
+// with fewer rows, on a team of threads that split its hidden units as the cell kernels do, meeting at barriers (one
+// per forward step, two per backward step: the norm is a sum over every unit). The forward loop projects each step's input and keeps the states and gates in the workspace, then the
 // backward loop applies each step's transposed Jacobian to the carry's cotangent, renormalised every step with the
 // log10 of its norm summed in double precision, so vanishing and exploding gradients are exact far past float32's
 // range. Each thread's columns of W_x, W_h and W_hᵀ stay packed in its cache for all 2T steps. With `chunk` (a
@@ -922,6 +922,8 @@ struct Flow {
   Cell cell;
   int steps, sequences, rows, inputs, hidden, gates;  // sequences: U, the inputs' second axis
   int chunk;                                          // steps per chunk, a divisor of steps
+  int all_rows;  // N, the rows of the inputs and the carry; `rows` of them, from `row0`, are measured (a group)
+  int row0;
 };
 
 // A configuration's team: part `part` of `parts` threads, each owning hidden units [u0, u0 + nu) (`units_of`) of
@@ -938,11 +940,13 @@ struct FlowTeam {
   float* flags;
 };
 
+// Configuration c's rows [f.row0, f.row0 + f.rows) of its N = f.all_rows: the log10 norms of their part of ∂L/∂h_t
+// (L's 1 / N kept, so the groups' squared norms add up to the whole's) into `result` [T], in double.
 void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const float* b_h_all, const float* w_x_all,
-              const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs, float* out,
+              const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs, double* result,
               float* work, const FlowTeam& team) {
   const int N = f.rows, H = f.hidden, G = f.gates * H, I = f.inputs, T = f.steps;
-  const size_t NH = static_cast<size_t>(N) * H;
+  const size_t NH = static_cast<size_t>(N) * H, first = (static_cast<size_t>(c) * f.all_rows + f.row0) * H;
   const float *w_h = w_h_all + static_cast<size_t>(c) * H * G, *b_h = b_h_all + static_cast<size_t>(c) * G,
               *w_x = w_x_all + static_cast<size_t>(c) * I * G, *b_x = b_x_all + static_cast<size_t>(c) * G;
   const bool lstm = f.cell == Cell::kLstm, gru = f.cell == Cell::kGru;
@@ -980,8 +984,8 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   const auto copy_units = [&](float* to, const float* from) {
     for (size_t b = 0; b < static_cast<size_t>(N); ++b) hold(to + b * H + u0, from + b * H + u0, nu);
   };
-  copy_units(bounds, h0_all + c * NH);
-  if (lstm) copy_units(bounds + NH, c0_all + c * NH);
+  copy_units(bounds, h0_all + first);
+  if (lstm) copy_units(bounds + NH, c0_all + first);
   if (team.part == 0) finite[0] = 1.0f;  // the initial carry only meets the cotangent after step 0
 
   // Runs chunk `chunk_index`'s steps from its carry in `bounds`, keeping their carries and gates; on the first pass
@@ -994,7 +998,7 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
     team.barrier.wait();  // every unit of the chunk's first carry, for everyone's first matmul
     for (int l = 0; l < K; ++l) {
       const int t = chunk_index * K + l;
-      const float* x_t = xs + (static_cast<size_t>(t) * f.sequences + sequence) * N * I;
+      const float* x_t = xs + ((static_cast<size_t>(t) * f.sequences + sequence) * f.all_rows + f.row0) * I;
       matmul(N, width, I, x_t, I, panel_x.data(), zx, width);
       matmul(N, width, H, hs + l * NH, H, panel_h.data(), zh, width);
       vf bad = splat(0.0f);
@@ -1055,7 +1059,7 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   // part sums the parts' sums of squares in the same order, so all keep the same scale.
   const float* h_final = hs + K * NH;
   for (int b = 0; b < N; ++b)
-    for (int j = 0; j < nu; ++j) gh[b * H + u0 + j] = 2.0f * h_final[b * H + u0 + j] / N;
+    for (int j = 0; j < nu; ++j) gh[b * H + u0 + j] = 2.0f * h_final[b * H + u0 + j] / f.all_rows;
   if (lstm)
     for (int b = 0; b < N; ++b) std::memset(gc + b * H + u0, 0, nu * sizeof(float));
   double log_scale = 0.0;
@@ -1085,9 +1089,8 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
     // does a cotangent whose norm is not finite in float32 (the loss's gradient at a state past 1e19).
     diverged = diverged || (finite[t + 1] == 0.0f && log_scale != minus_inf) || !std::isfinite(squares);
     if (team.part == 0)
-      out[static_cast<size_t>(c) * T + t] =
-          diverged ? std::numeric_limits<float>::quiet_NaN()
-                   : static_cast<float>(log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares)));
+      result[t] = diverged ? std::numeric_limits<double>::quiet_NaN()
+                           : log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares));
     const vf inverse = splat(inverse_f);
     // The carry the step before meets (the LSTM's cell state before it, the GRU's h before it, the plain RNN's h
     // after it), with its saved rows prefetched below while this step computes.
@@ -1146,8 +1149,44 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
 // out) unless there is one configuration and its steps hold enough work (`team_size`). Two configurations on two
 // threads run side by side, each whole, in the time of one; split, they would take two team runs (a team of two
 // ran a configuration 1.4-1.5x faster than one thread, not 2x).
+int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads);
+
+// The groups of rows a single configuration is measured in: where it has at least kMinGroupRows rows a thread, the
+// threads take a group each, whole (no barrier), and the groups' squared norms are added at the end (each row's
+// backward pass is its own: the default loss is a sum over rows). Measured on the 2-core AVX-512 CPU (2026-11-27,
+// `grad_norms` of one configuration, ms, 2 threads; a team of two against two groups): LSTM at 16 rows, hidden 128,
+// T 1000: 58-87 against 29-35; LSTM 64 rows, 128: 239-326 against 171-176; GRU 32, 128: 96 against 66; LSTM 16,
+// 512, T 300: 133 against 107. With fewer rows a group streams all of W_h (and Wᵀ_h) for too little work: at 2
+// rows, hidden 512 and 1024 the team was 1.3-1.7x faster; at 4 and 8 rows either won by shape.
+constexpr int kMinGroupRows = 8;
+
+int flow_groups(int64_t configs, int rows, int64_t threads) {
+  return configs == 1 ? static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / kMinGroupRows))) : 1;
+}
+
 int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads) {
-  return configs == 1 ? team_size(rows, hidden, gates, threads) : 1;
+  return configs == 1 && flow_groups(configs, rows, threads) == 1 ? team_size(rows, hidden, gates, threads) : 1;
+}
+
+// Rows [begin, end) of group g of `groups` over N rows, shared out as evenly as possible.
+void group_rows(int N, int g, int groups, int* begin, int* end) {
+  *begin = static_cast<int>(static_cast<int64_t>(N) * g / groups);
+  *end = static_cast<int>(static_cast<int64_t>(N) * (g + 1) / groups);
+}
+
+// log10 of the norm of the whole from its groups' log10 norms: ½ log10 Σ_g 10^(2 l_g), scaled by the largest;
+// -inf where every group's is (no gradient passes), nan where any group's is (undefined).
+double combined_log10(const double* groups, int count, int stride) {
+  double top = -std::numeric_limits<double>::infinity();
+  for (int g = 0; g < count; ++g) {
+    const double l = groups[static_cast<size_t>(g) * stride];
+    if (std::isnan(l)) return l;
+    top = std::max(top, l);
+  }
+  if (count == 1 || top == -std::numeric_limits<double>::infinity()) return top;
+  double sum = 0.0;
+  for (int g = 0; g < count; ++g) sum += std::pow(10.0, 2.0 * (groups[static_cast<size_t>(g) * stride] - top));
+  return top + 0.5 * std::log10(sum);
 }
 
 ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
@@ -1162,19 +1201,29 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     if (which.typed_data()[c] < 0 || which.typed_data()[c] >= f.sequences)
       return ffi::Error::InvalidArgument("rnnlab gradflow kernel: an index in `which` is outside the inputs");
   f.inputs = static_cast<int>(dims[3]), f.hidden = static_cast<int>(h0.dimensions()[2]);
+  f.all_rows = f.rows, f.row0 = 0;
   if (f.hidden % kLanes != 0)
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: the hidden size must be a multiple of 16");
   f.chunk = flow_chunk(f.steps, chunk);
   if (f.steps % f.chunk != 0)
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: chunk must divide the number of steps");
-  const size_t floats = flow_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates, f.chunk);
+  // Work items: each configuration's groups of rows (`flow_groups`), each measured into its own row of `results`.
+  const int groups = flow_groups(configs, f.rows, threads), items = configs * groups;
+  const size_t floats = flow_workspace(f.cell, f.steps, (f.rows + groups - 1) / groups, f.hidden, f.gates, f.chunk);
+  std::vector<double> results(static_cast<size_t>(items) * f.steps);
   std::atomic<bool> out_of_memory{false};
-  const auto run = [&](int c, float* work, const FlowTeam& flow_team) {
-    flow_one(f, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(),
-             h0.typed_data(), c0.typed_data(), xs.typed_data(), out->typed_data(), work, flow_team);
+  const auto run = [&](int item, float* work, const FlowTeam& flow_team) {
+    const int c = item / groups;
+    Flow g = f;
+    int end;
+    group_rows(f.rows, item % groups, groups, &g.row0, &end);
+    g.rows = end - g.row0;
+    flow_one(g, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(),
+             h0.typed_data(), c0.typed_data(), xs.typed_data(), &results[static_cast<size_t>(item) * f.steps], work,
+             flow_team);
   };
-  // One configuration: a team that splits its hidden units (where its steps hold enough work for that, as for the
-  // cell kernels); else the threads share out the configurations.
+  // One configuration: groups of its rows (with enough rows), else a team that splits its hidden units (where its
+  // steps hold enough work for that, as for the cell kernels); else the threads share out the configurations.
   // (At most the pool's threads, so that the team forms whole or not at all: `FlowTeam`'s planned parts.)
   const int split = static_cast<int>(std::min<int64_t>(flow_team(configs, f.rows, f.hidden, f.gates, threads),
                                                        pool.num_threads()));
@@ -1188,7 +1237,7 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
         run(0, work.get(), FlowTeam{part, parts, split, barrier, partial.data(), flags.data()});
       });
   } else {
-    team(pool, static_cast<int>(std::min<int64_t>(threads, configs)), [&](int part, int parts, Barrier&) {
+    team(pool, static_cast<int>(std::min<int64_t>(threads, items)), [&](int part, int parts, Barrier&) {
       std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
       if (!work) {
         out_of_memory = true;
@@ -1197,12 +1246,17 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
       Barrier alone(1);
       double partial[2];
       float flags[2];
-      for (int c = part; c < configs; c += parts) run(c, work.get(), FlowTeam{0, 1, 1, alone, partial, flags});
+      for (int item = part; item < items; item += parts)
+        run(item, work.get(), FlowTeam{0, 1, 1, alone, partial, flags});
     });
   }
   if (out_of_memory)
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rnnlab gradflow kernel: no memory for the workspace (" +
                       std::to_string(floats * sizeof(float) >> 20) + " MiB per thread); use remat");
+  for (int c = 0; c < configs; ++c)
+    for (int t = 0; t < f.steps; ++t)
+      out->typed_data()[static_cast<size_t>(c) * f.steps + t] = static_cast<float>(
+          combined_log10(&results[static_cast<size_t>(c) * groups * f.steps + t], groups, f.steps));
   return ffi::Error::Success();
 }
 
@@ -1309,13 +1363,27 @@ auto backward_attributes = [](auto&& binding) {
 
 }  // namespace
 
-// The gradient-flow kernel's workspace per thread, in floats (for rnnlab.native.flow_workspace_bytes); -1 for an
-// unknown cell.
-extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden, int chunk) {
+// The gradient-flow kernel's workspace for one configuration of `rows` rows on `threads` threads, in floats (for
+// rnnlab.native.flow_workspace_bytes): one for the whole (or its team), or one per group of rows; -1 for an unknown
+// cell.
+extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden, int chunk,
+                                             int64_t threads) {
   Cell cell;
   int gates;
   if (cell_of(cell_name, &cell, &gates).failure()) return -1;
-  return static_cast<int64_t>(flow_workspace(cell, steps, rows, hidden, gates, flow_chunk(steps, chunk)));
+  const int groups = flow_groups(1, rows, threads);
+  int64_t floats = 0;
+  for (int g = 0; g < groups; ++g) {
+    int begin, end;
+    group_rows(rows, g, groups, &begin, &end);
+    floats += static_cast<int64_t>(flow_workspace(cell, steps, end - begin, hidden, gates, flow_chunk(steps, chunk)));
+  }
+  return floats;
+}
+
+// Groups of rows of the gradient-flow kernel (for rnnlab.native.flow_groups).
+extern "C" int RnnlabFlowGroups(int64_t configs, int rows, int64_t threads) {
+  return flow_groups(configs, rows, threads);
 }
 
 // Threads per configuration of the gradient-flow kernel (for rnnlab.native.flow_team); -1 for an unknown cell.
