@@ -891,7 +891,7 @@ def test_gradflow_kernel_splits_one_configuration_over_threads(kind, hidden, row
     cell, params, xs, carry = flow_problem(kind, [1.0, 1.0], hidden=hidden, batch=rows, seq_len=24)
     if native.threads() >= 2:
         assert native.flow_team(cell, 1, rows) == 2 and native.flow_team(cell, 2, rows) == 1
-        assert native.flow_groups(1, rows) == 1
+        assert native.flow_groups(rows) == 1
     first = jax.tree_util.tree_map(lambda a: a[:1], (params, xs, carry))
     split = np.asarray(flow_norms(cell, *first, "kernel"))
     np.testing.assert_array_equal(np.asarray(flow_norms(cell, *first, "kernel", remat=6)), split)
@@ -905,32 +905,35 @@ def test_gradflow_kernel_splits_one_configuration_over_threads(kind, hidden, row
     np.testing.assert_allclose(split, truth, rtol=0, atol=1e-4)
 
 
-# (kind, hidden, rows): groups of 10 and 11 rows, 8 and 8, 16 and 16 on two threads (`native.flow_groups`).
-GROUP_FLOW_CASES = [("LSTM", 128, 21), ("GRU", 64, 16), ("RNN-tanh", 128, 32)]
+# (kind, hidden, rows): groups of 10 and 11 rows; 8 and 8; 8, 9, 8, 9 and 9 (`native.flow_groups`).
+GROUP_FLOW_CASES = [("LSTM", 128, 21), ("GRU", 64, 16), ("RNN-tanh", 128, 43)]
 
 
 @needs_kernels
 @pytest.mark.parametrize("kind,hidden,rows", GROUP_FLOW_CASES, ids=[case[0] for case in GROUP_FLOW_CASES])
 def test_gradflow_kernel_measures_one_configuration_in_groups_of_rows(kind, hidden, rows):
-    """A single configuration with at least 8 rows a thread runs as groups of its rows, one a thread, whole (no
-    barrier), their squared norms added at the end: the numbers of the same configuration run whole on one thread
-    (two configurations in one call) to float32 rounding (each group renormalises by its own norm), bit-identical
-    with remat, and (the LSTM) those of the XLA engine in float64."""
-    cell, params, xs, carry = flow_problem(kind, [1.0, 1.0], hidden=hidden, batch=rows, seq_len=24)
-    if native.threads() >= 2:
-        assert native.flow_groups(1, rows) == 2 and native.flow_team(cell, 1, rows) == 1
-        assert native.flow_groups(2, rows) == 1
+    """A configuration of 16 rows or more runs as groups of 8 to 15 of its rows, each whole on one thread (no
+    barrier), their squared norms added at the end: the numbers of the same configuration run whole (here, before
+    the groups: by the XLA engine) to float32 rounding (each group renormalises by its own norm), bit-identical with
+    remat and on 1 or 2 threads, two configurations in one call as each alone, and (the LSTM) within float32 rounding
+    of the XLA engine in float64."""
+    cell, params, xs, carry = flow_problem(kind, [1.0, 1.4], hidden=hidden, batch=rows, seq_len=24)
+    assert native.flow_groups(rows) == rows // 8 and native.flow_team(cell, 1, rows) == 1
     first = jax.tree_util.tree_map(lambda a: a[:1], (params, xs, carry))
     grouped = np.asarray(flow_norms(cell, *first, "kernel"))
     np.testing.assert_array_equal(np.asarray(flow_norms(cell, *first, "kernel", remat=6)), grouped)
-    whole = np.asarray(flow_norms(cell, params, xs, carry, "kernel"))[:1]
-    np.testing.assert_allclose(grouped, whole, rtol=0, atol=2e-6)
+    both = np.asarray(flow_norms(cell, params, xs, carry, "kernel"))
+    np.testing.assert_array_equal(both[:1], grouped)
+    with mock.patch.dict(os.environ, RNNLAB_NATIVE_THREADS="1"):  # a new program: `threads` is an attribute
+        np.testing.assert_array_equal(np.asarray(flow_norms(cell, params, xs, carry, "kernel")), both)
+    engine = np.asarray(flow_norms(cell, params, xs, carry, "xla"))
+    np.testing.assert_allclose(both, engine, rtol=0, atol=2e-5)
     if kind != "LSTM":
         return
     with jax.enable_x64(True):
         as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
-        truth = np.asarray(flow_norms(cell, *as64(first), "xla"))
-    np.testing.assert_allclose(grouped, truth, rtol=0, atol=1e-4)
+        truth = np.asarray(flow_norms(cell, *as64((params, xs, carry)), "xla"))
+    np.testing.assert_allclose(both, truth, rtol=0, atol=1e-4)
 
 
 @needs_kernels
@@ -941,8 +944,7 @@ def test_groups_of_rows_keep_minus_inf_and_nan():
     cell = rnnlab.RNN(32, activation="relu")
     params = {**cell.init(jax.random.PRNGKey(0), 4), "b": jnp.zeros((32,))}
     xs = jax.random.normal(jax.random.PRNGKey(1), (20, 16, 4))
-    if native.threads() >= 2:
-        assert native.flow_groups(1, 16) == 2
+    assert native.flow_groups(16) == 2
     kernel = jax.jit(lambda p, x: rnnlab.gradflow.grad_norms(cell, p, x))
     engine = jax.jit(lambda p, x: rnnlab.gradflow.log_domain_norms(cell, p, x, cell.initial_carry((16,))))
     for name, p, x, inf_and_nan in (("first group zero", params, xs.at[:, :8].set(0.0), (0, 0)),
@@ -954,6 +956,17 @@ def test_groups_of_rows_keep_minus_inf_and_nan():
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
         finite = np.isfinite(want)
         np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-5, err_msg=name)
+
+
+@needs_kernels
+def test_the_flow_groups_probe_times_each_shape(monkeypatch):
+    """`benchmarks/probe_flow_groups.py` (how the groups were measured against teams) at two small shapes: a median
+    time and a rate for each, two groups at 16 rows, one at 8."""
+    probe = benchmark_script("probe_flow_groups", monkeypatch)
+    rows = probe.measure((("LSTM", 16, 32, 20), ("GRU", 8, 32, 20)), calls=2)
+    assert [row["shape"] for row in rows] == ["LSTM 16,32,20", "GRU 8,32,20"]
+    assert all(row["ms"] > 0 and row["gflops"] > 0 for row in rows)
+    assert [row["groups"] for row in rows] == [2, 1]
 
 
 @needs_kernels

@@ -22,12 +22,11 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
   the backward pass hands the carry's cotangent through it unchanged;
 - ``gradflow_p(w_h, b_h, w_x, b_x, h0, c0, xs, which) -> log10 ||∂L/∂h_t|| [C, T]``: `rnnlab.gradflow.grad_norms`
   with its default loss for C configurations of one cell at once, configuration c on ``xs[:, which[c]]``
-  (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). With
-  several configurations each runs whole on one thread, forward loop then log-domain backward loop, and the threads
-  share out the configurations: a sweep's small per-configuration matmuls need no barrier. A single configuration
-  (one sequence batch's `grad_norms`) runs as groups of its rows, one a thread, their squared norms added at the end
-  (`flow_groups`: 8 rows a group or more), or with fewer rows has its hidden units split over the threads
-  (`flow_team`).
+  (`grad_norms` and `grad_norms_of_configs` here bind it; under `jax.vmap` the mapped axis becomes C). Each
+  configuration runs as groups of 8 to 15 of its rows (`flow_groups`; whole below 16), each group whole on one
+  thread, forward loop then log-domain backward loop, and the threads share out the groups: no barrier, the groups'
+  squared norms added at the end. A single configuration of fewer than 16 rows has its hidden units split over the
+  threads (`flow_team`).
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
 the kernel does not apply (not a CPU, not float32, no C++ compiler, ``RNNLAB_NATIVE=0``) and its rule for
@@ -950,9 +949,9 @@ def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = No
 
 def flow_team(cell, configs: int, rows: int) -> int:
     """Threads that split each configuration's hidden units when `gradflow_p` runs ``configs`` configurations of a
-    built-in cell on ``rows`` sequences with `threads` threads: 1 (the threads share out the configurations, or a
-    single one's groups of rows, `flow_groups`) unless there is one configuration, too few rows for groups and each
-    step holds enough work (0 where the library cannot be built); its threads meet at barriers."""
+    built-in cell on ``rows`` sequences with `threads` threads: 1 (the threads share out the configurations' groups
+    of rows, `flow_groups`) unless there is one configuration of fewer than 16 rows and each step holds enough work
+    (0 where the library cannot be built); its threads meet at barriers."""
     library = _library() if enabled() else None
     if library is None:
         return 0
@@ -961,33 +960,30 @@ def flow_team(cell, configs: int, rows: int) -> int:
     return team(flow_cell_name(cell).encode(), configs, rows, kernel_hidden(cell.hidden_size), threads())
 
 
-def flow_groups(configs: int, rows: int) -> int:
-    """Groups of rows `gradflow_p` measures a single configuration in, one a thread, each whole with no barrier,
-    their squared norms added at the end: at least 8 rows a group, at most `threads` groups; 1 for several
-    configurations (0 where the library cannot be built)."""
+def flow_groups(rows: int) -> int:
+    """Groups of rows `gradflow_p` measures each configuration of ``rows`` sequences in: 8 to 15 rows a group (1
+    below 16 rows), each whole on one thread with no barrier, their squared norms added at the end; the same for any
+    thread count (0 where the library cannot be built)."""
     library = _library() if enabled() else None
     if library is None:
         return 0
     groups = library.RnnlabFlowGroups
-    groups.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
-    return groups(configs, rows, threads())
+    groups.argtypes = [ctypes.c_int]
+    return groups(rows)
 
 
 def flow_workspace_bytes(cell, steps: int, rows: int, remat: int | None = None) -> int:
     """Bytes of the gradient-flow kernel's workspace for one configuration of ``rows`` sequences of ``steps`` (the
     carries, what each step's Jacobian needs, per-step rows; with ``remat``, the carry before each chunk and one
-    chunk's), with `threads` threads: one per thread running configurations whole, one for a team that splits a
-    configuration's units (`flow_team`), or one per group of its rows (`flow_groups`, summed here); outside XLA's
-    memory accounting, freed when the call returns. Asked of the library itself (0 where it cannot be built: then
-    no kernel runs)."""
+    chunk's): one per thread running configurations whole, one for a team that splits a configuration's units
+    (`flow_team`), or one per group of its rows (`flow_groups`, summed here); outside XLA's memory accounting, freed
+    when the call returns. Asked of the library itself (0 where it cannot be built: then no kernel runs)."""
     library = _library() if enabled() else None
     if library is None:
         return 0
     size = library.RnnlabFlowWorkspaceFloats
-    size.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     size.restype = ctypes.c_int64
-    return 4 * size(flow_cell_name(cell).encode(), steps, rows, kernel_hidden(cell.hidden_size), int(remat or 0),
-                    threads())
+    return 4 * size(flow_cell_name(cell).encode(), steps, rows, kernel_hidden(cell.hidden_size), int(remat or 0))
 
 
 # `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this

@@ -851,10 +851,11 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, con
 //          which [C] int32) -> log10 ||∂L/∂h_t|| [C, T], for C configurations of one cell (`cell`: lstm, gru, tanh,
 //   relu, linear; b_h is the GRU's and zero for the others, c0 the LSTM's), configuration c on inputs
 //   xs[:, which[c]], as rnnlab/gradflow.py's `grad_norms` with its default loss.
-// Each configuration runs whole on one thread (the threads share out the configurations, with no barrier); a single
-// configuration (one sequence batch's `grad_norms`) runs as groups of its rows, one a thread (`flow_groups`), or,
-// with fewer rows, on a team of threads that split its hidden units as the cell kernels do, meeting at barriers (one
-// per forward step, two per backward step: the norm is a sum over every unit). The forward loop projects each step's input and keeps the states and gates in the workspace, then the
+// Each configuration runs as groups of 8 to 15 of its rows (`flow_groups`; whole below 16 rows), each group whole on
+// one thread (the threads share out the groups, with no barrier), the groups' squared norms added at the end. A
+// single configuration of fewer than 16 rows runs on a team of threads that split its hidden units as the cell
+// kernels do, meeting at barriers (one per forward step, two per backward step: the norm is a sum over every
+// unit). The forward loop projects each step's input and keeps the states and gates in the workspace, then the
 // backward loop applies each step's transposed Jacobian to the carry's cotangent, renormalised every step with the
 // log10 of its norm summed in double precision, so vanishing and exploding gradients are exact far past float32's
 // range. Each thread's columns of W_x, W_h and W_hᵀ stay packed in its cache for all 2T steps. With `chunk` (a
@@ -1151,21 +1152,22 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
 // ran a configuration 1.4-1.5x faster than one thread, not 2x).
 int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads);
 
-// The groups of rows a single configuration is measured in: where it has at least kMinGroupRows rows a thread, the
-// threads take a group each, whole (no barrier), and the groups' squared norms are added at the end (each row's
-// backward pass is its own: the default loss is a sum over rows). Measured on the 2-core AVX-512 CPU (2026-11-27,
-// `grad_norms` of one configuration, ms, 2 threads; a team of two against two groups): LSTM at 16 rows, hidden 128,
-// T 1000: 58-87 against 29-35; LSTM 64 rows, 128: 239-326 against 171-176; GRU 32, 128: 96 against 66; LSTM 16,
-// 512, T 300: 133 against 107. With fewer rows a group streams all of W_h (and Wᵀ_h) for too little work: at 2
-// rows, hidden 512 and 1024 the team was 1.3-1.7x faster; at 4 and 8 rows either won by shape.
-constexpr int kMinGroupRows = 8;
+// The groups of rows a configuration is measured in, each whole on one thread (no barrier), the groups' squared
+// norms added at the end (each row's backward pass is its own: the default loss is a mean over rows): 8 to 15 rows
+// a group, however many threads, so the numbers do not depend on the thread count. A configuration with fewer than
+// 16 rows runs whole, or on a team (`flow_team`). Measured on the 2-core AVX-512 CPU (2026-11-27, one
+// configuration's `grad_norms`, ms, `benchmarks/probe_flow_groups.py`, the team that split hidden units against
+// groups of rows): LSTM 16 rows, hidden 128, T 1000: 56-88 against 29; LSTM 64, 128: 221-329 against 114-127 (two
+// groups of 32: 165); GRU 32, 128: 89-94 against 66; LSTM 16, 512, T 300: 131-136 against 107. Groups of 8 beat
+// groups of 32 where a group's saved rows and W_h's panels crowd the core's L2 (2 of 32 rows: 165 ms; 8 of 8: 114);
+// groups of 4 lost (LSTM 32, 512: 358 against 212 ms for 4 of 8: each group streams all of W_h and Wᵀ_h). In the
+// sweep (24 configurations of 16 rows, T 500) two groups a configuration were as fast as one.
+constexpr int kGroupRows = 8;
 
-int flow_groups(int64_t configs, int rows, int64_t threads) {
-  return configs == 1 ? static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / kMinGroupRows))) : 1;
-}
+int flow_groups(int rows) { return std::max(1, rows / kGroupRows); }
 
 int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads) {
-  return configs == 1 && flow_groups(configs, rows, threads) == 1 ? team_size(rows, hidden, gates, threads) : 1;
+  return configs == 1 && flow_groups(rows) == 1 ? team_size(rows, hidden, gates, threads) : 1;
 }
 
 // Rows [begin, end) of group g of `groups` over N rows, shared out as evenly as possible.
@@ -1208,7 +1210,7 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
   if (f.steps % f.chunk != 0)
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: chunk must divide the number of steps");
   // Work items: each configuration's groups of rows (`flow_groups`), each measured into its own row of `results`.
-  const int groups = flow_groups(configs, f.rows, threads), items = configs * groups;
+  const int groups = flow_groups(f.rows), items = configs * groups;
   const size_t floats = flow_workspace(f.cell, f.steps, (f.rows + groups - 1) / groups, f.hidden, f.gates, f.chunk);
   std::vector<double> results(static_cast<size_t>(items) * f.steps);
   std::atomic<bool> out_of_memory{false};
@@ -1222,8 +1224,8 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
              h0.typed_data(), c0.typed_data(), xs.typed_data(), &results[static_cast<size_t>(item) * f.steps], work,
              flow_team);
   };
-  // One configuration: groups of its rows (with enough rows), else a team that splits its hidden units (where its
-  // steps hold enough work for that, as for the cell kernels); else the threads share out the configurations.
+  // One configuration of fewer than 16 rows: a team that splits its hidden units (where its steps hold enough work
+  // for that, as for the cell kernels); else the threads share out the groups.
   // (At most the pool's threads, so that the team forms whole or not at all: `FlowTeam`'s planned parts.)
   const int split = static_cast<int>(std::min<int64_t>(flow_team(configs, f.rows, f.hidden, f.gates, threads),
                                                        pool.num_threads()));
@@ -1363,15 +1365,14 @@ auto backward_attributes = [](auto&& binding) {
 
 }  // namespace
 
-// The gradient-flow kernel's workspace for one configuration of `rows` rows on `threads` threads, in floats (for
-// rnnlab.native.flow_workspace_bytes): one for the whole (or its team), or one per group of rows; -1 for an unknown
-// cell.
-extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden, int chunk,
-                                             int64_t threads) {
+// The gradient-flow kernel's workspace for one configuration of `rows` rows, in floats (for
+// rnnlab.native.flow_workspace_bytes): one for the whole (or its team), or one per group of rows (each thread holds
+// one group's at a time); -1 for an unknown cell.
+extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden, int chunk) {
   Cell cell;
   int gates;
   if (cell_of(cell_name, &cell, &gates).failure()) return -1;
-  const int groups = flow_groups(1, rows, threads);
+  const int groups = flow_groups(rows);
   int64_t floats = 0;
   for (int g = 0; g < groups; ++g) {
     int begin, end;
@@ -1381,10 +1382,8 @@ extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, i
   return floats;
 }
 
-// Groups of rows of the gradient-flow kernel (for rnnlab.native.flow_groups).
-extern "C" int RnnlabFlowGroups(int64_t configs, int rows, int64_t threads) {
-  return flow_groups(configs, rows, threads);
-}
+// Groups of rows of each configuration in the gradient-flow kernel (for rnnlab.native.flow_groups).
+extern "C" int RnnlabFlowGroups(int rows) { return flow_groups(rows); }
 
 // Threads per configuration of the gradient-flow kernel (for rnnlab.native.flow_team); -1 for an unknown cell.
 extern "C" int RnnlabFlowTeam(const char* cell_name, int64_t configs, int rows, int hidden, int64_t threads) {
