@@ -156,7 +156,9 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     maths on XLA elsewhere; with ``remat`` it keeps the carry before each chunk and runs the chunk's steps again on
     the way back), which under `jax.vmap` runs every configuration of a sweep at once. Where the sequences are split
     over devices (``xs``'s type splits its batch in `jax.sharding`'s explicit mode, or within
-    `rnnlab.split_batch`), each device runs it on its own and the squared norms are summed at the end.
+    `rnnlab.split_batch`), each device runs it on its own and the squared norms are summed at the end (``nan`` is
+    then decided per device: states that overflow where that device's gradient is exactly zero do not make the
+    others' ``nan``).
     """
     xs, carry, batch_shape = _flattened(cell, params, xs, carry)
     seq_len = xs.shape[0]

@@ -940,7 +940,11 @@ def test_gradflow_kernel_measures_one_configuration_in_groups_of_rows(kind, hidd
 def test_groups_of_rows_keep_minus_inf_and_nan():
     """Measured in two groups (a ReLU RNN, 16 rows): where the first group's rows stay at zero (no input, no bias:
     its norms -inf) the whole's norms are the other group's, as the XLA engine gives; a nan in one row makes every
-    step nan; with W_h zero every step but the last is -inf in both groups, and so in the whole."""
+    step nan; with W_h zero every step but the last is -inf in both groups, and so in the whole. The whole's rule
+    for undefined gradients holds across groups: where the second group's states overflow (an inf input at step 2)
+    but its own cotangent is exactly zero (the ReLU off after it), the first group's non-zero cotangent meets them,
+    so steps 0-2 are nan, as on XLA and as with 15 rows in one group (a review's case: before, those steps were the
+    first group's finite norms)."""
     cell = rnnlab.RNN(32, activation="relu")
     params = {**cell.init(jax.random.PRNGKey(0), 4), "b": jnp.zeros((32,))}
     xs = jax.random.normal(jax.random.PRNGKey(1), (20, 16, 4))
@@ -956,6 +960,15 @@ def test_groups_of_rows_keep_minus_inf_and_nan():
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
         finite = np.isfinite(want)
         np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-5, err_msg=name)
+    off = {"w_x": jnp.ones((1, 16)), "w_h": jnp.full((16, 16), -0.01), "b": jnp.zeros((16,))}
+    small = rnnlab.RNN(16, activation="relu")
+    for rows in (16, 15):
+        xs = jnp.ones((6, rows, 1)).at[2, 8:, 0].set(jnp.inf)
+        got = np.asarray(rnnlab.gradflow.grad_norms(small, off, xs))
+        want = np.asarray(rnnlab.gradflow.log_domain_norms(small, off, xs, small.initial_carry((rows,))))
+        assert native.flow_groups(rows) == (2 if rows == 16 else 1)
+        assert np.all(np.isnan(got[:3])) and np.all(np.isnan(want[:3])), (rows, got, want)
+        np.testing.assert_allclose(got[3:], want[3:], rtol=0, atol=1e-5)
 
 
 @needs_kernels

@@ -900,7 +900,9 @@ def grad_norms(cell, params, xs, carry, remat: int | None = None):
     within `split_batch`) each device measures its own in `jax.shard_map` and the devices' norms are combined
     (`_combined_log10_norms`): the loss is a mean over sequences and each sequence's backward pass its own, so the
     squared norms add, and the only traffic is two reductions of ``[T]`` at the end (not the whole batch gathered
-    on every device)."""
+    on every device). The rule for undefined gradients then holds per device: where a device's sequences' states
+    overflow while their own gradient is exactly zero, the whole's gradient is nan if another device's is not zero
+    (as on one device), but the split reports those steps as that device's -inf plus the others' norms."""
     leaves = jax.tree_util.tree_leaves(carry)
     split = _split_of([xs, *leaves], [1] + [0] * len(leaves))
     if split is None:

@@ -941,11 +941,17 @@ struct FlowTeam {
   float* flags;
 };
 
+// What a group's backward step says besides its log10 norm (`flow_one`'s `state`): whether a state of its rows that
+// the step's Jacobian reads is not finite, and whether its cotangent is not exactly zero (its log scale not -inf).
+constexpr unsigned char kStateNotFinite = 1, kCotangentNonZero = 2;
+
 // Configuration c's rows [f.row0, f.row0 + f.rows) of its N = f.all_rows: the log10 norms of their part of ∂L/∂h_t
-// (L's 1 / N kept, so the groups' squared norms add up to the whole's) into `result` [T], in double.
+// (L's 1 / N kept, so the groups' squared norms add up to the whole's) into `result` [T], in double, nan where the
+// cotangent's norm is not finite in float32, and each step's `state` flags; `combine_groups` applies the rule for
+// undefined gradients to the whole.
 void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const float* b_h_all, const float* w_x_all,
               const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs, double* result,
-              float* work, const FlowTeam& team) {
+              unsigned char* state, float* work, const FlowTeam& team) {
   const int N = f.rows, H = f.hidden, G = f.gates * H, I = f.inputs, T = f.steps;
   const size_t NH = static_cast<size_t>(N) * H, first = (static_cast<size_t>(c) * f.all_rows + f.row0) * H;
   const float *w_h = w_h_all + static_cast<size_t>(c) * H * G, *b_h = b_h_all + static_cast<size_t>(c) * G,
@@ -1064,7 +1070,6 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   if (lstm)
     for (int b = 0; b < N; ++b) std::memset(gc + b * H + u0, 0, nu * sizeof(float));
   double log_scale = 0.0;
-  bool diverged = false;
   const double minus_inf = -std::numeric_limits<double>::infinity();
   for (int t = T - 1; t >= 0; --t) {
     const int l = t % K;  // the step within its chunk, whose forward steps run again unless it is the last
@@ -1086,12 +1091,11 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
       inverse_f = static_cast<float>(1.0 / std::sqrt(squares));
       log_scale += 0.5 * std::log10(squares);
     }
-    // A non-zero cotangent meeting a state that is not finite makes ∂L/∂h_t and every earlier one undefined; so
-    // does a cotangent whose norm is not finite in float32 (the loss's gradient at a state past 1e19).
-    diverged = diverged || (finite[t + 1] == 0.0f && log_scale != minus_inf) || !std::isfinite(squares);
-    if (team.part == 0)
-      result[t] = diverged ? std::numeric_limits<double>::quiet_NaN()
-                           : log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares));
+    if (team.part == 0) {
+      result[t] = !std::isfinite(squares) ? std::numeric_limits<double>::quiet_NaN()
+                  : log_scale + (squares == 0.0 ? 0.0 : 0.5 * std::log10(squares_h / squares));
+      state[t] = (finite[t + 1] == 0.0f ? kStateNotFinite : 0) | (log_scale != minus_inf ? kCotangentNonZero : 0);
+    }
     const vf inverse = splat(inverse_f);
     // The carry the step before meets (the LSTM's cell state before it, the GRU's h before it, the plain RNN's h
     // after it), with its saved rows prefetched below while this step computes.
@@ -1146,10 +1150,10 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   }
 }
 
-// The threads that split each configuration's hidden units in the gradient-flow kernel: 1 (configurations shared
-// out) unless there is one configuration and its steps hold enough work (`team_size`). Two configurations on two
-// threads run side by side, each whole, in the time of one; split, they would take two team runs (a team of two
-// ran a configuration 1.4-1.5x faster than one thread, not 2x).
+// The threads that split each configuration's hidden units in the gradient-flow kernel: 1 (configurations, or their
+// groups of rows, shared out) unless there is one configuration of fewer than 16 rows and its steps hold enough
+// work (`team_size`). Two configurations on two threads run side by side, each whole, in the time of one; split,
+// they would take two team runs (a team of two ran a configuration 1.4-1.5x faster than one thread, not 2x).
 int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads);
 
 // The groups of rows a configuration is measured in, each whole on one thread (no barrier), the groups' squared
@@ -1176,19 +1180,33 @@ void group_rows(int N, int g, int groups, int* begin, int* end) {
   *end = static_cast<int>(static_cast<int64_t>(N) * (g + 1) / groups);
 }
 
-// log10 of the norm of the whole from its groups' log10 norms: ½ log10 Σ_g 10^(2 l_g), scaled by the largest;
-// -inf where every group's is (no gradient passes), nan where any group's is (undefined).
-double combined_log10(const double* groups, int count, int stride) {
-  double top = -std::numeric_limits<double>::infinity();
-  for (int g = 0; g < count; ++g) {
-    const double l = groups[static_cast<size_t>(g) * stride];
-    if (std::isnan(l)) return l;
-    top = std::max(top, l);
+// One configuration's log10 norms [T] into `out` from its `count` groups' (`results` and `states`, [count, T]):
+// ½ log10 Σ_g 10^(2 l_g), scaled by the largest (-inf where every group's is: no gradient passes). Undefined (nan)
+// at step t and every earlier one: a cotangent whose norm is not finite in float32 (the loss's gradient at a state
+// past 1e19), or a non-zero cotangent of the whole meeting a state of any row that is not finite — the whole's
+// rule, so that the numbers and their kind do not depend on how the rows are grouped.
+void combine_groups(const double* results, const unsigned char* states, int count, int T, float* out) {
+  bool diverged = false;
+  for (int t = T - 1; t >= 0; --t) {
+    unsigned char any = 0;
+    double top = -std::numeric_limits<double>::infinity();
+    for (int g = 0; g < count; ++g) {
+      const double l = results[static_cast<size_t>(g) * T + t];
+      any |= states[static_cast<size_t>(g) * T + t];
+      diverged = diverged || std::isnan(l);
+      top = std::max(top, l);
+    }
+    diverged = diverged || ((any & kStateNotFinite) && (any & kCotangentNonZero));
+    double value = top;
+    if (diverged) {
+      value = std::numeric_limits<double>::quiet_NaN();
+    } else if (count > 1 && top != -std::numeric_limits<double>::infinity()) {
+      double sum = 0.0;
+      for (int g = 0; g < count; ++g) sum += std::pow(10.0, 2.0 * (results[static_cast<size_t>(g) * T + t] - top));
+      value = top + 0.5 * std::log10(sum);
+    }
+    out[t] = static_cast<float>(value);
   }
-  if (count == 1 || top == -std::numeric_limits<double>::infinity()) return top;
-  double sum = 0.0;
-  for (int g = 0; g < count; ++g) sum += std::pow(10.0, 2.0 * (groups[static_cast<size_t>(g) * stride] - top));
-  return top + 0.5 * std::log10(sum);
 }
 
 ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
@@ -1212,7 +1230,11 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
   // Work items: each configuration's groups of rows (`flow_groups`), each measured into its own row of `results`.
   const int groups = flow_groups(f.rows), items = configs * groups;
   const size_t floats = flow_workspace(f.cell, f.steps, (f.rows + groups - 1) / groups, f.hidden, f.gates, f.chunk);
-  std::vector<double> results(static_cast<size_t>(items) * f.steps);
+  const size_t per_item = static_cast<size_t>(f.steps);
+  std::unique_ptr<double[]> results(new (std::nothrow) double[items * per_item]);
+  std::unique_ptr<unsigned char[]> states(new (std::nothrow) unsigned char[items * per_item]);
+  if (!results || !states)
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rnnlab gradflow kernel: no memory for the results");
   std::atomic<bool> out_of_memory{false};
   const auto run = [&](int item, float* work, const FlowTeam& flow_team) {
     const int c = item / groups;
@@ -1221,8 +1243,8 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     group_rows(f.rows, item % groups, groups, &g.row0, &end);
     g.rows = end - g.row0;
     flow_one(g, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(),
-             h0.typed_data(), c0.typed_data(), xs.typed_data(), &results[static_cast<size_t>(item) * f.steps], work,
-             flow_team);
+             h0.typed_data(), c0.typed_data(), xs.typed_data(), &results[item * per_item], &states[item * per_item],
+             work, flow_team);
   };
   // One configuration of fewer than 16 rows: a team that splits its hidden units (where its steps hold enough work
   // for that, as for the cell kernels); else the threads share out the groups.
@@ -1256,9 +1278,8 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rnnlab gradflow kernel: no memory for the workspace (" +
                       std::to_string(floats * sizeof(float) >> 20) + " MiB per thread); use remat");
   for (int c = 0; c < configs; ++c)
-    for (int t = 0; t < f.steps; ++t)
-      out->typed_data()[static_cast<size_t>(c) * f.steps + t] = static_cast<float>(
-          combined_log10(&results[static_cast<size_t>(c) * groups * f.steps + t], groups, f.steps));
+    combine_groups(&results[c * groups * per_item], &states[c * groups * per_item], groups, f.steps,
+                   out->typed_data() + c * per_item);
   return ffi::Error::Success();
 }
 
