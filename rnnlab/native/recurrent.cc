@@ -1165,7 +1165,10 @@ int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads)
 // groups of 32: 165); GRU 32, 128: 89-94 against 66; LSTM 16, 512, T 300: 131-136 against 107. Groups of 8 beat
 // groups of 32 where a group's saved rows and W_h's panels crowd the core's L2 (2 of 32 rows: 165 ms; 8 of 8: 114);
 // groups of 4 lost (LSTM 32, 512: 358 against 212 ms for 4 of 8: each group streams all of W_h and Wᵀ_h). In the
-// sweep (24 configurations of 16 rows, T 500) two groups a configuration were as fast as one.
+// sweep (24 configurations of 16 rows, T 500) two groups a configuration were as fast as one. Tried and not kept:
+// a number of groups that divides among the threads (24 rows on 2 threads in 2 groups of 12: 72 ms, against 56 in
+// 3 groups of 8 with one thread taking two; 28 rows in 2 of 14: 83 against 72 in 9, 9, 10): a group of 12-14 rows
+// took 3.0 ms a row where one of 8 took 1.8 (LSTM, hidden 128, T 1000), so the imbalance costs less.
 constexpr int kGroupRows = 8;
 
 int flow_groups(int rows) { return std::max(1, rows / kGroupRows); }
