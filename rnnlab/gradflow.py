@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from rnnlab import fused, native
-from rnnlab.scan import prepare, step_and_inputs
+from rnnlab.scan import prepare, scan, step_and_inputs
 
 _NEG_INF = -jnp.inf
 
@@ -28,6 +28,17 @@ _NEG_INF = -jnp.inf
 def _log10_norm(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return 0.5 * jnp.log10(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
+
+
+def _log10_norm_of_small(tree) -> jax.Array:
+    """`_log10_norm`, but for a tree whose squares underflow to 0 in float32 (elements below about 1e-19: a loss's
+    direct term at 1e-30 was read as no term) taken after dividing by its largest element. Squares past float32's
+    range stay inf, as the rest of the engine and the kernel read them (undefined: nan follows)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    plain = _log10_norm(leaves)
+    top = jnp.max(jnp.asarray([jnp.max(jnp.abs(leaf)) for leaf in leaves]))
+    safe = jnp.where(top > 0, top, 1.0).astype(top.dtype)
+    return jnp.where(plain == _NEG_INF, jnp.log10(safe) + _log10_norm([leaf / safe for leaf in leaves]), plain)
 
 
 def _scale(tree, factor):
@@ -70,10 +81,11 @@ def _add_scaled(state, term):
     """``10^s · c + term`` for ``state = (c, s, kahan)`` with ``||c|| = 1``, kept as a unit vector and a log10 scale.
 
     Both parts are scaled to the larger before adding, and the term is unit-normalised in two half steps, so neither
-    a tiny scale (1e-900) nor a denormal term under- or overflows.
+    a tiny scale (1e-900) nor a tiny or denormal term under- or overflows (`_log10_norm_of_small`: until 2026-11-27
+    a term below about 1e-19 was read as zero, found against the kernel's and float64's numbers).
     """
     cotangent, log_scale, compensation = state
-    log_term = _log10_norm(term)
+    log_term = _log10_norm_of_small(term)
     new_scale = jnp.maximum(log_scale, log_term)
     old_weight = jnp.where(log_scale == _NEG_INF, 0.0, 10.0 ** (log_scale - new_scale))
     half_inverse = jnp.where(log_term == _NEG_INF, 0.0, 10.0 ** (-0.5 * log_term))
@@ -154,7 +166,9 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     from coefficients saved by the forward loop (`rnnlab.fused`), so nothing is recomputed; with the default loss
     the whole measurement is one call of `rnnlab.native`'s gradient-flow kernel (C++ on CPU in float32, the same
     maths on XLA elsewhere; with ``remat`` it keeps the carry before each chunk and runs the chunk's steps again on
-    the way back), which under `jax.vmap` runs every configuration of a sweep at once. Where the sequences are split
+    the way back), which under `jax.vmap` runs every configuration of a sweep at once. With a ``loss`` of yours and a
+    built-in cell, a forward pass (`rnnlab.scan`) gives the states, JAX the loss's direct cotangents ``[T, *batch,
+    H]``, and the same kernel adds each step's at the cotangent's scale. Where the sequences are split
     over devices (``xs``'s type splits its batch in `jax.sharding`'s explicit mode, or within
     `rnnlab.split_batch`), each device runs it on its own and the squared norms are summed at the end (``nan`` is
     then decided per device: states that overflow where that device's gradient is exactly zero do not make the
@@ -164,9 +178,20 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     seq_len = xs.shape[0]
     if remat is not None and (not isinstance(remat, int) or remat < 1 or seq_len % remat):
         raise ValueError(f"remat must be a positive int dividing T = {seq_len}, got {remat!r}.")
-    if loss is None and _in_kernel(cell, params, carry, xs):
+    if not _in_kernel(cell, params, carry, xs):
+        return log_domain_norms(cell, params, xs, carry, loss=loss, remat=remat, batch_shape=batch_shape)
+    if loss is None:
         return native.grad_norms(cell, params, xs, carry, remat)
-    return log_domain_norms(cell, params, xs, carry, loss=loss, remat=remat, batch_shape=batch_shape)
+    # A loss of the user's: its direct cotangents from the states of a forward pass (the cell kernels'), then the
+    # gradient-flow kernel adding each step's at the cotangent's scale.
+    direct = _direct_cotangents(loss, scan(cell, params, xs, carry=carry)[0], batch_shape)
+    return native.grad_norms_direct(cell, params, xs, carry, direct, remat)
+
+
+def _direct_cotangents(loss, hs: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+    """∂L/∂h_t through ``loss``'s own dependence on the states ``hs [T, N, H]`` (batch flattened to ``N``), each
+    step's alone: ``[T, N, H]``."""
+    return jax.grad(lambda flat: loss(flat.reshape(flat.shape[:1] + batch_shape + flat.shape[-1:])))(hs)
 
 
 def _flattened(cell, params, xs: jax.Array, carry):
@@ -207,10 +232,13 @@ def grad_norms_of_configs(cell, params, xs: jax.Array, which) -> jax.Array:
 
 
 def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: int | None = None,
-                     batch_shape: tuple[int, ...] | None = None, unroll: int = 1) -> jax.Array:
+                     batch_shape: tuple[int, ...] | None = None, unroll: int = 1,
+                     direct: jax.Array | None = None) -> jax.Array:
     """`grad_norms` on XLA for ``xs [T, N, input_size]`` and ``carry`` with the batch flattened to ``N``
     (``batch_shape``: its shape for ``loss``, default ``(N,)``): the plain engine, and the reference of the
-    gradient-flow kernel. ``unroll``: steps per iteration of every loop over steps (the numbers do not change)."""
+    gradient-flow kernel. ``unroll``: steps per iteration of every loop over steps (the numbers do not change).
+    ``direct``: in place of ``loss``, its direct cotangents ``[T, N, H]`` (∂L/∂h_t through L's own dependence on
+    h_t alone)."""
     seq_len = xs.shape[0]
     batch_shape = xs.shape[1:-1] if batch_shape is None else batch_shape
     if remat:  # keep the carry before every chunk of `remat` steps; chunks are linearised again on the way back
@@ -221,8 +249,8 @@ def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: in
             return jax.lax.scan(lambda c, x: (step(c, x)[0], None), carry, chunk_xs, unroll=unroll)[0], carry
 
         final, chunk_starts = jax.lax.scan(advance_chunk, carry, by_chunk)
-        before = None if loss is None else jax.lax.scan(lambda c, x: (step(c, x)[0], c), carry, xs,
-                                                        unroll=unroll)[1]
+        before = None if loss is None or direct is not None else jax.lax.scan(
+            lambda c, x: (step(c, x)[0], c), carry, xs, unroll=unroll)[1]
     else:
         final, before, per_step, transpose = _linearise(cell, params, xs, carry, unroll)
     # cell.hidden selects part of the carry, so its transpose injects ∂L/∂h into a carry-shaped cotangent.
@@ -231,13 +259,12 @@ def log_domain_norms(cell, params, xs: jax.Array, carry, *, loss=None, remat: in
     scale_dtype = h_final.dtype
     zero = jax.tree_util.tree_map(jnp.zeros_like, final)
     state = (zero, jnp.asarray(_NEG_INF, scale_dtype), jnp.zeros((), scale_dtype))
-    if loss is None:
+    if direct is None and loss is None:
         # Only the last step has a direct term: it starts the backward pass, and nothing of size T is stored.
         state = _add_scaled(state, hidden_vjp(jax.grad(lambda h: default_loss(h[None]))(h_final))[0])
-        direct = None
-    else:
-        hs = jnp.concatenate([jax.vmap(cell.hidden)(before)[1:], h_final[None]])
-        direct = jax.grad(lambda flat: loss(flat.reshape((seq_len,) + batch_shape + flat.shape[-1:])))(hs)
+    elif direct is None:
+        direct = _direct_cotangents(loss, jnp.concatenate([jax.vmap(cell.hidden)(before)[1:], h_final[None]]),
+                                    batch_shape)
 
     def backward_steps(state_and_diverged, transpose, after, per_step, direct, length):
         def backward_step(state_after_diverged, per_step_t):

@@ -1051,6 +1051,91 @@ def test_configurations_sharing_inputs_read_them_in_place(kind):
         np.testing.assert_allclose(shared(params, xs, which), each, rtol=1e-4, atol=1e-4)
 
 
+# A loss of the user's: on every step, on a window of steps (none after it: -inf there), one that mixes the rows.
+USER_LOSSES = {"every step": lambda hs: jnp.sum(hs ** 2) / hs.shape[1],
+               "window": lambda hs: jnp.sum(jnp.sin(hs[10:20])),
+               "rows mixed": lambda hs: jnp.sum(jnp.mean(hs, axis=1)) ** 2}
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,rows", [("LSTM", 3), ("GRU", 16), ("RNN-tanh", 21), ("RNN-relu", 5)])
+def test_gradflow_kernel_with_a_loss_of_the_users(kind, rows):
+    """A loss of the user's runs in the gradient-flow kernel too (`gradflow_direct_p`: the loss's direct cotangents
+    from a forward pass, added at every step at the cotangent's log10 scale): the XLA engine's numbers in float32 to
+    rounding, and within float32 rounding of its float64 ones, with their -inf at the same steps; with remat the
+    same numbers bit for bit; under vmap, one kernel call for two configurations, each as alone."""
+    cell, params, xs, carry = flow_problem(kind, [0.9, 1.2], hidden=32, batch=rows, seq_len=40)
+    first = jax.tree_util.tree_map(lambda a: a[0], (params, xs, carry))
+    for name, loss in USER_LOSSES.items():
+        def norms(p, x, c, engine="kernel", remat=None, loss=loss):
+            if engine == "kernel":
+                return rnnlab.gradflow.grad_norms(cell, p, x, carry=c, loss=loss, remat=remat)
+            return rnnlab.gradflow.log_domain_norms(cell, p, x, c, loss=loss, remat=remat)
+
+        kernel = jax.jit(norms)
+        assert "rnnlab_gradflow_direct" in kernel.lower(*first).as_text(), name
+        got = np.asarray(kernel(*first), np.float64)
+        engine = np.asarray(jax.jit(functools.partial(norms, engine="xla"))(*first), np.float64)
+        with jax.enable_x64(True):
+            as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+            truth = np.asarray(jax.jit(functools.partial(norms, engine="xla"))(*as64(first)))
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(truth), err_msg=name)
+        assert np.isneginf(truth).sum() == (20 if name == "window" else 0), name  # steps 20-39
+        finite = np.isfinite(truth)
+        assert finite.sum() == truth.size - np.isneginf(truth).sum(), name
+        np.testing.assert_allclose(got[finite], engine[finite], rtol=0, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(got[finite], truth[finite], rtol=0, atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(jax.jit(functools.partial(norms, remat=8))(*first)), got,
+                                      err_msg=name)
+    loss = USER_LOSSES["every step"]
+    both = jax.jit(jax.vmap(lambda p, x, c: rnnlab.gradflow.grad_norms(cell, p, x, carry=c, loss=loss)))
+    assert both.lower(params, xs, carry).as_text().count("rnnlab_gradflow_direct") == 1
+    each = [rnnlab.gradflow.grad_norms(cell, *jax.tree_util.tree_map(lambda a, i=i: a[i], (params, xs)), loss=loss,
+                                       carry=jax.tree_util.tree_map(lambda a, i=i: a[i], carry)) for i in range(2)]
+    np.testing.assert_allclose(both(params, xs, carry), np.stack(each), rtol=0, atol=1e-6)
+
+
+@needs_kernels
+def test_a_loss_of_the_users_far_below_float32():
+    """A linear RNN with W = 0.5·Q over 2000 steps and a loss on its last state plus 1e-30 times one on its first:
+    the kernel equals the XLA engine in float64 at every step, the direct term at step 0 (10^-28.7) included beside
+    a propagated gradient of 10^-600. The XLA engine in float32 read such a term (squares below float32's range) as
+    zero until 2026-11-27 (`gradflow._add_scaled`), and now agrees. A loss's gradient at an overflowed state: nan at
+    every step, as on XLA."""
+    linear = rnnlab.RNN(16, activation="linear", recurrent_init=rnnlab.init.orthogonal(0.5))
+    params = linear.init(jax.random.PRNGKey(0), 4)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (2000, 8, 4))
+
+    def loss(hs):
+        return jnp.sum(hs[-1] ** 2) + 1e-30 * jnp.sum(hs[0] ** 2)
+
+    got = np.asarray(jax.jit(lambda p, x: rnnlab.gradflow.grad_norms(linear, p, x, loss=loss))(params, xs))
+    engine = np.asarray(rnnlab.gradflow.log_domain_norms(linear, params, xs, linear.initial_carry((8,)), loss=loss))
+    with jax.enable_x64(True):
+        as64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        truth = np.asarray(rnnlab.gradflow.log_domain_norms(linear, *as64((params, xs)),
+                                                            linear.initial_carry((8,), jnp.float64), loss=loss))
+    assert truth[0] > -30 and truth[1] < -599
+    np.testing.assert_allclose(got, truth, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(engine, truth, rtol=1e-5, atol=1e-4)
+    exploding = rnnlab.RNN(16, activation="relu", recurrent_init=rnnlab.init.identity(2.0))
+    params = exploding.init(jax.random.PRNGKey(0), 4)
+    xs = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (300, 3, 4)))
+    every = USER_LOSSES["every step"]
+    assert np.all(np.isnan(np.asarray(rnnlab.gradflow.grad_norms(exploding, params, xs, loss=every))))
+    assert np.all(np.isnan(np.asarray(rnnlab.gradflow.log_domain_norms(exploding, params, xs,
+                                                                       exploding.initial_carry((3,)), loss=every))))
+    # Finite states, but a direct term whose squares sum past float32's range at step 5: nan there and before, as on
+    # XLA; the steps after it are finite.
+    xs = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (12, 3, 4))
+    huge = lambda hs: jnp.sum(hs[-1] ** 2) + 1e25 * jnp.sum(hs[5])  # noqa: E731
+    for engine in (rnnlab.gradflow.grad_norms(linear, linear.init(jax.random.PRNGKey(0), 4), xs, loss=huge),
+                   rnnlab.gradflow.log_domain_norms(linear, linear.init(jax.random.PRNGKey(0), 4), xs,
+                                                    linear.initial_carry((3,)), loss=huge)):
+        engine = np.asarray(engine)
+        assert np.all(np.isnan(engine[:6])) and np.all(np.isfinite(engine[6:])), engine
+
+
 @needs_kernels
 def test_gradflow_kernel_is_differentiable():
     """Derivatives of the measurement with respect to the weights (the primitive's rule is its reference's): equal

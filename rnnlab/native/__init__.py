@@ -27,6 +27,9 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
   thread, forward loop then log-domain backward loop, and the threads share out the groups: no barrier, the groups'
   squared norms added at the end. A single configuration of fewer than 16 rows has its hidden units split over the
   threads (`flow_team`).
+- ``gradflow_direct_p(w_h, b_h, w_x, b_x, h0, c0, xs, which, direct) -> [C, T]``: the same for a loss of the
+  user's, given by its direct cotangents ``direct [C, T, N, H]`` (`grad_norms_direct`): the backward loop starts
+  from zero and adds each step's, both brought to the larger log10 scale; never in a team.
 
 Each has a pure-JAX reference (`rnnlab.fused`'s step and tangent rule in a `lax.scan`) that is its lowering wherever
 the kernel does not apply (not a CPU, not float32, no C++ compiler, ``RNNLAB_NATIVE=0``) and its rule for
@@ -92,6 +95,7 @@ _TARGETS = {"rnnlab_lstm_forward": "RnnlabLstmForward", "rnnlab_lstm_backward": 
             "rnnlab_gradflow": "RnnlabGradflow"}
 _TARGETS.update({f"{target}_masked": f"{symbol}Masked" for target, symbol in list(_TARGETS.items())
                  if target != "rnnlab_gradflow"})
+_TARGETS["rnnlab_gradflow_direct"] = "RnnlabGradflowDirect"
 #: The hidden size the kernels take must be a multiple of this: their widest vector of float32 (AVX-512's 16; with
 #: AVX2 alone they work in vectors of 8, `recurrent.cc`'s kLanes). Other sizes run padded (`kernel_hidden`).
 LANES = 16
@@ -837,49 +841,63 @@ def _flow_cell(name: str, hidden: int):
     return LSTM(hidden) if name == "lstm" else GRU(hidden) if name == "gru" else RNN(hidden, activation=name)
 
 
-def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *, threads, cell, chunk, unroll=1):
-    """`rnnlab.gradflow.grad_norms` with its default loss, on XLA, for each configuration c on ``xs[:, which[c]]``:
-    ``[C, T]`` (``chunk``: its ``remat``, 0 for none)."""
+def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *direct, threads, cell, chunk, unroll=1):
+    """`rnnlab.gradflow.grad_norms` on XLA, for each configuration c on ``xs[:, which[c]]``: ``[C, T]`` (``chunk``:
+    its ``remat``, 0 for none), with its default loss, or (``direct``: one operand ``[C, T, N, H]``) a loss of the
+    user's given by its direct cotangents."""
     from rnnlab import gradflow
 
     rnn = _flow_cell(cell, h0.shape[-1])
 
-    def one(w_h, b_h, w_x, b_x, h0, c0, sequence):
+    def one(w_h, b_h, w_x, b_x, h0, c0, sequence, *direct):
         params = {"w_x": w_x, "w_h": w_h, rnn.bias_names[0]: b_x, **({"b_h": b_h} if cell == "gru" else {})}
         return gradflow.log_domain_norms(rnn, params, xs[:, sequence], (h0, c0) if cell == "lstm" else h0,
-                                         remat=chunk if 0 < chunk < xs.shape[0] else None, unroll=unroll)
+                                         remat=chunk if 0 < chunk < xs.shape[0] else None, unroll=unroll,
+                                         direct=direct[0] if direct else None)
 
-    return (jax.vmap(one)(w_h, b_h, w_x, b_x, h0, c0, which),)
-
-
-gradflow_p = _primitive("rnnlab_gradflow", _reference_gradflow,
-                        lambda w_h, b_h, w_x, b_x, h0, c0, xs, which: [((w_h.shape[0], xs.shape[0]), xs.dtype)],
-                        "b k g, b g, b i g, b g, b n h, b n h, t u n i, b -> b t", "rnnlab_gradflow",
-                        gpu_steps=gpu_flow_unroll)
+    return (jax.vmap(one)(w_h, b_h, w_x, b_x, h0, c0, which, *direct),)
 
 
-def _gradflow_batch(args, dims, **params):
-    """vmap of `gradflow_p`: the mapped axis joins the configurations; mapped inputs join the sequences, each
-    example's indices shifted to its own."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    *per_config, xs, which = args
-    *config_dims, xs_dim, which_dim = dims
-
-    def leading(a, d):
-        return jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
-
-    which = leading(which, which_dim)
-    if xs_dim is not None:
-        xs = jnp.moveaxis(xs, xs_dim, 1)  # [T, size, U, N, I]
-        which = which + (jnp.arange(size, dtype=which.dtype) * xs.shape[2])[:, None]
-        xs = xs.reshape((xs.shape[0], -1) + xs.shape[3:])
-    merged = [leading(a, d) for a, d in zip(per_config, config_dims)]  # [size, C, ...]
-    merged = [a.reshape((-1,) + a.shape[2:]) for a in merged]
-    (log10_norms,) = gradflow_p.bind(*merged, xs, which.reshape(-1), **params)
-    return [log10_norms.reshape((size, -1) + log10_norms.shape[1:])], [0]
+def _flow_shapes(w_h, b_h, w_x, b_x, h0, c0, xs, which, *direct):
+    return [((w_h.shape[0], xs.shape[0]), xs.dtype)]
 
 
-batching.primitive_batchers[gradflow_p] = _gradflow_batch
+_FLOW_LABELS = "b k g, b g, b i g, b g, b n h, b n h, t u n i, b"
+gradflow_p = _primitive("rnnlab_gradflow", _reference_gradflow, _flow_shapes, f"{_FLOW_LABELS} -> b t",
+                        "rnnlab_gradflow", gpu_steps=gpu_flow_unroll)
+#: `gradflow_p` with one more operand, a loss's direct cotangents ``[C, T, N, H]`` (`grad_norms_direct`).
+gradflow_direct_p = _primitive("rnnlab_gradflow_direct", _reference_gradflow, _flow_shapes,
+                               f"{_FLOW_LABELS}, b t n h -> b t", "rnnlab_gradflow_direct",
+                               gpu_steps=gpu_flow_unroll)
+
+
+def _gradflow_batch(p):
+    """vmap of `gradflow_p` (or `gradflow_direct_p`): the mapped axis joins the configurations; mapped inputs join
+    the sequences, each example's indices shifted to its own."""
+
+    def rule(args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        per_config, (xs, which), direct = args[:6], args[6:8], args[8:]
+        config_dims, (xs_dim, which_dim), direct_dims = dims[:6], dims[6:8], dims[8:]
+
+        def leading(a, d):
+            return jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+
+        which = leading(which, which_dim)
+        if xs_dim is not None:
+            xs = jnp.moveaxis(xs, xs_dim, 1)  # [T, size, U, N, I]
+            which = which + (jnp.arange(size, dtype=which.dtype) * xs.shape[2])[:, None]
+            xs = xs.reshape((xs.shape[0], -1) + xs.shape[3:])
+        merged = [leading(a, d) for a, d in zip(per_config + direct, config_dims + direct_dims)]  # [size, C, ...]
+        merged = [a.reshape((-1,) + a.shape[2:]) for a in merged]
+        (log10_norms,) = p.bind(*merged[:6], xs, which.reshape(-1), *merged[6:], **params)
+        return [log10_norms.reshape((size, -1) + log10_norms.shape[1:])], [0]
+
+    return rule
+
+
+batching.primitive_batchers[gradflow_p] = _gradflow_batch(gradflow_p)
+batching.primitive_batchers[gradflow_direct_p] = _gradflow_batch(gradflow_direct_p)
 
 
 def flow_cell_name(cell) -> str:
@@ -922,6 +940,23 @@ def grad_norms(cell, params, xs, carry, remat: int | None = None):
 def _grad_norms_whole(cell, params, xs, carry, remat):
     stacked = jax.tree_util.tree_map(lambda a: a[None], (params, carry))
     return grad_norms_of_configs(cell, *stacked, xs[:, None], jnp.zeros((1,), jnp.int32), remat)[0]
+
+
+def grad_norms_direct(cell, params, xs, carry, direct, remat: int | None = None):
+    """`grad_norms` for a loss of the user's, given by its direct cotangents ``direct [T, N, H]`` (∂L/∂h_t through
+    L's own dependence on h_t alone): one call of `gradflow_direct_p`, whose kernel adds each step's to the
+    cotangent at the cotangent's log10 scale. Its configurations are not split into teams (every unit's share of
+    the direct cotangent's norm would need a barrier); groups of rows as ever. Not split over devices: a batch split
+    over devices is gathered."""
+    name = flow_cell_name(cell)
+    w_h = params["w_h"]
+    zeros = jnp.zeros(w_h.shape[-1:], w_h.dtype)
+    h0, c0 = carry if name == "lstm" else (carry, jnp.zeros_like(carry))
+    stacked = jax.tree_util.tree_map(lambda a: a[None], (w_h, params["b_h"] if name == "gru" else zeros,
+                                                         params["w_x"], params[cell.bias_names[0]], h0, c0, direct))
+    (log10_norms,) = gradflow_direct_p.bind(*stacked[:6], xs[:, None], jnp.zeros((1,), jnp.int32), stacked[6],
+                                            threads=threads(), cell=name, chunk=int(remat or 0))
+    return log10_norms[0]
 
 
 def _combined_log10_norms(log10_norms, axis):
@@ -996,7 +1031,7 @@ try:
     _dispatch.prim_requires_devices_during_lowering.update(
         {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p, gradflow_p,
          lstm_forward_masked_p, lstm_backward_masked_p, gru_forward_masked_p, gru_backward_masked_p,
-         rnn_forward_masked_p, rnn_backward_masked_p})
+         rnn_forward_masked_p, rnn_backward_masked_p, gradflow_direct_p})
 except (ImportError, AttributeError):  # pragma: no cover - a JAX without the registry
     pass
 

@@ -941,6 +941,30 @@ struct FlowTeam {
   float* flags;
 };
 
+// Adds the direct cotangent d [N, H] of a step (a loss of the user's) to the cotangent held as gh (and gc) at log10
+// scale `log_scale` (the true cotangent is 10^log_scale · gh): both are brought to the larger scale m of the two, so
+// neither a tiny (1e-900) nor a huge scale under- or overflows, and m is returned. A d of zero changes nothing; one
+// whose squares sum past float32's range makes the cotangent nan, so the step and every earlier one are nan (the rule
+// of the XLA engine, whose float32 sum is inf there, and of the default loss's 2 h_T / N past about 1e19).
+double add_direct(const float* d, int N, int H, float* gh, float* gc, double log_scale) {
+  const size_t NH = static_cast<size_t>(N) * H;
+  double squares = 0.0;
+  for (size_t i = 0; i < NH; ++i) squares += static_cast<double>(d[i]) * d[i];
+  if (squares == 0.0) return log_scale;
+  if (!(squares <= std::numeric_limits<float>::max())) {
+    for (size_t i = 0; i < NH; ++i) gh[i] = std::numeric_limits<float>::quiet_NaN();
+    return 0.0;
+  }
+  const double log_d = 0.5 * std::log10(squares), m = std::max(log_scale, log_d);
+  const float old_weight = log_scale == -std::numeric_limits<double>::infinity()
+                               ? 0.0f : static_cast<float>(std::pow(10.0, log_scale - m));
+  const double d_weight = std::pow(10.0, log_d - m) / std::sqrt(squares);  // d's unit vector, scaled
+  for (size_t i = 0; i < NH; ++i) gh[i] = gh[i] * old_weight + static_cast<float>(d[i] * d_weight);
+  if (gc != nullptr)
+    for (size_t i = 0; i < NH; ++i) gc[i] *= old_weight;
+  return m;
+}
+
 // What a group's backward step says besides its log10 norm (`flow_one`'s `state`): whether a state of its rows that
 // the step's Jacobian reads is not finite, and whether its cotangent is not exactly zero (its log scale not -inf).
 constexpr unsigned char kStateNotFinite = 1, kCotangentNonZero = 2;
@@ -950,8 +974,8 @@ constexpr unsigned char kStateNotFinite = 1, kCotangentNonZero = 2;
 // cotangent's norm is not finite in float32, and each step's `state` flags; `combine_groups` applies the rule for
 // undefined gradients to the whole.
 void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const float* b_h_all, const float* w_x_all,
-              const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs, double* result,
-              unsigned char* state, float* work, const FlowTeam& team) {
+              const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs,
+              const float* direct_all, double* result, unsigned char* state, float* work, const FlowTeam& team) {
   const int N = f.rows, H = f.hidden, G = f.gates * H, I = f.inputs, T = f.steps;
   const size_t NH = static_cast<size_t>(N) * H, first = (static_cast<size_t>(c) * f.all_rows + f.row0) * H;
   const float *w_h = w_h_all + static_cast<size_t>(c) * H * G, *b_h = b_h_all + static_cast<size_t>(c) * G,
@@ -1064,16 +1088,22 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
   // the cotangent is renormalised (its inverse norm folded into the step) and its log10 norm added to the scale; a
   // zero cotangent gets scale -inf, one of norm inf or nan (the loss's gradient at an overflowed state) nan. Every
   // part sums the parts' sums of squares in the same order, so all keep the same scale.
+  // With a loss of the user's, its direct cotangents (`direct_all` [C, T, N, H]) enter at every step instead, from a
+  // zero cotangent (scale -inf); a team never runs them (`flow_team`), so this thread holds every unit.
   const float* h_final = hs + K * NH;
+  const double minus_inf = -std::numeric_limits<double>::infinity();
+  double log_scale = direct_all == nullptr ? 0.0 : minus_inf;
   for (int b = 0; b < N; ++b)
-    for (int j = 0; j < nu; ++j) gh[b * H + u0 + j] = 2.0f * h_final[b * H + u0 + j] / f.all_rows;
+    for (int j = 0; j < nu; ++j)
+      gh[b * H + u0 + j] = direct_all == nullptr ? 2.0f * h_final[b * H + u0 + j] / f.all_rows : 0.0f;
   if (lstm)
     for (int b = 0; b < N; ++b) std::memset(gc + b * H + u0, 0, nu * sizeof(float));
-  double log_scale = 0.0;
-  const double minus_inf = -std::numeric_limits<double>::infinity();
   for (int t = T - 1; t >= 0; --t) {
     const int l = t % K;  // the step within its chunk, whose forward steps run again unless it is the last
     if (l == K - 1 && t + 1 < T) forward_chunk(t / K, false);
+    if (direct_all != nullptr)
+      log_scale = add_direct(direct_all + ((static_cast<size_t>(c) * T + t) * f.all_rows + f.row0) * H, N, H, gh,
+                             lstm ? gc : nullptr, log_scale);
     for (int q = sums_from; q < sums_to; ++q) {
       int q0, q1;
       units_of(H, q, team.planned, &q0, &q1);
@@ -1212,9 +1242,11 @@ void combine_groups(const double* results, const unsigned char* states, int coun
   }
 }
 
-ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
-                        Buffer xs, ffi::Buffer<ffi::S32> which, Result out, int64_t threads,
-                        std::string_view cell_name, int64_t chunk) {
+// The gradient-flow kernel, with the default loss (`direct` null) or a loss of the user's given by its direct
+// cotangents `direct` [C, T, N, H].
+ffi::Error Gradflow(ffi::ThreadPool& pool, Buffer& w_h, Buffer& b_h, Buffer& w_x, Buffer& b_x, Buffer& h0, Buffer& c0,
+                    Buffer& xs, ffi::Buffer<ffi::S32>& which, const float* direct, Result& out, int64_t threads,
+                    std::string_view cell_name, int64_t chunk) {
   Flow f;
   if (auto error = cell_of(cell_name, &f.cell, &f.gates); error.failure()) return error;
   const auto dims = xs.dimensions();  // [T, U, N, I]
@@ -1246,14 +1278,14 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     group_rows(f.rows, item % groups, groups, &g.row0, &end);
     g.rows = end - g.row0;
     flow_one(g, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(),
-             h0.typed_data(), c0.typed_data(), xs.typed_data(), &results[item * per_item], &states[item * per_item],
-             work, flow_team);
+             h0.typed_data(), c0.typed_data(), xs.typed_data(), direct, &results[item * per_item],
+             &states[item * per_item], work, flow_team);
   };
   // One configuration of fewer than 16 rows: a team that splits its hidden units (where its steps hold enough work
   // for that, as for the cell kernels); else the threads share out the groups.
   // (At most the pool's threads, so that the team forms whole or not at all: `FlowTeam`'s planned parts.)
-  const int split = static_cast<int>(std::min<int64_t>(flow_team(configs, f.rows, f.hidden, f.gates, threads),
-                                                       pool.num_threads()));
+  const int split = direct != nullptr ? 1 : static_cast<int>(std::min<int64_t>(
+      flow_team(configs, f.rows, f.hidden, f.gates, threads), pool.num_threads()));
   if (split > 1) {
     std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
     if (!work) out_of_memory = true;
@@ -1284,6 +1316,22 @@ ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x
     combine_groups(&results[c * groups * per_item], &states[c * groups * per_item], groups, f.steps,
                    out->typed_data() + c * per_item);
   return ffi::Error::Success();
+}
+
+ffi::Error GradflowImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer c0,
+                        Buffer xs, ffi::Buffer<ffi::S32> which, Result out, int64_t threads,
+                        std::string_view cell_name, int64_t chunk) {
+  return Gradflow(pool, w_h, b_h, w_x, b_x, h0, c0, xs, which, nullptr, out, threads, cell_name, chunk);
+}
+
+ffi::Error GradflowDirectImpl(ffi::ThreadPool pool, Buffer w_h, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0,
+                              Buffer c0, Buffer xs, ffi::Buffer<ffi::S32> which, Buffer direct, Result out,
+                              int64_t threads, std::string_view cell_name, int64_t chunk) {
+  const auto dims = direct.dimensions();  // [C, T, N, H]
+  if (dims.size() != 4 || dims[0] != static_cast<int64_t>(which.element_count()) || dims[1] != xs.dimensions()[0] ||
+      dims[2] != xs.dimensions()[2] || dims[3] != h0.dimensions()[2])
+    return ffi::Error::InvalidArgument("rnnlab gradflow kernel: direct must be [C, T, N, H]");
+  return Gradflow(pool, w_h, b_h, w_x, b_x, h0, c0, xs, which, direct.typed_data(), out, threads, cell_name, chunk);
 }
 
 // The FFI signature of a kernel: the thread pool, `Args` float32 operands and `Rets` float32 results, then the
@@ -1447,6 +1495,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGradflow, GradflowImpl,
                               (operands<7, 0>([](auto&& binding) {
                                 return std::move(binding)
                                     .template Arg<ffi::Buffer<ffi::S32>>()
+                                    .template Ret<Buffer>()
+                                    .template Attr<int64_t>("threads")
+                                    .template Attr<std::string_view>("cell")
+                                    .template Attr<int64_t>("chunk");
+                              })));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGradflowDirect, GradflowDirectImpl,
+                              (operands<7, 0>([](auto&& binding) {
+                                return std::move(binding)
+                                    .template Arg<ffi::Buffer<ffi::S32>>()
+                                    .template Arg<Buffer>()
                                     .template Ret<Buffer>()
                                     .template Attr<int64_t>("threads")
                                     .template Attr<std::string_view>("cell")
