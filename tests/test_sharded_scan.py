@@ -189,13 +189,14 @@ def _child(out: str) -> None:
                 got, lowered = jax.jit(function)(*split_args), jax.jit(function).lower(*split_args)
         got, compiled = np.asarray(got), lowered.compile().as_text()
         finite = np.isfinite(want) & np.isfinite(got)
-        kernels = [line for line in compiled.splitlines() if 'custom_call_target="rnnlab_gradflow"' in line]
+        kernels = [line for line in compiled.splitlines() if 'custom_call_target="rnnlab_gradflow' in line]
         results[name] = {"difference": float(np.max(np.abs(got - want), where=finite, initial=0.0)),
                          "finite steps": int(finite.sum()), "steps": int(want.size),
                          "same -inf and nan": bool(np.array_equal(np.isneginf(got), np.isneginf(want))
                                                    and np.array_equal(np.isnan(got), np.isnan(want))),
                          "-inf and nan": [int(np.isneginf(want).sum()), int(np.isnan(want).sum())],
                          "gathers": "all-gather" in compiled,
+                         "direct": 'custom_call_target="rnnlab_gradflow_direct"' in compiled,
                          "kernel_rows": sorted({int(rows) for line in kernels
                                                 for rows in re.findall(r"f32\[30,1,(\d+),8\]", line)})}
 
@@ -219,7 +220,7 @@ def _child(out: str) -> None:
                line)
     norms_case("norms, split_batch, batch of 6 over 4 devices", norms, (params, xs[:, :6]), (whole, P()), auto_line,
                "batch")
-    norms_case("norms, a loss of the user's (XLA's engine)",
+    norms_case("norms, a loss of the user's",
                lambda p, x: gradflow.grad_norms(cell, p, x, loss=lambda hs: jnp.sum(hs[-1] ** 2)), (params, xs),
                (whole, split), line)
 
@@ -460,8 +461,8 @@ def test_gradient_norms_of_a_split_batch_are_those_of_one_device(on_devices):
 
 def test_gradient_norms_of_a_split_batch_run_on_each_devices_rows(on_devices):
     """Each device runs the gradient-flow kernel on its own 8 of the 32 sequences and nothing gathers them (before:
-    the whole batch on every device); a batch of 6 over 4 devices is measured whole; a loss of the user's goes to
-    XLA's engine."""
+    the whole batch on every device); a batch of 6 over 4 devices is measured whole; a loss of the user's runs in
+    the kernel for such losses (`gradflow_direct_p`), which takes the whole batch on every device (not split)."""
     cases = _norms_cases(on_devices)
     for name, figures in cases.items():
         if "batch of 6" not in name and "user's" not in name:
@@ -470,7 +471,9 @@ def test_gradient_norms_of_a_split_batch_run_on_each_devices_rows(on_devices):
                 assert figures["kernel_rows"] == [8], (name, figures)
     if on_devices["kernels"]:
         assert cases["norms, split_batch, batch of 6 over 4 devices"]["kernel_rows"] == [6]
-    assert cases["norms, a loss of the user's (XLA's engine)"]["kernel_rows"] == []
+    user = cases["norms, a loss of the user's"]
+    if on_devices["kernels"]:
+        assert user["direct"] and user["kernel_rows"] == [32], user
 
 
 def test_split_batch_names_a_bad_axis():
