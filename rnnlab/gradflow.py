@@ -31,14 +31,18 @@ def _log10_norm(tree) -> jax.Array:
 
 
 def _log10_norm_of_small(tree) -> jax.Array:
-    """`_log10_norm`, but for a tree whose squares underflow to 0 in float32 (elements below about 1e-19: a loss's
-    direct term at 1e-30 was read as no term) taken after dividing by its largest element. Squares past float32's
-    range stay inf, as the rest of the engine and the kernel read them (undefined: nan follows)."""
+    """`_log10_norm`, taken after dividing by the largest element, so that elements whose squares fall below
+    float32's range still count (a loss's direct term at 1e-30 was read as no term: found against the kernel's and
+    float64's numbers; outside a compiled program float32 also flushes squares below 1.2e-38 to 0). A sum of squares
+    past float32's range stays inf, as the rest of the engine and the kernel read it (undefined: nan follows); zero
+    stays -inf."""
     leaves = jax.tree_util.tree_leaves(tree)
     plain = _log10_norm(leaves)
     top = jnp.max(jnp.asarray([jnp.max(jnp.abs(leaf)) for leaf in leaves]))
-    safe = jnp.where(top > 0, top, 1.0).astype(top.dtype)
-    return jnp.where(plain == _NEG_INF, jnp.log10(safe) + _log10_norm([leaf / safe for leaf in leaves]), plain)
+    usable = (top > 0) & (plain < jnp.inf)  # not past float32 (inf), not nan
+    safe = jnp.where(usable, top, 1.0).astype(top.dtype)  # no 0 / 0, in the value or its derivative
+    scaled = jnp.log10(safe) + _log10_norm([jnp.where(usable, leaf, 1.0) / safe for leaf in leaves])
+    return jnp.where(usable, scaled, plain)
 
 
 def _scale(tree, factor):

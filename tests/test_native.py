@@ -1058,13 +1058,15 @@ USER_LOSSES = {"every step": lambda hs: jnp.sum(hs ** 2) / hs.shape[1],
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind,rows", [("LSTM", 3), ("GRU", 16), ("RNN-tanh", 21), ("RNN-relu", 5)])
-def test_gradflow_kernel_with_a_loss_of_the_users(kind, rows):
+@pytest.mark.parametrize("kind,rows,hidden", [("LSTM", 3, 32), ("GRU", 16, 32), ("RNN-tanh", 21, 32), ("RNN-relu", 5, 32),
+                                             ("LSTM", 16, 20)])
+def test_gradflow_kernel_with_a_loss_of_the_users(kind, rows, hidden):
     """A loss of the user's runs in the gradient-flow kernel too (`gradflow_direct_p`: the loss's direct cotangents
     from a forward pass, added at every step at the cotangent's log10 scale): the XLA engine's numbers in float32 to
     rounding, and within float32 rounding of its float64 ones, with their -inf at the same steps; with remat the
-    same numbers bit for bit; under vmap, one kernel call for two configurations, each as alone."""
-    cell, params, xs, carry = flow_problem(kind, [0.9, 1.2], hidden=32, batch=rows, seq_len=40)
+    same numbers bit for bit; under vmap, one kernel call for two configurations, each as alone. Hidden 20 runs
+    padded to 32."""
+    cell, params, xs, carry = flow_problem(kind, [0.9, 1.2], hidden=hidden, batch=rows, seq_len=40)
     first = jax.tree_util.tree_map(lambda a: a[0], (params, xs, carry))
     for name, loss in USER_LOSSES.items():
         def norms(p, x, c, engine="kernel", remat=None, loss=loss):
@@ -1125,15 +1127,29 @@ def test_a_loss_of_the_users_far_below_float32():
     assert np.all(np.isnan(np.asarray(rnnlab.gradflow.grad_norms(exploding, params, xs, loss=every))))
     assert np.all(np.isnan(np.asarray(rnnlab.gradflow.log_domain_norms(exploding, params, xs,
                                                                        exploding.initial_carry((3,)), loss=every))))
-    # Finite states, but a direct term whose squares sum past float32's range at step 5: nan there and before, as on
-    # XLA; the steps after it are finite.
-    xs = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (12, 3, 4))
-    huge = lambda hs: jnp.sum(hs[-1] ** 2) + 1e25 * jnp.sum(hs[5])  # noqa: E731
-    for engine in (rnnlab.gradflow.grad_norms(linear, linear.init(jax.random.PRNGKey(0), 4), xs, loss=huge),
-                   rnnlab.gradflow.log_domain_norms(linear, linear.init(jax.random.PRNGKey(0), 4), xs,
-                                                    linear.initial_carry((3,)), loss=huge)):
-        engine = np.asarray(engine)
-        assert np.all(np.isnan(engine[:6])) and np.all(np.isfinite(engine[6:])), engine
+    # Finite states, but a direct term whose squares sum past float32's range at step 5 (over all rows: 16 rows in
+    # two groups, neither past it alone, and 3 rows in one): nan there and before, as on XLA; finite after it.
+    params = linear.init(jax.random.PRNGKey(0), 4)
+    for rows, factor in ((3, 1e25), (16, 1.4e18)):
+        xs = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (12, rows, 4))
+        huge = lambda hs, factor=factor: jnp.sum(hs[-1] ** 2) + factor * jnp.sum(hs[5])  # noqa: E731
+        for engine in (rnnlab.gradflow.grad_norms(linear, params, xs, loss=huge),
+                       rnnlab.gradflow.log_domain_norms(linear, params, xs, linear.initial_carry((rows,)), loss=huge)):
+            engine = np.asarray(engine)
+            assert np.all(np.isnan(engine[:6])) and np.all(np.isfinite(engine[6:])), (rows, engine)
+    # A direct term of elements around 1e-19, whose squares are at float32's smallest normal numbers: the kernel
+    # and the engine in float32 as in float64.
+    xs = jax.random.normal(jax.random.PRNGKey(3), (200, 8, 4))
+    weights = jnp.ones((8, 16)).at[0, 0].set(1.2)  # squares of 1e-38 are flushed, of 1.44e-38 not
+    mixed = lambda hs: jnp.sum(hs[-1] ** 2) + 1e-19 * jnp.sum(hs[0] * weights)  # noqa: E731
+    got = np.asarray(rnnlab.gradflow.grad_norms(linear, params, xs, loss=mixed))
+    engine = np.asarray(rnnlab.gradflow.log_domain_norms(linear, params, xs, linear.initial_carry((8,)), loss=mixed))
+    with jax.enable_x64(True):
+        truth = np.asarray(rnnlab.gradflow.log_domain_norms(linear, *as64((params, xs)),
+                                                            linear.initial_carry((8,), jnp.float64), loss=mixed))
+    assert -19 < truth[0] < -17
+    np.testing.assert_allclose(got, truth, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(engine, truth, rtol=1e-5, atol=1e-4)
 
 
 @needs_kernels

@@ -474,6 +474,8 @@ def test_gradient_norms_of_a_split_batch_run_on_each_devices_rows(on_devices):
     user = cases["norms, a loss of the user's"]
     if on_devices["kernels"]:
         assert user["direct"] and user["kernel_rows"] == [32], user
+    else:
+        assert not user["direct"] and user["kernel_rows"] == [], user
 
 
 def test_split_batch_names_a_bad_axis():

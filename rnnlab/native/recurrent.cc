@@ -943,18 +943,19 @@ struct FlowTeam {
 
 // Adds the direct cotangent d [N, H] of a step (a loss of the user's) to the cotangent held as gh (and gc) at log10
 // scale `log_scale` (the true cotangent is 10^log_scale · gh): both are brought to the larger scale m of the two, so
-// neither a tiny (1e-900) nor a huge scale under- or overflows, and m is returned. A d of zero changes nothing; one
-// whose squares sum past float32's range makes the cotangent nan, so the step and every earlier one are nan (the rule
-// of the XLA engine, whose float32 sum is inf there, and of the default loss's 2 h_T / N past about 1e19).
-double add_direct(const float* d, int N, int H, float* gh, float* gc, double log_scale) {
+// neither a tiny (1e-900) nor a huge scale under- or overflows, and m is returned. A d of zero changes nothing.
+// `undefined` (the step's direct cotangent over every row of the configuration, not only this group's, has squares
+// summing past float32's range: `direct_overflows`) makes the cotangent nan, so the step and every earlier one are
+// nan: the rule of the XLA engine, whose float32 sum is inf there, and of the default loss's 2 h_T / N past 1e19.
+double add_direct(const float* d, int N, int H, bool undefined, float* gh, float* gc, double log_scale) {
   const size_t NH = static_cast<size_t>(N) * H;
-  double squares = 0.0;
-  for (size_t i = 0; i < NH; ++i) squares += static_cast<double>(d[i]) * d[i];
-  if (squares == 0.0) return log_scale;
-  if (!(squares <= std::numeric_limits<float>::max())) {
+  if (undefined) {
     for (size_t i = 0; i < NH; ++i) gh[i] = std::numeric_limits<float>::quiet_NaN();
     return 0.0;
   }
+  double squares = 0.0;
+  for (size_t i = 0; i < NH; ++i) squares += static_cast<double>(d[i]) * d[i];
+  if (squares == 0.0) return log_scale;
   const double log_d = 0.5 * std::log10(squares), m = std::max(log_scale, log_d);
   const float old_weight = log_scale == -std::numeric_limits<double>::infinity()
                                ? 0.0f : static_cast<float>(std::pow(10.0, log_scale - m));
@@ -975,7 +976,8 @@ constexpr unsigned char kStateNotFinite = 1, kCotangentNonZero = 2;
 // undefined gradients to the whole.
 void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const float* b_h_all, const float* w_x_all,
               const float* b_x_all, const float* h0_all, const float* c0_all, const float* xs,
-              const float* direct_all, double* result, unsigned char* state, float* work, const FlowTeam& team) {
+              const float* direct_all, const unsigned char* direct_overflows, double* result, unsigned char* state,
+              float* work, const FlowTeam& team) {
   const int N = f.rows, H = f.hidden, G = f.gates * H, I = f.inputs, T = f.steps;
   const size_t NH = static_cast<size_t>(N) * H, first = (static_cast<size_t>(c) * f.all_rows + f.row0) * H;
   const float *w_h = w_h_all + static_cast<size_t>(c) * H * G, *b_h = b_h_all + static_cast<size_t>(c) * G,
@@ -1102,7 +1104,8 @@ void flow_one(const Flow& f, int c, int sequence, const float* w_h_all, const fl
     const int l = t % K;  // the step within its chunk, whose forward steps run again unless it is the last
     if (l == K - 1 && t + 1 < T) forward_chunk(t / K, false);
     if (direct_all != nullptr)
-      log_scale = add_direct(direct_all + ((static_cast<size_t>(c) * T + t) * f.all_rows + f.row0) * H, N, H, gh,
+      log_scale = add_direct(direct_all + ((static_cast<size_t>(c) * T + t) * f.all_rows + f.row0) * H, N, H,
+                             direct_overflows[static_cast<size_t>(c) * T + t] != 0, gh,
                              lstm ? gc : nullptr, log_scale);
     for (int q = sums_from; q < sums_to; ++q) {
       int q0, q1;
@@ -1270,6 +1273,15 @@ ffi::Error Gradflow(ffi::ThreadPool& pool, Buffer& w_h, Buffer& b_h, Buffer& w_x
   std::unique_ptr<unsigned char[]> states(new (std::nothrow) unsigned char[items * per_item]);
   if (!results || !states)
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rnnlab gradflow kernel: no memory for the results");
+  // Where each step's direct cotangent, over all rows of its configuration, has squares past float32's range.
+  std::vector<unsigned char> direct_overflows(direct != nullptr ? static_cast<size_t>(configs) * f.steps : 0);
+  const size_t step_floats = static_cast<size_t>(f.rows) * f.hidden;
+  for (size_t i = 0; i < direct_overflows.size(); ++i) {
+    double squares = 0.0;
+    for (size_t k = 0; k < step_floats; ++k) squares += static_cast<double>(direct[i * step_floats + k]) *
+                                                        direct[i * step_floats + k];
+    direct_overflows[i] = !(squares <= std::numeric_limits<float>::max());
+  }
   std::atomic<bool> out_of_memory{false};
   const auto run = [&](int item, float* work, const FlowTeam& flow_team) {
     const int c = item / groups;
@@ -1278,8 +1290,8 @@ ffi::Error Gradflow(ffi::ThreadPool& pool, Buffer& w_h, Buffer& b_h, Buffer& w_x
     group_rows(f.rows, item % groups, groups, &g.row0, &end);
     g.rows = end - g.row0;
     flow_one(g, c, which.typed_data()[c], w_h.typed_data(), b_h.typed_data(), w_x.typed_data(), b_x.typed_data(),
-             h0.typed_data(), c0.typed_data(), xs.typed_data(), direct, &results[item * per_item],
-             &states[item * per_item], work, flow_team);
+             h0.typed_data(), c0.typed_data(), xs.typed_data(), direct, direct_overflows.data(),
+             &results[item * per_item], &states[item * per_item], work, flow_team);
   };
   // One configuration of fewer than 16 rows: a team that splits its hidden units (where its steps hold enough work
   // for that, as for the cell kernels); else the threads share out the groups.
