@@ -937,9 +937,9 @@ def grad_norms(cell, params, xs, carry, remat: int | None = None):
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=False)(*operands)
 
 
-def _grad_norms_whole(cell, params, xs, carry, remat):
-    stacked = jax.tree_util.tree_map(lambda a: a[None], (params, carry))
-    return grad_norms_of_configs(cell, *stacked, xs[:, None], jnp.zeros((1,), jnp.int32), remat)[0]
+def _grad_norms_whole(cell, params, xs, carry, remat, direct=None):
+    stacked = jax.tree_util.tree_map(lambda a: a[None], (params, carry, direct))
+    return grad_norms_of_configs(cell, *stacked[:2], xs[:, None], jnp.zeros((1,), jnp.int32), remat, stacked[2])[0]
 
 
 def grad_norms_direct(cell, params, xs, carry, direct, remat: int | None = None):
@@ -948,15 +948,7 @@ def grad_norms_direct(cell, params, xs, carry, direct, remat: int | None = None)
     cotangent at the cotangent's log10 scale. Its configurations are not split into teams (every unit's share of
     the direct cotangent's norm would need a barrier); groups of rows as ever. Not split over devices: a batch split
     over devices is gathered."""
-    name = flow_cell_name(cell)
-    w_h = params["w_h"]
-    zeros = jnp.zeros(w_h.shape[-1:], w_h.dtype)
-    h0, c0 = carry if name == "lstm" else (carry, jnp.zeros_like(carry))
-    stacked = jax.tree_util.tree_map(lambda a: a[None], (w_h, params["b_h"] if name == "gru" else zeros,
-                                                         params["w_x"], params[cell.bias_names[0]], h0, c0, direct))
-    (log10_norms,) = gradflow_direct_p.bind(*stacked[:6], xs[:, None], jnp.zeros((1,), jnp.int32), stacked[6],
-                                            threads=threads(), cell=name, chunk=int(remat or 0))
-    return log10_norms[0]
+    return _grad_norms_whole(cell, params, xs, carry, remat, direct)
 
 
 def _combined_log10_norms(log10_norms, axis):
@@ -969,18 +961,21 @@ def _combined_log10_norms(log10_norms, axis):
     return shift + 0.5 * jnp.log10(jax.lax.psum(10.0 ** (2 * (log10_norms - shift)), axis))
 
 
-def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = None):
+def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = None, direct=None):
     """``log10 ||∂L/∂h_t|| [C, T]`` of C configurations of a built-in cell in one call of `gradflow_p`: ``params``
     and ``carry`` stacked on a leading axis, configuration c on ``xs[:, which[c]]`` (``xs [T, U, N, input_size]``,
     ``which [C]`` int32): configurations that share inputs read them from one place. ``remat``: a chunk length
-    dividing T; the kernel keeps the carry before each chunk and runs the chunk's steps again on the way back."""
+    dividing T; the kernel keeps the carry before each chunk and runs the chunk's steps again on the way back.
+    ``direct``: a loss of the user's direct cotangents ``[C, T, N, H]`` in place of the default loss
+    (`gradflow_direct_p`)."""
     name = flow_cell_name(cell)
     w_h = params["w_h"]
     zeros = jnp.zeros(w_h.shape[:1] + w_h.shape[-1:], w_h.dtype)
     h0, c0 = carry if name == "lstm" else (carry, jnp.zeros_like(carry))
-    (log10_norms,) = gradflow_p.bind(w_h, params["b_h"] if name == "gru" else zeros, params["w_x"],
-                                     params[cell.bias_names[0]], h0, c0, xs, jnp.asarray(which, jnp.int32),
-                                     threads=threads(), cell=name, chunk=int(remat or 0))
+    operands = (w_h, params["b_h"] if name == "gru" else zeros, params["w_x"], params[cell.bias_names[0]], h0, c0, xs,
+                jnp.asarray(which, jnp.int32))
+    p, operands = (gradflow_p, operands) if direct is None else (gradflow_direct_p, (*operands, direct))
+    (log10_norms,) = p.bind(*operands, threads=threads(), cell=name, chunk=int(remat or 0))
     return log10_norms
 
 
