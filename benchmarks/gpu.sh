@@ -17,9 +17,10 @@
 #     mosaic     probe_mosaic_rnn.py                                GPU_PROBE_MOSAIC_S  120
 #     precision  probe_precision.py                                 GPU_PROBE_S          40
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
-# Every part: about 19 minutes at most. With a cold compilation cache the tests part ran 279 of its 316 tests
-# in 220 s at -n 16 on an H100 (2026-11-27, run 9; 251 of 300 in 150 s at -n 8 in run 8); with the cache warm all
-# of them took 74-84 s. Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests kernels`.
+# Every part: about 19 minutes at most. With a cold compilation cache the tests part ran all 318 of its tests in
+# 261 s at -n 16 on an H100 (2026-11-27, run 10; run 9 had reached 279 of 316 at 220 s); with the cache warm all
+# of them took 74-84 s. Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests kernels`. Run 10
+# ran `cells tests team` (440 s), then `mosaic` (50 s) and `sharding sweep` (185 s) on one machine start.
 set -u
 python=${PYTHON:-python3}
 out=${1:-gpu_results}

@@ -225,10 +225,12 @@ class _Team:
         """The state of waiting a loop carries (`exchange`): none for a single program."""
         return () if self.size == 1 else (jnp.bool_(True),)
 
-    def exchange(self, ref, t, blocks: list, waiting: tuple):
+    def exchange(self, ref, t, blocks: list, waiting: tuple, also: tuple = ()):
         """``(whole, waiting)``: ``blocks`` (this program's units, one per gate block) stored in ``ref[t]``, and every
         unit of ``ref[t]``, one ``[ROWS, H]`` per gate block, once the whole team has stored its units there (with
-        one program, ``blocks``).
+        one program, ``blocks``). ``also``: the step's other outputs, ``(ref, blocks)`` pairs, stored after
+        ``blocks`` and before the wait, so that the units the team waits for leave first (GPU run 10, H100, batch
+        16, T = 1000, hidden 128: the LSTM's and GRU's forward + backward 5 % faster than storing them last).
 
         ``ref`` starts as `SENTINEL` (`_call`); the program reads the row again, past its L1 cache (``volatile``),
         until no element is. Every element is stored once, by one thread, whole (32 bits), and checked on its own,
@@ -238,6 +240,8 @@ class _Team:
         wait for ever: after `PATIENCE` reads of one step the program stops waiting (``waiting`` False) for this
         and every later step, and computes on with the sentinel, a NaN, which every result it touches keeps."""
         self.store(ref, t, blocks)
+        for other, other_blocks in also:
+            self.store(other, t, other_blocks)
         if self.size == 1:
             return blocks, waiting
         from jax.experimental.pallas import triton as pallas_triton
@@ -266,10 +270,11 @@ class _Team:
         h, h_own = hidden
         return h if h_own is None else h_own
 
-    def advance(self, hs_ref, t, h_new, waiting: tuple) -> tuple:
-        """``((h, h_own), waiting)`` after a forward step: ``h_new`` (this program's units) stored in ``hs_ref[t]``
-        and the whole of it once the team has stored theirs (`exchange`)."""
-        (h,), waiting = self.exchange(hs_ref, t, [h_new], waiting)
+    def advance(self, hs_ref, t, h_new, waiting: tuple, also: tuple = ()) -> tuple:
+        """``((h, h_own), waiting)`` after a forward step: ``h_new`` (this program's units) stored in ``hs_ref[t]``,
+        then the step's other outputs ``also`` (`exchange`), and the whole of ``h`` once the team has stored
+        theirs."""
+        (h,), waiting = self.exchange(hs_ref, t, [h_new], waiting, also)
         return (h, None if self.size == 1 else h_new), waiting
 
 
@@ -373,9 +378,8 @@ def _lstm_forward_kernel(w_ref, h0_ref, c0_ref, px_ref, *refs, steps, reverse, a
         c_new = _kept(keep, f * c + i * g, c)
         h_new = _kept(keep, o * jnp.tanh(c_new), team.mine(hidden))
         t = _time(s, steps, reverse)
-        team.store(cs_ref, t, [c_new])
-        team.store(gates_ref, t, [i, f, g, o])  # an invalid step's too, as the reference saves them
-        hidden, waiting = team.advance(hs_ref, t, h_new, waiting)
+        # The gates of an invalid step are stored too, as the reference saves them.
+        hidden, waiting = team.advance(hs_ref, t, h_new, waiting, ((cs_ref, [c_new]), (gates_ref, [i, f, g, o])))
         return hidden, c_new, waiting
 
     _loop(steps, read, advance, (team.start(h0_ref), c0_ref[:, team.own()], team.waiting()), ahead)
@@ -433,9 +437,7 @@ def _gru_forward_kernel(w_ref, b_ref, h0_ref, px_ref, *refs, steps, reverse, ahe
         h_prev = team.mine(hidden)
         h_new = _kept(_keep(valid_t), (1.0 - z) * n + z * h_prev, h_prev)
         t = _time(s, steps, reverse)
-        team.store(gates_ref, t, [r, z, n])
-        team.store(a_n_ref, t, [a_n])
-        return team.advance(hs_ref, t, h_new, waiting)
+        return team.advance(hs_ref, t, h_new, waiting, ((gates_ref, [r, z, n]), (a_n_ref, [a_n])))
 
     _loop(steps, read, advance, (team.start(h0_ref), team.waiting()), ahead)
 
