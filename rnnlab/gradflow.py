@@ -26,8 +26,18 @@ _NEG_INF = -jnp.inf
 
 
 def _log10_norm(tree) -> jax.Array:
+    """log10 of the tree's norm: -inf for zero (with a zero derivative there, not log10's 0·inf), nan for nan."""
     leaves = jax.tree_util.tree_leaves(tree)
-    return 0.5 * jnp.log10(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
+    squares = sum(jnp.sum(jnp.square(leaf)) for leaf in leaves)
+    zero = squares == 0
+    return jnp.where(zero, _NEG_INF, 0.5 * jnp.log10(jnp.where(zero, 1.0, squares)))
+
+
+def _exp10(exponent, unused, otherwise: float = 0.0) -> jax.Array:
+    """``10^exponent``, or ``otherwise`` where ``unused``, whose exponent (±inf, say) never reaches the power: in a
+    derivative an unused ``10^inf`` would still give 0·inf = nan (`jax.grad` of a loss that leaves a zero
+    cotangent)."""
+    return jnp.where(unused, otherwise, 10.0 ** jnp.where(unused, 0.0, exponent))
 
 
 def _log10_norm_of_small(tree) -> jax.Array:
@@ -91,10 +101,10 @@ def _add_scaled(state, term):
     cotangent, log_scale, compensation = state
     log_term = _log10_norm_of_small(term)
     new_scale = jnp.maximum(log_scale, log_term)
-    old_weight = jnp.where(log_scale == _NEG_INF, 0.0, 10.0 ** (log_scale - new_scale))
-    half_inverse = jnp.where(log_term == _NEG_INF, 0.0, 10.0 ** (-0.5 * log_term))
+    old_weight = _exp10(log_scale - new_scale, log_scale == _NEG_INF)
+    half_inverse = _exp10(-0.5 * log_term, log_term == _NEG_INF)
     term_unit = _scale(_scale(term, half_inverse), half_inverse)
-    term_weight = jnp.where(log_term == _NEG_INF, 0.0, 10.0 ** (log_term - new_scale))
+    term_weight = _exp10(log_term - new_scale, log_term == _NEG_INF)
     cotangent = jax.tree_util.tree_map(
         lambda c, d: c * old_weight.astype(c.dtype) + d * term_weight.astype(d.dtype), cotangent, term_unit
     )
@@ -111,7 +121,7 @@ def _renormalise(state):
     cotangent, log_scale, compensation = state
     log_norm = _log10_norm(cotangent)
     is_zero = log_norm == _NEG_INF
-    cotangent = _scale(cotangent, jnp.where(is_zero, 1.0, 10.0 ** -log_norm))
+    cotangent = _scale(cotangent, _exp10(-log_norm, is_zero, 1.0))
     log_scale, compensation = _kahan_add(log_scale, compensation, jnp.where(is_zero, 0.0, log_norm))
     log_scale = jnp.where(log_norm == jnp.inf, jnp.nan, log_scale)
     return cotangent, jnp.where(is_zero, _NEG_INF, log_scale), compensation
@@ -163,7 +173,9 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     with respect to ``h_t``, through every later step and the direct dependence of ``L`` on ``h_t`` — the value
     PyTorch's ``h_t.retain_grad()`` would give, where float32 can represent it. ``-inf`` where it is exactly zero;
     ``nan`` where a state ``h_t … h_T`` it depends on is not finite (the forward pass overflowed: the gradient is
-    undefined there, so it is never reported as 0).
+    undefined there, so it is never reported as 0). Differentiable with respect to ``params`` and ``xs`` (`jax.grad`,
+    `jax.jvp`): the finite norms' derivatives are finite also where a loss leaves the cotangent exactly zero
+    (select the finite norms with ``jnp.where(jnp.isfinite(norms), norms, 0.0)`` before summing them).
 
     The backward (cotangent) vector is renormalised after every step and the log of its norm accumulated, so the
     result is exact far beyond float32's range. For the built-in cells a backward step applies the step's Jacobian

@@ -105,6 +105,38 @@ def test_grad_norms_match_finite_differences_float64():
         np.testing.assert_allclose(np.asarray(measured), expected, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("remat", [None, 5], ids=["stored", "remat"])
+def test_derivative_of_grad_norms_where_the_cotangent_is_zero(kind, remat):
+    """A loss on some steps only leaves the cotangent exactly zero after them (log10 norm -inf): the derivative of
+    the finite norms with respect to the weights is then finite and equal to central differences, in float64 (it
+    was nan: log10's and 10^x's 0·inf at the zero cotangent)."""
+    with jax.enable_x64(True):
+        cell = getattr(rnnlab, kind)(4)
+        params = cell.init(jax.random.PRNGKey(0), input_size=3, dtype=jnp.float64)
+        xs = jax.random.normal(jax.random.PRNGKey(1), (10, 2, 3), jnp.float64)
+        losses = {"window": lambda hs: jnp.sum(hs[:4] ** 2),  # nothing after step 3
+                  "steps": lambda hs: jnp.sum(hs[2] ** 2) + jnp.sum(hs[6, 1] ** 3)}  # nothing after step 6
+
+        for name, loss in losses.items():
+            def total(p, loss=loss):
+                norms = gradflow.grad_norms(cell, p, xs, loss=loss, remat=remat)
+                return jnp.sum(jnp.where(jnp.isfinite(norms), norms, 0.0))
+
+            last = 3 if name == "window" else 6
+            norms = np.asarray(gradflow.grad_norms(cell, params, xs, loss=loss, remat=remat))
+            assert np.all(np.isfinite(norms[:last + 1])) and np.all(norms[last + 1:] == -np.inf), name
+            grad = jax.grad(total)(params)
+            direction = jax.tree_util.tree_map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape) + 1.0), params)
+            along = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grad),
+                                                        jax.tree_util.tree_leaves(direction)))
+            eps = 1e-6
+            nudged = [jax.tree_util.tree_map(lambda p, d, s=s: p + s * eps * d, params, direction) for s in (1, -1)]
+            differences = (total(nudged[0]) - total(nudged[1])) / (2 * eps)
+            assert np.isfinite(float(along)), name
+            np.testing.assert_allclose(float(along), float(differences), rtol=1e-6, err_msg=name)
+
+
 def test_grad_norms_user_cell_runs_unchanged():
     from tests.user_cell import IndRNN
 
