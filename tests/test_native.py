@@ -152,6 +152,45 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
     assert_near_float64_truth(cell, weights, reverse, params, xs, carry)
 
 
+# (kind, rows, padded, reverse): 40 rows in 3 groups on 3 threads (the kernels sum W_h's gradient per group), 19 in
+# 2 (XLA forms it).
+GROUP_CASES = [("LSTM", 40, False, False), ("GRU", 19, True, True), ("RNN-tanh", 40, True, False),
+               ("GRU", 40, False, True), ("LSTM", 19, True, False)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,rows,padded,reverse", [
+    pytest.param(*case, id=f"{case[0]}-b{case[1]}{'-padded' if case[2] else ''}{'-reverse' if case[3] else ''}")
+    for case in GROUP_CASES])
+def test_groups_of_rows_give_one_threads_numbers(kind, rows, padded, reverse, monkeypatch):
+    """From 8 rows a thread the cell kernels run each group of rows whole on one thread (`native.cell_split`); with
+    3 threads asked for, XLA's pool of 2 runs two groups on one thread. Every output and gradient is then bit for
+    bit one thread's (each row's recurrence is computed in the same order), but W_h's gradient where the kernels
+    sum it (from 32 rows: per group, the groups added at the end), which is within float32 rounding of it; and all
+    near the float64 truth."""
+    monkeypatch.setattr(native, "XLA_WEIGHT_GRAD_WITHOUT_AVX512", frozenset())
+    cell, params, xs, carry, weights = problem(64, (rows,), 120, kind=kind)
+    lengths = jax.random.randint(jax.random.PRNGKey(7), (rows,), 1, 121).at[0].set(120) if padded else None
+
+    def run(threads):
+        monkeypatch.setenv("RNNLAB_NATIVE_THREADS", threads)
+        outputs = jax.jit(lambda p, x, c: rnnlab.scan(cell, p, x, carry=c, reverse=reverse, lengths=lengths))
+        grad = jax.jit(jax.grad(loss_fn(cell, weights, reverse, lengths), argnums=(0, 1, 2)))
+        return outputs(params, xs, carry), grad(params, xs, carry), native.cell_split(cell, 120, rows)
+
+    (outputs, grads, split), (outputs_one, grads_one, split_one) = run("3"), run("1")
+    assert split == (min(3, rows // 8), True) and split_one == (1, False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, outputs, outputs_one)
+    w_h = grads[0].pop("w_h"), grads_one[0].pop("w_h")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, grads, grads_one)
+    if rows >= native.MIN_ROWS_FOR_WEIGHT_GRAD:
+        np.testing.assert_allclose(*w_h, rtol=1e-5, atol=1e-6 * np.max(np.abs(w_h[1])))
+    else:
+        np.testing.assert_array_equal(*w_h)
+    monkeypatch.setenv("RNNLAB_NATIVE_THREADS", "3")
+    assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths)
+
+
 # (kind, rows, reverse): rows 9 leave W_h's gradient to XLA, 40 have the kernels sum it (the LSTM's too, here).
 MASKED_CASES = [("LSTM", 9, False), ("LSTM", 40, True), ("GRU", 9, True), ("RNN-relu", 9, False),
                 ("RNN-tanh", 40, True), ("GRU", 40, False), ("RNN-linear", 40, False)]
@@ -392,7 +431,8 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
     assert together.stdout.split("\n")[:3] == [f"{name} available {name != 'off'}" for name in runs], together.stdout
     assert "no-compiler available False" in no_compiler.stdout
     results = {name: np.load(tmp_path / f"{name}.npy") for name in [*runs, "no-compiler"]}
-    # Each unit is computed by one thread in a fixed order whatever the split: bit-identical.
+    # Each row's units are computed by one thread in a fixed order whatever the split (16 rows: W_h's gradient is
+    # XLA's): bit-identical.
     np.testing.assert_array_equal(results["three-threads"], results["one-thread"])
     for name in ("off", "no-compiler"):
         np.testing.assert_allclose(results[name], results["one-thread"], rtol=1e-5, atol=1e-7)
@@ -980,6 +1020,18 @@ def test_the_flow_groups_probe_times_each_shape(monkeypatch):
     assert [row["shape"] for row in rows] == ["LSTM 16,32,20", "GRU 8,32,20"]
     assert all(row["ms"] > 0 and row["gflops"] > 0 for row in rows)
     assert [row["groups"] for row in rows] == [2, 1]
+
+
+@needs_kernels
+def test_the_cell_rows_probe_times_each_shape(monkeypatch):
+    """`benchmarks/probe_cell_rows.py` (how the cell kernels' groups of rows were measured against teams) at two
+    small shapes: median times and a rate for each, and how each was split."""
+    monkeypatch.setenv("RNNLAB_NATIVE_THREADS", "2")
+    probe = benchmark_script("probe_cell_rows", monkeypatch)
+    rows = probe.measure((("LSTM", 16, 300, 8, 64), ("GRU", 8, 20, 8, 32)), calls=2)
+    assert [row["shape"] for row in rows] == ["LSTM 16,300,8,64", "GRU 8,20,8,32"]
+    assert all(row[key] > 0 for row in rows for key in ("grad_ms", "forward_ms", "gflops"))
+    assert [row["split"] for row in rows] == ["2 groups of rows", "units over 1"]
 
 
 @needs_kernels

@@ -3,7 +3,8 @@
 
 XLA runs the per-step matmul of a recurrence on one core, so on a CPU the loops of an LSTM or a GRU use one core
 however many there are. ``recurrent.cc`` holds each cell's forward loop and backward (transposed tangent) loop as XLA
-FFI custom calls that split the hidden units over XLA's intra-op thread pool, one barrier per step.
+FFI custom calls on XLA's intra-op thread pool: from 8 rows a thread each thread runs whole groups of rows, with no
+barrier (`cell_split`); with fewer, the threads split the hidden units and meet at a barrier every step.
 
 Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap`, `grad`, `jvp` and
 `jax.hessian`:
@@ -990,6 +991,20 @@ def flow_team(cell, configs: int, rows: int) -> int:
     team = library.RnnlabFlowTeam
     team.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     return team(flow_cell_name(cell).encode(), configs, rows, kernel_hidden(cell.hidden_size), threads())
+
+
+def cell_split(cell, steps: int, batch: int) -> tuple[int, bool]:
+    """How the cell kernels' loops share ``steps`` steps of ``batch`` rows of a built-in cell among `threads`
+    threads: ``(parts, by_rows)``, groups of rows each whole on one thread (no barrier; from 8 rows a thread and
+    enough work a group) or a team of threads that split the hidden units and meet at a barrier every step (``(0,
+    False)`` where the library cannot be built)."""
+    library = _library() if enabled() else None
+    if library is None:
+        return 0, False
+    split = library.RnnlabCellSplit
+    split.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    parts = split(steps, batch, kernel_hidden(cell.hidden_size), len(cell.gates), threads())
+    return abs(parts), parts > 0
 
 
 def flow_groups(rows: int) -> int:

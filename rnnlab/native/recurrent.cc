@@ -1,11 +1,13 @@
 // The sequential loops of the LSTM, the GRU and the Elman RNN as XLA FFI custom calls on CPU, float32, with the
-// hidden units split over threads.
+// rows or the hidden units split over threads.
 //
 // What XLA cannot do here: its per-step matmul [B, H] @ [H, 4H] runs on one core, so at the small shapes of RNN
-// research the loops use half of a 2-core machine. Each kernel below owns the whole time loop; every thread owns a
-// contiguous range of hidden units (in chunks of 16), holds its slice of W_h packed in its own panel (in cache from
-// step to step), and computes its units' matmul columns, gates and state. The threads meet at one barrier per step,
-// after which the new state row is complete for everyone's next matmul.
+// research the loops use half of a 2-core machine. Each kernel below owns the whole time loop. From 8 rows a thread
+// (`split_of`) each thread runs whole groups of rows, every step of them, with W_h packed in its own panel (in cache
+// from step to step) and no barrier: each row's recurrence is its own. With fewer rows every thread owns a contiguous
+// range of hidden units (in chunks of 16), holds its slice of W_h, and computes its units' matmul columns, gates and
+// state; the threads meet at one barrier per step, after which the new state row is complete for everyone's next
+// matmul.
 //
 // lstm_forward(w_h [H, 4H], h0 [B, H], c0 [B, H], px [T, B, 4H]) -> hs [T, B, H], cs [T, B, H], gates [T, B, 4H]
 //   z = px_t + h_{t-1} W_h; (i, f, g, o) = (σ, σ, tanh, σ)(z); c_t = f c_{t-1} + i g; h_t = o tanh c_t
@@ -411,14 +413,14 @@ ffi::Error mask_of(const ffi::Buffer<ffi::PRED>* valid, Loop* loop) {
 // Row b's units [u0, u0 + nu) of a carry kept through a masked step: `to` = `from`.
 inline void hold(float* to, const float* from, int nu) { std::memcpy(to, from, nu * sizeof(float)); }
 
-// The rows of step t that a masked kernel computes (its valid ones), in `live`; returns how many (B, with `live`
-// left as it is, when none is kept). A step's matmul then runs on those rows alone, gathered: padded rows cost a
-// copy of their carry, not their share of the matmul.
-int live_rows(const Loop& loop, int t, std::vector<int>& live) {
-  if (loop.valid == nullptr) return loop.batch;
+// The rows among [b0, b1) of step t that a masked kernel computes (its valid ones), in `live`, counted from b0;
+// returns how many (b1 - b0, with `live` left as it is, when none is kept). A step's matmul then runs on those rows
+// alone, gathered: padded rows cost a copy of their carry, not their share of the matmul.
+int live_rows(const Loop& loop, int t, int b0, int b1, std::vector<int>& live) {
+  if (loop.valid == nullptr) return b1 - b0;
   live.clear();
-  for (int b = 0; b < loop.batch; ++b)
-    if (!loop.keeps(t, b)) live.push_back(b);
+  for (int b = b0; b < b1; ++b)
+    if (!loop.keeps(t, b)) live.push_back(b - b0);
   return static_cast<int>(live.size());
 }
 
@@ -433,107 +435,166 @@ void live_matmul(int batch, int n, const std::vector<int>& live, int width, int 
   if (n > 0) matmul(n, width, k, gathered.data(), k, packed, c, width);
 }
 
-// The forward loop of a cell. Each part owns hidden units [u0, u0 + nu) and the columns of W_h that make them (its
-// units of every gate block, packed in order of gate); per step it computes z = h_{t-1} W_h for those columns and
-// calls step(t, prev, b, u0, nu, z_b, keep) for each row b (z_b: [gates·nu], gate blocks of nu), which writes h_t's
-// units among whatever else the cell keeps. With keep the step is masked out: the loop has copied h_{t-1}'s units
-// to h_t's, the cell copies on its other carries, and z_b is null (a masked kernel's matmul skips such rows). One
-// barrier per step, after which h_t is whole.
-template <typename Step>
-void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, float* hs,
-                  Step step) {
-  const int H = loop.hidden, G = loop.gates * H, B = loop.batch;
-  team(pool, team_size(B, H, loop.gates, loop.threads), [&](int part, int parts, Barrier& barrier) {
-    int u0, u1;
-    units_of(H, part, parts, &u0, &u1);
-    const int nu = u1 - u0, width = loop.gates * nu;
-    const std::vector<int> columns = unit_columns(H, loop.gates, u0, nu);
-    const std::vector<float> panel = pack(H, width, [&](int k, int j) { return w_h[k * G + columns[j]]; });
-    std::vector<float> z(static_cast<size_t>(B) * width), gathered;
-    std::vector<int> live;
-    for (int s = 0; s < loop.steps; ++s) {
-      const int t = loop.time(s), prev = loop.previous(s);
-      const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
-      live_matmul(B, live_rows(loop, t, live), live, width, H, h_prev, panel.data(), z.data(), gathered);
-      for (int b = 0, i = 0; b < B; ++b) {  // z's row i is the i-th computed row's
-        const bool keep = loop.keeps(t, b);
-        if (keep) hold(hs + loop.row(t, b) * H + u0, h_prev + static_cast<size_t>(b) * H + u0, nu);
-        step(t, prev, b, u0, nu, keep ? nullptr : &z[static_cast<size_t>(i++) * width], keep);
-      }
-      barrier.wait();
+// How a cell's loop shares its work among threads: in `parts` groups of rows, each group the whole recurrence of
+// its rows on one thread (`by_rows`: each row's recurrence is its own, so no thread waits for another; the threads
+// share out the groups, and one thread runs them all where the others did not join, `team`), or as a team of
+// `parts` threads that meet at a barrier every step, each computing its share of the hidden units of every row
+// (`team_size`). By rows from kMinRows rows a thread, as the gradient-flow kernel's groups of rows (`flow_groups`):
+// fewer rows leave the AVX-512 block of 8 rows part empty. And from kMinGroupWork multiply-adds of the recurrence
+// a group (steps x rows x hidden x gates·hidden; 2^22, about 50 µs on one core), since a helper thread's start costs
+// tens of µs (up to `team`'s wait where the pool is busy). Measured on the 2-core AVX-512 CPU (2026-11-27,
+// `benchmarks/probe_cell_rows.py`, the fastest of 45 calls against the team, `jax.grad` of a loss on the outputs):
+// 6-28 % faster at the benchmark's shapes of hidden 128 and 256 (the tanh RNN at 16,1000,32,128 from 19.5 to
+// 14.0 ms, the GRU from 73.8 to 64.8 ms), the same within noise at 128,50,256,512.
+constexpr int kMinRows = 8;
+constexpr int64_t kMinGroupWork = int64_t{1} << 22;
+
+struct Split {
+  int parts;
+  bool by_rows;
+};
+
+Split split_of(const Loop& loop) {
+  const int64_t work = static_cast<int64_t>(loop.steps) * loop.batch * loop.hidden * loop.gates * loop.hidden;
+  const int64_t groups = std::min<int64_t>({loop.threads, loop.batch / kMinRows, work / kMinGroupWork});
+  if (groups > 1) return {static_cast<int>(groups), true};
+  return {team_size(loop.batch, loop.hidden, loop.gates, loop.threads), false};
+}
+
+// Rows [begin, end) of group g of `groups` over N rows, shared out as evenly as possible.
+void group_rows(int N, int g, int groups, int* begin, int* end) {
+  *begin = static_cast<int>(static_cast<int64_t>(N) * g / groups);
+  *end = static_cast<int>(static_cast<int64_t>(N) * (g + 1) / groups);
+}
+
+// Runs run(b0, b1, u0, u1, group, barrier) for each part of `split`'s: each group of rows (all units, no barrier:
+// null), or each team member's units of every row (group 0), on a team of `split.parts` threads.
+template <typename Run>
+void run_split(ffi::ThreadPool& pool, const Loop& loop, const Split& split, Run run) {
+  team(pool, split.parts, [&](int part, int parts, Barrier& barrier) {
+    if (!split.by_rows) {
+      int u0, u1;
+      units_of(loop.hidden, part, parts, &u0, &u1);
+      return run(0, loop.batch, u0, u1, 0, &barrier);
+    }
+    for (int group = part; group < split.parts; group += parts) {
+      int b0, b1;
+      group_rows(loop.batch, group, split.parts, &b0, &b1);
+      run(b0, b1, 0, loop.hidden, group, static_cast<Barrier*>(nullptr));
     }
   });
 }
 
-// The backward loop of a cell: the transpose of its tangent recurrence. Each part owns hidden units [u0, u0 + nu)
-// and the rows of W_h they feed. `make_part(u0, nu)` returns the cell's per-part state, with
-//   step(s, b, dh_b, keep): from this part's units of g_h_t (dh_b, the carry's cotangent plus nothing yet from the
-//     step's own output; the cell adds g_hs) writes its columns of the step's recurrent cotangent, the row that
-//     multiplies W_hᵀ, and whatever else the cell returns; with keep (a masked-out step) zeros there, and the cell's
-//     other carries' cotangents pass unchanged (the loop hands on h's, g_hs[t] + dh_b);
-//   row(s): that recurrent cotangent, [B, gates·H] (complete after the barrier);
-//   carry(dh): adds to g_h_{t-1} = row(s) W_hᵀ (already in dh, [B, nu]) the direct terms of the cell;
+// The forward loop of a cell. Each part owns rows [b0, b1) and hidden units [u0, u0 + nu) (`split_of`) and the
+// columns of W_h that make those units (of every gate block, packed in order of gate); per step it computes
+// z = h_{t-1} W_h for its rows and columns and calls step(t, prev, b, u0, nu, z_b, keep) for each of its rows b
+// (z_b: [gates·nu], gate blocks of nu), which writes h_t's units among whatever else the cell keeps. With keep the
+// step is masked out: the loop has copied h_{t-1}'s units to h_t's, the cell copies on its other carries, and z_b
+// is null (a masked kernel's matmul skips such rows). A team that splits the units meets at a barrier after each
+// step, after which h_t is whole.
+template <typename Step>
+void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, float* hs,
+                  Step step) {
+  const int H = loop.hidden, G = loop.gates * H;
+  run_split(pool, loop, split_of(loop), [&](int b0, int b1, int u0, int u1, int, Barrier* barrier) {
+    const int nu = u1 - u0, width = loop.gates * nu, rows = b1 - b0;
+    const std::vector<int> columns = unit_columns(H, loop.gates, u0, nu);
+    const std::vector<float> panel = pack(H, width, [&](int k, int j) { return w_h[k * G + columns[j]]; });
+    std::vector<float> z(static_cast<size_t>(rows) * width), gathered;
+    std::vector<int> live;
+    for (int s = 0; s < loop.steps; ++s) {
+      const int t = loop.time(s), prev = loop.previous(s);
+      const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
+      live_matmul(rows, live_rows(loop, t, b0, b1, live), live, width, H, h_prev + static_cast<size_t>(b0) * H,
+                  panel.data(), z.data(), gathered);
+      for (int b = b0, i = 0; b < b1; ++b) {  // z's row i is the i-th computed row's
+        const bool keep = loop.keeps(t, b);
+        if (keep) hold(hs + loop.row(t, b) * H + u0, h_prev + static_cast<size_t>(b) * H + u0, nu);
+        step(t, prev, b, u0, nu, keep ? nullptr : &z[static_cast<size_t>(i++) * width], keep);
+      }
+      if (barrier != nullptr) barrier->wait();
+    }
+  });
+}
+
+// The backward loop of a cell: the transpose of its tangent recurrence. Each part owns rows [b0, b1) and hidden
+// units [u0, u0 + nu) (`split_of`) and the rows of W_h those units feed. `make_part(b0, b1, u0, nu)` returns the
+// cell's per-part state, with
+//   step(s, b, dh_b, keep): from this part's units of row b's g_h_t (dh_b, the carry's cotangent plus nothing yet
+//     from the step's own output; the cell adds g_hs) writes its columns of the step's recurrent cotangent, the row
+//     that multiplies W_hᵀ, and whatever else the cell returns; with keep (a masked-out step) zeros there, and the
+//     cell's other carries' cotangents pass unchanged (the loop hands on h's, g_hs[t] + dh_b);
+//   row(s): that recurrent cotangent, [B, gates·H] (complete, where a team splits the units, after the barrier);
+//   carry(dh): adds to g_h_{t-1} = row(s) W_hᵀ (already in dh, [b1 - b0, nu]) the direct terms of the cell;
 //   finish(): writes the cotangents of the initial carry other than h's.
-// g_h0 gets this part's units of the hidden state's cotangent at the end. With g_w (not null), each part also
-// accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s), from its own columns of the rows, every
-// grad_steps(B) steps, before the barrier (hs [T, B, H] and h0 give h_{t-1}); row(s) must stay readable, in this
-// part's columns, for that many steps.
+// g_h0 gets this part's rows and units of the hidden state's cotangent at the end. With g_w (not null), each part
+// also accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s) over its rows, from its own columns of the
+// rows, every grad_steps(b1 - b0) steps, before the barrier (hs [T, B, H] and h0 give h_{t-1}); row(s) must stay
+// readable, in this part's rows and columns, for that many steps. Groups of rows each form the whole gradient over
+// their rows, the first in g_w and the others in buffers of their own, added to g_w at the end.
 template <typename MakePart>
 void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* hs, const float* h0,
                    const float* g_hs, const float* g_h, float* g_h0, float* g_w, MakePart make_part) {
-  const int H = loop.hidden, G = loop.gates * H, B = loop.batch;
-  team(pool, team_size(B, H, loop.gates, loop.threads), [&](int part, int parts, Barrier& barrier) {
-    int u0, u1;
-    units_of(H, part, parts, &u0, &u1);
-    const int nu = u1 - u0;
+  const int H = loop.hidden, G = loop.gates * H;
+  const Split split = split_of(loop);
+  std::vector<std::vector<float>> other_g_w(g_w != nullptr && split.by_rows ? split.parts - 1 : 0,
+                                            std::vector<float>(static_cast<size_t>(H) * G));
+  run_split(pool, loop, split, [&](int b0, int b1, int u0, int u1, int group, Barrier* barrier) {
+    const int nu = u1 - u0, rows = b1 - b0;
+    float* gw = g_w == nullptr || group == 0 ? g_w : other_g_w[group - 1].data();
     // panel[k, u] = W_h[u0 + u, k], so that this part's units of g_h_{t-1} are row(s) @ panel.
     const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return w_h[(u0 + u) * G + k]; });
-    std::vector<float> dh(static_cast<size_t>(B) * nu), kept(loop.valid != nullptr ? dh.size() : 0), gathered,
+    // dh, kept: this part's rows and units, [rows, nu]; row b at (b - b0)·nu.
+    std::vector<float> dh(static_cast<size_t>(rows) * nu), kept(loop.valid != nullptr ? dh.size() : 0), gathered,
         live_dh;
     std::vector<int> live;
-    for (int b = 0; b < B; ++b) std::memcpy(&dh[b * nu], g_h + b * H + u0, nu * sizeof(float));
-    if (g_w != nullptr) {
+    for (int b = b0; b < b1; ++b) std::memcpy(&dh[(b - b0) * nu], g_h + b * H + u0, nu * sizeof(float));
+    if (gw != nullptr) {
       for (int k = 0; k < H; ++k)
-        for (int q = 0; q < loop.gates; ++q) std::memset(g_w + k * G + q * H + u0, 0, nu * sizeof(float));
+        for (int q = 0; q < loop.gates; ++q) std::memset(gw + k * G + q * H + u0, 0, nu * sizeof(float));
     }
-    auto cell = make_part(u0, nu);
+    auto cell = make_part(b0, b1, u0, nu);
     std::vector<float> panel_a, panel_b;
-    const int flush = grad_steps(B);
-    int pending = loop.steps;  // steps [s + 1, pending) are not yet in g_w
+    const int flush = grad_steps(rows);
+    int pending = loop.steps;  // steps [s + 1, pending) are not yet in gw
     for (int s = loop.steps - 1; s >= 0; --s) {
       const int t = loop.time(s);
-      for (int b = 0; b < B; ++b) {
+      for (int b = b0; b < b1; ++b) {
+        float* dh_b = &dh[static_cast<size_t>(b - b0) * nu];
         const bool keep = loop.keeps(t, b);
         if (keep) {  // the cotangent of h_t, handed on to h_{t-1} after the matmul
           const float* g = g_hs + loop.row(t, b) * H + u0;
-          for (int j = 0; j < nu; ++j) kept[b * nu + j] = g[j] + dh[b * nu + j];
+          for (int j = 0; j < nu; ++j) kept[(b - b0) * nu + j] = g[j] + dh_b[j];
         }
-        cell.step(s, b, &dh[b * nu], keep);
+        cell.step(s, b, dh_b, keep);
       }
-      if (g_w != nullptr && (pending - s == flush || s == 0)) {
+      if (gw != nullptr && (pending - s == flush || s == 0)) {
         auto h_prev = [&](int r) {
-          const int prev = loop.previous(s + r / B);
-          return (prev < 0 ? h0 : hs + loop.row(prev, 0) * H) + static_cast<size_t>(r % B) * H;
+          const int prev = loop.previous(s + r / rows);
+          return (prev < 0 ? h0 : hs + loop.row(prev, 0) * H) + static_cast<size_t>(b0 + r % rows) * H;
         };
-        auto cotangent = [&](int r) { return cell.row(s + r / B) + static_cast<size_t>(r % B) * G; };
-        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * B, h_prev, cotangent, g_w, panel_a, panel_b);
+        auto cotangent = [&](int r) { return cell.row(s + r / rows) + static_cast<size_t>(b0 + r % rows) * G; };
+        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * rows, h_prev, cotangent, gw, panel_a, panel_b);
         pending = s;
       }
-      barrier.wait();  // every unit's recurrent cotangent of the step is written
+      if (barrier != nullptr) barrier->wait();  // every unit's recurrent cotangent of the step is written
       // The kept rows' recurrent cotangents are zero: only the others' enter the matmul, scattered to dh after.
-      const int n = live_rows(loop, t, live);
-      if (n < B) live_dh.resize(static_cast<size_t>(n) * nu);
-      live_matmul(B, n, live, nu, G, cell.row(s), panel.data(), n == B ? dh.data() : live_dh.data(), gathered);
-      if (n < B)
+      const int n = live_rows(loop, t, b0, b1, live);
+      if (n < rows) live_dh.resize(static_cast<size_t>(n) * nu);
+      live_matmul(rows, n, live, nu, G, cell.row(s) + static_cast<size_t>(b0) * G, panel.data(),
+                  n == rows ? dh.data() : live_dh.data(), gathered);
+      if (n < rows)
         for (int i = 0; i < n; ++i)
           hold(&dh[static_cast<size_t>(live[i]) * nu], &live_dh[static_cast<size_t>(i) * nu], nu);
       cell.carry(dh);
-      for (int b = 0; b < B; ++b)
-        if (loop.keeps(t, b)) hold(&dh[b * nu], &kept[b * nu], nu);
+      for (int b = b0; b < b1; ++b)
+        if (loop.keeps(t, b)) hold(&dh[(b - b0) * nu], &kept[(b - b0) * nu], nu);
     }
-    for (int b = 0; b < B; ++b) std::memcpy(g_h0 + b * H + u0, &dh[b * nu], nu * sizeof(float));
+    for (int b = b0; b < b1; ++b) std::memcpy(g_h0 + b * H + u0, &dh[(b - b0) * nu], nu * sizeof(float));
     cell.finish();
   });
+  for (const std::vector<float>& other : other_g_w)  // in order of group: the same sum whichever thread ran which
+    for (size_t k = 0; k < other.size(); ++k) g_w[k] += other[k];
 }
 
 // W_h's gradient, or nothing when the caller computes it itself (`weight_grad` off: under vmap, one per example).
@@ -602,13 +663,13 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs,
   if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 4, reverse, threads, &loop); error.failure())
     return error;
   if (auto error = mask_of(valid, &loop); error.failure()) return error;
-  const int H = loop.hidden, B = loop.batch;
+  const int H = loop.hidden;
   const float *GATES = gates.typed_data(), *CS = cs.typed_data(), *C0 = c0.typed_data(), *GHS = g_hs.typed_data();
   float *GPX = g_px->typed_data(), *GC0 = g_c0->typed_data();
   struct Part {
-    // The cell state's cotangent for this part's units, [B, nu].
+    // The cell state's cotangent for this part's rows and units, [b1 - b0, nu].
     std::vector<float> dc;
-    int u0, nu;
+    int b0, b1, u0, nu;
     const Loop& loop;
     const float *GATES, *CS, *C0, *GHS;
     float *GPX, *GC0;
@@ -623,7 +684,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs,
         return;
       }
       const size_t at = loop.row(t, b) * H + u0;
-      float* dcb = &dc[static_cast<size_t>(b) * nu];
+      float* dcb = &dc[static_cast<size_t>(b - b0) * nu];
       for (int j = 0; j < nu; j += kLanes) {
         const vf i = load(gb + j), f = load(gb + H + j), g = load(gb + 2 * H + j), o = load(gb + 3 * H + j);
         const vf tc = vtanh(load(CS + at + j));
@@ -639,14 +700,16 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs,
     const float* row(int s) const { return GPX + loop.row(loop.time(s), 0) * 4 * loop.hidden; }
     void carry(std::vector<float>&) const {}
     void finish() const {
-      for (int b = 0; b < loop.batch; ++b)
-        std::memcpy(GC0 + b * loop.hidden + u0, &dc[static_cast<size_t>(b) * nu], nu * sizeof(float));
+      for (int b = b0; b < b1; ++b)
+        std::memcpy(GC0 + b * loop.hidden + u0, &dc[static_cast<size_t>(b - b0) * nu], nu * sizeof(float));
     }
   };
   backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), GHS, g_h.typed_data(),
-                g_h0->typed_data(), weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
-    Part part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, loop, GATES, CS, C0, GHS, GPX, GC0};
-    for (int b = 0; b < B; ++b) std::memcpy(&part.dc[b * nu], g_c.typed_data() + b * H + u0, nu * sizeof(float));
+                g_h0->typed_data(), weight_gradient(g_w, weight_grad), [&](int b0, int b1, int u0, int nu) {
+    Part part{std::vector<float>(static_cast<size_t>(b1 - b0) * nu), b0, b1, u0, nu, loop, GATES, CS, C0, GHS, GPX,
+              GC0};
+    for (int b = b0; b < b1; ++b)
+      std::memcpy(&part.dc[(b - b0) * nu], g_c.typed_data() + b * H + u0, nu * sizeof(float));
     return part;
   });
   return ffi::Error::Success();
@@ -700,15 +763,16 @@ ffi::Error GruBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n,
   const float *GATES = gates.typed_data(), *AN = a_n.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(),
               *GHS = g_hs.typed_data();
   float* GU = g_u->typed_data();
-  // The cotangent of each step's h W_h, [B, 3H], in `slots` buffers used in turn: two, since a part may write the
-  // next step's while another still reads this one's, or, when the kernel forms W_h's gradient, the grad_steps(B)
-  // steps whose contributions to it are summed at once if more.
-  const int slots = weight_grad ? std::max(2, grad_steps(B)) : 2;
+  // The cotangent of each step's h W_h, [B, 3H], in `slots` buffers used in turn: two, since a part of a team may
+  // write the next step's while another still reads this one's, or, when the kernel forms W_h's gradient, the
+  // grad_steps(rows) steps whose contributions to it are summed at once if more (rows: the fewest of a part's).
+  const Split split = split_of(loop);
+  const int slots = weight_grad ? std::max(2, grad_steps(split.by_rows ? B / split.parts : B)) : 2;
   std::vector<float> recurrent(static_cast<size_t>(slots) * B * 3 * H);
   struct Part {
-    // z ⊙ g_h_t for this part's units, [B, nu]: the direct path from h_{t-1} to h_t.
+    // z ⊙ g_h_t for this part's rows and units, [b1 - b0, nu]: the direct path from h_{t-1} to h_t.
     std::vector<float> direct;
-    int u0, nu, slots;
+    int b0, u0, nu, slots;
     const Loop& loop;
     const float *GATES, *AN, *HS, *H0, *GHS;
     float *GU, *recurrent;
@@ -740,7 +804,7 @@ ffi::Error GruBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n,
         store(ga + j, g_r);
         store(ga + H + j, g_z);
         store(ga + 2 * H + j, g_n * r);
-        store(&direct[static_cast<size_t>(b) * nu + j], z * gh);
+        store(&direct[static_cast<size_t>(b - b0) * nu + j], z * gh);
       }
     }
     const float* row(int s) const {
@@ -752,9 +816,9 @@ ffi::Error GruBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n,
     void finish() const {}
   };
   backward_loop(pool, loop, w.typed_data(), HS, H0, GHS, g_h.typed_data(), g_h0->typed_data(),
-                weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
-    return Part{std::vector<float>(static_cast<size_t>(B) * nu), u0, nu, slots, loop, GATES, AN, HS, H0, GHS, GU,
-                recurrent.data()};
+                weight_gradient(g_w, weight_grad), [&](int b0, int b1, int u0, int nu) {
+    return Part{std::vector<float>(static_cast<size_t>(b1 - b0) * nu), b0, u0, nu, slots, loop, GATES, AN, HS, H0,
+                GHS, GU, recurrent.data()};
   });
   return ffi::Error::Success();
 }
@@ -839,7 +903,7 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, con
     void finish() const {}
   };
   backward_loop(pool, loop, w.typed_data(), hs.typed_data(), h0.typed_data(), g_hs.typed_data(), g_h.typed_data(),
-                g_h0->typed_data(), weight_gradient(g_w, weight_grad), [&](int u0, int nu) {
+                g_h0->typed_data(), weight_gradient(g_w, weight_grad), [&](int, int, int u0, int nu) {
     return Part{u0, nu, loop, act, hs.typed_data(), g_hs.typed_data(), g_u->typed_data()};
   });
   return ffi::Error::Success();
@@ -1210,12 +1274,6 @@ int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads)
   return configs == 1 && flow_groups(rows) == 1 ? team_size(rows, hidden, gates, threads) : 1;
 }
 
-// Rows [begin, end) of group g of `groups` over N rows, shared out as evenly as possible.
-void group_rows(int N, int g, int groups, int* begin, int* end) {
-  *begin = static_cast<int>(static_cast<int64_t>(N) * g / groups);
-  *end = static_cast<int>(static_cast<int64_t>(N) * (g + 1) / groups);
-}
-
 // One configuration's log10 norms [T] into `out` from its `count` groups' (`results` and `states`, [count, T]):
 // ½ log10 Σ_g 10^(2 l_g), scaled by the largest (-inf where every group's is: no gradient passes). Undefined (nan)
 // at step t and every earlier one: a cotangent whose norm is not finite in float32 (the loss's gradient at a state
@@ -1464,6 +1522,15 @@ extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, i
     floats += static_cast<int64_t>(flow_workspace(cell, steps, end - begin, hidden, gates, flow_chunk(steps, chunk)));
   }
   return floats;
+}
+
+// How the cell kernels' loops share `steps` steps of `batch` rows of `hidden` units and `gates` gate blocks among
+// `threads` threads (for rnnlab.native.cell_split): the number of groups of rows, or minus the team's size where a
+// team splits the units.
+extern "C" int RnnlabCellSplit(int steps, int batch, int hidden, int gates, int64_t threads) {
+  Loop loop{steps, batch, hidden, gates, false, threads};
+  const Split split = split_of(loop);
+  return split.by_rows ? split.parts : -split.parts;
 }
 
 // Groups of rows of each configuration in the gradient-flow kernel (for rnnlab.native.flow_groups).

@@ -1,0 +1,95 @@
+"""Probe: the cells' training gradient (`bench_cells.rnnlab_call`: `jax.grad` of the mean square of `rnnlab.scan`'s
+outputs) and their forward pass alone, ms per call, with the native library built from a given source, so that two
+versions of `rnnlab/native/recurrent.cc` can be timed in alternating fresh processes on the same machine. Measured
+with it (2026-11-27): the cell kernels' loops split by rows (`split_of`) against the team that split hidden units
+before. Not run by `make bench`.
+
+    git show ff579c1:rnnlab/native/recurrent.cc > /tmp/units.cc   # before the split by rows
+    for round in 1 2 3; do
+      python benchmarks/probe_cell_rows.py --source /tmp/units.cc
+      python benchmarks/probe_cell_rows.py
+    done
+
+Each figure is the median (and the fastest) of 15 calls after one warm-up call, default parameters. Arithmetic: a
+step's forward multiply-adds are batch x (input + hidden) x gates·hidden; the backward's twice that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: (cell, batch, T, input, hidden): the four benchmark shapes, and others around the split's threshold.
+SHAPES = (("LSTM", 32, 100, 64, 128), ("GRU", 32, 100, 64, 128), ("RNN", 32, 100, 64, 128),
+          ("LSTM", 64, 200, 128, 256), ("GRU", 64, 200, 128, 256), ("RNN", 64, 200, 128, 256),
+          ("LSTM", 16, 1000, 32, 128), ("GRU", 16, 1000, 32, 128), ("RNN", 16, 1000, 32, 128),
+          ("LSTM", 128, 50, 256, 512), ("GRU", 128, 50, 256, 512), ("RNN", 128, 50, 256, 512))
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def measure(shapes=SHAPES, calls: int = 15) -> list[dict]:
+    """Each shape's median ms per gradient and per forward pass, and the gradient's arithmetic rate (GFLOP/s)."""
+    import jax
+    from bench_cells import rnnlab_call
+
+    import rnnlab
+    from rnnlab import native
+
+    out = []
+    for kind, *shape in shapes:
+        batch, steps, inputs, hidden = shape
+        cell = getattr(rnnlab, kind)(hidden_size=hidden)
+        params = cell.init(jax.random.PRNGKey(0), inputs)
+        xs = jax.random.normal(jax.random.PRNGKey(1), (steps, batch, inputs))
+        forward = jax.jit(lambda p, x, cell=cell: rnnlab.scan(cell, p, x)[0])
+        calls_of = {"grad": rnnlab_call(kind, shape), "forward": lambda: forward(params, xs).block_until_ready()}
+        medians, fastest = {}, {}
+        for name, call in calls_of.items():
+            call()
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            medians[name], fastest[name] = statistics.median(times), min(times)
+        width = GATES[kind] * hidden
+        flops = 3 * 2 * steps * batch * (inputs + hidden) * width
+        out.append({"shape": f"{kind} {batch},{steps},{inputs},{hidden}", "grad_ms": 1e3 * medians["grad"],
+                    "grad_fastest_ms": 1e3 * fastest["grad"], "forward_ms": 1e3 * medians["forward"],
+                    "forward_fastest_ms": 1e3 * fastest["forward"], "gflops": flops / medians["grad"] / 1e9,
+                    "split": _split(native, cell, steps, batch)})
+    return out
+
+
+def _split(native, cell, steps: int, batch: int) -> str:
+    try:
+        parts, by_rows = native.cell_split(cell, steps, batch)
+    except AttributeError:  # a library from before the groups of rows: teams that split the units
+        return "units"
+    return f"{parts} groups of rows" if by_rows else f"units over {parts}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", help="recurrent.cc to build the library from (default: the tree's)")
+    args = parser.parse_args(argv)
+    if args.source:  # a library of its own, cached apart from the tree's
+        os.environ["RNNLAB_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(), "rnnlab_probe_cell_rows")
+        from rnnlab import native
+
+        native._SOURCE = Path(args.source).resolve()
+    label = args.source or "tree"
+    for row in measure():
+        print(f"{label}\t{row['shape']}\tgrad {row['grad_ms']:.2f} ms ({row['grad_fastest_ms']:.2f})\t"
+              f"forward {row['forward_ms']:.2f} ms ({row['forward_fastest_ms']:.2f})\t{row['gflops']:.0f} GFLOP/s\t"
+              f"{row['split']}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main(sys.argv[1:])
