@@ -152,38 +152,44 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
     assert_near_float64_truth(cell, weights, reverse, params, xs, carry)
 
 
-# (kind, rows, padded, reverse): 40 rows in 3 groups on 3 threads (the kernels sum W_h's gradient per group), 19 in
-# 2 (XLA forms it).
-GROUP_CASES = [("LSTM", 40, False, False), ("GRU", 19, True, True), ("RNN-tanh", 40, True, False),
-               ("GRU", 40, False, True), ("LSTM", 19, True, False)]
+# (kind, rows, hidden, steps, padded, reverse, split): with 3 threads, 40 rows in 3 groups (the kernels sum W_h's
+# gradient per group) and 19 in 2 (XLA forms it); 12 rows, and 40 rows of too little work a group (2 steps), on a
+# team that splits the units (W_h's gradient summed in the kernel for the 40).
+THREAD_CASES = [("LSTM", 40, 64, 120, False, False, (3, True)), ("GRU", 19, 64, 120, True, True, (2, True)),
+                ("RNN-tanh", 40, 64, 120, True, False, (3, True)), ("GRU", 40, 64, 120, False, True, (3, True)),
+                ("LSTM", 19, 64, 120, True, False, (2, True)), ("LSTM", 12, 128, 30, True, False, (3, False)),
+                ("GRU", 40, 128, 2, False, True, (3, False))]
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind,rows,padded,reverse", [
-    pytest.param(*case, id=f"{case[0]}-b{case[1]}{'-padded' if case[2] else ''}{'-reverse' if case[3] else ''}")
-    for case in GROUP_CASES])
-def test_groups_of_rows_give_one_threads_numbers(kind, rows, padded, reverse, monkeypatch):
-    """From 8 rows a thread the cell kernels run each group of rows whole on one thread (`native.cell_split`); with
-    3 threads asked for, XLA's pool of 2 runs two groups on one thread. Every output and gradient is then bit for
-    bit one thread's (each row's recurrence is computed in the same order), but W_h's gradient where the kernels
-    sum it (from 32 rows: per group, the groups added at the end), which is within float32 rounding of it; and all
-    near the float64 truth."""
+@pytest.mark.parametrize("kind,rows,hidden,steps,padded,reverse,split", [
+    pytest.param(*case, id=f"{case[0]}-b{case[1]}-h{case[2]}-t{case[3]}{'-padded' if case[4] else ''}"
+                           f"{'-reverse' if case[5] else ''}") for case in THREAD_CASES])
+def test_groups_of_rows_and_teams_give_one_threads_numbers(kind, rows, hidden, steps, padded, reverse, split,
+                                                           monkeypatch):
+    """From 8 rows a thread (and enough work a group) the cell kernels run each group of rows whole on one thread,
+    else a team of threads splits the units (`native.cell_split`); with 3 threads asked for, XLA's pool of 2 runs
+    them. Every output and gradient is then bit for bit one thread's (each row's units are computed in the same
+    order), but W_h's gradient where groups of rows sum it in the kernel (from 32 rows: per group, the groups added
+    at the end), which is within float32 rounding of it; and all near the float64 truth."""
     monkeypatch.setattr(native, "XLA_WEIGHT_GRAD_WITHOUT_AVX512", frozenset())
-    cell, params, xs, carry, weights = problem(64, (rows,), 120, kind=kind)
-    lengths = jax.random.randint(jax.random.PRNGKey(7), (rows,), 1, 121).at[0].set(120) if padded else None
+    cell, params, xs, carry, weights = problem(hidden, (rows,), steps, kind=kind)
+    lengths = jax.random.randint(jax.random.PRNGKey(7), (rows,), 1, steps + 1).at[0].set(steps) if padded else None
 
     def run(threads):
         monkeypatch.setenv("RNNLAB_NATIVE_THREADS", threads)
         outputs = jax.jit(lambda p, x, c: rnnlab.scan(cell, p, x, carry=c, reverse=reverse, lengths=lengths))
-        grad = jax.jit(jax.grad(loss_fn(cell, weights, reverse, lengths), argnums=(0, 1, 2)))
-        return outputs(params, xs, carry), grad(params, xs, carry), native.cell_split(cell, 120, rows)
+        loss = loss_fn(cell, weights, reverse, lengths)
+        assert calls_kernel(loss, params, xs, carry, masked=padded)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return outputs(params, xs, carry), grad(params, xs, carry), native.cell_split(cell, steps, rows)
 
-    (outputs, grads, split), (outputs_one, grads_one, split_one) = run("3"), run("1")
-    assert split == (min(3, rows // 8), True) and split_one == (1, False)
+    (outputs, grads, got_split), (outputs_one, grads_one, split_one) = run("3"), run("1")
+    assert got_split == split and split_one == (1, False)
     jax.tree_util.tree_map(np.testing.assert_array_equal, outputs, outputs_one)
     w_h = grads[0].pop("w_h"), grads_one[0].pop("w_h")
     jax.tree_util.tree_map(np.testing.assert_array_equal, grads, grads_one)
-    if rows >= native.MIN_ROWS_FOR_WEIGHT_GRAD:
+    if split[1] and rows >= native.MIN_ROWS_FOR_WEIGHT_GRAD:
         np.testing.assert_allclose(*w_h, rtol=1e-5, atol=1e-6 * np.max(np.abs(w_h[1])))
     else:
         np.testing.assert_array_equal(*w_h)

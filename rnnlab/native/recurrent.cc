@@ -350,6 +350,32 @@ void team(ffi::ThreadPool& pool, int parts, Body body) {
   }
 }
 
+// Runs body(i) for i = 0 .. count - 1 on up to `threads` threads, each i whole on one: the calling thread and tasks
+// on XLA's pool take the next i in turn until none is left, so no thread waits for another to start (where the pool
+// is busy, the caller does the rest). The shared state lives on the heap, since a task may start after this
+// function has returned; such a task takes no i and touches nothing else.
+struct ShareState {
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+};
+
+template <typename Body>
+void share_out(ffi::ThreadPool& pool, int count, int64_t threads, Body body) {
+  auto state = std::make_shared<ShareState>();
+  const auto take = [count](ShareState& shared, Body& run) {
+    for (int i; (i = shared.next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      run(i);
+      shared.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>({threads, count, pool.num_threads()}) - 1;
+  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([state, take, &body] { take(*state, body); });
+  take(*state, body);
+  for (int spin = 0; state->done.load(std::memory_order_acquire) != count; ++spin) {
+    if (spin > 4000) sched_yield();
+  }
+}
+
 // The hidden units of part p: chunks of 16 shared out as evenly as possible.
 void units_of(int hidden, int part, int parts, int* begin, int* end) {
   const int chunks = hidden / kLanes;
@@ -437,9 +463,8 @@ void live_matmul(int batch, int n, const std::vector<int>& live, int width, int 
 
 // How a cell's loop shares its work among threads: in `parts` groups of rows, each group the whole recurrence of
 // its rows on one thread (`by_rows`: each row's recurrence is its own, so no thread waits for another; the threads
-// share out the groups, and one thread runs them all where the others did not join, `team`), or as a team of
-// `parts` threads that meet at a barrier every step, each computing its share of the hidden units of every row
-// (`team_size`). By rows from kMinRows rows a thread, as the gradient-flow kernel's groups of rows (`flow_groups`):
+// take the groups in turn, `share_out`), or as a team of `parts` threads that meet at a barrier every step, each
+// computing its share of the hidden units of every row (`team_size`). By rows from kMinRows rows a thread, as the gradient-flow kernel's groups of rows (`flow_groups`):
 // fewer rows leave the AVX-512 block of 8 rows part empty. And from kMinGroupWork multiply-adds of the recurrence
 // a group (steps x rows x hidden x gates·hidden; 2^22, about 50 µs on one core), since a helper thread's start costs
 // tens of µs (up to `team`'s wait where the pool is busy). Measured on the 2-core AVX-512 CPU (2026-11-27,
@@ -468,20 +493,20 @@ void group_rows(int N, int g, int groups, int* begin, int* end) {
 }
 
 // Runs run(b0, b1, u0, u1, group, barrier) for each part of `split`'s: each group of rows (all units, no barrier:
-// null), or each team member's units of every row (group 0), on a team of `split.parts` threads.
+// null; `share_out`), or each member's units of every row (group 0) on a team of `split.parts` threads.
 template <typename Run>
 void run_split(ffi::ThreadPool& pool, const Loop& loop, const Split& split, Run run) {
-  team(pool, split.parts, [&](int part, int parts, Barrier& barrier) {
-    if (!split.by_rows) {
-      int u0, u1;
-      units_of(loop.hidden, part, parts, &u0, &u1);
-      return run(0, loop.batch, u0, u1, 0, &barrier);
-    }
-    for (int group = part; group < split.parts; group += parts) {
+  if (split.by_rows) {
+    return share_out(pool, split.parts, split.parts, [&](int group) {
       int b0, b1;
       group_rows(loop.batch, group, split.parts, &b0, &b1);
       run(b0, b1, 0, loop.hidden, group, static_cast<Barrier*>(nullptr));
-    }
+    });
+  }
+  team(pool, split.parts, [&](int part, int parts, Barrier& barrier) {
+    int u0, u1;
+    units_of(loop.hidden, part, parts, &u0, &u1);
+    run(0, loop.batch, u0, u1, 0, &barrier);
   });
 }
 
@@ -537,10 +562,11 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
                    const float* g_hs, const float* g_h, float* g_h0, float* g_w, MakePart make_part) {
   const int H = loop.hidden, G = loop.gates * H;
   const Split split = split_of(loop);
-  std::vector<std::vector<float>> other_g_w(g_w != nullptr && split.by_rows ? split.parts - 1 : 0,
-                                            std::vector<float>(static_cast<size_t>(H) * G));
+  // Each group's but the first W_h gradient, allocated (and zeroed below) by the group.
+  std::vector<std::vector<float>> other_g_w(g_w != nullptr && split.by_rows ? split.parts - 1 : 0);
   run_split(pool, loop, split, [&](int b0, int b1, int u0, int u1, int group, Barrier* barrier) {
     const int nu = u1 - u0, rows = b1 - b0;
+    if (g_w != nullptr && group > 0) other_g_w[group - 1].resize(static_cast<size_t>(H) * G);
     float* gw = g_w == nullptr || group == 0 ? g_w : other_g_w[group - 1].data();
     // panel[k, u] = W_h[u0 + u, k], so that this part's units of g_h_{t-1} are row(s) @ panel.
     const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return w_h[(u0 + u) * G + k]; });
