@@ -16,11 +16,8 @@ step's forward multiply-adds are batch x (input + hidden) x gates·hidden; the b
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -75,15 +72,9 @@ def _split(native, cell, steps: int, batch: int) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", help="recurrent.cc to build the library from (default: the tree's)")
-    args = parser.parse_args(argv)
-    if args.source:  # a library of its own, cached apart from the tree's
-        os.environ["RNNLAB_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(), "rnnlab_probe_cell_rows")
-        from rnnlab import native
+    from probe_flow_groups import native_source
 
-        native._SOURCE = Path(args.source).resolve()
-    label = args.source or "tree"
+    label = native_source(argv, __doc__.split("\n\n")[0], "rnnlab_probe_cell_rows")
     for row in measure():
         print(f"{label}\t{row['shape']}\tgrad {row['grad_ms']:.2f} ms ({row['grad_fastest_ms']:.2f})\t"
               f"forward {row['forward_ms']:.2f} ms ({row['forward_fastest_ms']:.2f})\t{row['gflops']:.0f} GFLOP/s\t"

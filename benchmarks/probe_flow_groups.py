@@ -65,16 +65,23 @@ def _groups(native, rows: int) -> int:
         return 1
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def native_source(argv, description: str, cache: str) -> str:
+    """Parses ``--source`` (a ``recurrent.cc`` to build `rnnlab.native`'s library from; default the tree's) from
+    ``argv`` and points `rnnlab.native` at it, with a library cache of its own (``cache`` in the temporary
+    directory), before anything is built; returns the label to print beside the figures."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--source", help="recurrent.cc to build the library from (default: the tree's)")
     args = parser.parse_args(argv)
     if args.source:  # a library of its own, cached apart from the tree's
-        os.environ["RNNLAB_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(), "rnnlab_probe_flow_groups")
+        os.environ["RNNLAB_NATIVE_CACHE"] = os.path.join(tempfile.gettempdir(), cache)
         from rnnlab import native
 
         native._SOURCE = Path(args.source).resolve()
-    label = args.source or "tree"
+    return args.source or "tree"
+
+
+def main(argv=None) -> None:
+    label = native_source(argv, __doc__.split("\n\n")[0], "rnnlab_probe_flow_groups")
     for row in measure():
         print(f"{label}\t{row['shape']}\t{row['ms']:.1f} ms\t{row['gflops']:.0f} GFLOP/s\t"
               f"groups {row['groups']} team {row['team']}", flush=True)
