@@ -350,27 +350,32 @@ void team(ffi::ThreadPool& pool, int parts, Body body) {
   }
 }
 
-// Runs body(i) for i = 0 .. count - 1 on up to `threads` threads, each i whole on one: the calling thread and tasks
-// on XLA's pool take the next i in turn until none is left, so no thread waits for another to start (where the pool
-// is busy, the caller does the rest). The shared state lives on the heap, since a task may start after this
-// function has returned; such a task takes no i and touches nothing else.
+// Runs body(i, slot) for i = 0 .. count - 1 on up to share_slots(...) threads, each i whole on one: the calling
+// thread (slot 0) and tasks on XLA's pool (slots 1, 2, ...) take the next i in turn until none is left, so no thread
+// waits for another to start (where the pool is busy, the caller does the rest). A slot is one thread's: what it
+// keeps from one i to the next (a workspace) is its own. The shared state lives on the heap, since a task may start
+// after this function has returned; such a task takes no i and touches nothing else.
 struct ShareState {
   std::atomic<int> next{0};
   std::atomic<int> done{0};
 };
 
+int share_slots(ffi::ThreadPool& pool, int count, int64_t threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({threads, count, pool.num_threads()})));
+}
+
 template <typename Body>
 void share_out(ffi::ThreadPool& pool, int count, int64_t threads, Body body) {
   auto state = std::make_shared<ShareState>();
-  const auto take = [count](ShareState& shared, Body& run) {
+  const auto take = [count](ShareState& shared, Body& run, int slot) {
     for (int i; (i = shared.next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-      run(i);
+      run(i, slot);
       shared.done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>({threads, count, pool.num_threads()}) - 1;
-  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([state, take, &body] { take(*state, body); });
-  take(*state, body);
+  const int slots = share_slots(pool, count, threads);
+  for (int slot = 1; slot < slots; ++slot) pool.Schedule([state, take, &body, slot] { take(*state, body, slot); });
+  take(*state, body, 0);
   for (int spin = 0; state->done.load(std::memory_order_acquire) != count; ++spin) {
     if (spin > 4000) sched_yield();
   }
@@ -497,7 +502,7 @@ void group_rows(int N, int g, int groups, int* begin, int* end) {
 template <typename Run>
 void run_split(ffi::ThreadPool& pool, const Loop& loop, const Split& split, Run run) {
   if (split.by_rows) {
-    return share_out(pool, split.parts, split.parts, [&](int group) {
+    return share_out(pool, split.parts, split.parts, [&](int group, int) {
       int b0, b1;
       group_rows(loop.batch, group, split.parts, &b0, &b1);
       run(b0, b1, 0, loop.hidden, group, static_cast<Barrier*>(nullptr));
@@ -1378,7 +1383,7 @@ ffi::Error Gradflow(ffi::ThreadPool& pool, Buffer& w_h, Buffer& b_h, Buffer& w_x
              &results[item * per_item], &states[item * per_item], work, flow_team);
   };
   // One configuration of fewer than 16 rows: a team that splits its hidden units (where its steps hold enough work
-  // for that, as for the cell kernels); else the threads share out the groups.
+  // for that, as for the cell kernels); else the threads take the groups in turn (`share_out`).
   // (At most the pool's threads, so that the team forms whole or not at all: `FlowTeam`'s planned parts.)
   const int split = direct != nullptr ? 1 : static_cast<int>(std::min<int64_t>(
       flow_team(configs, f.rows, f.hidden, f.gates, threads), pool.num_threads()));
@@ -1391,18 +1396,18 @@ ffi::Error Gradflow(ffi::ThreadPool& pool, Buffer& w_h, Buffer& b_h, Buffer& w_x
       team(pool, split, [&](int part, int parts, Barrier& barrier) {
         run(0, work.get(), FlowTeam{part, parts, split, barrier, partial.data(), flags.data()});
       });
-  } else {
-    team(pool, static_cast<int>(std::min<int64_t>(threads, items)), [&](int part, int parts, Barrier&) {
-      std::unique_ptr<float[]> work(new (std::nothrow) float[floats]);
-      if (!work) {
+  } else {  // each thread's workspace allocated at its first group, kept for its next
+    std::vector<std::unique_ptr<float[]>> works(share_slots(pool, items, threads));
+    share_out(pool, items, threads, [&](int item, int slot) {
+      if (!works[slot]) works[slot].reset(new (std::nothrow) float[floats]);
+      if (!works[slot]) {
         out_of_memory = true;
         return;
       }
       Barrier alone(1);
       double partial[2];
       float flags[2];
-      for (int item = part; item < items; item += parts)
-        run(item, work.get(), FlowTeam{0, 1, 1, alone, partial, flags});
+      run(item, works[slot].get(), FlowTeam{0, 1, 1, alone, partial, flags});
     });
   }
   if (out_of_memory)
