@@ -10,15 +10,15 @@ before. Not run by `make bench`.
       python benchmarks/probe_cell_rows.py
     done
 
-Each figure is the median (and the fastest) of 15 calls after one warm-up call, default parameters. Arithmetic: a
-step's forward multiply-adds are batch x (input + hidden) x gates·hidden; the backward's twice that.
+Each figure is the median (and the fastest) of `bench_cells.blocked_medians`' calls, the gradient's and the
+forward's blocks alternating, default parameters; the rate counts `bench_cells.train_flops`. (The record of
+2026-11-27, `cpu_runs/2026-11-27-avx512-cell-rows.txt`, took the median of 15 consecutive calls of each, and
+counted 3 x batch x (input + hidden) x gates·hidden multiply-adds a step.)
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 #: (cell, batch, T, input, hidden): the four benchmark shapes, and others around the split's threshold.
@@ -26,13 +26,12 @@ SHAPES = (("LSTM", 32, 100, 64, 128), ("GRU", 32, 100, 64, 128), ("RNN", 32, 100
           ("LSTM", 64, 200, 128, 256), ("GRU", 64, 200, 128, 256), ("RNN", 64, 200, 128, 256),
           ("LSTM", 16, 1000, 32, 128), ("GRU", 16, 1000, 32, 128), ("RNN", 16, 1000, 32, 128),
           ("LSTM", 128, 50, 256, 512), ("GRU", 128, 50, 256, 512), ("RNN", 128, 50, 256, 512))
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def measure(shapes=SHAPES, calls: int = 15) -> list[dict]:
+def measure(shapes=SHAPES) -> list[dict]:
     """Each shape's median ms per gradient and per forward pass, and the gradient's arithmetic rate (GFLOP/s)."""
     import jax
-    from bench_cells import rnnlab_call
+    from bench_cells import blocked_medians, rnnlab_call, train_flops
 
     import rnnlab
     from rnnlab import native
@@ -44,18 +43,9 @@ def measure(shapes=SHAPES, calls: int = 15) -> list[dict]:
         params = cell.init(jax.random.PRNGKey(0), inputs)
         xs = jax.random.normal(jax.random.PRNGKey(1), (steps, batch, inputs))
         forward = jax.jit(lambda p, x, cell=cell: rnnlab.scan(cell, p, x)[0])
-        calls_of = {"grad": rnnlab_call(kind, shape), "forward": lambda: forward(params, xs).block_until_ready()}
-        medians, fastest = {}, {}
-        for name, call in calls_of.items():
-            call()
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            medians[name], fastest[name] = statistics.median(times), min(times)
-        width = GATES[kind] * hidden
-        flops = 3 * 2 * steps * batch * (inputs + hidden) * width
+        medians, fastest, _ = blocked_medians(
+            {"grad": rnnlab_call(kind, shape), "forward": lambda: forward(params, xs).block_until_ready()})
+        flops = train_flops(kind, shape)
         out.append({"shape": f"{kind} {batch},{steps},{inputs},{hidden}", "grad_ms": 1e3 * medians["grad"],
                     "grad_fastest_ms": 1e3 * fastest["grad"], "forward_ms": 1e3 * medians["forward"],
                     "forward_fastest_ms": 1e3 * fastest["forward"], "gflops": flops / medians["grad"] / 1e9,

@@ -28,12 +28,12 @@ SHAPES = (("LSTM", 16, 128, 1000), ("LSTM", 64, 128, 1000), ("GRU", 32, 128, 100
           ("RNN", 32, 256, 1000), ("LSTM", 16, 512, 300), ("LSTM", 32, 512, 300), ("LSTM", 64, 256, 500),
           ("LSTM", 8, 256, 2000))
 INPUTS = 32
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 def measure(shapes=SHAPES, calls: int = 9) -> list[dict]:
     """Each shape's median ms per `grad_norms` call and its arithmetic rate (GFLOP/s)."""
     import jax
+    from bench_cells import GATES
 
     import rnnlab
     from rnnlab import gradflow, native

@@ -980,17 +980,24 @@ def grad_norms_of_configs(cell, params, carry, xs, which, remat: int | None = No
     return log10_norms
 
 
+def _ask(symbol: str, argtypes: list, *args, restype=ctypes.c_int) -> int:
+    """``symbol(*args)`` of the kernels' library (how the kernels will share out work, or size it), or 0 where it
+    cannot be built (then no kernel runs)."""
+    library = _library() if enabled() else None
+    if library is None:
+        return 0
+    function = getattr(library, symbol)
+    function.argtypes, function.restype = argtypes, restype
+    return function(*args)
+
+
 def flow_team(cell, configs: int, rows: int) -> int:
     """Threads that split each configuration's hidden units when `gradflow_p` runs ``configs`` configurations of a
     built-in cell on ``rows`` sequences with `threads` threads: 1 (the threads share out the configurations' groups
     of rows, `flow_groups`) unless there is one configuration of fewer than 16 rows and each step holds enough work
     (0 where the library cannot be built); its threads meet at barriers."""
-    library = _library() if enabled() else None
-    if library is None:
-        return 0
-    team = library.RnnlabFlowTeam
-    team.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-    return team(flow_cell_name(cell).encode(), configs, rows, kernel_hidden(cell.hidden_size), threads())
+    return _ask("RnnlabFlowTeam", [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64],
+                flow_cell_name(cell).encode(), configs, rows, kernel_hidden(cell.hidden_size), threads())
 
 
 def cell_split(cell, steps: int, batch: int) -> tuple[int, bool]:
@@ -998,12 +1005,8 @@ def cell_split(cell, steps: int, batch: int) -> tuple[int, bool]:
     threads: ``(parts, by_rows)``, groups of rows each whole on one thread (no barrier; from 8 rows a thread and
     enough work a group) or a team of threads that split the hidden units and meet at a barrier every step (``(0,
     False)`` where the library cannot be built)."""
-    library = _library() if enabled() else None
-    if library is None:
-        return 0, False
-    split = library.RnnlabCellSplit
-    split.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-    parts = split(steps, batch, kernel_hidden(cell.hidden_size), len(cell.gates), threads())
+    parts = _ask("RnnlabCellSplit", [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64], steps,
+                 batch, kernel_hidden(cell.hidden_size), len(cell.gates), threads())
     return abs(parts), parts > 0
 
 
@@ -1011,26 +1014,19 @@ def flow_groups(rows: int) -> int:
     """Groups of rows `gradflow_p` measures each configuration of ``rows`` sequences in: 8 to 15 rows a group (1
     below 16 rows), each whole on one thread with no barrier, their squared norms added at the end; the same for any
     thread count (0 where the library cannot be built)."""
-    library = _library() if enabled() else None
-    if library is None:
-        return 0
-    groups = library.RnnlabFlowGroups
-    groups.argtypes = [ctypes.c_int]
-    return groups(rows)
+    return _ask("RnnlabFlowGroups", [ctypes.c_int], rows)
 
 
 def flow_workspace_bytes(cell, steps: int, rows: int, remat: int | None = None) -> int:
-    """Bytes of the gradient-flow kernel's workspace for one configuration of ``rows`` sequences of ``steps`` (the
-    carries, what each step's Jacobian needs, per-step rows; with ``remat``, the carry before each chunk and one
-    chunk's): one per thread running configurations whole, one for a team that splits a configuration's units
-    (`flow_team`), or one per group of its rows (`flow_groups`, summed here); outside XLA's memory accounting, freed
-    when the call returns. Asked of the library itself (0 where it cannot be built: then no kernel runs)."""
-    library = _library() if enabled() else None
-    if library is None:
-        return 0
-    size = library.RnnlabFlowWorkspaceFloats
-    size.restype = ctypes.c_int64
-    return 4 * size(flow_cell_name(cell).encode(), steps, rows, kernel_hidden(cell.hidden_size), int(remat or 0))
+    """Bytes of the gradient-flow kernel's workspace per thread for a configuration of ``rows`` sequences of
+    ``steps`` (the carries, what each step's Jacobian needs, per-step rows; with ``remat``, the carry before each
+    chunk and one chunk's): each thread measuring groups of rows (`flow_groups`) keeps one, the largest group's,
+    from one group to its next; a team that splits a configuration's units (`flow_team`) shares one. Outside XLA's
+    memory accounting, freed when the call returns. Asked of the library itself (0 where it cannot be built: then no
+    kernel runs)."""
+    return 4 * _ask("RnnlabFlowWorkspaceFloats", [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                  ctypes.c_int], flow_cell_name(cell).encode(), steps, rows,
+                    kernel_hidden(cell.hidden_size), int(remat or 0), restype=ctypes.c_int64)
 
 
 # `custom_partitioning` needs the devices while lowering, which JAX provides to programs holding a primitive of this
@@ -1064,8 +1060,7 @@ XLA_WEIGHT_GRAD_WITHOUT_AVX512 = frozenset({"lstm"})
 
 def vector_lanes() -> int:
     """Floats per vector in the built kernels: 16 with AVX-512, else 8 (0 where they cannot be built)."""
-    library = _library() if enabled() else None
-    return 0 if library is None else library.RnnlabVectorLanes()
+    return _ask("RnnlabVectorLanes", [])
 
 
 def weight_grad_mode(cell: str, rows: int) -> str:

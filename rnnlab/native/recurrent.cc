@@ -466,17 +466,19 @@ void live_matmul(int batch, int n, const std::vector<int>& live, int width, int 
   if (n > 0) matmul(n, width, k, gathered.data(), k, packed, c, width);
 }
 
+// The fewest rows of a group that one thread runs whole, in the cell kernels (`split_of`) and the gradient-flow
+// kernel (`flow_groups`): fewer leave the AVX-512 block of 8 rows part empty.
+constexpr int kGroupRows = 8;
+
 // How a cell's loop shares its work among threads: in `parts` groups of rows, each group the whole recurrence of
 // its rows on one thread (`by_rows`: each row's recurrence is its own, so no thread waits for another; the threads
 // take the groups in turn, `share_out`), or as a team of `parts` threads that meet at a barrier every step, each
-// computing its share of the hidden units of every row (`team_size`). By rows from kMinRows rows a thread, as the gradient-flow kernel's groups of rows (`flow_groups`):
-// fewer rows leave the AVX-512 block of 8 rows part empty. And from kMinGroupWork multiply-adds of the recurrence
-// a group (steps x rows x hidden x gates·hidden; 2^22, about 50 µs on one core), since a helper thread's start costs
-// tens of µs (up to `team`'s wait where the pool is busy). Measured on the 2-core AVX-512 CPU (2026-11-27,
-// `benchmarks/probe_cell_rows.py`, the fastest of 45 calls against the team, `jax.grad` of a loss on the outputs):
-// 6-28 % faster at the benchmark's shapes of hidden 128 and 256 (the tanh RNN at 16,1000,32,128 from 19.5 to
-// 14.0 ms, the GRU from 73.8 to 64.8 ms), the same within noise at 128,50,256,512.
-constexpr int kMinRows = 8;
+// computing its share of the hidden units of every row (`team_size`). By rows from kGroupRows rows a thread, and
+// from kMinGroupWork multiply-adds of the recurrence a group (steps x rows x hidden x gates·hidden; 2^22, about
+// 50 µs on one core), since a helper thread's start costs tens of µs. Measured on the 2-core AVX-512 CPU
+// (2026-11-27, `benchmarks/probe_cell_rows.py`, three alternating rounds, the fastest of 45 calls against the team,
+// `jax.grad` of a loss on the outputs): 1.04-1.42x faster at the benchmark's shapes (the tanh RNN at 16,1000,32,128
+// from 20.1 to 14.2 ms, the GRU from 75.1 to 63.6 ms), the LSTM at hidden 256 and 512 the same within noise.
 constexpr int64_t kMinGroupWork = int64_t{1} << 22;
 
 struct Split {
@@ -486,7 +488,7 @@ struct Split {
 
 Split split_of(const Loop& loop) {
   const int64_t work = static_cast<int64_t>(loop.steps) * loop.batch * loop.hidden * loop.gates * loop.hidden;
-  const int64_t groups = std::min<int64_t>({loop.threads, loop.batch / kMinRows, work / kMinGroupWork});
+  const int64_t groups = std::min<int64_t>({loop.threads, loop.batch / kGroupRows, work / kMinGroupWork});
   if (groups > 1) return {static_cast<int>(groups), true};
   return {team_size(loop.batch, loop.hidden, loop.gates, loop.threads), false};
 }
@@ -1297,12 +1299,17 @@ int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads)
 // a number of groups that divides among the threads (24 rows on 2 threads in 2 groups of 12: 72 ms, against 56 in
 // 3 groups of 8 with one thread taking two; 28 rows in 2 of 14: 83 against 72 in 9, 9, 10): a group of 12-14 rows
 // took 3.0 ms a row where one of 8 took 1.8 (LSTM, hidden 128, T 1000), so the imbalance costs less.
-constexpr int kGroupRows = 8;
-
 int flow_groups(int rows) { return std::max(1, rows / kGroupRows); }
 
 int flow_team(int64_t configs, int rows, int hidden, int gates, int64_t threads) {
   return configs == 1 && flow_groups(rows) == 1 ? team_size(rows, hidden, gates, threads) : 1;
+}
+
+// The workspace, in floats, that each thread measuring groups of a configuration of `rows` rows holds, kept from
+// one group to its next: the largest group's (the whole's, or its team's, below 16 rows).
+size_t group_workspace(Cell cell, int steps, int rows, int hidden, int gates, int chunk) {
+  const int groups = flow_groups(rows);
+  return flow_workspace(cell, steps, (rows + groups - 1) / groups, hidden, gates, chunk);
 }
 
 // One configuration's log10 norms [T] into `out` from its `count` groups' (`results` and `states`, [count, T]):
@@ -1356,7 +1363,7 @@ ffi::Error Gradflow(ffi::ThreadPool& pool, Buffer& w_h, Buffer& b_h, Buffer& w_x
     return ffi::Error::InvalidArgument("rnnlab gradflow kernel: chunk must divide the number of steps");
   // Work items: each configuration's groups of rows (`flow_groups`), each measured into its own row of `results`.
   const int groups = flow_groups(f.rows), items = configs * groups;
-  const size_t floats = flow_workspace(f.cell, f.steps, (f.rows + groups - 1) / groups, f.hidden, f.gates, f.chunk);
+  const size_t floats = group_workspace(f.cell, f.steps, f.rows, f.hidden, f.gates, f.chunk);
   const size_t per_item = static_cast<size_t>(f.steps);
   std::unique_ptr<double[]> results(new (std::nothrow) double[items * per_item]);
   std::unique_ptr<unsigned char[]> states(new (std::nothrow) unsigned char[items * per_item]);
@@ -1538,21 +1545,13 @@ auto backward_attributes = [](auto&& binding) {
 
 }  // namespace
 
-// The gradient-flow kernel's workspace for one configuration of `rows` rows, in floats (for
-// rnnlab.native.flow_workspace_bytes): one for the whole (or its team), or one per group of rows (each thread holds
-// one group's at a time); -1 for an unknown cell.
+// The gradient-flow kernel's workspace per thread for a configuration of `rows` rows, in floats (for
+// rnnlab.native.flow_workspace_bytes; `group_workspace`); -1 for an unknown cell.
 extern "C" int64_t RnnlabFlowWorkspaceFloats(const char* cell_name, int steps, int rows, int hidden, int chunk) {
   Cell cell;
   int gates;
   if (cell_of(cell_name, &cell, &gates).failure()) return -1;
-  const int groups = flow_groups(rows);
-  int64_t floats = 0;
-  for (int g = 0; g < groups; ++g) {
-    int begin, end;
-    group_rows(rows, g, groups, &begin, &end);
-    floats += static_cast<int64_t>(flow_workspace(cell, steps, end - begin, hidden, gates, flow_chunk(steps, chunk)));
-  }
-  return floats;
+  return static_cast<int64_t>(group_workspace(cell, steps, rows, hidden, gates, flow_chunk(steps, chunk)));
 }
 
 // How the cell kernels' loops share `steps` steps of `batch` rows of `hidden` units and `gates` gate blocks among
