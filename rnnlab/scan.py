@@ -186,6 +186,9 @@ def scan(
     (`rnnlab.native.bind`): ``ys`` and the final carry come out split the same way.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
+    if lengths is None and remat is None and fused.supports(cell, params, carry, xs):
+        carry, ys = fused.recurrence_of_inputs(cell, params, carry, xs, reverse=reverse, unroll=unroll)
+        return jnp.moveaxis(ys, 0, axis), carry
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
     step, inputs = step_and_inputs(cell, params, xs, hoist=remat is None)
     if lengths is None:

@@ -78,8 +78,11 @@ def loss_fn(the_cell, weights, reverse, lengths=None):
 
 
 def calls_kernel(fn, *args, masked=False) -> bool:
+    """Whether ``fn`` lowers to a cell's forward kernel (for an LSTM evaluated without differentiation and without
+    a mask, its forward pass alone: `native.lstm_infer_p`)."""
     text = jax.jit(fn).lower(*args).as_text()
-    return any(f"rnnlab_{name}_forward{'_masked' if masked else ''}" in text for name in ("lstm", "gru", "rnn"))
+    kernels = [f"rnnlab_{name}_forward{'_masked' if masked else ''}" for name in ("lstm", "gru", "rnn")]
+    return any(kernel in text for kernel in kernels + ([] if masked else ["rnnlab_lstm_infer"]))
 
 
 def assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths=None):
@@ -154,11 +157,12 @@ def test_kernels_equal_autodiff_of_the_step(kind, hidden, batch_shape, seq_len, 
 
 # (kind, rows, hidden, steps, padded, reverse, split): with 3 threads, 40 rows in 3 groups (the kernels sum W_h's
 # gradient per group) and 19 in 2 (XLA forms it); 12 rows, and 40 rows of too little work a group (2 steps), on a
-# team that splits the units (W_h's gradient summed in the kernel for the 40).
+# team that splits the units (W_h's gradient summed in the kernel for the 40); the LSTM's 12 rows unpadded also
+# give the forward pass alone (`lstm_infer_p`) on a team.
 THREAD_CASES = [("LSTM", 40, 64, 120, False, False, (3, True)), ("GRU", 19, 64, 120, True, True, (2, True)),
                 ("RNN-tanh", 40, 64, 120, True, False, (3, True)), ("GRU", 40, 64, 120, False, True, (3, True)),
                 ("LSTM", 19, 64, 120, True, False, (2, True)), ("LSTM", 12, 128, 30, True, False, (3, False)),
-                ("GRU", 40, 128, 2, False, True, (3, False))]
+                ("GRU", 40, 128, 2, False, True, (3, False)), ("LSTM", 12, 128, 30, False, True, (3, False))]
 
 
 @needs_kernels
@@ -339,6 +343,36 @@ def test_a_nan_in_the_inputs_reaches_the_outputs_as_in_xla(kind):
 
 
 @needs_kernels
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_the_lstm_forward_pass_alone_runs_a_kernel_of_its_own(reverse):
+    """An LSTM that nothing differentiates runs `native.lstm_infer_p` (its inputs projected in the loop, no gates
+    kept); differentiated, with ``lengths`` or with ``remat`` it runs the forward kernel that keeps them. Both give
+    the plain step's outputs and final carry to float32 rounding (`test_kernels_equal_autodiff_of_the_step` holds
+    them to the float64 truth), and the primal of a `jax.jvp` is the differentiated path's."""
+    cell, params, xs, carry, weights = problem(48, (6,), 12)
+
+    def run(params, xs, **options):
+        return rnnlab.scan(cell, params, xs, carry=carry, reverse=reverse, **options)
+
+    def kernels(fn, *args):
+        text = jax.jit(fn).lower(*args).as_text()
+        return sorted(set(re.findall(r"rnnlab_lstm_(infer|forward_masked|forward)", text)))
+
+    loss = loss_fn(cell, weights, reverse)
+    lengths = jnp.array([12, 3, 7, 12, 1, 9])
+    assert kernels(run, params, xs) == ["infer"]
+    assert kernels(jax.grad(loss), params, xs, carry) == ["forward"]
+    assert kernels(lambda p, x: jax.jvp(lambda p: run(p, x), (p,), (p,)), params, xs) == ["forward"]
+    assert kernels(functools.partial(run, lengths=lengths), params, xs) == ["forward_masked"]
+    assert kernels(functools.partial(run, remat=4), params, xs) == ["forward"]
+    alone = jax.jit(run)(params, xs)
+    differentiated = jax.jit(lambda p, x: jax.jvp(lambda p: run(p, x), (p,), (p,))[0])(params, xs)
+    plain = jax.jit(lambda p, x: rnnlab.scan(plain_twin(cell), p, x, carry=carry, reverse=reverse))(params, xs)
+    assert_trees_close(alone, differentiated, rtol=1e-5, atol=1e-6)
+    assert_trees_close(alone, plain, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
 def test_where_the_weight_gradient_is_formed():
     """The kernels' vector width is the CPU's (built with -march=native): 16 floats with AVX-512, else 8. From
     MIN_ROWS_FOR_WEIGHT_GRAD rows the kernels sum W_h's gradient, except the LSTM's without AVX-512 (XLA's matmul
@@ -378,17 +412,18 @@ def test_forward_mode_and_second_derivatives_through_the_kernels(kind):
 @pytest.mark.parametrize("shared_weights", [True, False], ids=["shared-weights", "per-example-weights"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu"])
 def test_vmap_through_the_kernels(kind, shared_weights):
-    """vmap of the gradient over 3 problems: with shared weights the mapped axis joins the kernel's batch axis;
-    with per-example weights each example is one kernel call."""
+    """vmap of the gradient and of the outputs over 3 problems: with shared weights the mapped axis joins the
+    kernel's batch axis; with per-example weights each example is one kernel call."""
     cell, params, xs, carry, weights = problem(32, (4,), 5, kind=kind)
     stacked_xs = jnp.stack([xs, 2 * xs, -xs])
     stacked_params = jax.tree_util.tree_map(lambda p: jnp.stack([p, 0.9 * p, 1.1 * p]), params)
     in_axes = (None, 0) if shared_weights else (0, 0)
     the_params = params if shared_weights else stacked_params
 
-    def grads(the_cell):
+    def grads(the_cell):  # and the outputs, which nothing differentiates (the LSTM's `lstm_infer_p`)
         loss = loss_fn(the_cell, weights, False)
-        return jax.vmap(lambda p, x: jax.grad(loss)(p, x, carry), in_axes=in_axes)(the_params, stacked_xs)
+        return jax.vmap(lambda p, x: (jax.grad(loss)(p, x, carry), rnnlab.scan(the_cell, p, x, carry=carry)),
+                        in_axes=in_axes)(the_params, stacked_xs)
 
     assert calls_kernel(lambda: grads(cell))
     assert_trees_close(jax.jit(lambda: grads(cell))(), jax.jit(lambda: grads(plain_twin(cell)))(),

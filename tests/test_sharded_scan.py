@@ -122,6 +122,9 @@ def _child(out: str) -> None:
         def loss(p, x, lengths=None, cell=cell):
             return jnp.mean(rnnlab.scan(cell, p, x, lengths=lengths)[0] ** 2)
 
+        def forward(p, x, cell=cell):  # nothing differentiates it: the LSTM's forward pass alone (`lstm_infer_p`)
+            return rnnlab.scan(cell, p, x)
+
         def jvp(p, x, loss=loss, tangent=tangent):
             return jax.jvp(lambda p: loss(p, x), (p,), (tangent,))
 
@@ -130,6 +133,7 @@ def _child(out: str) -> None:
 
         for prefix, run, meshes in (("", case, (line, grid)), ("split_batch ", split_case, (auto_line, auto_grid))):
             run(f"{prefix}{kind} grad", jax.grad(loss), (params, xs), (whole, split), meshes[0])
+            run(f"{prefix}{kind} forward", forward, (params, xs), (whole, split), meshes[0])
             run(f"{prefix}{kind} grad padded", jax.grad(loss), (params, xs, lengths), (whole, split, P("batch")),
                 meshes[0])
             run(f"{prefix}{kind} vmap grad", jax.vmap(jax.grad(loss), (None, 0)), (params, stacked),
@@ -365,7 +369,7 @@ def _cases(results: dict, split_batch: bool) -> dict:
             and name.startswith("split_batch") == split_batch}
 
 
-@pytest.mark.parametrize("split_batch, count", [(False, 3 * 7 + 5 + 2), (True, 3 * 7 + 2)])
+@pytest.mark.parametrize("split_batch, count", [(False, 3 * 8 + 5 + 2), (True, 3 * 8 + 2)])
 def test_the_numbers_of_one_device(on_devices, split_batch, count):
     cases = _cases(on_devices, split_batch)
     assert len(cases) == count
@@ -384,7 +388,8 @@ def test_the_kernels_run_on_each_devices_rows_and_the_outputs_stay_split(on_devi
     if on_devices["kernels"]:
         for kind in CELLS:  # 32 rows over 4 devices; over the 2 of one axis of a 2x2 mesh
             for prefix in ("", "split_batch "):
-                assert cases[f"{prefix}{kind} grad"]["kernel_rows"] == [8]
+                for use in ("grad", "forward"):
+                    assert cases[f"{prefix}{kind} {use}"]["kernel_rows"] == [8]
                 assert cases[f"{prefix}{kind} grad, batch over one axis of a 2x2 mesh"]["kernel_rows"] == [16]
                 assert cases[f"{prefix}{kind} grad, batch over both axes of a 2x2 mesh"]["kernel_rows"] == [8]
     for kind in CELLS:
