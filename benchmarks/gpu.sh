@@ -10,6 +10,7 @@
 #
 # Parts, in this order, and their time limits (seconds; each can be set in the environment):
 #     cells      run.py cells                                       GPU_BENCH_CELLS_S   200
+#     forward    run.py forward (the forward pass alone)            GPU_BENCH_FORWARD_S  90
 #     tests      the GPU test subset                                GPU_TESTS_S         300
 #     sharding   the sharding tests on 4 CPU devices, this JAX      GPU_SHARDING_S      120
 #     kernels    probe_gpu_kernels.py                               GPU_PROBE_KERNELS_S 120
@@ -17,7 +18,7 @@
 #     mosaic     probe_mosaic_rnn.py                                GPU_PROBE_MOSAIC_S  120
 #     precision  probe_precision.py                                 GPU_PROBE_S          40
 #     sweep      run.py gradflow long                               GPU_BENCH_REST_S    170
-# Every part: about 19 minutes at most. With a cold compilation cache the tests part ran all 318 of its tests in
+# Every part: about 21 minutes at most. With a cold compilation cache the tests part ran all 318 of its tests in
 # 261 s at -n 16 on an H100 (2026-11-27, run 10; run 9 had reached 279 of 316 at 220 s); with the cache warm all
 # of them took 74-84 s. Where GPU time is short, name the parts: `bash benchmarks/gpu.sh OUT tests kernels`. Run 10
 # ran `cells tests team` (440 s), then `mosaic` (50 s) and `sharding sweep` (185 s) on one machine start.
@@ -25,7 +26,7 @@ set -u
 python=${PYTHON:-python3}
 out=${1:-gpu_results}
 shift $(( $# > 0 ? 1 : 0 ))
-parts=" ${*:-cells tests sharding kernels team mosaic precision sweep} "
+parts=" ${*:-cells forward tests sharding kernels team mosaic precision sweep} "
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -49,6 +50,8 @@ part() {
 }
 
 part cells bench_cells.txt "${GPU_BENCH_CELLS_S:-200}" "$python" benchmarks/run.py cells
+
+part forward bench_forward.txt "${GPU_BENCH_FORWARD_S:-90}" "$python" benchmarks/run.py forward
 
 JAX_DEFAULT_MATMUL_PRECISION=highest JAX_DISABLE_MOST_OPTIMIZATIONS=0 \
   part tests tests.txt "${GPU_TESTS_S:-300}" "$python" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark -n 16 \

@@ -154,12 +154,14 @@ def test_fused_path_is_taken_only_for_exact_builtin_cells():
 
 @pytest.mark.slow  # about 20-35 s: imports torch and flax, compiles each library's program at two tiny shapes
 def test_benchmark_quick_mode_runs():
-    """`benchmarks/run.py --quick cells` runs bench_cells.py on tiny shapes and collects its target rows."""
+    """`benchmarks/run.py --quick cells forward` runs bench_cells.py and bench_forward.py on tiny shapes and
+    collects their target rows."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "cells"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "cells", "forward"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.split("## Summary")[1]
     assert "| cells | LSTM 5,4,3,8 vs torch.nn.LSTM |" in summary
     assert "| cells | LSTM 5,4,3,8 vs flax OptimizedLSTMCell |" in summary
+    assert "| forward | LSTM 5,4,3,8 forward alone vs torch.nn.LSTM |" in summary
     assert "targets hold" in summary

@@ -774,6 +774,11 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64, export=True)[0] == 0
     assert lowered("LSTM", 64, platform="cpu")[0] == 0
     assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
+    # The LSTM's forward pass alone (`lstm_infer_p`): there its inputs projected by XLA, then the forward kernel.
+    cell, params, xs, carry, _ = problem(64, (3,), 12)
+    forward = jax.jit(lambda p, x: rnnlab.scan(cell, p, x, carry=carry)[0])
+    text = forward.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
+    assert (text.count("xla.gpu.triton"), text.count("stablehlo.while")) == (1, 0)
 
 
 def benchmark_script(name: str, monkeypatch):
@@ -1073,6 +1078,18 @@ def test_the_cell_rows_probe_times_each_shape(monkeypatch):
     assert [row["shape"] for row in rows] == ["LSTM 16,300,8,64", "GRU 8,20,8,32"]
     assert all(row[key] > 0 for row in rows for key in ("grad_ms", "forward_ms", "gflops"))
     assert [row["split"] for row in rows] == ["2 groups of rows", "units over 1"]
+
+
+def test_the_page_faults_probe_times_each_library(monkeypatch, capsys):
+    """`benchmarks/probe_page_faults.py` (glibc's allocator settings against page faults) at one small shape, in
+    this process: the fastest call and the faults per call of rnnlab's LSTM gradient and of torch's."""
+    pytest.importorskip("torch")
+    probe = benchmark_script("probe_page_faults", monkeypatch)
+    monkeypatch.setattr(probe, "SHAPES", ((4, 3, 16, 5),))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    probe.child()
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"default\t4,5,3,16\trnnlab [0-9.]+ ms, \d+ faults\ttorch [0-9.]+ ms, \d+ faults", line), line
 
 
 @needs_kernels

@@ -710,8 +710,9 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
 // lstm_infer(w_h [H, 4H], w_x [I, 4H], b [4H], h0 [B, H], c0 [B, H], xs [T, B, I]) -> hs [T, B, H], c [B, H]: the
 // forward pass alone, with each step's input projected in the loop (`Inputs`), and nothing kept for a backward pass
 // but the outputs and the final cell state (each row's c updated in place). `rnnlab.scan` of an LSTM runs it where
-// nothing differentiates it: at 16,1000,32,128 it took the forward pass from 36 to ... ms (the projection of all
-// steps and the gates written to memory, and their page faults, gone).
+// nothing differentiates it: at 16,1000,32,128 it took the forward pass from 36-43 to 16 ms, 1.06-1.27x faster than
+// torch's at the benchmark's four shapes (benchmarks/bench_forward.py): no projection of all steps and no gates
+// written to memory, nor their page faults.
 ffi::Error LstmInfer(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs, Result hs,
                      Result c_last, bool reverse, int64_t threads) {
   Loop loop;
