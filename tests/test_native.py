@@ -373,6 +373,24 @@ def test_the_lstm_forward_pass_alone_runs_a_kernel_of_its_own(reverse):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
+def test_an_empty_batch_at_a_padded_hidden_size(kind):
+    """No sequences (a batch axis of 0) at a hidden size the kernels run padded: outputs of shape [T, 0, H] and a
+    zero gradient, as the plain scan gives. (Padding reshaped with a -1, which a size of 0 leaves undefined: a
+    ZeroDivisionError, on the differentiated path too, before 2026-11-27 evening.)"""
+    cell, params, xs, _, _ = problem(20, (0,), 5, kind=kind)
+
+    def run(the_cell):
+        outputs = jax.jit(lambda p, x: rnnlab.scan(the_cell, p, x))(params, xs)
+        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(rnnlab.scan(the_cell, p, x)[0]) + 1.0))(params, xs)
+        return outputs, grad
+
+    (outputs, grad), (want, want_grad) = run(cell), run(plain_twin(cell))
+    assert outputs[0].shape == (5, 0, 20)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, (outputs, grad), (want, want_grad))
+
+
+@needs_kernels
 def test_where_the_weight_gradient_is_formed():
     """The kernels' vector width is the CPU's (built with -march=native): 16 floats with AVX-512, else 8. From
     MIN_ROWS_FOR_WEIGHT_GRAD rows the kernels sum W_h's gradient, except the LSTM's without AVX-512 (XLA's matmul

@@ -242,7 +242,7 @@ def resize_hidden(x, dims: str, hidden: int, size: int):
             blocks = jnp.pad(blocks, widths)
         else:
             blocks = jax.lax.slice_in_dim(blocks, 0, size, axis=axis + 1)
-        x = blocks.reshape(shape[:axis] + (-1,) + shape[axis + 1:])
+        x = blocks.reshape(shape[:axis] + (shape[axis] // hidden * size,) + shape[axis + 1:])  # no -1: sizes of 0
     return x
 
 
