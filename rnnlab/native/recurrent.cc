@@ -670,6 +670,18 @@ const vf kOne = splat(1.0f);
 
 // --- LSTM: z = px_t + h_{t-1} W_h, gates (i, f, g, o) ------------------------------------------------------------
 
+// One vector of units of an LSTM step: the gates from the recurrent matmul's z (gate blocks of nu) and the input's
+// share px (gate blocks of H), and the new cell state from the one before.
+struct LstmUnits {
+  vf i, f, g, o, c;
+};
+
+inline LstmUnits lstm_units(const float* z, int nu, const float* px, int H, vf c_prev) {
+  const vf i = vsigmoid(load(z) + load(px)), f = vsigmoid(load(z + nu) + load(px + H));
+  const vf g = vtanh(load(z + 2 * nu) + load(px + 2 * H)), o = vsigmoid(load(z + 3 * nu) + load(px + 3 * H));
+  return {i, f, g, o, f * c_prev + i * g};
+}
+
 ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, const Mask* valid, Result hs,
                        Result cs, Result gates, bool reverse, int64_t threads) {
   Loop loop;
@@ -691,17 +703,13 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
       return;
     }
     for (int j = 0; j < nu; j += kLanes) {
-      const vf i = vsigmoid(load(z + j) + load(pxb + j));
-      const vf f = vsigmoid(load(z + nu + j) + load(pxb + H + j));
-      const vf g = vtanh(load(z + 2 * nu + j) + load(pxb + 2 * H + j));
-      const vf o = vsigmoid(load(z + 3 * nu + j) + load(pxb + 3 * H + j));
-      const vf c = f * load(c_prev + j) + i * g;
-      store(gb + j, i);
-      store(gb + H + j, f);
-      store(gb + 2 * H + j, g);
-      store(gb + 3 * H + j, o);
-      store(CS + at + j, c);
-      store(HS + at + j, o * vtanh(c));
+      const LstmUnits u = lstm_units(z + j, nu, pxb + j, H, load(c_prev + j));
+      store(gb + j, u.i);
+      store(gb + H + j, u.f);
+      store(gb + 2 * H + j, u.g);
+      store(gb + 3 * H + j, u.o);
+      store(CS + at + j, u.c);
+      store(HS + at + j, u.o * vtanh(u.c));
     }
   });
   return ffi::Error::Success();
@@ -729,13 +737,9 @@ ffi::Error LstmInfer(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffe
     float* c = C + static_cast<size_t>(row) * H + u0;
     float* h = HS + loop.row(t, row) * H + u0;
     for (int j = 0; j < nu; j += kLanes) {
-      const vf i = vsigmoid(load(z + j) + load(bb + j));
-      const vf f = vsigmoid(load(z + nu + j) + load(bb + H + j));
-      const vf g = vtanh(load(z + 2 * nu + j) + load(bb + 2 * H + j));
-      const vf o = vsigmoid(load(z + 3 * nu + j) + load(bb + 3 * H + j));
-      const vf c_new = f * load(c + j) + i * g;
-      store(c + j, c_new);
-      store(h + j, o * vtanh(c_new));
+      const LstmUnits u = lstm_units(z + j, nu, bb + j, H, load(c + j));
+      store(c + j, u.c);
+      store(h + j, u.o * vtanh(u.c));
     }
   }, &inputs);
   return ffi::Error::Success();
