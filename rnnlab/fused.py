@@ -265,17 +265,19 @@ def _native(unroll: int, px) -> bool:
 
 
 def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid, d_params=None, d_carry=None,
-                       dpx=None):
+                       dpx=None, inputs=None):
     """The recurrence on `rnnlab.native`'s primitives: ``(hs, final_carry)``, and with tangents also ``(d_hs,
     d_final_carry)``. The weights' tangent ``Ẇ_h`` goes to the tangent primitive itself, whose transpose forms W_h's
     gradient inside the backward loop. With ``valid`` the masked primitives run: their ``hs`` are the carries, kept
-    through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here.
+    through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here. The
+    LSTM without ``valid`` may take ``inputs = (w_x, b, xs)`` in place of ``px = xs @ w_x + b``: its forward kernel
+    then projects each step's input itself (`native.lstm_forward_inputs_p`).
 
     A hidden size that is not a multiple of `native.LANES` runs padded with units that stay zero
     (`native.padded_hidden`): padded here once, so that what the primitives keep for the backward pass stays
     padded, and the results cut back."""
     hidden = params["w_h"].shape[0]
-    size = native.padded_hidden(hidden, px.dtype)
+    size = native.padded_hidden(hidden, (px if inputs is None else inputs[2]).dtype)
     if size != hidden:
         def grow(tree, dims):
             return jax.tree_util.tree_map(lambda x: native.resize_hidden(x, dims, hidden, size), tree)
@@ -284,8 +286,9 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
             return None if tree is None else {name: grow(value, "k g" if name == "w_h" else "g")
                                               for name, value in tree.items()}
 
+        grown = None if inputs is None else (grow(inputs[0], "i g"), grow(inputs[1], "g"), inputs[2])
         padded = _native_recurrence(kernel, reverse, weights(params), grow(carry, "b h"), grow(px, "t b g"), valid,
-                                    weights(d_params), grow(d_carry, "b h"), grow(dpx, "t b g"))
+                                    weights(d_params), grow(d_carry, "b h"), grow(dpx, "t b g"), grown)
         return jax.tree_util.tree_map(lambda x: x[..., :hidden], padded)
     last, options = (0 if reverse else -1), {"reverse": reverse, "threads": native.threads()}
     mask = () if valid is None else (valid,)
@@ -296,7 +299,10 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
     w_h = params["w_h"]
     if kernel == _LSTM:
         h0, c0 = carry
-        hs, cs, gates = native.bind(primitive("lstm_forward"), w_h, h0, c0, px, *mask, **options)
+        if inputs is None:
+            hs, cs, gates = native.bind(primitive("lstm_forward"), w_h, h0, c0, px, *mask, **options)
+        else:
+            hs, cs, gates = native.bind(native.lstm_forward_inputs_p, w_h, *inputs[:2], h0, c0, inputs[2], **options)
         primal = _outputs(hs, valid), (hs[last], cs[last])
         if d_params is None:
             return primal
@@ -416,11 +422,13 @@ def _lstm_of_inputs(reverse: bool, unroll: int, weights, carry, xs):
 
 @_lstm_of_inputs.defjvp
 def _lstm_of_inputs_jvp(reverse, unroll, primals, tangents):
-    def projected(weights, carry, xs):
-        px = over_steps(lambda x: x @ weights["w_x"] + weights["b"], xs)
-        return _recurrence(_LSTM, reverse, unroll, {"w_h": weights["w_h"]}, carry, px, None)
-
-    return jax.jvp(projected, primals, tangents)
+    # The forward kernel projects each step's input itself; the tangent of the projection, linear, is XLA's (its
+    # transpose gives W_x's and b's gradients as one matmul over all steps, as when `scan` hoists the projection).
+    (weights, carry, xs), (d_weights, d_carry, dxs) = primals, tangents
+    dpx = (over_steps(lambda x: x @ d_weights["w_x"], xs) + over_steps(lambda d: d @ weights["w_x"], dxs)
+           + d_weights["b"])
+    return _native_recurrence(_LSTM, reverse, {"w_h": weights["w_h"]}, carry, None, None, {"w_h": d_weights["w_h"]},
+                              d_carry, dpx, (weights["w_x"], weights["b"], xs))
 
 
 def linearised_steps(cell, params, carry, xs: jax.Array, *, unroll: int = 1):

@@ -346,9 +346,11 @@ def test_a_nan_in_the_inputs_reaches_the_outputs_as_in_xla(kind):
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_the_lstm_forward_pass_alone_runs_a_kernel_of_its_own(reverse):
     """An LSTM that nothing differentiates runs `native.lstm_infer_p` (its inputs projected in the loop, no gates
-    kept); differentiated, with ``lengths`` or with ``remat`` it runs the forward kernel that keeps them. Both give
-    the plain step's outputs and final carry to float32 rounding (`test_kernels_equal_autodiff_of_the_step` holds
-    them to the float64 truth), and the primal of a `jax.jvp` is the differentiated path's."""
+    kept); differentiated, the forward kernel that keeps them, projecting the inputs too
+    (`native.lstm_forward_inputs_p`); with ``lengths`` or ``remat``, the forward kernel on inputs XLA projected.
+    All give the plain step's outputs and final carry to float32 rounding (`test_kernels_equal_autodiff_of_the_step`
+    holds them and the gradients to the float64 truth), and the primal of a `jax.jvp` is the differentiated
+    path's."""
     cell, params, xs, carry, weights = problem(48, (6,), 12)
 
     def run(params, xs, **options):
@@ -356,13 +358,13 @@ def test_the_lstm_forward_pass_alone_runs_a_kernel_of_its_own(reverse):
 
     def kernels(fn, *args):
         text = jax.jit(fn).lower(*args).as_text()
-        return sorted(set(re.findall(r"rnnlab_lstm_(infer|forward_masked|forward)", text)))
+        return sorted(set(re.findall(r"rnnlab_lstm_(infer|forward_masked|forward_inputs|forward)\b", text)))
 
     loss = loss_fn(cell, weights, reverse)
     lengths = jnp.array([12, 3, 7, 12, 1, 9])
     assert kernels(run, params, xs) == ["infer"]
-    assert kernels(jax.grad(loss), params, xs, carry) == ["forward"]
-    assert kernels(lambda p, x: jax.jvp(lambda p: run(p, x), (p,), (p,)), params, xs) == ["forward"]
+    assert kernels(jax.grad(loss), params, xs, carry) == ["forward_inputs"]
+    assert kernels(lambda p, x: jax.jvp(lambda p: run(p, x), (p,), (p,)), params, xs) == ["forward_inputs"]
     assert kernels(functools.partial(run, lengths=lengths), params, xs) == ["forward_masked"]
     assert kernels(functools.partial(run, remat=4), params, xs) == ["forward"]
     alone = jax.jit(run)(params, xs)

@@ -15,9 +15,11 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
   ``gru_tangent_p(w_h, gates, a_n, hs, h0, u, dh0) -> (dhs, dh)``: the tangent, linear in ``u`` (the pre-activation
   tangent from everything but the carry) and the carry's tangent;
 - ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs;
-- ``lstm_infer_p(w_h, w_x, b, h0, c0, xs) -> (hs, c)``: the LSTM's forward pass alone, for a recurrence nothing
-  differentiates (`rnnlab.fused`): each step's input projected in the loop (one matmul of ``[h_{t-1}, x_t]`` by
-  ``[W_h; W_x]``) and nothing kept but the outputs and the final cell state;
+- ``lstm_forward_inputs_p(w_h, w_x, b, h0, c0, xs) -> (hs, cs, gates)``: ``lstm_forward_p`` on ``xs @ w_x + b``
+  with each step's input projected in the loop (one matmul of ``[h_{t-1}, x_t]`` by ``[W_h; W_x]``), no projection
+  of every step written to memory: what a differentiated `rnnlab.scan` of an LSTM runs (`rnnlab.fused`); and
+  ``lstm_infer_p(w_h, w_x, b, h0, c0, xs) -> (hs, c)``, the same for a recurrence nothing differentiates, keeping
+  nothing but the outputs and the final cell state;
 - ``rnn_forward_p``, ``rnn_tangent_p`` and ``rnn_backward_p`` likewise for `rnnlab.RNN` with a named activation
   (``tanh``, ``relu``, ``linear``; the tangent's coefficients come from ``hs`` alone);
 - a masked twin of each (``lstm_forward_masked_p`` and so on) for padded sequences (`rnnlab.scan` with
@@ -101,6 +103,7 @@ _TARGETS.update({f"{target}_masked": f"{symbol}Masked" for target, symbol in lis
                  if target != "rnnlab_gradflow"})
 _TARGETS["rnnlab_gradflow_direct"] = "RnnlabGradflowDirect"
 _TARGETS["rnnlab_lstm_infer"] = "RnnlabLstmInfer"
+_TARGETS["rnnlab_lstm_forward_inputs"] = "RnnlabLstmForwardInputs"
 #: The hidden size the kernels take must be a multiple of this: their widest vector of float32 (AVX-512's 16; with
 #: AVX2 alone they work in vectors of 8, `recurrent.cc`'s kLanes). Other sizes run padded (`kernel_hidden`).
 LANES = 16
@@ -285,9 +288,15 @@ def _reference_forward(w_h, h0, c0, px, *, reverse, threads, unroll=1, valid=Non
     return hs, cs, gates
 
 
+def _reference_forward_inputs(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unroll=1):
+    """`lstm_forward_inputs_p`'s maths: the inputs projected for all steps, then `lstm_forward_p` (on a GPU its
+    kernel)."""
+    return lstm_forward_p.bind(w_h, h0, c0, xs @ w_x + b, reverse=reverse, threads=threads)
+
+
 def _reference_infer(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unroll=1):
-    """`lstm_infer_p`'s maths: the inputs projected for all steps, then `lstm_forward_p` (on a GPU its kernel)."""
-    hs, cs, _ = lstm_forward_p.bind(w_h, h0, c0, xs @ w_x + b, reverse=reverse, threads=threads)
+    """`lstm_infer_p`'s maths: `lstm_forward_inputs_p`'s, its outputs and final cell state."""
+    hs, cs, _ = _reference_forward_inputs(w_h, w_x, b, h0, c0, xs, reverse=reverse, threads=threads)
     return hs, cs[0 if reverse else -1]
 
 
@@ -833,6 +842,15 @@ def _infer_shapes(w_h, w_x, b, h0, c0, xs):
 
 lstm_infer_p = _primitive("rnnlab_lstm_infer", _reference_infer, _infer_shapes,
                           "k g, i g, g, b h, b h, t b i -> t b h, b h", "rnnlab_lstm_infer")
+
+
+def _forward_inputs_shapes(w_h, w_x, b, h0, c0, xs):
+    return _forward_shapes(w_h, h0, c0, jax.ShapeDtypeStruct(xs.shape[:2] + b.shape, xs.dtype))
+
+
+lstm_forward_inputs_p = _primitive("rnnlab_lstm_forward_inputs", _reference_forward_inputs, _forward_inputs_shapes,
+                                   "k g, i g, g, b h, b h, t b i -> t b h, t b h, t b g",
+                                   "rnnlab_lstm_forward_inputs")
 gru_forward_p, gru_forward_masked_p = _cell_primitive(
     "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
     "rnnlab_gru_forward", {3: 1}, gpu_kernel=_pallas_kernel("gru_forward"), mask_at=4)
@@ -1055,7 +1073,8 @@ try:
     _dispatch.prim_requires_devices_during_lowering.update(
         {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p, gradflow_p,
          lstm_forward_masked_p, lstm_backward_masked_p, gru_forward_masked_p, gru_backward_masked_p,
-         rnn_forward_masked_p, rnn_backward_masked_p, gradflow_direct_p, lstm_infer_p})
+         rnn_forward_masked_p, rnn_backward_masked_p, gradflow_direct_p, lstm_infer_p,
+         lstm_forward_inputs_p})
 except (ImportError, AttributeError):  # pragma: no cover - a JAX without the registry
     pass
 

@@ -682,18 +682,13 @@ inline LstmUnits lstm_units(const float* z, int nu, const float* px, int H, vf c
   return {i, f, g, o, f * c_prev + i * g};
 }
 
-ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, const Mask* valid, Result hs,
-                       Result cs, Result gates, bool reverse, int64_t threads) {
-  Loop loop;
-  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 4, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+// The LSTM's forward loop: each step's input share read from px [T, B, 4H] (`px_rows` 4H), or, with `inputs`, its
+// projection in the step's matmul and px the bias [4H] (`px_rows` 0: every row reads it).
+void lstm_forward(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* H0, const float* C0,
+                  const float* PX, size_t px_rows, const Inputs* inputs, float* HS, float* CS, float* GATES) {
   const int H = loop.hidden, G = 4 * H;
-  float *HS = hs->typed_data(), *CS = cs->typed_data(), *GATES = gates->typed_data();
-  const float *PX = px.typed_data(), *H0 = h0.typed_data(), *C0 = c0.typed_data();
-  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* z,
-                                                      bool keep) {
-    const float* pxb = PX + loop.row(t, b) * G + u0;
+  forward_loop(pool, loop, w_h, H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* z, bool keep) {
+    const float* pxb = PX + loop.row(t, b) * px_rows + u0;
     const float* c_prev = (prev < 0 ? C0 + b * H : CS + loop.row(prev, b) * H) + u0;
     float* gb = GATES + loop.row(t, b) * G + u0;
     const size_t at = loop.row(t, b) * H + u0;
@@ -711,7 +706,31 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
       store(CS + at + j, u.c);
       store(HS + at + j, u.o * vtanh(u.c));
     }
-  });
+  }, inputs);
+}
+
+ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, const Mask* valid, Result hs,
+                       Result cs, Result gates, bool reverse, int64_t threads) {
+  Loop loop;
+  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 4, reverse, threads, &loop); error.failure())
+    return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+  lstm_forward(pool, loop, w.typed_data(), h0.typed_data(), c0.typed_data(), px.typed_data(), 4 * loop.hidden,
+               nullptr, hs->typed_data(), cs->typed_data(), gates->typed_data());
+  return ffi::Error::Success();
+}
+
+// lstm_forward_inputs(w_h, w_x [I, 4H], b [4H], h0, c0, xs [T, B, I]) -> hs, cs, gates: lstm_forward on
+// px = xs W_x + b, each step's projection in the step's matmul (`Inputs`), so that no [T, B, 4H] projection is
+// written to memory and read back: what a differentiated `rnnlab.scan` of an LSTM runs.
+ffi::Error LstmForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs,
+                             Result hs, Result cs, Result gates, bool reverse, int64_t threads) {
+  Loop loop;
+  if (auto error = loop_of(xs.dimensions(), w.dimensions()[1], 4, reverse, threads, &loop); error.failure())
+    return error;
+  const Inputs inputs{xs.typed_data(), w_x.typed_data(), static_cast<int>(xs.dimensions()[2])};
+  lstm_forward(pool, loop, w.typed_data(), h0.typed_data(), c0.typed_data(), b.typed_data(), 0, &inputs,
+               hs->typed_data(), cs->typed_data(), gates->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1635,6 +1654,7 @@ extern "C" int RnnlabVectorLanes() { return kLanes; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmInfer, LstmInfer, (signature<6, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForwardInputs, LstmForwardInputs, (signature<6, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
                               (signature<9, 4>().Attr<bool>("weight_grad")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl, (signature<4, 3>()));
