@@ -398,8 +398,9 @@ def recurrence_of_inputs(cell, params, carry, xs: jax.Array, *, reverse: bool = 
     alone, as in evaluation and inference) runs `rnnlab.native.lstm_infer_p`, which projects each step's input in
     its loop and keeps nothing for a backward pass: on a CPU no projection of every step and no gates are written
     to memory (batch 16, T = 1000, input 32, hidden 128: 15.7 against 43.2 ms, `benchmarks/bench_forward.py`).
-    Differentiated, it is `recurrence` on the projected inputs, the same numbers as ever; the two differ by
-    rounding."""
+    Differentiated, it is `recurrence`'s rule with a forward kernel that projects each step's input too
+    (`rnnlab.native.lstm_forward_inputs_p`; the tangent's projection, linear, stays one XLA matmul over all steps);
+    the outputs of the two differ by rounding from those of the inputs projected for all steps."""
     if type(cell) is not LSTM or not _native(unroll, xs):
         projected = over_steps(lambda x: cell.project_inputs(params, x), xs)
         return recurrence(cell, params, carry, projected, reverse=reverse, unroll=unroll)
