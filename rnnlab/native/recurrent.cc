@@ -11,6 +11,8 @@
 //
 // lstm_forward(w_h [H, 4H], h0 [B, H], c0 [B, H], px [T, B, 4H]) -> hs [T, B, H], cs [T, B, H], gates [T, B, 4H]
 //   z = px_t + h_{t-1} W_h; (i, f, g, o) = (σ, σ, tanh, σ)(z); c_t = f c_{t-1} + i g; h_t = o tanh c_t
+// lstm_forward_inputs(w_h, w_x [I, 4H], b [4H], h0, c0, xs [T, B, I]) -> hs, cs, gates: the same on px = xs W_x + b,
+//   each step's projection in its matmul; lstm_infer(the same operands) -> hs, c [B, H]: the forward pass alone.
 // lstm_backward(w_h, gates, cs, c0, hs, h0, g_hs [T, B, H], g_h [B, H], g_c [B, H]) -> g_px [T, B, 4H], g_w [H, 4H],
 //   g_h0, g_c0
 //   the transpose of the LSTM's tangent recurrence (rnnlab/fused.py) for cotangents g_hs of every h_t and
@@ -517,12 +519,21 @@ void run_split(ffi::ThreadPool& pool, const Loop& loop, const Split& split, Run 
   });
 }
 
-// Inputs a forward loop projects itself (`lstm_infer`): xs [T, B, size] and W_x [size, gates·H].
+// Inputs a forward loop projects itself (the LSTM's `lstm_forward_inputs` and `lstm_infer`): xs [T, B, size] and
+// W_x [size, gates·H].
 struct Inputs {
   const float* xs;
   const float* w_x;
   int size;
 };
+
+// The loop and the inputs of a kernel that projects xs [T, B, I] by w_x [I, gates·H] itself (w_h [H, gates·H]).
+ffi::Error inputs_loop(const ffi::Buffer<ffi::F32>& w_h, const ffi::Buffer<ffi::F32>& w_x,
+                       const ffi::Buffer<ffi::F32>& xs, int gates, bool reverse, int64_t threads, Loop* loop,
+                       Inputs* inputs) {
+  *inputs = Inputs{xs.typed_data(), w_x.typed_data(), static_cast<int>(xs.dimensions()[2])};
+  return loop_of(xs.dimensions(), w_h.dimensions()[1], gates, reverse, threads, loop);
+}
 
 // The forward loop of a cell. Each part owns rows [b0, b1) and hidden units [u0, u0 + nu) (`split_of`) and the
 // columns of W_h that make those units (of every gate block, packed in order of gate); per step it computes
@@ -542,7 +553,8 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
     const std::vector<float> panel = pack(K, width, [&](int k, int j) {
       return k < H ? w_h[k * G + columns[j]] : inputs->w_x[(k - H) * G + columns[j]];
     });
-    std::vector<float> z(static_cast<size_t>(rows) * width), gathered, joined(inputs == nullptr ? 0 : rows * K);
+    std::vector<float> z(static_cast<size_t>(rows) * width), gathered,
+        joined(inputs == nullptr ? 0 : static_cast<size_t>(rows) * K);
     std::vector<int> live;
     for (int s = 0; s < loop.steps; ++s) {
       const int t = loop.time(s), prev = loop.previous(s);
@@ -726,9 +738,8 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
 ffi::Error LstmForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs,
                              Result hs, Result cs, Result gates, bool reverse, int64_t threads) {
   Loop loop;
-  if (auto error = loop_of(xs.dimensions(), w.dimensions()[1], 4, reverse, threads, &loop); error.failure())
-    return error;
-  const Inputs inputs{xs.typed_data(), w_x.typed_data(), static_cast<int>(xs.dimensions()[2])};
+  Inputs inputs;
+  if (auto error = inputs_loop(w, w_x, xs, 4, reverse, threads, &loop, &inputs); error.failure()) return error;
   lstm_forward(pool, loop, w.typed_data(), h0.typed_data(), c0.typed_data(), b.typed_data(), 0, &inputs,
                hs->typed_data(), cs->typed_data(), gates->typed_data());
   return ffi::Error::Success();
@@ -743,10 +754,9 @@ ffi::Error LstmForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer 
 ffi::Error LstmInfer(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs, Result hs,
                      Result c_last, bool reverse, int64_t threads) {
   Loop loop;
-  if (auto error = loop_of(xs.dimensions(), w.dimensions()[1], 4, reverse, threads, &loop); error.failure())
-    return error;
+  Inputs inputs;
+  if (auto error = inputs_loop(w, w_x, xs, 4, reverse, threads, &loop, &inputs); error.failure()) return error;
   const int H = loop.hidden;
-  const Inputs inputs{xs.typed_data(), w_x.typed_data(), static_cast<int>(xs.dimensions()[2])};
   float *HS = hs->typed_data(), *C = c_last->typed_data();
   const float* bias = b.typed_data();
   std::memcpy(C, c0.typed_data(), c0.element_count() * sizeof(float));
