@@ -104,17 +104,24 @@ def rnnlab_call(kind: str, shape, settings: dict | None = None, lengths=None):
     return call
 
 
-def torch_call(kind: str, shape, lengths=None):
-    """``lengths [batch]``: padded sequences, packed (``pack_padded_sequence(..., enforce_sorted=False)``) and
-    unpacked (``pad_packed_sequence``, padded outputs zero), as torch's users run them."""
+def torch_module(kind: str, shape):
+    """``(torch, module, xs, device)``: ``torch.nn.<kind>`` at ``shape`` on the benchmark's device, and time-major
+    inputs."""
     torch = _torch()
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
     batch, seq_len, input_size, hidden = shape
     device = _torch_device(torch)
     torch.manual_seed(0)
     module = getattr(torch.nn, kind)(input_size, hidden).to(device)
-    xs = torch.randn(seq_len, batch, input_size, device=device)
+    return torch, module, torch.randn(seq_len, batch, input_size, device=device), device
+
+
+def torch_call(kind: str, shape, lengths=None):
+    """``lengths [batch]``: padded sequences, packed (``pack_padded_sequence(..., enforce_sorted=False)``) and
+    unpacked (``pad_packed_sequence``, padded outputs zero), as torch's users run them."""
+    torch, module, xs, device = torch_module(kind, shape)
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    seq_len = shape[1]
     cpu_lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)  # packing wants them here
 
     def call():

@@ -21,7 +21,7 @@ No target of the speed issue is a forward pass alone, so the ratios are printed 
 from __future__ import annotations
 
 import jax
-from bench_cells import CELLS, SHAPES, _ms, _table, _torch, _torch_device, blocked_medians
+from bench_cells import CELLS, SHAPES, _ms, _table, _torch, _torch_device, blocked_medians, torch_module
 
 import rnnlab
 from rnnlab import fused
@@ -56,12 +56,7 @@ def rnnlab_keeping_gates_call(kind: str, shape):
 
 
 def torch_call(kind: str, shape):
-    torch = _torch()
-    batch, seq_len, input_size, hidden = shape
-    device = _torch_device(torch)
-    torch.manual_seed(0)
-    module = getattr(torch.nn, kind)(input_size, hidden).to(device)
-    xs = torch.randn(seq_len, batch, input_size, device=device)
+    torch, module, xs, device = torch_module(kind, shape)
 
     def call():
         with torch.no_grad():
