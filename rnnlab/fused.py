@@ -270,8 +270,9 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
     d_final_carry)``. The weights' tangent ``Ẇ_h`` goes to the tangent primitive itself, whose transpose forms W_h's
     gradient inside the backward loop. With ``valid`` the masked primitives run: their ``hs`` are the carries, kept
     through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here. The
-    LSTM without ``valid`` may take ``inputs = (w_x, b, xs)`` in place of ``px = xs @ w_x + b``: its forward kernel
-    then projects each step's input itself (`native.lstm_forward_inputs_p`).
+    LSTM and the GRU without ``valid`` may take ``inputs = (w_x, b, xs)`` in place of ``px = xs @ w_x + b`` (the
+    GRU's b_x as ``b``): their forward kernels then project each step's input themselves
+    (`native.lstm_forward_inputs_p`, `native.gru_forward_inputs_p`).
 
     A hidden size that is not a multiple of `native.LANES` runs padded with units that stay zero
     (`native.padded_hidden`): padded here once, so that what the primitives keep for the backward pass stays
@@ -311,7 +312,11 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
         return primal, (_outputs(d_hs, valid), (d_h, d_c))
     h0 = carry
     if kernel == _GRU:
-        hs, gates, a_n = native.bind(primitive("gru_forward"), w_h, params["b_h"], h0, px, *mask, **options)
+        if inputs is None:
+            hs, gates, a_n = native.bind(primitive("gru_forward"), w_h, params["b_h"], h0, px, *mask, **options)
+        else:
+            hs, gates, a_n = native.bind(native.gru_forward_inputs_p, w_h, params["b_h"], *inputs[:2], h0, inputs[2],
+                                         **options)
         if d_params is None:
             return _outputs(hs, valid), hs[last]
         u = dpx + _through_reset(gates[..., : h0.shape[-1]], d_params["b_h"])
@@ -394,42 +399,55 @@ def recurrence(cell, params, carry, projected: jax.Array, *, valid: jax.Array | 
 
 def recurrence_of_inputs(cell, params, carry, xs: jax.Array, *, reverse: bool = False, unroll: int = 1):
     """`recurrence` on ``cell.project_inputs(params, xs)`` (``xs [T, *batch, input_size]``), as `rnnlab.scan` runs a
-    built-in cell without ``lengths`` or ``remat``. An `LSTM` evaluated without differentiation (its forward pass
-    alone, as in evaluation and inference) runs `rnnlab.native.lstm_infer_p`, which projects each step's input in
-    its loop and keeps nothing for a backward pass: on a CPU no projection of every step and no gates are written
-    to memory (batch 16, T = 1000, input 32, hidden 128: 15.7 against 43.2 ms, `benchmarks/bench_forward.py`).
-    Differentiated, it is `recurrence`'s rule with a forward kernel that projects each step's input too
-    (`rnnlab.native.lstm_forward_inputs_p`; the tangent's projection, linear, stays one XLA matmul over all steps);
-    the outputs of the two differ by rounding from those of the inputs projected for all steps."""
-    if type(cell) is not LSTM or not _native(unroll, xs):
+    built-in cell without ``lengths`` or ``remat``. On `rnnlab.native`'s kernels the LSTM's and the GRU's forward
+    kernels project each step's input in their loop, so that no projection of every step is written to memory and
+    read back. An `LSTM` evaluated without differentiation (its forward pass alone, as in evaluation and inference)
+    runs `rnnlab.native.lstm_infer_p`, which keeps nothing for a backward pass either (batch 16, T = 1000, input 32,
+    hidden 128: 15.7 against 43.2 ms, `benchmarks/bench_forward.py`); differentiated, it is `recurrence`'s rule with
+    `rnnlab.native.lstm_forward_inputs_p` (the tangent's projection, linear, stays one XLA matmul over all steps).
+    The GRU runs `rnnlab.native.gru_forward_inputs_p` either way. Their outputs differ by rounding from those of
+    the inputs projected for all steps."""
+    if type(cell) not in (LSTM, GRU) or not _native(unroll, xs):
         projected = over_steps(lambda x: cell.project_inputs(params, x), xs)
         return recurrence(cell, params, carry, projected, reverse=reverse, unroll=unroll)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
     batch = math.prod(batch_shape)
     flat_carry = jax.tree_util.tree_map(lambda a: a.reshape((batch,) + a.shape[len(batch_shape):]), carry)
-    weights = {name: params[name] for name in ("w_h", "w_x", "b")}
-    hs, final = _lstm_of_inputs(reverse, unroll, weights, flat_carry, xs.reshape(seq_len, batch, xs.shape[-1]))
+    # The input's weights under one name for both cells: w_x and its bias b (the GRU's b_x), besides w_h (and b_h).
+    weights = {"w_h": params["w_h"], "w_x": params["w_x"], "b": params[cell.bias_names[0]],
+               **({"b_h": params["b_h"]} if type(cell) is GRU else {})}
+    hs, final = _recurrence_of_inputs(_kernel(cell), reverse, unroll, weights, flat_carry,
+                                      xs.reshape(seq_len, batch, xs.shape[-1]))
     final = jax.tree_util.tree_map(lambda a: a.reshape(batch_shape + a.shape[1:]), final)
     return final, hs.reshape((seq_len,) + batch_shape + hs.shape[-1:])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _lstm_of_inputs(reverse: bool, unroll: int, weights, carry, xs):
-    h0, c0 = carry
-    hs, c = native.bind(native.lstm_infer_p, weights["w_h"], weights["w_x"], weights["b"], h0, c0, xs,
-                        reverse=reverse, threads=native.threads())
-    return hs, (hs[0 if reverse else -1], c)
+def _recurrent_weights(weights):
+    """What `_native_recurrence` takes as ``params`` from `recurrence_of_inputs`'s weights: W_h (and the GRU's
+    b_h)."""
+    return {name: weights[name] for name in ("w_h", "b_h") if name in weights}
 
 
-@_lstm_of_inputs.defjvp
-def _lstm_of_inputs_jvp(reverse, unroll, primals, tangents):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _recurrence_of_inputs(kernel: _Kernel, reverse: bool, unroll: int, weights, carry, xs):
+    if kernel == _LSTM:
+        h0, c0 = carry
+        hs, c = native.bind(native.lstm_infer_p, weights["w_h"], weights["w_x"], weights["b"], h0, c0, xs,
+                            reverse=reverse, threads=native.threads())
+        return hs, (hs[0 if reverse else -1], c)
+    return _native_recurrence(kernel, reverse, _recurrent_weights(weights), carry, None, None,
+                              inputs=(weights["w_x"], weights["b"], xs))
+
+
+@_recurrence_of_inputs.defjvp
+def _recurrence_of_inputs_jvp(kernel, reverse, unroll, primals, tangents):
     # The forward kernel projects each step's input itself; the tangent of the projection, linear, is XLA's (its
     # transpose gives W_x's and b's gradients as one matmul over all steps, as when `scan` hoists the projection).
     (weights, carry, xs), (d_weights, d_carry, dxs) = primals, tangents
     dpx = (over_steps(lambda x: x @ d_weights["w_x"], xs) + over_steps(lambda d: d @ weights["w_x"], dxs)
            + d_weights["b"])
-    return _native_recurrence(_LSTM, reverse, {"w_h": weights["w_h"]}, carry, None, None, {"w_h": d_weights["w_h"]},
-                              d_carry, dpx, (weights["w_x"], weights["b"], xs))
+    return _native_recurrence(kernel, reverse, _recurrent_weights(weights), carry, None, None,
+                              _recurrent_weights(d_weights), d_carry, dpx, (weights["w_x"], weights["b"], xs))
 
 
 def linearised_steps(cell, params, carry, xs: jax.Array, *, unroll: int = 1):

@@ -78,8 +78,9 @@ def loss_fn(the_cell, weights, reverse, lengths=None):
 
 
 def calls_kernel(fn, *args, masked=False) -> bool:
-    """Whether ``fn`` lowers to a cell's forward kernel (for an LSTM evaluated without differentiation and without
-    a mask, its forward pass alone: `native.lstm_infer_p`)."""
+    """Whether ``fn`` lowers to a cell's forward kernel (without a mask the LSTM's and the GRU's project their
+    inputs, `native.lstm_forward_inputs_p`, `native.gru_forward_inputs_p`; for an LSTM evaluated without
+    differentiation, its forward pass alone: `native.lstm_infer_p`)."""
     text = jax.jit(fn).lower(*args).as_text()
     kernels = [f"rnnlab_{name}_forward{'_masked' if masked else ''}" for name in ("lstm", "gru", "rnn")]
     return any(kernel in text for kernel in kernels + ([] if masked else ["rnnlab_lstm_infer"]))
@@ -344,25 +345,27 @@ def test_a_nan_in_the_inputs_reaches_the_outputs_as_in_xla(kind):
 
 @needs_kernels
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_the_lstm_forward_pass_alone_runs_a_kernel_of_its_own(reverse):
-    """An LSTM that nothing differentiates runs `native.lstm_infer_p` (its inputs projected in the loop, no gates
-    kept); differentiated, the forward kernel that keeps them, projecting the inputs too
-    (`native.lstm_forward_inputs_p`); with ``lengths`` or ``remat``, the forward kernel on inputs XLA projected.
-    All give the plain step's outputs and final carry to float32 rounding (`test_kernels_equal_autodiff_of_the_step`
-    holds them and the gradients to the float64 truth), and the primal of a `jax.jvp` is the differentiated
-    path's."""
-    cell, params, xs, carry, weights = problem(48, (6,), 12)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_the_forward_kernels_project_their_inputs(kind, reverse):
+    """Without ``lengths`` or ``remat`` the LSTM's and the GRU's forward kernels project each step's input in their
+    loop: an LSTM that nothing differentiates runs `native.lstm_infer_p` (no gates kept), differentiated
+    `native.lstm_forward_inputs_p`; the GRU `native.gru_forward_inputs_p` either way. With ``lengths`` or ``remat``
+    the forward kernels run on inputs XLA projected. All give the plain step's outputs and final carry to float32
+    rounding (`test_kernels_equal_autodiff_of_the_step` holds them and the gradients to the float64 truth), and the
+    primal of a `jax.jvp` is the differentiated path's."""
+    cell, params, xs, carry, weights = problem(48, (6,), 12, kind=kind)
+    name = kind.lower()
 
     def run(params, xs, **options):
         return rnnlab.scan(cell, params, xs, carry=carry, reverse=reverse, **options)
 
     def kernels(fn, *args):
         text = jax.jit(fn).lower(*args).as_text()
-        return sorted(set(re.findall(r"rnnlab_lstm_(infer|forward_masked|forward_inputs|forward)\b", text)))
+        return sorted(set(re.findall(rf"rnnlab_{name}_(infer|forward_masked|forward_inputs|forward)\b", text)))
 
     loss = loss_fn(cell, weights, reverse)
     lengths = jnp.array([12, 3, 7, 12, 1, 9])
-    assert kernels(run, params, xs) == ["infer"]
+    assert kernels(run, params, xs) == (["infer"] if kind == "LSTM" else ["forward_inputs"])
     assert kernels(jax.grad(loss), params, xs, carry) == ["forward_inputs"]
     assert kernels(lambda p, x: jax.jvp(lambda p: run(p, x), (p,), (p,)), params, xs) == ["forward_inputs"]
     assert kernels(functools.partial(run, lengths=lengths), params, xs) == ["forward_masked"]
@@ -794,11 +797,13 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64, export=True)[0] == 0
     assert lowered("LSTM", 64, platform="cpu")[0] == 0
     assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
-    # The LSTM's forward pass alone (`lstm_infer_p`): there its inputs projected by XLA, then the forward kernel.
-    cell, params, xs, carry, _ = problem(64, (3,), 12)
-    forward = jax.jit(lambda p, x: rnnlab.scan(cell, p, x, carry=carry)[0])
-    text = forward.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
-    assert (text.count("xla.gpu.triton"), text.count("stablehlo.while")) == (1, 0)
+    # The forward pass alone (`lstm_infer_p`, `gru_forward_inputs_p`): there the inputs projected by XLA, then the
+    # forward kernel.
+    for kind in ("LSTM", "GRU"):
+        cell, params, xs, carry, _ = problem(64, (3,), 12, kind=kind)
+        forward = jax.jit(lambda p, x, cell=cell, carry=carry: rnnlab.scan(cell, p, x, carry=carry)[0])
+        text = forward.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
+        assert (text.count("xla.gpu.triton"), text.count("stablehlo.while")) == (1, 0), kind
 
 
 def benchmark_script(name: str, monkeypatch):

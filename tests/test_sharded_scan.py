@@ -122,7 +122,8 @@ def _child(out: str) -> None:
         def loss(p, x, lengths=None, cell=cell):
             return jnp.mean(rnnlab.scan(cell, p, x, lengths=lengths)[0] ** 2)
 
-        def forward(p, x, cell=cell):  # nothing differentiates it: the LSTM's forward pass alone (`lstm_infer_p`)
+        # Nothing differentiates it: the LSTM runs `lstm_infer_p`, the GRU `gru_forward_inputs_p`.
+        def forward(p, x, cell=cell):
             return rnnlab.scan(cell, p, x)
 
         def jvp(p, x, loss=loss, tangent=tangent):

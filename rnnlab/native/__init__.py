@@ -19,7 +19,9 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
   with each step's input projected in the loop (one matmul of ``[h_{t-1}, x_t]`` by ``[W_h; W_x]``), no projection
   of every step written to memory: what a differentiated `rnnlab.scan` of an LSTM runs (`rnnlab.fused`); and
   ``lstm_infer_p(w_h, w_x, b, h0, c0, xs) -> (hs, c)``, the same for a recurrence nothing differentiates, keeping
-  nothing but the outputs and the final cell state;
+  nothing but the outputs and the final cell state; ``gru_forward_inputs_p(w_h, b_h, w_x, b_x, h0, xs) -> (hs,
+  gates, a_n)``, the GRU's (its inputs projected in a matmul of their own each step: its n gate takes ``h W_hn``
+  alone), for the GRU's forward pass differentiated or not;
 - ``rnn_forward_p``, ``rnn_tangent_p`` and ``rnn_backward_p`` likewise for `rnnlab.RNN` with a named activation
   (``tanh``, ``relu``, ``linear``; the tangent's coefficients come from ``hs`` alone);
 - a masked twin of each (``lstm_forward_masked_p`` and so on) for padded sequences (`rnnlab.scan` with
@@ -104,6 +106,7 @@ _TARGETS.update({f"{target}_masked": f"{symbol}Masked" for target, symbol in lis
 _TARGETS["rnnlab_gradflow_direct"] = "RnnlabGradflowDirect"
 _TARGETS["rnnlab_lstm_infer"] = "RnnlabLstmInfer"
 _TARGETS["rnnlab_lstm_forward_inputs"] = "RnnlabLstmForwardInputs"
+_TARGETS["rnnlab_gru_forward_inputs"] = "RnnlabGruForwardInputs"
 #: The hidden size the kernels take must be a multiple of this: their widest vector of float32 (AVX-512's 16; with
 #: AVX2 alone they work in vectors of 8, `recurrent.cc`'s kLanes). Other sizes run padded (`kernel_hidden`).
 LANES = 16
@@ -292,6 +295,12 @@ def _reference_forward_inputs(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unro
     """`lstm_forward_inputs_p`'s maths: the inputs projected for all steps, then `lstm_forward_p` (on a GPU its
     kernel)."""
     return lstm_forward_p.bind(w_h, h0, c0, xs @ w_x + b, reverse=reverse, threads=threads)
+
+
+def _reference_gru_forward_inputs(w_h, b_h, w_x, b_x, h0, xs, *, reverse, threads, unroll=1):
+    """`gru_forward_inputs_p`'s maths: the inputs projected for all steps, then `gru_forward_p` (on a GPU its
+    kernel)."""
+    return gru_forward_p.bind(w_h, b_h, h0, xs @ w_x + b_x, reverse=reverse, threads=threads)
 
 
 def _reference_infer(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unroll=1):
@@ -858,6 +867,11 @@ gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _li
     "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h",
     _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", {1: 0},
     _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient))
+gru_forward_inputs_p = _primitive(
+    "rnnlab_gru_forward_inputs", _reference_gru_forward_inputs,
+    lambda w_h, b_h, w_x, b_x, h0, xs: _gru_forward_shapes(w_h, b_h, h0, jax.ShapeDtypeStruct(
+        xs.shape[:2] + b_x.shape, xs.dtype)),
+    "k g, g, i g, g, b h, t b i -> t b h, t b g, t b h", "rnnlab_gru_forward_inputs")
 rnn_forward_p, rnn_forward_masked_p = _cell_primitive(
     "rnnlab_rnn_forward", _reference_rnn_forward, lambda w_h, h0, px: [(px.shape, px.dtype)],
     "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_pallas_kernel("rnn_forward"), mask_at=3)
@@ -1074,7 +1088,7 @@ try:
         {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p, gradflow_p,
          lstm_forward_masked_p, lstm_backward_masked_p, gru_forward_masked_p, gru_backward_masked_p,
          rnn_forward_masked_p, rnn_backward_masked_p, gradflow_direct_p, lstm_infer_p,
-         lstm_forward_inputs_p})
+         lstm_forward_inputs_p, gru_forward_inputs_p})
 except (ImportError, AttributeError):  # pragma: no cover - a JAX without the registry
     pass
 

@@ -20,6 +20,8 @@
 // gru_forward(w_h [H, 3H], b_h [3H], h0 [B, H], px [T, B, 3H]) -> hs [T, B, H], gates [T, B, 3H], a_n [T, B, H]
 //   a = h_{t-1} W_h + b_h; r = σ(px_r + a_r); z = σ(px_z + a_z); n = tanh(px_n + r a_n); h_t = (1 - z) n + z h_{t-1}
 //   gates = [r, z, n] (the same shape as px, so XLA can hand px's buffer to it)
+// gru_forward_inputs(w_h, b_h, w_x [I, 3H], b_x [3H], h0, xs [T, B, I]) -> hs, gates, a_n: the same on
+//   px = xs W_x + b_x, each step's projection in a matmul of its own.
 // gru_backward(w_h, gates, a_n, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_w [H, 3H], g_h0
 //   the transpose of the GRU's tangent recurrence (rnnlab/fused.py): g_u_t is the cotangent of the tangent's input
 //   u_t = ṗx_t + [ȧ_r, ȧ_z, r ȧ_n].
@@ -519,12 +521,14 @@ void run_split(ffi::ThreadPool& pool, const Loop& loop, const Split& split, Run 
   });
 }
 
-// Inputs a forward loop projects itself (the LSTM's `lstm_forward_inputs` and `lstm_infer`): xs [T, B, size] and
-// W_x [size, gates·H].
+// Inputs a forward loop projects itself (`lstm_forward_inputs`, `lstm_infer`, `gru_forward_inputs`): xs [T, B, size]
+// and W_x [size, gates·H]; `apart` (the GRU, whose n gate takes h W_hn alone): in a matmul of their own, not joined
+// to the recurrent one.
 struct Inputs {
   const float* xs;
   const float* w_x;
   int size;
+  bool apart = false;
 };
 
 // The loop and the inputs of a kernel that projects xs [T, B, I] by w_x [I, gates·H] itself (w_h [H, gates·H]).
@@ -542,25 +546,29 @@ ffi::Error inputs_loop(const ffi::Buffer<ffi::F32>& w_h, const ffi::Buffer<ffi::
 // step is masked out: the loop has copied h_{t-1}'s units to h_t's, the cell copies on its other carries, and z_b
 // is null (a masked kernel's matmul skips such rows). A team that splits the units meets at a barrier after each
 // step, after which h_t is whole. With `inputs` z also holds x_t W_x: one matmul of the rows [h_{t-1}, x_t] by
-// [W_h; W_x], so no projection of all steps is written to memory and read back.
+// [W_h; W_x], so no projection of all steps is written to memory and read back; with `inputs->apart` (unmasked
+// only) z_b is [h_{t-1} W_h's gate blocks of nu, then x_t W_x's], two matmuls.
 template <typename Step>
 void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, float* hs,
                   Step step, const Inputs* inputs = nullptr) {
-  const int H = loop.hidden, G = loop.gates * H, I = inputs == nullptr ? 0 : inputs->size, K = H + I;
+  const bool joins = inputs != nullptr && !inputs->apart, apart = inputs != nullptr && inputs->apart;
+  const int H = loop.hidden, G = loop.gates * H, I = inputs == nullptr ? 0 : inputs->size, K = H + (joins ? I : 0);
   run_split(pool, loop, split_of(loop), [&](int b0, int b1, int u0, int u1, int, Barrier* barrier) {
-    const int nu = u1 - u0, width = loop.gates * nu, rows = b1 - b0;
+    const int nu = u1 - u0, width = loop.gates * nu, rows = b1 - b0, z_row = apart ? 2 * width : width;
     const std::vector<int> columns = unit_columns(H, loop.gates, u0, nu);
     const std::vector<float> panel = pack(K, width, [&](int k, int j) {
       return k < H ? w_h[k * G + columns[j]] : inputs->w_x[(k - H) * G + columns[j]];
     });
-    std::vector<float> z(static_cast<size_t>(rows) * width), gathered,
-        joined(inputs == nullptr ? 0 : static_cast<size_t>(rows) * K);
+    const std::vector<float> panel_x =
+        apart ? pack(I, width, [&](int k, int j) { return inputs->w_x[k * G + columns[j]]; }) : std::vector<float>();
+    std::vector<float> z(static_cast<size_t>(rows) * z_row), gathered,
+        joined(joins ? static_cast<size_t>(rows) * K : 0);
     std::vector<int> live;
     for (int s = 0; s < loop.steps; ++s) {
       const int t = loop.time(s), prev = loop.previous(s);
       const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
       const float* a = h_prev + static_cast<size_t>(b0) * H;
-      if (inputs != nullptr) {  // row i of [h_{t-1}, x_t]
+      if (joins) {  // row i of [h_{t-1}, x_t]
         for (int i = 0; i < rows; ++i) {
           std::memcpy(&joined[static_cast<size_t>(i) * K], a + static_cast<size_t>(i) * H, H * sizeof(float));
           std::memcpy(&joined[static_cast<size_t>(i) * K + H], inputs->xs + loop.row(t, b0 + i) * I,
@@ -568,11 +576,16 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
         }
         a = joined.data();
       }
-      live_matmul(rows, live_rows(loop, t, b0, b1, live), live, width, K, a, panel.data(), z.data(), gathered);
+      if (apart) {
+        matmul(rows, width, H, a, H, panel.data(), z.data(), z_row);
+        matmul(rows, width, I, inputs->xs + loop.row(t, b0) * I, I, panel_x.data(), z.data() + width, z_row);
+      } else {
+        live_matmul(rows, live_rows(loop, t, b0, b1, live), live, width, K, a, panel.data(), z.data(), gathered);
+      }
       for (int b = b0, i = 0; b < b1; ++b) {  // z's row i is the i-th computed row's
         const bool keep = loop.keeps(t, b);
         if (keep) hold(hs + loop.row(t, b) * H + u0, h_prev + static_cast<size_t>(b) * H + u0, nu);
-        step(t, prev, b, u0, nu, keep ? nullptr : &z[static_cast<size_t>(i++) * width], keep);
+        step(t, prev, b, u0, nu, keep ? nullptr : &z[static_cast<size_t>(i++) * z_row], keep);
       }
       if (barrier != nullptr) barrier->wait();
     }
@@ -835,18 +848,17 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs,
 
 // --- GRU (cuDNN / PyTorch convention): a = h_{t-1} W_h + b_h, gates (r, z, n) ---------------------------------------
 
-ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, const Mask* valid, Result hs,
-                      Result gates, Result a_n_out, bool reverse, int64_t threads) {
-  Loop loop;
-  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 3, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+// The GRU's forward loop: each step's input share read from px [T, B, 3H], or, with `inputs` (apart: the n gate takes
+// r ⊙ (h W_hn + b_hn), without the input's part), from the step's own matmul plus the bias b_x [3H] (`BX`).
+void gru_forward(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* BH, const float* H0,
+                 const float* PX, const Inputs* inputs, const float* BX, float* HS, float* GATES, float* AN) {
   const int H = loop.hidden, G = 3 * H;
-  const float *BH = b_h.typed_data(), *PX = px.typed_data(), *H0 = h0.typed_data();
-  float *HS = hs->typed_data(), *GATES = gates->typed_data(), *AN = a_n_out->typed_data();
-  forward_loop(pool, loop, w.typed_data(), H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a,
-                                                      bool keep) {
-    const float* pxb = PX + loop.row(t, b) * G + u0;
+  const std::vector<float> no_bias(BX == nullptr ? G : 0);  // px holds b_x already
+  const float* XB = BX == nullptr ? no_bias.data() : BX;
+  forward_loop(pool, loop, w_h, H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a, bool keep) {
+    // The input's share: gate blocks of nu after the recurrent ones in a step's own matmul, of H in px.
+    const float* xb = inputs != nullptr ? a + 3 * nu : PX + loop.row(t, b) * G + u0;
+    const int x_gate = inputs != nullptr ? nu : H;
     const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
     float* gb = GATES + loop.row(t, b) * G + u0;
     const size_t at = loop.row(t, b) * H + u0;
@@ -856,17 +868,40 @@ ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buf
       return;
     }
     for (int j = 0; j < nu; j += kLanes) {
-      const vf r = vsigmoid(load(pxb + j) + load(a + j) + load(BH + u0 + j));
-      const vf z = vsigmoid(load(pxb + H + j) + load(a + nu + j) + load(BH + H + u0 + j));
+      const vf r = vsigmoid(load(xb + j) + load(XB + u0 + j) + load(a + j) + load(BH + u0 + j));
+      const vf z = vsigmoid(load(xb + x_gate + j) + load(XB + H + u0 + j) + load(a + nu + j) + load(BH + H + u0 + j));
       const vf a_n = load(a + 2 * nu + j) + load(BH + 2 * H + u0 + j);
-      const vf n = vtanh(load(pxb + 2 * H + j) + r * a_n);
+      const vf n = vtanh(load(xb + 2 * x_gate + j) + load(XB + 2 * H + u0 + j) + r * a_n);
       store(gb + j, r);
       store(gb + H + j, z);
       store(gb + 2 * H + j, n);
       store(AN + at + j, a_n);
       store(HS + at + j, (kOne - z) * n + z * load(h_prev + j));
     }
-  });
+  }, inputs);
+}
+
+ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, const Mask* valid, Result hs,
+                      Result gates, Result a_n_out, bool reverse, int64_t threads) {
+  Loop loop;
+  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 3, reverse, threads, &loop); error.failure())
+    return error;
+  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+  gru_forward(pool, loop, w.typed_data(), b_h.typed_data(), h0.typed_data(), px.typed_data(), nullptr, nullptr,
+              hs->typed_data(), gates->typed_data(), a_n_out->typed_data());
+  return ffi::Error::Success();
+}
+
+// gru_forward_inputs(w_h, b_h, w_x [I, 3H], b_x [3H], h0, xs [T, B, I]) -> hs, gates, a_n: gru_forward on
+// px = xs W_x + b_x, each step's projection in a matmul of its own (`Inputs::apart`).
+ffi::Error GruForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer xs,
+                            Result hs, Result gates, Result a_n, bool reverse, int64_t threads) {
+  Loop loop;
+  Inputs inputs;
+  if (auto error = inputs_loop(w, w_x, xs, 3, reverse, threads, &loop, &inputs); error.failure()) return error;
+  inputs.apart = true;
+  gru_forward(pool, loop, w.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr, &inputs, b_x.typed_data(),
+              hs->typed_data(), gates->typed_data(), a_n->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1665,6 +1700,7 @@ extern "C" int RnnlabVectorLanes() { return kLanes; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmInfer, LstmInfer, (signature<6, 2>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForwardInputs, LstmForwardInputs, (signature<6, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForwardInputs, GruForwardInputs, (signature<6, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
                               (signature<9, 4>().Attr<bool>("weight_grad")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl, (signature<4, 3>()));
