@@ -178,8 +178,11 @@ def scan(
     When the cell defines ``project_inputs`` (and ``recur``), the input matmul runs once for all steps before the
     loop; the numbers are those of the plain step. The built-in cells run a fused recurrence with a hand-written
     tangent rule whose weight gradients are one matmul over all steps (`rnnlab.fused`; on a CPU the native kernels,
-    with ``lengths`` their masked twins); the results equal those of the plain step to rounding. With ``remat`` each
-    chunk projects its own inputs and runs the fused recurrence, recomputed on the way back.
+    with ``lengths`` their masked twins); the results equal those of the plain step to rounding. On the native
+    kernels, without ``lengths`` or ``remat``, the LSTM's and the GRU's forward kernels project each step's input
+    in their loop instead (the tangent's projection stays one matmul), and an LSTM that nothing differentiates runs
+    its forward pass alone, keeping nothing for a backward pass (`rnnlab.fused.recurrence_of_inputs`). With
+    ``remat`` each chunk projects its own inputs and runs the fused recurrence, recomputed on the way back.
 
     In `jax.sharding`'s explicit mode, where ``xs``'s type splits its batch axes over devices, the default carry is
     split alike (a given one is resharded so), and the built-in cells' kernels run on each device's rows
