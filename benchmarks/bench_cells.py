@@ -81,14 +81,20 @@ def _torch_device(torch) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def rnnlab_problem(kind: str, shape):
+    """``(cell, params, xs)``: rnnlab's ``kind`` at ``shape`` (batch, T, input, hidden), its default parameters and
+    time-major inputs ``xs [T, batch, input]``."""
+    batch, seq_len, input_size, hidden = shape
+    cell = getattr(rnnlab, kind)(hidden_size=hidden)
+    params = cell.init(jax.random.PRNGKey(0), input_size)
+    return cell, params, jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
+
+
 def rnnlab_call(kind: str, shape, settings: dict | None = None, lengths=None):
     """``settings``: environment variables set while the call is traced and lowered (its first call), e.g.
     ``{"RNNLAB_NATIVE": "0"}``: `rnnlab.native`'s C++ kernels off, i.e. XLA alone, to show what the kernels bring.
     ``lengths [batch]``: padded sequences (`bench_padded.py`), whose padded outputs are zero."""
-    batch, seq_len, input_size, hidden = shape
-    cell = getattr(rnnlab, kind)(hidden_size=hidden)
-    params = cell.init(jax.random.PRNGKey(0), input_size)
-    xs = jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
+    cell, params, xs = rnnlab_problem(kind, shape)
 
     def loss(params, xs):
         ys, _ = rnnlab.scan(cell, params, xs, lengths=lengths)

@@ -21,7 +21,8 @@ No target of the speed issue is a forward pass alone, so the ratios are printed 
 from __future__ import annotations
 
 import jax
-from bench_cells import CELLS, SHAPES, _ms, _table, _torch, _torch_device, blocked_medians, torch_module
+from bench_cells import (CELLS, SHAPES, _ms, _table, _torch, _torch_device, blocked_medians, rnnlab_problem,
+                         torch_module)
 
 import rnnlab
 from rnnlab import fused
@@ -29,15 +30,8 @@ from rnnlab import fused
 GPU = jax.default_backend() == "gpu"
 
 
-def _problem(kind: str, shape):
-    batch, seq_len, input_size, hidden = shape
-    cell = getattr(rnnlab, kind)(hidden_size=hidden)
-    params = cell.init(jax.random.PRNGKey(0), input_size)
-    return cell, params, jax.random.normal(jax.random.PRNGKey(1), (seq_len, batch, input_size))
-
-
 def rnnlab_call(kind: str, shape):
-    cell, params, xs = _problem(kind, shape)
+    cell, params, xs = rnnlab_problem(kind, shape)
     forward = jax.jit(lambda params, xs: rnnlab.scan(cell, params, xs)[0])
     return lambda: jax.block_until_ready(forward(params, xs))
 
@@ -45,7 +39,7 @@ def rnnlab_call(kind: str, shape):
 def rnnlab_keeping_gates_call(kind: str, shape):
     """The forward pass a differentiated `rnnlab.scan` runs: the inputs projected for all steps, then the forward
     kernel that keeps what the backward pass needs."""
-    cell, params, xs = _problem(kind, shape)
+    cell, params, xs = rnnlab_problem(kind, shape)
 
     def forward(params, xs):
         projected = fused.over_steps(lambda x: cell.project_inputs(params, x), xs)

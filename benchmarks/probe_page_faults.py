@@ -16,21 +16,17 @@ import sys
 
 SETTINGS = {"default": "", "hugetlb": "glibc.malloc.hugetlb=1",
             "no mmap": "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"}
-#: (batch, input, hidden, T)
-SHAPES = ((16, 32, 128, 1000), (64, 128, 256, 200), (128, 256, 512, 50))
+#: (batch, T, input, hidden), as `bench_cells.py`'s.
+SHAPES = ((16, 1000, 32, 128), (64, 200, 128, 256), (128, 50, 256, 512))
 
 
 def child() -> None:
+    """Each shape's line for this process's setting: the LSTM's gradient as `bench_cells.py` calls it, rnnlab's and
+    torch's."""
     import resource
     import time
 
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    import rnnlab
-
-    torch.set_num_threads(2)
+    from bench_cells import rnnlab_call, torch_call
 
     def fastest(call) -> str:
         call()
@@ -43,21 +39,9 @@ def child() -> None:
         per_call = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // 15
         return f"{1e3 * min(times):.1f} ms, {per_call} faults"
 
-    for batch, inputs, hidden, steps in SHAPES:
-        cell = rnnlab.LSTM(hidden_size=hidden)
-        params = cell.init(jax.random.PRNGKey(0), inputs)
-        xs = jax.random.normal(jax.random.PRNGKey(1), (steps, batch, inputs))
-        grad = jax.jit(jax.grad(lambda p, x: jnp.mean(rnnlab.scan(cell, p, x)[0] ** 2)))
-        module, xt = torch.nn.LSTM(inputs, hidden), torch.randn(steps, batch, inputs)
-
-        def torch_grad():
-            module.zero_grad()
-            ys, _ = module(xt)
-            ys.square().mean().backward()
-
-        print(f"{os.environ.get('GLIBC_TUNABLES', '') or 'default'}\t{batch},{steps},{inputs},{hidden}\t"
-              f"rnnlab {fastest(lambda: jax.block_until_ready(grad(params, xs)))}\ttorch {fastest(torch_grad)}",
-              flush=True)
+    for shape in SHAPES:
+        print(f"{os.environ.get('GLIBC_TUNABLES', '') or 'default'}\t{','.join(map(str, shape))}\t"
+              f"rnnlab {fastest(rnnlab_call('LSTM', shape))}\ttorch {fastest(torch_call('LSTM', shape))}", flush=True)
 
 
 def main() -> None:

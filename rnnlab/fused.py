@@ -382,17 +382,20 @@ def recurrence(cell, params, carry, projected: jax.Array, *, valid: jax.Array | 
 
     **Returns:** ``(final_carry, hs)`` with ``hs [T, *batch, H]``, as `jax.lax.scan` of the masked step would.
     """
-    seq_len, batch_shape = projected.shape[0], projected.shape[1:-1]
+    params = _recurrent_weights(params)
+    return _with_flat_batch(lambda flat_carry, flat_px, flat_valid: _recurrence(
+        _kernel(cell), reverse, unroll, params, flat_carry, flat_px, flat_valid), carry, projected, valid)
+
+
+def _with_flat_batch(run, carry, sequence: jax.Array, valid: jax.Array | None = None):
+    """``(final_carry, hs)`` from ``run(carry, sequence, valid) -> (hs, final_carry)`` on the batch axes flattened
+    to one, ``[N, ...]`` and ``[T, N, ...]`` as the kernels take them (``sequence [T, *batch, K]``, ``valid [T,
+    *batch]``), and the results' batch axes restored."""
+    seq_len, batch_shape = sequence.shape[0], sequence.shape[1:-1]
     batch = math.prod(batch_shape)
-
-    def flat(a):
-        return a.reshape((batch,) + a.shape[len(batch_shape):])
-
-    params = {name: params[name] for name in ("w_h", "b_h") if name in params}
-    flat_carry = jax.tree_util.tree_map(flat, carry)
-    flat_px = projected.reshape(seq_len, batch, projected.shape[-1])
+    flat_carry = jax.tree_util.tree_map(lambda a: a.reshape((batch,) + a.shape[len(batch_shape):]), carry)
     flat_valid = None if valid is None else valid.reshape(seq_len, batch)
-    hs, final = _recurrence(_kernel(cell), reverse, unroll, params, flat_carry, flat_px, flat_valid)
+    hs, final = run(flat_carry, sequence.reshape(seq_len, batch, sequence.shape[-1]), flat_valid)
     final = jax.tree_util.tree_map(lambda a: a.reshape(batch_shape + a.shape[1:]), final)
     return final, hs.reshape((seq_len,) + batch_shape + hs.shape[-1:])
 
@@ -410,22 +413,15 @@ def recurrence_of_inputs(cell, params, carry, xs: jax.Array, *, reverse: bool = 
     if type(cell) not in (LSTM, GRU) or not _native(unroll, xs):
         projected = over_steps(lambda x: cell.project_inputs(params, x), xs)
         return recurrence(cell, params, carry, projected, reverse=reverse, unroll=unroll)
-    seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
-    batch = math.prod(batch_shape)
-    flat_carry = jax.tree_util.tree_map(lambda a: a.reshape((batch,) + a.shape[len(batch_shape):]), carry)
     # The input's weights under one name for both cells: w_x and its bias b (the GRU's b_x), besides w_h (and b_h).
-    weights = {"w_h": params["w_h"], "w_x": params["w_x"], "b": params[cell.bias_names[0]],
-               **({"b_h": params["b_h"]} if type(cell) is GRU else {})}
-    hs, final = _recurrence_of_inputs(_kernel(cell), reverse, unroll, weights, flat_carry,
-                                      xs.reshape(seq_len, batch, xs.shape[-1]))
-    final = jax.tree_util.tree_map(lambda a: a.reshape(batch_shape + a.shape[1:]), final)
-    return final, hs.reshape((seq_len,) + batch_shape + hs.shape[-1:])
+    weights = {"w_x": params["w_x"], "b": params[cell.bias_names[0]], **_recurrent_weights(params)}
+    return _with_flat_batch(lambda flat_carry, flat_xs, _: _recurrence_of_inputs(
+        _kernel(cell), reverse, unroll, weights, flat_carry, flat_xs), carry, xs)
 
 
-def _recurrent_weights(weights):
-    """What `_native_recurrence` takes as ``params`` from `recurrence_of_inputs`'s weights: W_h (and the GRU's
-    b_h)."""
-    return {name: weights[name] for name in ("w_h", "b_h") if name in weights}
+def _recurrent_weights(params):
+    """What the recurrence itself takes of a cell's parameters: W_h (and the GRU's b_h)."""
+    return {name: params[name] for name in ("w_h", "b_h") if name in params}
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))

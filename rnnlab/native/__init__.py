@@ -845,21 +845,28 @@ lstm_tangent_p, lstm_tangent_masked_p, lstm_backward_p, lstm_backward_masked_p =
     residuals=6, like=4, gpu_kernel=_pallas_kernel("lstm_backward", _lstm_weight_gradient))
 
 
-def _infer_shapes(w_h, w_x, b, h0, c0, xs):
-    return [(xs.shape[:2] + h0.shape[-1:], xs.dtype), (c0.shape, c0.dtype)]
-
-
-lstm_infer_p = _primitive("rnnlab_lstm_infer", _reference_infer, _infer_shapes,
-                          "k g, i g, g, b h, b h, t b i -> t b h, b h", "rnnlab_lstm_infer")
+def _projection_like(xs, b):
+    """The shape and dtype of ``px = xs @ w_x + b``, ``[T, B, G·H]``, which a kernel projecting its inputs never
+    forms: its results' shapes are those of the kernel on px."""
+    return jax.ShapeDtypeStruct(xs.shape[:2] + b.shape, xs.dtype)
 
 
 def _forward_inputs_shapes(w_h, w_x, b, h0, c0, xs):
-    return _forward_shapes(w_h, h0, c0, jax.ShapeDtypeStruct(xs.shape[:2] + b.shape, xs.dtype))
+    return _forward_shapes(w_h, h0, c0, _projection_like(xs, b))
 
 
 lstm_forward_inputs_p = _primitive("rnnlab_lstm_forward_inputs", _reference_forward_inputs, _forward_inputs_shapes,
                                    "k g, i g, g, b h, b h, t b i -> t b h, t b h, t b g",
                                    "rnnlab_lstm_forward_inputs")
+
+
+def _infer_shapes(w_h, w_x, b, h0, c0, xs):
+    hs_shape = _forward_inputs_shapes(w_h, w_x, b, h0, c0, xs)[0]
+    return [hs_shape, (c0.shape, c0.dtype)]
+
+
+lstm_infer_p = _primitive("rnnlab_lstm_infer", _reference_infer, _infer_shapes,
+                          "k g, i g, g, b h, b h, t b i -> t b h, b h", "rnnlab_lstm_infer")
 gru_forward_p, gru_forward_masked_p = _cell_primitive(
     "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
     "rnnlab_gru_forward", {3: 1}, gpu_kernel=_pallas_kernel("gru_forward"), mask_at=4)
@@ -869,8 +876,7 @@ gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _li
     _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient))
 gru_forward_inputs_p = _primitive(
     "rnnlab_gru_forward_inputs", _reference_gru_forward_inputs,
-    lambda w_h, b_h, w_x, b_x, h0, xs: _gru_forward_shapes(w_h, b_h, h0, jax.ShapeDtypeStruct(
-        xs.shape[:2] + b_x.shape, xs.dtype)),
+    lambda w_h, b_h, w_x, b_x, h0, xs: _gru_forward_shapes(w_h, b_h, h0, _projection_like(xs, b_x)),
     "k g, g, i g, g, b h, t b i -> t b h, t b g, t b h", "rnnlab_gru_forward_inputs")
 rnn_forward_p, rnn_forward_masked_p = _cell_primitive(
     "rnnlab_rnn_forward", _reference_rnn_forward, lambda w_h, h0, px: [(px.shape, px.dtype)],

@@ -522,13 +522,13 @@ void run_split(ffi::ThreadPool& pool, const Loop& loop, const Split& split, Run 
 }
 
 // Inputs a forward loop projects itself (`lstm_forward_inputs`, `lstm_infer`, `gru_forward_inputs`): xs [T, B, size]
-// and W_x [size, gates·H]; `apart` (the GRU, whose n gate takes h W_hn alone): in a matmul of their own, not joined
-// to the recurrent one.
+// and W_x [size, gates·H]; with a bias [gates·H] (`apart`: the GRU, whose n gate takes h W_hn alone), in a matmul
+// of their own, not joined to the recurrent one, and the bias added to it.
 struct Inputs {
   const float* xs;
   const float* w_x;
   int size;
-  bool apart = false;
+  const float* apart = nullptr;
 };
 
 // The loop and the inputs of a kernel that projects xs [T, B, I] by w_x [I, gates·H] itself (w_h [H, gates·H]).
@@ -547,11 +547,11 @@ ffi::Error inputs_loop(const ffi::Buffer<ffi::F32>& w_h, const ffi::Buffer<ffi::
 // is null (a masked kernel's matmul skips such rows). A team that splits the units meets at a barrier after each
 // step, after which h_t is whole. With `inputs` z also holds x_t W_x: one matmul of the rows [h_{t-1}, x_t] by
 // [W_h; W_x], so no projection of all steps is written to memory and read back; with `inputs->apart` (unmasked
-// only) z_b is [h_{t-1} W_h's gate blocks of nu, then x_t W_x's], two matmuls.
+// only) z_b is [h_{t-1} W_h's gate blocks of nu, then x_t W_x + bias's], two matmuls.
 template <typename Step>
 void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, float* hs,
                   Step step, const Inputs* inputs = nullptr) {
-  const bool joins = inputs != nullptr && !inputs->apart, apart = inputs != nullptr && inputs->apart;
+  const bool joins = inputs != nullptr && inputs->apart == nullptr, apart = inputs != nullptr && !joins;
   const int H = loop.hidden, G = loop.gates * H, I = inputs == nullptr ? 0 : inputs->size, K = H + (joins ? I : 0);
   run_split(pool, loop, split_of(loop), [&](int b0, int b1, int u0, int u1, int, Barrier* barrier) {
     const int nu = u1 - u0, width = loop.gates * nu, rows = b1 - b0, z_row = apart ? 2 * width : width;
@@ -579,6 +579,11 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
       if (apart) {
         matmul(rows, width, H, a, H, panel.data(), z.data(), z_row);
         matmul(rows, width, I, inputs->xs + loop.row(t, b0) * I, I, panel_x.data(), z.data() + width, z_row);
+        for (int i = 0; i < rows; ++i)
+          for (int j = 0; j < width; j += kLanes) {
+            float* x = &z[static_cast<size_t>(i) * z_row + width + j];
+            store(x, load(x) + load(inputs->apart + columns[j]));  // a vector of units of one gate block
+          }
       } else {
         live_matmul(rows, live_rows(loop, t, b0, b1, live), live, width, K, a, panel.data(), z.data(), gathered);
       }
@@ -683,6 +688,14 @@ float* weight_gradient(ffi::Result<ffi::Buffer<ffi::F32>>& g_w, bool weight_grad
 using Buffer = ffi::Buffer<ffi::F32>;
 using Result = ffi::ResultBuffer<ffi::F32>;
 using Mask = ffi::Buffer<ffi::PRED>;
+
+// A cell kernel's loop over `seq` [T, B, gates·H] (its px, or what it saved of the same width), masked by `valid`
+// where given (`mask_of`).
+ffi::Error sequence_loop(const Buffer& seq, int gates, const Mask* valid, bool reverse, int64_t threads, Loop* loop) {
+  if (auto error = loop_of(seq.dimensions(), seq.dimensions()[2], gates, reverse, threads, loop); error.failure())
+    return error;
+  return mask_of(valid, loop);
+}
 const vf kOne = splat(1.0f);
 
 // A function whose every call must run the same machine code: neither inlined nor (GCC) cloned for constant
@@ -737,9 +750,7 @@ void lstm_forward(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buffer px, const Mask* valid, Result hs,
                        Result cs, Result gates, bool reverse, int64_t threads) {
   Loop loop;
-  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 4, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+  if (auto error = sequence_loop(px, 4, valid, reverse, threads, &loop); error.failure()) return error;
   lstm_forward(pool, loop, w.typed_data(), h0.typed_data(), c0.typed_data(), px.typed_data(), 4 * loop.hidden,
                nullptr, hs->typed_data(), cs->typed_data(), gates->typed_data());
   return ffi::Error::Success();
@@ -791,9 +802,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs,
                         const Mask* valid, Buffer g_hs, Buffer g_h, Buffer g_c, Result g_px, Result g_w, Result g_h0,
                         Result g_c0, bool reverse, int64_t threads, bool weight_grad) {
   Loop loop;
-  if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 4, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+  if (auto error = sequence_loop(gates, 4, valid, reverse, threads, &loop); error.failure()) return error;
   const int H = loop.hidden;
   const float *GATES = gates.typed_data(), *CS = cs.typed_data(), *C0 = c0.typed_data(), *GHS = g_hs.typed_data();
   float *GPX = g_px->typed_data(), *GC0 = g_c0->typed_data();
@@ -849,12 +858,10 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs,
 // --- GRU (cuDNN / PyTorch convention): a = h_{t-1} W_h + b_h, gates (r, z, n) ---------------------------------------
 
 // The GRU's forward loop: each step's input share read from px [T, B, 3H], or, with `inputs` (apart: the n gate takes
-// r ⊙ (h W_hn + b_hn), without the input's part), from the step's own matmul plus the bias b_x [3H] (`BX`).
+// r ⊙ (h W_hn + b_hn), without the input's part), from the step's own matmul, b_x added by the loop.
 void gru_forward(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* BH, const float* H0,
-                 const float* PX, const Inputs* inputs, const float* BX, float* HS, float* GATES, float* AN) {
+                 const float* PX, const Inputs* inputs, float* HS, float* GATES, float* AN) {
   const int H = loop.hidden, G = 3 * H;
-  const std::vector<float> no_bias(BX == nullptr ? G : 0);  // px holds b_x already
-  const float* XB = BX == nullptr ? no_bias.data() : BX;
   forward_loop(pool, loop, w_h, H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a, bool keep) {
     // The input's share: gate blocks of nu after the recurrent ones in a step's own matmul, of H in px.
     const float* xb = inputs != nullptr ? a + 3 * nu : PX + loop.row(t, b) * G + u0;
@@ -868,10 +875,10 @@ void gru_forward(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, cons
       return;
     }
     for (int j = 0; j < nu; j += kLanes) {
-      const vf r = vsigmoid(load(xb + j) + load(XB + u0 + j) + load(a + j) + load(BH + u0 + j));
-      const vf z = vsigmoid(load(xb + x_gate + j) + load(XB + H + u0 + j) + load(a + nu + j) + load(BH + H + u0 + j));
+      const vf r = vsigmoid(load(xb + j) + load(a + j) + load(BH + u0 + j));
+      const vf z = vsigmoid(load(xb + x_gate + j) + load(a + nu + j) + load(BH + H + u0 + j));
       const vf a_n = load(a + 2 * nu + j) + load(BH + 2 * H + u0 + j);
-      const vf n = vtanh(load(xb + 2 * x_gate + j) + load(XB + 2 * H + u0 + j) + r * a_n);
+      const vf n = vtanh(load(xb + 2 * x_gate + j) + r * a_n);
       store(gb + j, r);
       store(gb + H + j, z);
       store(gb + 2 * H + j, n);
@@ -884,24 +891,22 @@ void gru_forward(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, cons
 ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, const Mask* valid, Result hs,
                       Result gates, Result a_n_out, bool reverse, int64_t threads) {
   Loop loop;
-  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 3, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
-  gru_forward(pool, loop, w.typed_data(), b_h.typed_data(), h0.typed_data(), px.typed_data(), nullptr, nullptr,
+  if (auto error = sequence_loop(px, 3, valid, reverse, threads, &loop); error.failure()) return error;
+  gru_forward(pool, loop, w.typed_data(), b_h.typed_data(), h0.typed_data(), px.typed_data(), nullptr,
               hs->typed_data(), gates->typed_data(), a_n_out->typed_data());
   return ffi::Error::Success();
 }
 
 // gru_forward_inputs(w_h, b_h, w_x [I, 3H], b_x [3H], h0, xs [T, B, I]) -> hs, gates, a_n: gru_forward on
-// px = xs W_x + b_x, each step's projection in a matmul of its own (`Inputs::apart`).
+// px = xs W_x + b_x, each step's projection in a matmul of its own, b_x added (`Inputs::apart`).
 ffi::Error GruForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer xs,
                             Result hs, Result gates, Result a_n, bool reverse, int64_t threads) {
   Loop loop;
   Inputs inputs;
   if (auto error = inputs_loop(w, w_x, xs, 3, reverse, threads, &loop, &inputs); error.failure()) return error;
-  inputs.apart = true;
-  gru_forward(pool, loop, w.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr, &inputs, b_x.typed_data(),
-              hs->typed_data(), gates->typed_data(), a_n->typed_data());
+  inputs.apart = b_x.typed_data();
+  gru_forward(pool, loop, w.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr, &inputs, hs->typed_data(),
+              gates->typed_data(), a_n->typed_data());
   return ffi::Error::Success();
 }
 
@@ -909,9 +914,7 @@ ffi::Error GruBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n,
                        const Mask* valid, Buffer g_hs, Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse,
                        int64_t threads, bool weight_grad) {
   Loop loop;
-  if (auto error = loop_of(gates.dimensions(), gates.dimensions()[2], 3, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+  if (auto error = sequence_loop(gates, 3, valid, reverse, threads, &loop); error.failure()) return error;
   const int H = loop.hidden, B = loop.batch;
   const float *GATES = gates.typed_data(), *AN = a_n.typed_data(), *HS = hs.typed_data(), *H0 = h0.typed_data(),
               *GHS = g_hs.typed_data();
@@ -1011,9 +1014,7 @@ ffi::Error RnnForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer px, cons
   Loop loop;
   Activation act;
   if (auto error = activation_of(activation_name, &act); error.failure()) return error;
-  if (auto error = loop_of(px.dimensions(), px.dimensions()[2], 1, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+  if (auto error = sequence_loop(px, 1, valid, reverse, threads, &loop); error.failure()) return error;
   const int H = loop.hidden;
   const float *PX = px.typed_data(), *H0 = h0.typed_data();
   float* HS = hs->typed_data();
@@ -1032,9 +1033,7 @@ ffi::Error RnnBackward(ffi::ThreadPool pool, Buffer w, Buffer hs, Buffer h0, con
   Loop loop;
   Activation act;
   if (auto error = activation_of(activation_name, &act); error.failure()) return error;
-  if (auto error = loop_of(hs.dimensions(), hs.dimensions()[2], 1, reverse, threads, &loop); error.failure())
-    return error;
-  if (auto error = mask_of(valid, &loop); error.failure()) return error;
+  if (auto error = sequence_loop(hs, 1, valid, reverse, threads, &loop); error.failure()) return error;
   struct Part {
     int u0, nu;
     const Loop& loop;
