@@ -270,9 +270,9 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
     d_final_carry)``. The weights' tangent ``Ẇ_h`` goes to the tangent primitive itself, whose transpose forms W_h's
     gradient inside the backward loop. With ``valid`` the masked primitives run: their ``hs`` are the carries, kept
     through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here. The
-    LSTM and the GRU without ``valid`` may take ``inputs = (w_x, b, xs)`` in place of ``px = xs @ w_x + b`` (the
-    GRU's b_x as ``b``): their forward kernels then project each step's input themselves
-    (`native.lstm_forward_inputs_p`, `native.gru_forward_inputs_p`).
+    LSTM and the GRU may take ``inputs = (w_x, b, xs)`` in place of ``px = xs @ w_x + b`` (the GRU's b_x as
+    ``b``): their forward kernels then project each step's input themselves (`native.lstm_forward_inputs_p`,
+    `native.gru_forward_inputs_p`, or their masked twins, which project the valid rows alone).
 
     A hidden size that is not a multiple of `native.LANES` runs padded with units that stay zero
     (`native.padded_hidden`): padded here once, so that what the primitives keep for the backward pass stays
@@ -303,7 +303,8 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
         if inputs is None:
             hs, cs, gates = native.bind(primitive("lstm_forward"), w_h, h0, c0, px, *mask, **options)
         else:
-            hs, cs, gates = native.bind(native.lstm_forward_inputs_p, w_h, *inputs[:2], h0, c0, inputs[2], **options)
+            hs, cs, gates = native.bind(primitive("lstm_forward_inputs"), w_h, *inputs[:2], h0, c0, inputs[2], *mask,
+                                        **options)
         primal = _outputs(hs, valid), (hs[last], cs[last])
         if d_params is None:
             return primal
@@ -315,8 +316,8 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
         if inputs is None:
             hs, gates, a_n = native.bind(primitive("gru_forward"), w_h, params["b_h"], h0, px, *mask, **options)
         else:
-            hs, gates, a_n = native.bind(native.gru_forward_inputs_p, w_h, params["b_h"], *inputs[:2], h0, inputs[2],
-                                         **options)
+            hs, gates, a_n = native.bind(primitive("gru_forward_inputs"), w_h, params["b_h"], *inputs[:2], h0,
+                                         inputs[2], *mask, **options)
         if d_params is None:
             return _outputs(hs, valid), hs[last]
         u = dpx + _through_reset(gates[..., : h0.shape[-1]], d_params["b_h"])
@@ -400,11 +401,14 @@ def _with_flat_batch(run, carry, sequence: jax.Array, valid: jax.Array | None = 
     return final, hs.reshape((seq_len,) + batch_shape + hs.shape[-1:])
 
 
-def recurrence_of_inputs(cell, params, carry, xs: jax.Array, *, reverse: bool = False, unroll: int = 1):
-    """`recurrence` on ``cell.project_inputs(params, xs)`` (``xs [T, *batch, input_size]``), as `rnnlab.scan` runs a
-    built-in cell without ``lengths`` or ``remat``. On `rnnlab.native`'s kernels the LSTM's and the GRU's forward
-    kernels project each step's input in their loop, so that no projection of every step is written to memory and
-    read back. An `LSTM` evaluated without differentiation (its forward pass alone, as in evaluation and inference)
+def recurrence_of_inputs(cell, params, carry, xs: jax.Array, *, valid: jax.Array | None = None,
+                         reverse: bool = False, unroll: int = 1):
+    """`recurrence` on ``cell.project_inputs(params, xs)`` (``xs [T, *batch, input_size]``; ``valid`` as there), as
+    `rnnlab.scan` runs a built-in cell without ``remat``. On `rnnlab.native`'s kernels the LSTM's and the GRU's
+    forward kernels project each step's input in their loop, so that no projection of every step is written to
+    memory and read back; masked, the valid rows' alone (padded sequences at batch 64, T = 200, lengths 100-200,
+    input 128, hidden 256: the LSTM's gradient from 185-196 to 154-168 ms, the GRU's from 150-168 to 140-143 ms,
+    `benchmarks/bench_padded.py`'s call in alternating processes, 2026-11-27). An `LSTM` evaluated without differentiation (its forward pass alone, as in evaluation and inference)
     runs `rnnlab.native.lstm_infer_p`, which keeps nothing for a backward pass either (batch 16, T = 1000, input 32,
     hidden 128: 15.7 against 43.2 ms, `benchmarks/bench_forward.py`); differentiated, it is `recurrence`'s rule with
     `rnnlab.native.lstm_forward_inputs_p` (the tangent's projection, linear, stays one XLA matmul over all steps).
@@ -412,11 +416,11 @@ def recurrence_of_inputs(cell, params, carry, xs: jax.Array, *, reverse: bool = 
     the inputs projected for all steps."""
     if type(cell) not in (LSTM, GRU) or not _native(unroll, xs):
         projected = over_steps(lambda x: cell.project_inputs(params, x), xs)
-        return recurrence(cell, params, carry, projected, reverse=reverse, unroll=unroll)
+        return recurrence(cell, params, carry, projected, valid=valid, reverse=reverse, unroll=unroll)
     # The input's weights under one name for both cells: w_x and its bias b (the GRU's b_x), besides w_h (and b_h).
     weights = {"w_x": params["w_x"], "b": params[cell.bias_names[0]], **_recurrent_weights(params)}
-    return _with_flat_batch(lambda flat_carry, flat_xs, _: _recurrence_of_inputs(
-        _kernel(cell), reverse, unroll, weights, flat_carry, flat_xs), carry, xs)
+    return _with_flat_batch(lambda flat_carry, flat_xs, flat_valid: _recurrence_of_inputs(
+        _kernel(cell), reverse, unroll, weights, flat_carry, flat_xs, flat_valid), carry, xs, valid)
 
 
 def _recurrent_weights(params):
@@ -425,13 +429,15 @@ def _recurrent_weights(params):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _recurrence_of_inputs(kernel: _Kernel, reverse: bool, unroll: int, weights, carry, xs):
+def _recurrence_of_inputs(kernel: _Kernel, reverse: bool, unroll: int, weights, carry, xs, valid):
     if kernel == _LSTM:
         h0, c0 = carry
-        hs, c = native.bind(native.lstm_infer_p, weights["w_h"], weights["w_x"], weights["b"], h0, c0, xs,
-                            reverse=reverse, threads=native.threads())
-        return hs, (hs[0 if reverse else -1], c)
-    return _native_recurrence(kernel, reverse, _recurrent_weights(weights), carry, None, None,
+        mask = () if valid is None else (valid,)
+        infer = native.lstm_infer_p if valid is None else native.lstm_infer_masked_p
+        hs, c = native.bind(infer, weights["w_h"], weights["w_x"], weights["b"], h0, c0, xs, *mask, reverse=reverse,
+                            threads=native.threads())
+        return _outputs(hs, valid), (hs[0 if reverse else -1], c)
+    return _native_recurrence(kernel, reverse, _recurrent_weights(weights), carry, None, valid,
                               inputs=(weights["w_x"], weights["b"], xs))
 
 
@@ -439,10 +445,10 @@ def _recurrence_of_inputs(kernel: _Kernel, reverse: bool, unroll: int, weights, 
 def _recurrence_of_inputs_jvp(kernel, reverse, unroll, primals, tangents):
     # The forward kernel projects each step's input itself; the tangent of the projection, linear, is XLA's (its
     # transpose gives W_x's and b's gradients as one matmul over all steps, as when `scan` hoists the projection).
-    (weights, carry, xs), (d_weights, d_carry, dxs) = primals, tangents
+    (weights, carry, xs, valid), (d_weights, d_carry, dxs, _) = primals, tangents
     dpx = (over_steps(lambda x: x @ d_weights["w_x"], xs) + over_steps(lambda d: d @ weights["w_x"], dxs)
            + d_weights["b"])
-    return _native_recurrence(kernel, reverse, _recurrent_weights(weights), carry, None, None,
+    return _native_recurrence(kernel, reverse, _recurrent_weights(weights), carry, None, valid,
                               _recurrent_weights(d_weights), d_carry, dpx, (weights["w_x"], weights["b"], xs))
 
 

@@ -48,6 +48,11 @@ def _check_carry(cell, carry, batch_shape, dtype) -> None:
                              f"batch shape {batch_shape} (as made by cell.initial_carry(batch_shape={batch_shape})).")
 
 
+def _valid(seq_len: int, lengths: jax.Array | None) -> jax.Array | None:
+    """``valid [T, *batch]``: whether step t of each sequence lies within its length (None without lengths)."""
+    return None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
+
+
 def _check_lengths(lengths, batch_shape, seq_len) -> jax.Array:
     lengths = jnp.asarray(lengths)
     if lengths.shape != tuple(batch_shape):
@@ -179,25 +184,32 @@ def scan(
     loop; the numbers are those of the plain step. The built-in cells run a fused recurrence with a hand-written
     tangent rule whose weight gradients are one matmul over all steps (`rnnlab.fused`; on a CPU the native kernels,
     with ``lengths`` their masked twins); the results equal those of the plain step to rounding. On the native
-    kernels, without ``lengths`` or ``remat``, the LSTM's and the GRU's forward kernels project each step's input
-    in their loop instead (the tangent's projection stays one matmul), and an LSTM that nothing differentiates runs
-    its forward pass alone, keeping nothing for a backward pass (`rnnlab.fused.recurrence_of_inputs`). With
-    ``remat`` each chunk projects its own inputs and runs the fused recurrence, recomputed on the way back.
+    kernels, without ``remat``, the LSTM's and the GRU's forward kernels project each step's input in their loop
+    instead (with ``lengths`` the valid steps' alone; the tangent's projection stays one matmul), and an LSTM that
+    nothing differentiates runs its forward pass alone, keeping nothing for a backward pass
+    (`rnnlab.fused.recurrence_of_inputs`). With ``remat`` each chunk projects its own inputs and runs the fused
+    recurrence, recomputed on the way back.
 
     In `jax.sharding`'s explicit mode, where ``xs``'s type splits its batch axes over devices, the default carry is
     split alike (a given one is resharded so), and the built-in cells' kernels run on each device's rows
     (`rnnlab.native.bind`): ``ys`` and the final carry come out split the same way.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
-    if lengths is None and remat is None and fused.supports(cell, params, carry, xs):
-        carry, ys = fused.recurrence_of_inputs(cell, params, carry, xs, reverse=reverse, unroll=unroll)
-        return jnp.moveaxis(ys, 0, axis), carry
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
+    if lengths is not None:
+        lengths = _check_lengths(lengths, batch_shape, seq_len)
+    if remat is None and fused.supports(cell, params, carry, xs):
+        if lengths is not None and reverse:  # reversed inside each valid span, then run forward (as below)
+            xs = reverse_padded(xs, lengths)
+        carry, ys = fused.recurrence_of_inputs(cell, params, carry, xs, valid=_valid(seq_len, lengths),
+                                               reverse=reverse and lengths is None, unroll=unroll)
+        if lengths is not None and reverse:
+            ys = reverse_padded(ys, lengths)
+        return jnp.moveaxis(ys, 0, axis), carry
     step, inputs = step_and_inputs(cell, params, xs, hoist=remat is None)
     if lengths is None:
         body, scan_inputs = step, inputs
     else:
-        lengths = _check_lengths(lengths, batch_shape, seq_len)
         if reverse:
             # Reverse inside each valid span, then scan forward: padded steps stay at the end of every sequence.
             inputs = reverse_padded(inputs, lengths)
@@ -214,8 +226,7 @@ def scan(
         scan_inputs = (jnp.arange(seq_len), inputs)
     scan_reverse = reverse and lengths is None
     if fused.supports(cell, params, carry, inputs):
-        valid = None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
-        steps = (inputs, valid)
+        steps = (inputs, _valid(seq_len, lengths))
 
         def run_steps(carry, steps):
             steps_inputs, steps_valid = steps

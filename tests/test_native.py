@@ -9,6 +9,7 @@ really calls the kernel, so a silent fallback cannot pass for it.
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import pathlib
@@ -78,12 +79,12 @@ def loss_fn(the_cell, weights, reverse, lengths=None):
 
 
 def calls_kernel(fn, *args, masked=False) -> bool:
-    """Whether ``fn`` lowers to a cell's forward kernel (without a mask the LSTM's and the GRU's project their
-    inputs, `native.lstm_forward_inputs_p`, `native.gru_forward_inputs_p`; for an LSTM evaluated without
+    """Whether ``fn`` lowers to a cell's forward kernel, masked or not as asked (the LSTM's and the GRU's project
+    their inputs, `native.lstm_forward_inputs_p`, `native.gru_forward_inputs_p`; for an LSTM evaluated without
     differentiation, its forward pass alone: `native.lstm_infer_p`)."""
     text = jax.jit(fn).lower(*args).as_text()
-    kernels = [f"rnnlab_{name}_forward{'_masked' if masked else ''}" for name in ("lstm", "gru", "rnn")]
-    return any(kernel in text for kernel in kernels + ([] if masked else ["rnnlab_lstm_infer"]))
+    kernels = re.findall(r"rnnlab_(?:lstm|gru|rnn)_(?:forward|infer)\w*", text)
+    return any(kernel.endswith("_masked") == masked for kernel in kernels)
 
 
 def assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths=None):
@@ -224,7 +225,12 @@ def test_padded_sequences_run_the_masked_kernels(kind, rows, reverse, monkeypatc
     grad = jax.grad(native_loss, argnums=(0, 1, 2))
     lowered = jax.jit(grad).lower(params, xs, carry).as_text()
     name = kind.split("-")[0].lower()
-    assert f"rnnlab_{name}_forward_masked" in lowered and f"rnnlab_{name}_backward_masked" in lowered
+    # The LSTM's and the GRU's forward kernels project the valid rows' inputs themselves; the LSTM's outputs alone
+    # (nothing differentiated, as `assert_near_float64_truth` also takes them) run its masked forward pass alone.
+    forward = f"rnnlab_{name}_forward{'' if name == 'rnn' else '_inputs'}_masked"
+    assert forward in lowered and f"rnnlab_{name}_backward_masked" in lowered
+    outputs = jax.jit(lambda p, x, c: rnnlab.scan(cell, p, x, carry=c, reverse=reverse, lengths=lengths))
+    assert (name == "lstm") == ("rnnlab_lstm_infer_masked" in outputs.lower(params, xs, carry).as_text())
     assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths)
     if not first:
         return
@@ -276,7 +282,7 @@ def test_a_primitive_bound_off_the_kernels_multiple_is_padded_where_lowered(kind
     native_loss = loss_fn(cell, weights, reverse, lengths)
     lowered = jax.jit(jax.grad(native_loss, argnums=(0, 1, 2))).lower(params, xs, carry).as_text()
     name = kind.lower()
-    assert f"rnnlab_{name}_forward_masked" in lowered and f"rnnlab_{name}_backward_masked" in lowered
+    assert f"rnnlab_{name}_forward_inputs_masked" in lowered and f"rnnlab_{name}_backward_masked" in lowered
     assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths)
     tangents = jax.tree_util.tree_map(jnp.cos, (params, xs, carry))
     jvp = lambda loss: jax.jvp(loss, (params, xs, carry), tangents)[1]  # noqa: E731
@@ -349,10 +355,11 @@ def test_a_nan_in_the_inputs_reaches_the_outputs_as_in_xla(kind):
 def test_the_forward_kernels_project_their_inputs(kind, reverse):
     """Without ``lengths`` or ``remat`` the LSTM's and the GRU's forward kernels project each step's input in their
     loop: an LSTM that nothing differentiates runs `native.lstm_infer_p` (no gates kept), differentiated
-    `native.lstm_forward_inputs_p`; the GRU `native.gru_forward_inputs_p` either way. With ``lengths`` or ``remat``
-    the forward kernels run on inputs XLA projected. All give the plain step's outputs and final carry to float32
-    rounding (`test_kernels_equal_autodiff_of_the_step` holds them and the gradients to the float64 truth), and the
-    primal of a `jax.jvp` is the differentiated path's."""
+    `native.lstm_forward_inputs_p`; the GRU `native.gru_forward_inputs_p` either way; with ``lengths`` their masked
+    twins, which project the valid rows' inputs alone. With ``remat`` the forward kernels run on inputs XLA
+    projected. All give the plain step's outputs and final carry to float32 rounding
+    (`test_kernels_equal_autodiff_of_the_step` holds them and the gradients to the float64 truth, padded too), and
+    the primal of a `jax.jvp` is the differentiated path's."""
     cell, params, xs, carry, weights = problem(48, (6,), 12, kind=kind)
     name = kind.lower()
 
@@ -361,20 +368,24 @@ def test_the_forward_kernels_project_their_inputs(kind, reverse):
 
     def kernels(fn, *args):
         text = jax.jit(fn).lower(*args).as_text()
-        return sorted(set(re.findall(rf"rnnlab_{name}_(infer|forward_masked|forward_inputs|forward)\b", text)))
+        return sorted(set(re.findall(rf"rnnlab_{name}_((?:infer|forward)(?:_inputs)?(?:_masked)?)\b", text)))
 
     loss = loss_fn(cell, weights, reverse)
     lengths = jnp.array([12, 3, 7, 12, 1, 9])
     assert kernels(run, params, xs) == (["infer"] if kind == "LSTM" else ["forward_inputs"])
     assert kernels(jax.grad(loss), params, xs, carry) == ["forward_inputs"]
     assert kernels(lambda p, x: jax.jvp(lambda p: run(p, x), (p,), (p,)), params, xs) == ["forward_inputs"]
-    assert kernels(functools.partial(run, lengths=lengths), params, xs) == ["forward_masked"]
+    padded = functools.partial(run, lengths=lengths)
+    assert kernels(padded, params, xs) == (["infer_masked"] if kind == "LSTM" else ["forward_inputs_masked"])
+    assert kernels(jax.grad(loss_fn(cell, weights, reverse, lengths)), params, xs, carry) == ["forward_inputs_masked"]
     assert kernels(functools.partial(run, remat=4), params, xs) == ["forward"]
-    alone = jax.jit(run)(params, xs)
-    differentiated = jax.jit(lambda p, x: jax.jvp(lambda p: run(p, x), (p,), (p,))[0])(params, xs)
-    plain = jax.jit(lambda p, x: rnnlab.scan(plain_twin(cell), p, x, carry=carry, reverse=reverse))(params, xs)
-    assert_trees_close(alone, differentiated, rtol=1e-5, atol=1e-6)
-    assert_trees_close(alone, plain, rtol=1e-5, atol=1e-6)
+    for options in ({}, {"lengths": lengths}):
+        alone = jax.jit(functools.partial(run, **options))(params, xs)
+        differentiated = jax.jit(lambda p, x: jax.jvp(lambda p: run(p, x, **options), (p,), (p,))[0])(params, xs)
+        plain = jax.jit(lambda p, x: rnnlab.scan(plain_twin(cell), p, x, carry=carry, reverse=reverse, **options))(
+            params, xs)
+        assert_trees_close(alone, differentiated, rtol=1e-5, atol=1e-6)
+        assert_trees_close(alone, plain, rtol=1e-5, atol=1e-6)
 
 
 @needs_kernels
@@ -797,13 +808,14 @@ def test_on_a_gpu_the_recurrences_run_as_pallas_kernels(monkeypatch):
     assert lowered("RNN-tanh", 64, export=True)[0] == 0
     assert lowered("LSTM", 64, platform="cpu")[0] == 0
     assert lowered("RNN-tanh", 64, platform="rocm")[0] == 0
-    # The forward pass alone (`lstm_infer_p`, `gru_forward_inputs_p`): there the inputs projected by XLA, then the
-    # forward kernel.
-    for kind in ("LSTM", "GRU"):
+    # The forward pass alone (`lstm_infer_p`, `gru_forward_inputs_p`, padded their masked twins): there the inputs
+    # projected by XLA, then the forward kernel.
+    for kind, lengths in itertools.product(("LSTM", "GRU"), (None, padded)):
         cell, params, xs, carry, _ = problem(64, (3,), 12, kind=kind)
-        forward = jax.jit(lambda p, x, cell=cell, carry=carry: rnnlab.scan(cell, p, x, carry=carry)[0])
+        forward = jax.jit(lambda p, x, cell=cell, carry=carry, lengths=lengths: rnnlab.scan(
+            cell, p, x, carry=carry, lengths=lengths)[0])
         text = forward.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
-        assert (text.count("xla.gpu.triton"), text.count("stablehlo.while")) == (1, 0), kind
+        assert (text.count("xla.gpu.triton"), text.count("stablehlo.while")) == (1, 0), (kind, lengths)
 
 
 def benchmark_script(name: str, monkeypatch):
@@ -915,10 +927,13 @@ def test_the_gpu_lowering_equals_the_xla_loops(kind, reverse, padded, monkeypatc
 
     expected = gradients("0")
     name = kind.split("-")[0].lower()
-    for primitive in (getattr(native, f"{name}_{part}{'_masked' if padded else ''}_p")
-                      for part in ("forward", "backward")):
+    # The LSTM's and the GRU's forward kernels that project their inputs lower there to XLA's projection and the
+    # forward primitive, whose rule is the one under test.
+    parts = ("forward", "backward") + (() if name == "rnn" else ("forward_inputs",))
+    for primitive in (getattr(native, f"{name}_{part}{'_masked' if padded else ''}_p") for part in parts):
         rules = mlir._platform_specific_lowerings["cpu"]
         monkeypatch.setitem(rules, primitive, dataclasses.replace(rules[primitive], rule=primitive.gpu_rule))
+    monkeypatch.setenv("RNNLAB_NATIVE", "1")
     text = jax.jit(jax.grad(lambda p: jnp.sum(rnnlab.scan(cell, p, xs, lengths=lengths)[0]))).lower(params).as_text()
     assert f"rnnlab_{name}" not in text  # the C++ kernels' calls: the rule under test replaced them
     assert_trees_close(gradients("1"), expected, rtol=1e-5, atol=1e-5)

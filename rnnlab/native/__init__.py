@@ -100,13 +100,11 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 _TARGETS = {"rnnlab_lstm_forward": "RnnlabLstmForward", "rnnlab_lstm_backward": "RnnlabLstmBackward",
             "rnnlab_gru_forward": "RnnlabGruForward", "rnnlab_gru_backward": "RnnlabGruBackward",
             "rnnlab_rnn_forward": "RnnlabRnnForward", "rnnlab_rnn_backward": "RnnlabRnnBackward",
-            "rnnlab_gradflow": "RnnlabGradflow"}
+            "rnnlab_lstm_infer": "RnnlabLstmInfer", "rnnlab_lstm_forward_inputs": "RnnlabLstmForwardInputs",
+            "rnnlab_gru_forward_inputs": "RnnlabGruForwardInputs", "rnnlab_gradflow": "RnnlabGradflow"}
 _TARGETS.update({f"{target}_masked": f"{symbol}Masked" for target, symbol in list(_TARGETS.items())
                  if target != "rnnlab_gradflow"})
 _TARGETS["rnnlab_gradflow_direct"] = "RnnlabGradflowDirect"
-_TARGETS["rnnlab_lstm_infer"] = "RnnlabLstmInfer"
-_TARGETS["rnnlab_lstm_forward_inputs"] = "RnnlabLstmForwardInputs"
-_TARGETS["rnnlab_gru_forward_inputs"] = "RnnlabGruForwardInputs"
 #: The hidden size the kernels take must be a multiple of this: their widest vector of float32 (AVX-512's 16; with
 #: AVX2 alone they work in vectors of 8, `recurrent.cc`'s kLanes). Other sizes run padded (`kernel_hidden`).
 LANES = 16
@@ -291,21 +289,24 @@ def _reference_forward(w_h, h0, c0, px, *, reverse, threads, unroll=1, valid=Non
     return hs, cs, gates
 
 
-def _reference_forward_inputs(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unroll=1):
+def _reference_forward_inputs(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unroll=1, valid=None):
     """`lstm_forward_inputs_p`'s maths: the inputs projected for all steps, then `lstm_forward_p` (on a GPU its
-    kernel)."""
-    return lstm_forward_p.bind(w_h, h0, c0, xs @ w_x + b, reverse=reverse, threads=threads)
+    kernel), or its masked twin."""
+    mask, p = ((), lstm_forward_p) if valid is None else ((valid,), lstm_forward_masked_p)
+    return p.bind(w_h, h0, c0, xs @ w_x + b, *mask, reverse=reverse, threads=threads)
 
 
-def _reference_gru_forward_inputs(w_h, b_h, w_x, b_x, h0, xs, *, reverse, threads, unroll=1):
+def _reference_gru_forward_inputs(w_h, b_h, w_x, b_x, h0, xs, *, reverse, threads, unroll=1, valid=None):
     """`gru_forward_inputs_p`'s maths: the inputs projected for all steps, then `gru_forward_p` (on a GPU its
-    kernel)."""
-    return gru_forward_p.bind(w_h, b_h, h0, xs @ w_x + b_x, reverse=reverse, threads=threads)
+    kernel), or its masked twin."""
+    mask, p = ((), gru_forward_p) if valid is None else ((valid,), gru_forward_masked_p)
+    return p.bind(w_h, b_h, h0, xs @ w_x + b_x, *mask, reverse=reverse, threads=threads)
 
 
-def _reference_infer(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unroll=1):
-    """`lstm_infer_p`'s maths: `lstm_forward_inputs_p`'s, its outputs and final cell state."""
-    hs, cs, _ = _reference_forward_inputs(w_h, w_x, b, h0, c0, xs, reverse=reverse, threads=threads)
+def _reference_infer(w_h, w_x, b, h0, c0, xs, *, reverse, threads, unroll=1, valid=None):
+    """`lstm_infer_p`'s maths: `lstm_forward_inputs_p`'s, its outputs and final cell state (masked: kept through
+    the invalid steps, so the last step's)."""
+    hs, cs, _ = _reference_forward_inputs(w_h, w_x, b, h0, c0, xs, reverse=reverse, threads=threads, valid=valid)
     return hs, cs[0 if reverse else -1]
 
 
@@ -855,9 +856,9 @@ def _forward_inputs_shapes(w_h, w_x, b, h0, c0, xs):
     return _forward_shapes(w_h, h0, c0, _projection_like(xs, b))
 
 
-lstm_forward_inputs_p = _primitive("rnnlab_lstm_forward_inputs", _reference_forward_inputs, _forward_inputs_shapes,
-                                   "k g, i g, g, b h, b h, t b i -> t b h, t b h, t b g",
-                                   "rnnlab_lstm_forward_inputs")
+lstm_forward_inputs_p, lstm_forward_inputs_masked_p = _cell_primitive(
+    "rnnlab_lstm_forward_inputs", _reference_forward_inputs, _forward_inputs_shapes,
+    "k g, i g, g, b h, b h, t b i -> t b h, t b h, t b g", "rnnlab_lstm_forward_inputs", mask_at=6)
 
 
 def _infer_shapes(w_h, w_x, b, h0, c0, xs):
@@ -865,8 +866,9 @@ def _infer_shapes(w_h, w_x, b, h0, c0, xs):
     return [hs_shape, (c0.shape, c0.dtype)]
 
 
-lstm_infer_p = _primitive("rnnlab_lstm_infer", _reference_infer, _infer_shapes,
-                          "k g, i g, g, b h, b h, t b i -> t b h, b h", "rnnlab_lstm_infer")
+lstm_infer_p, lstm_infer_masked_p = _cell_primitive(
+    "rnnlab_lstm_infer", _reference_infer, _infer_shapes, "k g, i g, g, b h, b h, t b i -> t b h, b h",
+    "rnnlab_lstm_infer", mask_at=6)
 gru_forward_p, gru_forward_masked_p = _cell_primitive(
     "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
     "rnnlab_gru_forward", {3: 1}, gpu_kernel=_pallas_kernel("gru_forward"), mask_at=4)
@@ -874,10 +876,10 @@ gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _li
     "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h",
     _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", {1: 0},
     _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient))
-gru_forward_inputs_p = _primitive(
+gru_forward_inputs_p, gru_forward_inputs_masked_p = _cell_primitive(
     "rnnlab_gru_forward_inputs", _reference_gru_forward_inputs,
     lambda w_h, b_h, w_x, b_x, h0, xs: _gru_forward_shapes(w_h, b_h, h0, _projection_like(xs, b_x)),
-    "k g, g, i g, g, b h, t b i -> t b h, t b g, t b h", "rnnlab_gru_forward_inputs")
+    "k g, g, i g, g, b h, t b i -> t b h, t b g, t b h", "rnnlab_gru_forward_inputs", mask_at=6)
 rnn_forward_p, rnn_forward_masked_p = _cell_primitive(
     "rnnlab_rnn_forward", _reference_rnn_forward, lambda w_h, h0, px: [(px.shape, px.dtype)],
     "k h, b h, t b h -> t b h", "rnnlab_rnn_forward", {2: 0}, gpu_kernel=_pallas_kernel("rnn_forward"), mask_at=3)
@@ -1094,7 +1096,8 @@ try:
         {lstm_forward_p, lstm_backward_p, gru_forward_p, gru_backward_p, rnn_forward_p, rnn_backward_p, gradflow_p,
          lstm_forward_masked_p, lstm_backward_masked_p, gru_forward_masked_p, gru_backward_masked_p,
          rnn_forward_masked_p, rnn_backward_masked_p, gradflow_direct_p, lstm_infer_p,
-         lstm_forward_inputs_p, gru_forward_inputs_p})
+         lstm_forward_inputs_p, gru_forward_inputs_p, lstm_infer_masked_p, lstm_forward_inputs_masked_p,
+         gru_forward_inputs_masked_p})
 except (ImportError, AttributeError):  # pragma: no cover - a JAX without the registry
     pass
 

@@ -531,12 +531,15 @@ struct Inputs {
   const float* apart = nullptr;
 };
 
-// The loop and the inputs of a kernel that projects xs [T, B, I] by w_x [I, gates·H] itself (w_h [H, gates·H]).
+// The loop and the inputs of a kernel that projects xs [T, B, I] by w_x [I, gates·H] itself (w_h [H, gates·H]),
+// masked by `valid` where given (`mask_of`).
 ffi::Error inputs_loop(const ffi::Buffer<ffi::F32>& w_h, const ffi::Buffer<ffi::F32>& w_x,
-                       const ffi::Buffer<ffi::F32>& xs, int gates, bool reverse, int64_t threads, Loop* loop,
-                       Inputs* inputs) {
+                       const ffi::Buffer<ffi::F32>& xs, int gates, const ffi::Buffer<ffi::PRED>* valid, bool reverse,
+                       int64_t threads, Loop* loop, Inputs* inputs) {
   *inputs = Inputs{xs.typed_data(), w_x.typed_data(), static_cast<int>(xs.dimensions()[2])};
-  return loop_of(xs.dimensions(), w_h.dimensions()[1], gates, reverse, threads, loop);
+  if (auto error = loop_of(xs.dimensions(), w_h.dimensions()[1], gates, reverse, threads, loop); error.failure())
+    return error;
+  return mask_of(valid, loop);
 }
 
 // The forward loop of a cell. Each part owns rows [b0, b1) and hidden units [u0, u0 + nu) (`split_of`) and the
@@ -546,8 +549,9 @@ ffi::Error inputs_loop(const ffi::Buffer<ffi::F32>& w_h, const ffi::Buffer<ffi::
 // step is masked out: the loop has copied h_{t-1}'s units to h_t's, the cell copies on its other carries, and z_b
 // is null (a masked kernel's matmul skips such rows). A team that splits the units meets at a barrier after each
 // step, after which h_t is whole. With `inputs` z also holds x_t W_x: one matmul of the rows [h_{t-1}, x_t] by
-// [W_h; W_x], so no projection of all steps is written to memory and read back; with `inputs->apart` (unmasked
-// only) z_b is [h_{t-1} W_h's gate blocks of nu, then x_t W_x + bias's], two matmuls.
+// [W_h; W_x], so no projection of all steps is written to memory and read back; with `inputs->apart` z_b is
+// [h_{t-1} W_h's gate blocks of nu, then x_t W_x + bias's], two matmuls. A masked step projects its valid rows'
+// inputs alone.
 template <typename Step>
 void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* h0, float* hs,
                   Step step, const Inputs* inputs = nullptr) {
@@ -561,31 +565,51 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
     });
     const std::vector<float> panel_x =
         apart ? pack(I, width, [&](int k, int j) { return inputs->w_x[k * G + columns[j]]; }) : std::vector<float>();
-    std::vector<float> z(static_cast<size_t>(rows) * z_row), gathered,
+    std::vector<float> z(static_cast<size_t>(rows) * z_row), gathered, gathered_x,
         joined(joins ? static_cast<size_t>(rows) * K : 0);
     std::vector<int> live;
     for (int s = 0; s < loop.steps; ++s) {
       const int t = loop.time(s), prev = loop.previous(s);
       const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
       const float* a = h_prev + static_cast<size_t>(b0) * H;
-      if (joins) {  // row i of [h_{t-1}, x_t]
-        for (int i = 0; i < rows; ++i) {
-          std::memcpy(&joined[static_cast<size_t>(i) * K], a + static_cast<size_t>(i) * H, H * sizeof(float));
-          std::memcpy(&joined[static_cast<size_t>(i) * K + H], inputs->xs + loop.row(t, b0 + i) * I,
-                      I * sizeof(float));
-        }
-        a = joined.data();
-      }
-      if (apart) {
-        matmul(rows, width, H, a, H, panel.data(), z.data(), z_row);
-        matmul(rows, width, I, inputs->xs + loop.row(t, b0) * I, I, panel_x.data(), z.data() + width, z_row);
-        for (int i = 0; i < rows; ++i)
-          for (int j = 0; j < width; j += kLanes) {
-            float* x = &z[static_cast<size_t>(i) * z_row + width + j];
-            store(x, load(x) + load(inputs->apart + columns[j]));  // a vector of units of one gate block
-          }
-      } else {
+      if (inputs == nullptr) {
         live_matmul(rows, live_rows(loop, t, b0, b1, live), live, width, K, a, panel.data(), z.data(), gathered);
+      } else {
+        // The computed rows (a masked step's valid ones): row i of z is row `source(i)` of the part's.
+        const int n = live_rows(loop, t, b0, b1, live);
+        auto source = [&](int i) { return n == rows ? i : live[i]; };
+        const float* x = inputs->xs + loop.row(t, b0) * I;
+        if (joins) {  // row i of [h_{t-1}, x_t]
+          for (int i = 0; i < n; ++i) {
+            std::memcpy(&joined[static_cast<size_t>(i) * K], a + static_cast<size_t>(source(i)) * H,
+                        H * sizeof(float));
+            std::memcpy(&joined[static_cast<size_t>(i) * K + H], x + static_cast<size_t>(source(i)) * I,
+                        I * sizeof(float));
+          }
+          if (n > 0) matmul(n, width, K, joined.data(), K, panel.data(), z.data(), width);
+        } else {
+          if (n < rows) {  // the valid rows of h_{t-1} and x_t, gathered
+            gathered.resize(static_cast<size_t>(n) * H);
+            gathered_x.resize(static_cast<size_t>(n) * I);
+            for (int i = 0; i < n; ++i) {
+              std::memcpy(&gathered[static_cast<size_t>(i) * H], a + static_cast<size_t>(live[i]) * H,
+                          H * sizeof(float));
+              std::memcpy(&gathered_x[static_cast<size_t>(i) * I], x + static_cast<size_t>(live[i]) * I,
+                          I * sizeof(float));
+            }
+            a = gathered.data();
+            x = gathered_x.data();
+          }
+          if (n > 0) {
+            matmul(n, width, H, a, H, panel.data(), z.data(), z_row);
+            matmul(n, width, I, x, I, panel_x.data(), z.data() + width, z_row);
+          }
+          for (int i = 0; i < n; ++i)
+            for (int j = 0; j < width; j += kLanes) {
+              float* zx = &z[static_cast<size_t>(i) * z_row + width + j];
+              store(zx, load(zx) + load(inputs->apart + columns[j]));  // a vector of units of one gate block
+            }
+        }
       }
       for (int b = b0, i = 0; b < b1; ++b) {  // z's row i is the i-th computed row's
         const bool keep = loop.keeps(t, b);
@@ -608,8 +632,8 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 //   carry(dh): adds to g_h_{t-1} = row(s) W_hᵀ (already in dh, [b1 - b0, nu]) the direct terms of the cell;
 //   finish(): writes the cotangents of the initial carry other than h's.
 // g_h0 gets this part's rows and units of the hidden state's cotangent at the end. With g_w (not null), each part
-// also accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s) over its rows, from its own columns of the
-// rows, every grad_steps(b1 - b0) steps, before the barrier (hs [T, B, H] and h0 give h_{t-1}); row(s) must stay
+// also accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s) over its rows (masked: its valid rows), from
+// its own columns of the rows, every grad_steps(b1 - b0) steps, before the barrier (hs [T, B, H] and h0 give h_{t-1}); row(s) must stay
 // readable, in this part's rows and columns, for that many steps. Groups of rows each form the whole gradient over
 // their rows, the first in g_w and the others in buffers of their own, added to g_w at the end.
 template <typename MakePart>
@@ -628,7 +652,7 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
     // dh, kept: this part's rows and units, [rows, nu]; row b at (b - b0)·nu.
     std::vector<float> dh(static_cast<size_t>(rows) * nu), kept(loop.valid != nullptr ? dh.size() : 0), gathered,
         live_dh;
-    std::vector<int> live;
+    std::vector<int> live, summed;
     for (int b = b0; b < b1; ++b) std::memcpy(&dh[(b - b0) * nu], g_h + b * H + u0, nu * sizeof(float));
     if (gw != nullptr) {
       for (int k = 0; k < H; ++k)
@@ -650,12 +674,24 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
         cell.step(s, b, dh_b, keep);
       }
       if (gw != nullptr && (pending - s == flush || s == 0)) {
-        auto h_prev = [&](int r) {
-          const int prev = loop.previous(s + r / rows);
+        // The sum's rows r: step s + r / rows, row b0 + r % rows; masked, only the valid ones (`summed`), since a
+        // kept row's recurrent cotangent is zero.
+        if (loop.valid != nullptr) {
+          summed.clear();
+          for (int r = 0; r < (pending - s) * rows; ++r)
+            if (!loop.keeps(loop.time(s + r / rows), b0 + r % rows)) summed.push_back(r);
+        }
+        const int count = loop.valid != nullptr ? static_cast<int>(summed.size()) : (pending - s) * rows;
+        auto index = [&](int i) { return loop.valid != nullptr ? summed[i] : i; };
+        auto h_prev = [&](int i) {
+          const int r = index(i), prev = loop.previous(s + r / rows);
           return (prev < 0 ? h0 : hs + loop.row(prev, 0) * H) + static_cast<size_t>(b0 + r % rows) * H;
         };
-        auto cotangent = [&](int r) { return cell.row(s + r / rows) + static_cast<size_t>(b0 + r % rows) * G; };
-        weight_grad_add(H, loop.gates, u0, nu, (pending - s) * rows, h_prev, cotangent, gw, panel_a, panel_b);
+        auto cotangent = [&](int i) {
+          const int r = index(i);
+          return cell.row(s + r / rows) + static_cast<size_t>(b0 + r % rows) * G;
+        };
+        weight_grad_add(H, loop.gates, u0, nu, count, h_prev, cotangent, gw, panel_a, panel_b);
         pending = s;
       }
       if (barrier != nullptr) barrier->wait();  // every unit's recurrent cotangent of the step is written
@@ -760,10 +796,10 @@ ffi::Error LstmForward(ffi::ThreadPool pool, Buffer w, Buffer h0, Buffer c0, Buf
 // px = xs W_x + b, each step's projection in the step's matmul (`Inputs`), so that no [T, B, 4H] projection is
 // written to memory and read back: what a differentiated `rnnlab.scan` of an LSTM runs.
 ffi::Error LstmForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs,
-                             Result hs, Result cs, Result gates, bool reverse, int64_t threads) {
+                             const Mask* valid, Result hs, Result cs, Result gates, bool reverse, int64_t threads) {
   Loop loop;
   Inputs inputs;
-  if (auto error = inputs_loop(w, w_x, xs, 4, reverse, threads, &loop, &inputs); error.failure()) return error;
+  if (auto error = inputs_loop(w, w_x, xs, 4, valid, reverse, threads, &loop, &inputs); error.failure()) return error;
   lstm_forward(pool, loop, w.typed_data(), h0.typed_data(), c0.typed_data(), b.typed_data(), 0, &inputs,
                hs->typed_data(), cs->typed_data(), gates->typed_data());
   return ffi::Error::Success();
@@ -775,17 +811,18 @@ ffi::Error LstmForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer 
 // nothing differentiates it: at 16,1000,32,128 it took the forward pass from 36-43 to 16 ms, 1.06-1.27x faster than
 // torch's at the benchmark's four shapes (benchmarks/bench_forward.py): no projection of all steps and no gates
 // written to memory, nor their page faults.
-ffi::Error LstmInfer(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs, Result hs,
-                     Result c_last, bool reverse, int64_t threads) {
+ffi::Error LstmInfer(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs,
+                     const Mask* valid, Result hs, Result c_last, bool reverse, int64_t threads) {
   Loop loop;
   Inputs inputs;
-  if (auto error = inputs_loop(w, w_x, xs, 4, reverse, threads, &loop, &inputs); error.failure()) return error;
+  if (auto error = inputs_loop(w, w_x, xs, 4, valid, reverse, threads, &loop, &inputs); error.failure()) return error;
   const int H = loop.hidden;
   float *HS = hs->typed_data(), *C = c_last->typed_data();
   const float* bias = b.typed_data();
   std::memcpy(C, c0.typed_data(), c0.element_count() * sizeof(float));
   forward_loop(pool, loop, w.typed_data(), h0.typed_data(), HS, [&](int t, int, int row, int u0, int nu,
-                                                                    const float* z, bool) {
+                                                                    const float* z, bool keep) {
+    if (keep) return;  // the row's c stays as it is
     const float* bb = bias + u0;
     float* c = C + static_cast<size_t>(row) * H + u0;
     float* h = HS + loop.row(t, row) * H + u0;
@@ -900,10 +937,10 @@ ffi::Error GruForward(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buf
 // gru_forward_inputs(w_h, b_h, w_x [I, 3H], b_x [3H], h0, xs [T, B, I]) -> hs, gates, a_n: gru_forward on
 // px = xs W_x + b_x, each step's projection in a matmul of its own, b_x added (`Inputs::apart`).
 ffi::Error GruForwardInputs(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0, Buffer xs,
-                            Result hs, Result gates, Result a_n, bool reverse, int64_t threads) {
+                            const Mask* valid, Result hs, Result gates, Result a_n, bool reverse, int64_t threads) {
   Loop loop;
   Inputs inputs;
-  if (auto error = inputs_loop(w, w_x, xs, 3, reverse, threads, &loop, &inputs); error.failure()) return error;
+  if (auto error = inputs_loop(w, w_x, xs, 3, valid, reverse, threads, &loop, &inputs); error.failure()) return error;
   inputs.apart = b_x.typed_data();
   gru_forward(pool, loop, w.typed_data(), b_h.typed_data(), h0.typed_data(), nullptr, &inputs, hs->typed_data(),
               gates->typed_data(), a_n->typed_data());
@@ -1595,6 +1632,23 @@ ffi::Error LstmForwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer h0, Buff
                                  Result hs, Result cs, Result gates, bool reverse, int64_t threads) {
   return LstmForward(pool, w, h0, c0, px, &valid, hs, cs, gates, reverse, threads);
 }
+ffi::Error LstmForwardInputsImpl(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0,
+                                 Buffer xs, Result hs, Result cs, Result gates, bool reverse, int64_t threads) {
+  return LstmForwardInputs(pool, w, w_x, b, h0, c0, xs, nullptr, hs, cs, gates, reverse, threads);
+}
+ffi::Error LstmForwardInputsMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0,
+                                       Buffer xs, Mask valid, Result hs, Result cs, Result gates, bool reverse,
+                                       int64_t threads) {
+  return LstmForwardInputs(pool, w, w_x, b, h0, c0, xs, &valid, hs, cs, gates, reverse, threads);
+}
+ffi::Error LstmInferImpl(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs,
+                         Result hs, Result c_last, bool reverse, int64_t threads) {
+  return LstmInfer(pool, w, w_x, b, h0, c0, xs, nullptr, hs, c_last, reverse, threads);
+}
+ffi::Error LstmInferMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer w_x, Buffer b, Buffer h0, Buffer c0, Buffer xs,
+                               Mask valid, Result hs, Result c_last, bool reverse, int64_t threads) {
+  return LstmInfer(pool, w, w_x, b, h0, c0, xs, &valid, hs, c_last, reverse, threads);
+}
 ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer cs, Buffer c0, Buffer hs, Buffer h0,
                             Buffer g_hs, Buffer g_h, Buffer g_c, Result g_px, Result g_w, Result g_h0, Result g_c0,
                             bool reverse, int64_t threads, bool weight_grad) {
@@ -1614,6 +1668,15 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0,
 ffi::Error GruForwardMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer h0, Buffer px, Mask valid,
                                 Result hs, Result gates, Result a_n, bool reverse, int64_t threads) {
   return GruForward(pool, w, b_h, h0, px, &valid, hs, gates, a_n, reverse, threads);
+}
+ffi::Error GruForwardInputsImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0,
+                                Buffer xs, Result hs, Result gates, Result a_n, bool reverse, int64_t threads) {
+  return GruForwardInputs(pool, w, b_h, w_x, b_x, h0, xs, nullptr, hs, gates, a_n, reverse, threads);
+}
+ffi::Error GruForwardInputsMaskedImpl(ffi::ThreadPool pool, Buffer w, Buffer b_h, Buffer w_x, Buffer b_x, Buffer h0,
+                                      Buffer xs, Mask valid, Result hs, Result gates, Result a_n, bool reverse,
+                                      int64_t threads) {
+  return GruForwardInputs(pool, w, b_h, w_x, b_x, h0, xs, &valid, hs, gates, a_n, reverse, threads);
 }
 ffi::Error GruBackwardImpl(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n, Buffer hs, Buffer h0,
                            Buffer g_hs, Buffer g_h, Result g_u, Result g_w, Result g_h0, bool reverse, int64_t threads,
@@ -1697,9 +1760,9 @@ extern "C" int RnnlabFlowTeam(const char* cell_name, int64_t configs, int rows, 
 extern "C" int RnnlabVectorLanes() { return kLanes; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForward, LstmForwardImpl, (signature<4, 3>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmInfer, LstmInfer, (signature<6, 2>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForwardInputs, LstmForwardInputs, (signature<6, 3>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForwardInputs, GruForwardInputs, (signature<6, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmInfer, LstmInferImpl, (signature<6, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForwardInputs, LstmForwardInputsImpl, (signature<6, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForwardInputs, GruForwardInputsImpl, (signature<6, 3>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackward, LstmBackwardImpl,
                               (signature<9, 4>().Attr<bool>("weight_grad")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForward, GruForwardImpl, (signature<4, 3>()));
@@ -1710,6 +1773,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnForward, RnnForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabRnnBackward, RnnBackwardImpl,
                               (signature<5, 3>().Attr<bool>("weight_grad").Attr<std::string_view>("activation")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForwardMasked, LstmForwardMaskedImpl, (masked<4, 0, 3>(loop_attributes)));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmInferMasked, LstmInferMaskedImpl, (masked<6, 0, 2>(loop_attributes)));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmForwardInputsMasked, LstmForwardInputsMaskedImpl,
+                              (masked<6, 0, 3>(loop_attributes)));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForwardInputsMasked, GruForwardInputsMaskedImpl,
+                              (masked<6, 0, 3>(loop_attributes)));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabLstmBackwardMasked, LstmBackwardMaskedImpl,
                               (masked<6, 3, 4>(backward_attributes)));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnlabGruForwardMasked, GruForwardMaskedImpl, (masked<4, 0, 3>(loop_attributes)));
