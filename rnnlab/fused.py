@@ -404,12 +404,13 @@ def _with_flat_batch(run, carry, sequence: jax.Array, valid: jax.Array | None = 
 def recurrence_of_inputs(cell, params, carry, xs: jax.Array, *, valid: jax.Array | None = None,
                          reverse: bool = False, unroll: int = 1):
     """`recurrence` on ``cell.project_inputs(params, xs)`` (``xs [T, *batch, input_size]``; ``valid`` as there), as
-    `rnnlab.scan` runs a built-in cell without ``remat``. On `rnnlab.native`'s kernels the LSTM's and the GRU's
-    forward kernels project each step's input in their loop, so that no projection of every step is written to
-    memory and read back; masked, the valid rows' alone (padded sequences at batch 64, T = 200, lengths 100-200,
-    input 128, hidden 256: the LSTM's gradient from 185-196 to 154-168 ms, the GRU's from 150-168 to 140-143 ms,
-    `benchmarks/bench_padded.py`'s call in alternating processes, 2026-11-27). An `LSTM` evaluated without differentiation (its forward pass alone, as in evaluation and inference)
-    runs `rnnlab.native.lstm_infer_p`, which keeps nothing for a backward pass either (batch 16, T = 1000, input 32,
+    `rnnlab.scan` runs a built-in cell (with ``remat``, chunk by chunk). On `rnnlab.native`'s kernels the LSTM's
+    and the GRU's forward kernels project each step's input in their loop, so that no projection of every step is
+    written to memory and read back; masked, the valid rows' alone (padded sequences at batch 64, T = 200, lengths
+    100-200, input 128, hidden 256: the LSTM's gradient from 185-196 to 154-168 ms, the GRU's from 150-168 to
+    140-143 ms, `benchmarks/bench_padded.py`'s call in alternating processes, 2026-11-27). An `LSTM` evaluated
+    without differentiation (its forward pass alone, as in evaluation and inference) runs
+    `rnnlab.native.lstm_infer_p`, which keeps nothing for a backward pass either (batch 16, T = 1000, input 32,
     hidden 128: 15.7 against 43.2 ms, `benchmarks/bench_forward.py`); differentiated, it is `recurrence`'s rule with
     `rnnlab.native.lstm_forward_inputs_p` (the tangent's projection, linear, stays one XLA matmul over all steps).
     The GRU runs `rnnlab.native.gru_forward_inputs_p` either way. Their outputs differ by rounding from those of

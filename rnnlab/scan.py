@@ -184,11 +184,11 @@ def scan(
     loop; the numbers are those of the plain step. The built-in cells run a fused recurrence with a hand-written
     tangent rule whose weight gradients are one matmul over all steps (`rnnlab.fused`; on a CPU the native kernels,
     with ``lengths`` their masked twins); the results equal those of the plain step to rounding. On the native
-    kernels, without ``remat``, the LSTM's and the GRU's forward kernels project each step's input in their loop
-    instead (with ``lengths`` the valid steps' alone; the tangent's projection stays one matmul), and an LSTM that
-    nothing differentiates runs its forward pass alone, keeping nothing for a backward pass
-    (`rnnlab.fused.recurrence_of_inputs`). With ``remat`` each chunk projects its own inputs and runs the fused
-    recurrence, recomputed on the way back.
+    kernels the LSTM's and the GRU's forward kernels project each step's input in their loop instead (with
+    ``lengths`` the valid steps' alone; the tangent's projection stays one matmul), and an LSTM that nothing
+    differentiates runs its forward pass alone, keeping nothing for a backward pass
+    (`rnnlab.fused.recurrence_of_inputs`). With ``remat`` each chunk runs so on its own inputs (so only a chunk's
+    projection is ever formed), recomputed on the way back.
 
     In `jax.sharding`'s explicit mode, where ``xs``'s type splits its batch axes over devices, the default carry is
     split alike (a given one is resharded so), and the built-in cells' kernels run on each device's rows
@@ -198,44 +198,32 @@ def scan(
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
     if lengths is not None:
         lengths = _check_lengths(lengths, batch_shape, seq_len)
-    if remat is None and fused.supports(cell, params, carry, xs):
-        if lengths is not None and reverse:  # reversed inside each valid span, then run forward (as below)
-            xs = reverse_padded(xs, lengths)
-        carry, ys = fused.recurrence_of_inputs(cell, params, carry, xs, valid=_valid(seq_len, lengths),
-                                               reverse=reverse and lengths is None, unroll=unroll)
-        if lengths is not None and reverse:
-            ys = reverse_padded(ys, lengths)
-        return jnp.moveaxis(ys, 0, axis), carry
-    step, inputs = step_and_inputs(cell, params, xs, hoist=remat is None)
-    if lengths is None:
-        body, scan_inputs = step, inputs
-    else:
         if reverse:
-            # Reverse inside each valid span, then scan forward: padded steps stay at the end of every sequence.
-            inputs = reverse_padded(inputs, lengths)
-
-        def body(carry, t_and_x):
-            t, x = t_and_x
-            new_carry, y = step(carry, x)
-            valid = t < lengths
-            new_carry = jax.tree_util.tree_map(
-                lambda new, old: jnp.where(_broadcast_to_leaf(valid, new), new, old), new_carry, carry
-            )
-            return new_carry, jnp.where(_broadcast_to_leaf(valid, y), y, jnp.zeros_like(y))
-
-        scan_inputs = (jnp.arange(seq_len), inputs)
+            # Reverse inside each valid span, then run forward: padded steps stay at the end of every sequence.
+            xs = reverse_padded(xs, lengths)
     scan_reverse = reverse and lengths is None
-    if fused.supports(cell, params, carry, inputs):
-        steps = (inputs, _valid(seq_len, lengths))
+    if fused.supports(cell, params, carry, xs):
+        steps = (xs, _valid(seq_len, lengths))
 
-        def run_steps(carry, steps):
-            steps_inputs, steps_valid = steps
-            if remat is not None:  # a chunk's raw inputs: only one chunk's projection is stored at a time
-                steps_inputs = step_and_inputs(cell, params, steps_inputs)[1]
-            return fused.recurrence(cell, params, carry, steps_inputs, valid=steps_valid, reverse=scan_reverse,
-                                    unroll=unroll)
+        def run_steps(carry, steps):  # with remat, a chunk's raw inputs: only its own projection is ever formed
+            steps_xs, steps_valid = steps
+            return fused.recurrence_of_inputs(cell, params, carry, steps_xs, valid=steps_valid, reverse=scan_reverse,
+                                              unroll=unroll)
     else:
-        steps = scan_inputs
+        step, inputs = step_and_inputs(cell, params, xs, hoist=remat is None)
+        if lengths is None:
+            body, steps = step, inputs
+        else:
+            def body(carry, t_and_x):
+                t, x = t_and_x
+                new_carry, y = step(carry, x)
+                valid = t < lengths
+                new_carry = jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(_broadcast_to_leaf(valid, new), new, old), new_carry, carry
+                )
+                return new_carry, jnp.where(_broadcast_to_leaf(valid, y), y, jnp.zeros_like(y))
+
+            steps = (jnp.arange(seq_len), inputs)
 
         def run_steps(carry, steps):
             return jax.lax.scan(body, carry, steps, reverse=scan_reverse, unroll=unroll)

@@ -353,13 +353,12 @@ def test_a_nan_in_the_inputs_reaches_the_outputs_as_in_xla(kind):
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_the_forward_kernels_project_their_inputs(kind, reverse):
-    """Without ``lengths`` or ``remat`` the LSTM's and the GRU's forward kernels project each step's input in their
-    loop: an LSTM that nothing differentiates runs `native.lstm_infer_p` (no gates kept), differentiated
-    `native.lstm_forward_inputs_p`; the GRU `native.gru_forward_inputs_p` either way; with ``lengths`` their masked
-    twins, which project the valid rows' inputs alone. With ``remat`` the forward kernels run on inputs XLA
-    projected. All give the plain step's outputs and final carry to float32 rounding
-    (`test_kernels_equal_autodiff_of_the_step` holds them and the gradients to the float64 truth, padded too), and
-    the primal of a `jax.jvp` is the differentiated path's."""
+    """The LSTM's and the GRU's forward kernels project each step's input in their loop: an LSTM that nothing
+    differentiates runs `native.lstm_infer_p` (no gates kept), differentiated `native.lstm_forward_inputs_p`; the
+    GRU `native.gru_forward_inputs_p` either way; with ``lengths`` their masked twins, which project the valid rows'
+    inputs alone; with ``remat`` the same, chunk by chunk. All give the plain step's outputs and final carry to
+    float32 rounding (`test_kernels_equal_autodiff_of_the_step` holds them and the gradients to the float64 truth,
+    padded too), and the primal of a `jax.jvp` is the differentiated path's."""
     cell, params, xs, carry, weights = problem(48, (6,), 12, kind=kind)
     name = kind.lower()
 
@@ -378,8 +377,10 @@ def test_the_forward_kernels_project_their_inputs(kind, reverse):
     padded = functools.partial(run, lengths=lengths)
     assert kernels(padded, params, xs) == (["infer_masked"] if kind == "LSTM" else ["forward_inputs_masked"])
     assert kernels(jax.grad(loss_fn(cell, weights, reverse, lengths)), params, xs, carry) == ["forward_inputs_masked"]
-    assert kernels(functools.partial(run, remat=4), params, xs) == ["forward"]
-    for options in ({}, {"lengths": lengths}):
+    chunked = functools.partial(run, remat=4)
+    assert kernels(chunked, params, xs) == (["infer"] if kind == "LSTM" else ["forward_inputs"])
+    assert kernels(jax.grad(lambda p, x: jnp.sum(weights * chunked(p, x)[0])), params, xs) == ["forward_inputs"]
+    for options in ({}, {"lengths": lengths}, {"remat": 4}):
         alone = jax.jit(functools.partial(run, **options))(params, xs)
         differentiated = jax.jit(lambda p, x: jax.jvp(lambda p: run(p, x, **options), (p,), (p,))[0])(params, xs)
         plain = jax.jit(lambda p, x: rnnlab.scan(plain_twin(cell), p, x, carry=carry, reverse=reverse, **options))(
