@@ -320,9 +320,11 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
                                          inputs[2], *mask, **options)
         if d_params is None:
             return _outputs(hs, valid), hs[last]
-        u = dpx + _through_reset(gates[..., : h0.shape[-1]], d_params["b_h"])
-        d_hs, d_h = native.bind(primitive("gru_tangent"), w_h, gates, a_n, hs, h0, *mask, u, d_params["w_h"],
-                                d_carry, **options)
+        # b_h's tangent as one more row of W_h's (a = [h, 1] [W_h; b_h]): the backward kernel sums its gradient with
+        # W_h's, so r, which it takes through the reset gate, is not sliced out of the gates for XLA to do so.
+        d_weights = jnp.concatenate([d_params["w_h"], d_params["b_h"][None]])
+        d_hs, d_h = native.bind(primitive("gru_tangent"), w_h, gates, a_n, hs, h0, *mask, dpx, d_weights, d_carry,
+                                **options)
         return (_outputs(hs, valid), hs[last]), (_outputs(d_hs, valid), d_h)
     activation = next(name for name, rnn in _RNN.items() if rnn == kernel)
     (hs,) = native.bind(primitive("rnn_forward"), w_h, h0, px, *mask, activation=activation, **options)

@@ -176,8 +176,9 @@ def test_groups_of_rows_and_teams_give_one_threads_numbers(kind, rows, hidden, s
     """From 8 rows a thread (and enough work a group) the cell kernels run each group of rows whole on one thread,
     else a team of threads splits the units (`native.cell_split`); with 3 threads asked for, XLA's pool of 2 runs
     them. Every output and gradient is then bit for bit one thread's (each row's units are computed in the same
-    order), but W_h's gradient where groups of rows sum it in the kernel (from 32 rows: per group, the groups added
-    at the end), which is within float32 rounding of it; and all near the float64 truth."""
+    order), but W_h's gradient (and the GRU's b_h's, summed with it) where groups of rows sum it in the kernel (from
+    32 rows: per group, the groups added at the end), which is within float32 rounding of it; and all near the
+    float64 truth."""
     monkeypatch.setattr(native, "XLA_WEIGHT_GRAD_WITHOUT_AVX512", frozenset())
     cell, params, xs, carry, weights = problem(hidden, (rows,), steps, kind=kind)
     lengths = jax.random.randint(jax.random.PRNGKey(7), (rows,), 1, steps + 1).at[0].set(steps) if padded else None
@@ -193,12 +194,13 @@ def test_groups_of_rows_and_teams_give_one_threads_numbers(kind, rows, hidden, s
     (outputs, grads, got_split), (outputs_one, grads_one, split_one) = run("3"), run("1")
     assert got_split == split and split_one == (1, False)
     jax.tree_util.tree_map(np.testing.assert_array_equal, outputs, outputs_one)
-    w_h = grads[0].pop("w_h"), grads_one[0].pop("w_h")
+    sums = [(grads[0].pop(name), grads_one[0].pop(name)) for name in ["w_h"] + (["b_h"] if kind == "GRU" else [])]
     jax.tree_util.tree_map(np.testing.assert_array_equal, grads, grads_one)
-    if split[1] and rows >= native.MIN_ROWS_FOR_WEIGHT_GRAD:
-        np.testing.assert_allclose(*w_h, rtol=1e-5, atol=1e-6 * np.max(np.abs(w_h[1])))
-    else:
-        np.testing.assert_array_equal(*w_h)
+    for got, one in sums:
+        if split[1] and rows >= native.MIN_ROWS_FOR_WEIGHT_GRAD:
+            np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6 * np.max(np.abs(one)))
+        else:
+            np.testing.assert_array_equal(got, one)
     monkeypatch.setenv("RNNLAB_NATIVE_THREADS", "3")
     assert_near_float64_truth(cell, weights, reverse, params, xs, carry, lengths)
 

@@ -11,10 +11,13 @@ Three JAX primitives per cell carry them, so that they compose with `jit`, `vmap
 
 - ``lstm_forward_p(w_h, h0, c0, px) -> (hs, cs, gates)`` and ``gru_forward_p(w_h, b_h, h0, px) -> (hs, gates,
   a_n)``: the recurrence, saving what the tangent's coefficients need;
-- ``lstm_tangent_p(w_h, gates, cs, c0, u, dh0, dc0) -> (dhs, dh, dc)`` and
-  ``gru_tangent_p(w_h, gates, a_n, hs, h0, u, dh0) -> (dhs, dh)``: the tangent, linear in ``u`` (the pre-activation
-  tangent from everything but the carry) and the carry's tangent;
-- ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs;
+- ``lstm_tangent_p(w_h, gates, cs, c0, hs, h0, u, dw, dh0, dc0) -> (dhs, dh, dc)`` and
+  ``gru_tangent_p(w_h, gates, a_n, hs, h0, u, dw, dh0) -> (dhs, dh)``: the tangent, linear in ``u`` (the
+  pre-activation tangent from the inputs), ``dw`` (the recurrent weights' tangent: Ẇ_h, the GRU's with ḃ_h as one
+  more row) and the carry's tangent;
+- ``lstm_backward_p`` and ``gru_backward_p``: the tangent's transpose, which is what `jax.grad` runs (the GRU's
+  forms b_h's gradient with W_h's, as its last row: XLA then never slices the reset gate out of the saved gates,
+  which cost a copy of them);
 - ``lstm_forward_inputs_p(w_h, w_x, b, h0, c0, xs) -> (hs, cs, gates)``: ``lstm_forward_p`` on ``xs @ w_x + b``
   with each step's input projected in the loop (one matmul of ``[h_{t-1}, x_t]`` by ``[W_h; W_x]``), no projection
   of every step written to memory: what a differentiated `rnnlab.scan` of an LSTM runs (`rnnlab.fused`); and
@@ -234,8 +237,14 @@ def padded_hidden(hidden: int, dtype) -> int:
 
 def resize_hidden(x, dims: str, hidden: int, size: int):
     """``x`` with each hidden axis among ``dims`` (labels as in `_axes`: ``k`` and ``h`` a hidden size, ``g`` gate
-    blocks of it) resized from ``hidden`` to ``size`` units: zero units appended to each block, or cut off."""
+    blocks of it, ``kb`` a hidden size and one more, a bias's row: the GRU's weight tangent and gradient) resized from
+    ``hidden`` to ``size`` units: zero units appended to each block, or cut off."""
     for axis, label in enumerate(dims.split()):
+        if label == "kb":  # the units, resized as a ``k`` axis, then the bias's row
+            units, bias = jnp.split(x, [x.shape[axis] - 1], axis=axis)
+            x = jnp.concatenate([resize_hidden(units, " ".join("k" if i == axis else "_" for i in range(x.ndim)),
+                                               hidden, size), bias], axis=axis)
+            continue
         if label not in ("k", "h", "g"):
             continue
         shape = x.shape
@@ -355,23 +364,27 @@ def _reference_gru_forward(w_h, b_h, h0, px, *, reverse, threads, unroll=1, vali
 
 
 def _reference_gru_tangent(w_h, gates, a_n, hs, h0, u, dw, dh0, *, reverse, threads, unroll=1, valid=None):
+    """``dw [H + 1, 3H]``: the tangents of W_h and, as its last row, of b_h (the tangent of ``a = h W_h + b_h``)."""
     from rnnlab import fused
 
     params = {"w_h": w_h}
     saved = jnp.concatenate([gates, a_n], axis=-1)
     coeffs = fused._gru_coefficients(params, saved, hs, _previous(hs, h0, reverse))
     step = lambda dh, inputs: (fused._gru_tangent_step(params, dh, *inputs), ())  # noqa: E731
-    u = u + fused._through_reset(gates[..., : hs.shape[-1]], _weight_term(hs, h0, dw, reverse))
+    u = u + fused._through_reset(gates[..., : hs.shape[-1]], _weight_term(hs, h0, dw[:-1], reverse) + dw[-1])
     dh, dhs = fused._masked_scan(step, dh0, (u, coeffs), valid, reverse, unroll, fused._emit_hidden)
     return dhs, dh
 
 
 def _gru_weight_gradient(operands, g_u, reverse, flat):
+    """W_h's gradient and, as one more row, b_h's, ``[H + 1, 3H]``."""
     from rnnlab import fused
 
     gates, hs, h0 = operands[1], operands[3], operands[4]
     # The transpose of `_through_reset` is itself: the n-block of the cotangent times r.
-    return _weight_gradient(hs, h0, fused._through_reset(gates[..., : hs.shape[-1]], g_u), reverse, flat)
+    recurrent = fused._through_reset(gates[..., : hs.shape[-1]], g_u)
+    bias = jnp.sum(recurrent, axis=tuple(range(recurrent.ndim - 1)))
+    return jnp.concatenate([_weight_gradient(hs, h0, recurrent, reverse, flat), bias[None]])
 
 
 def _reference_rnn_forward(w_h, h0, px, *, reverse, threads, activation, unroll=1, valid=None):
@@ -422,8 +435,9 @@ def _pallas_kernel(name: str, weight_gradient=None):
             if weight_gradient is None:
                 return results
             g_u, *g_carry = results
-            g_w = (jnp.zeros_like(unmasked[0]) if params.get("weight_grad") == "none"
-                   else weight_gradient(unmasked, g_u, params["reverse"], True))
+            g_w = weight_gradient(unmasked, g_u, params["reverse"], True)
+            if params.get("weight_grad") == "none":
+                g_w = jnp.zeros_like(g_w)  # its shape alone: XLA drops the sum
             return [g_u, g_w, *g_carry]
 
         return kernel
@@ -431,16 +445,17 @@ def _pallas_kernel(name: str, weight_gradient=None):
     return gpu_kernel
 
 
-def _transposed(tangent, residuals: int):
+def _transposed(tangent, residuals: int, bias_row: bool = False):
     """The backward reference of a tangent reference ``tangent(*residuals, u, dw, *d_carry)``: its transpose in
     ``(u, dw, *d_carry)``, applied to the cotangents of ``(dhs, *d_final_carry)``. Returns ``(g_u, g_w,
-    *g_carry)``; ``weight_grad`` is the kernel's business, so ignored here."""
+    *g_carry)``; ``weight_grad`` is the kernel's business, so ignored here. ``bias_row``: ``dw`` has one more row
+    than W_h, a bias's (the GRU's)."""
 
     def backward(*operands, weight_grad="kernel", **params):
         fixed, cotangents = operands[:residuals], operands[residuals:]
         w_h, g_hs = fixed[0], cotangents[0]
-        zeros = (jnp.zeros(g_hs.shape[:-1] + w_h.shape[-1:], g_hs.dtype), jnp.zeros_like(w_h),
-                 *map(jnp.zeros_like, cotangents[1:]))
+        dw = jnp.zeros((w_h.shape[0] + bias_row, w_h.shape[1]), w_h.dtype)
+        zeros = (jnp.zeros(g_hs.shape[:-1] + w_h.shape[-1:], g_hs.dtype), dw, *map(jnp.zeros_like, cotangents[1:]))
         linear = jax.linear_transpose(lambda *lin: tangent(*fixed, *lin, **params), *zeros)
         return linear(tuple(cotangents))
 
@@ -773,7 +788,7 @@ def _gru_tangent_shapes(w_h, gates, a_n, hs, h0, u, dw, dh0):
 
 
 def _gru_backward_shapes(w_h, gates, a_n, hs, h0, g_hs, g_h):
-    return [(gates.shape, g_hs.dtype), (w_h.shape, g_hs.dtype), (g_h.shape, g_h.dtype)]
+    return [(gates.shape, g_hs.dtype), ((w_h.shape[0] + 1, w_h.shape[1]), g_hs.dtype), (g_h.shape, g_h.dtype)]
 
 
 def _transpose_rule(backward_p, residuals: int, like: int, cell: str):
@@ -793,11 +808,13 @@ def _transpose_rule(backward_p, residuals: int, like: int, cell: str):
 
 
 def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
-                    weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None):
+                    weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None,
+                    bias_row: bool = False):
     """One cell kernel's primitive and its masked twin (`_primitive`): ``(plain, masked)``. The twin (named and
     targeted ``*_masked``) takes one more operand, ``valid [T, B]`` booleans, at index ``mask_at``, which is passed to
     ``reference`` as ``valid``, and to ``gpu_kernel`` as an operand at ``mask_at``. A backward primitive's
-    ``reference`` is the tangent reference it transposes, whose first ``residuals`` operands are fixed."""
+    ``reference`` is the tangent reference it transposes, whose first ``residuals`` operands are fixed (and
+    ``bias_row`` as `_transposed`'s)."""
 
     def masked(function):
         return lambda *operands, **params: function(*operands[:mask_at], *operands[mask_at + 1:], **params)
@@ -811,7 +828,8 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
     plain_reference, masked_reference = reference, with_valid
     masked_aliases = {operand + (operand >= mask_at): result for operand, result in (aliases or {}).items()}
     if residuals is not None:
-        plain_reference, masked_reference = _transposed(reference, residuals), _transposed(with_valid, residuals + 1)
+        plain_reference = _transposed(reference, residuals, bias_row)
+        masked_reference = _transposed(with_valid, residuals + 1, bias_row)
     return (_primitive(name, plain_reference, out_shapes, labels, target, aliases, weight_gradient,
                        gpu_kernel=gpu_kernel),
             _primitive(f"{name}_masked", masked_reference, masked(out_shapes), masked_labels,
@@ -821,16 +839,17 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
 
 def _linear_primitives(cell: str, tangent_reference, tangent_shapes, tangent_labels: str, backward_shapes,
                        backward_labels: str, aliases: dict, weight_gradient, residuals: int, like: int,
-                       gpu_kernel=None):
+                       gpu_kernel=None, bias_row: bool = False):
     """``cell``'s tangent primitive and the backward primitive that is its transpose (the kernel
     ``rnnlab_<cell>_backward``), each with its masked twin, whose mask follows the first ``residuals`` (fixed)
     operands: ``(tangent, tangent_masked, backward, backward_masked)``, with the transposes registered
-    (`_transpose_rule`; ``operands[like]`` is shaped like the dh's the tangent returns)."""
+    (`_transpose_rule`; ``operands[like]`` is shaped like the dh's the tangent returns). ``bias_row``: the weights'
+    tangent and gradient have a bias's row below W_h's (the GRU's b_h)."""
     tangent, tangent_masked = _cell_primitive(f"rnnlab_{cell}_tangent", tangent_reference, tangent_shapes,
                                               tangent_labels, None, mask_at=residuals)
     backward, backward_masked = _cell_primitive(
         f"rnnlab_{cell}_backward", tangent_reference, backward_shapes, backward_labels, f"rnnlab_{cell}_backward",
-        aliases, weight_gradient, gpu_kernel, mask_at=residuals, residuals=residuals)
+        aliases, weight_gradient, gpu_kernel, mask_at=residuals, residuals=residuals, bias_row=bias_row)
     ad.primitive_transposes[tangent] = _transpose_rule(backward, residuals, like, cell)
     ad.primitive_transposes[tangent_masked] = _transpose_rule(backward_masked, residuals + 1, like, cell)
     return tangent, tangent_masked, backward, backward_masked
@@ -873,9 +892,10 @@ gru_forward_p, gru_forward_masked_p = _cell_primitive(
     "rnnlab_gru_forward", _reference_gru_forward, _gru_forward_shapes, "k g, g, b h, t b g -> t b h, t b g, t b h",
     "rnnlab_gru_forward", {3: 1}, gpu_kernel=_pallas_kernel("gru_forward"), mask_at=4)
 gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _linear_primitives(
-    "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, k g, b h -> t b h, b h",
-    _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, k g, b h", {1: 0},
-    _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient))
+    "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, kb g, b h -> t b h, b h",
+    _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, kb g, b h", {1: 0},
+    _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient),
+    bias_row=True)
 gru_forward_inputs_p, gru_forward_inputs_masked_p = _cell_primitive(
     "rnnlab_gru_forward_inputs", _reference_gru_forward_inputs,
     lambda w_h, b_h, w_x, b_x, h0, xs: _gru_forward_shapes(w_h, b_h, h0, _projection_like(xs, b_x)),

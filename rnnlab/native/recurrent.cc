@@ -22,16 +22,18 @@
 //   gates = [r, z, n] (the same shape as px, so XLA can hand px's buffer to it)
 // gru_forward_inputs(w_h, b_h, w_x [I, 3H], b_x [3H], h0, xs [T, B, I]) -> hs, gates, a_n: the same on
 //   px = xs W_x + b_x, each step's projection in a matmul of its own.
-// gru_backward(w_h, gates, a_n, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_w [H, 3H], g_h0
+// gru_backward(w_h, gates, a_n, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, 3H], g_w [H + 1, 3H], g_h0
 //   the transpose of the GRU's tangent recurrence (rnnlab/fused.py): g_u_t is the cotangent of the tangent's input
-//   u_t = ṗx_t + [ȧ_r, ȧ_z, r ȧ_n].
+//   u_t = ṗx_t (besides [ȧ_r, ȧ_z, r ȧ_n] from the weights' tangent, ȧ = h_{t-1} Ẇ_h + ḃ_h); g_w stacks W_h's
+//   gradient and, as row H, b_h's.
 // rnn_forward(w_h [H, H], h0 [B, H], px [T, B, H]) -> hs [T, B, H]: h_t = φ(px_t + h_{t-1} W_h), φ tanh, relu or
 //   linear (the `activation` attribute)
 // rnn_backward(w_h, hs, h0, g_hs [T, B, H], g_h [B, H]) -> g_u [T, B, H], g_w [H, H], g_h0: the transpose of the
 //   tangent recurrence
 //   ḣ_t = φ'(z_t) (u_t + ḣ_{t-1} W_h), with φ' written through h_t.
 // Each backward kernel also returns W_h's gradient g_w = Σ_t h_{t-1}ᵀ (the step's cotangent of h_{t-1} W_h), the
-//   transpose of the tangent's h_{t-1} Ẇ_h term (`weight_grad` false: left unwritten, for the caller to form).
+//   transpose of the tangent's h_{t-1} Ẇ_h term (the GRU's with b_h's below it; `weight_grad` false: zeros, for the
+//   caller to form).
 // `reverse` runs time from the last step to the first, as `lax.scan(..., reverse=True)`.
 // Each kernel also comes masked (`*_masked`): one more operand, valid [T, B] booleans, after the forward kernel's
 //   operands and after the backward kernel's saved ones (before g_hs). At a step where valid[t, b] is false, row b
@@ -635,17 +637,20 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 // also accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s) over its rows (masked: its valid rows), from
 // its own columns of the rows, every grad_steps(b1 - b0) steps, before the barrier (hs [T, B, H] and h0 give h_{t-1}); row(s) must stay
 // readable, in this part's rows and columns, for that many steps. Groups of rows each form the whole gradient over
-// their rows, the first in g_w and the others in buffers of their own, added to g_w at the end.
+// their rows, the first in g_w and the others in buffers of their own, added to g_w at the end. With `bias_row`
+// g_w has one more row, H, where the same rows of row(s) are summed: the gradient of a bias added to h_{t-1} W_h
+// (the GRU's b_h), as if h_{t-1} had one more unit, always 1.
 template <typename MakePart>
 void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* hs, const float* h0,
-                   const float* g_hs, const float* g_h, float* g_h0, float* g_w, MakePart make_part) {
-  const int H = loop.hidden, G = loop.gates * H;
+                   const float* g_hs, const float* g_h, float* g_h0, float* g_w, MakePart make_part,
+                   bool bias_row = false) {
+  const int H = loop.hidden, G = loop.gates * H, weight_rows = H + (bias_row ? 1 : 0);
   const Split split = split_of(loop);
   // Each group's but the first W_h gradient, allocated (and zeroed below) by the group.
   std::vector<std::vector<float>> other_g_w(g_w != nullptr && split.by_rows ? split.parts - 1 : 0);
   run_split(pool, loop, split, [&](int b0, int b1, int u0, int u1, int group, Barrier* barrier) {
     const int nu = u1 - u0, rows = b1 - b0;
-    if (g_w != nullptr && group > 0) other_g_w[group - 1].resize(static_cast<size_t>(H) * G);
+    if (g_w != nullptr && group > 0) other_g_w[group - 1].resize(static_cast<size_t>(weight_rows) * G);
     float* gw = g_w == nullptr || group == 0 ? g_w : other_g_w[group - 1].data();
     // panel[k, u] = W_h[u0 + u, k], so that this part's units of g_h_{t-1} are row(s) @ panel.
     const std::vector<float> panel = pack(G, nu, [&](int k, int u) { return w_h[(u0 + u) * G + k]; });
@@ -655,7 +660,7 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
     std::vector<int> live, summed;
     for (int b = b0; b < b1; ++b) std::memcpy(&dh[(b - b0) * nu], g_h + b * H + u0, nu * sizeof(float));
     if (gw != nullptr) {
-      for (int k = 0; k < H; ++k)
+      for (int k = 0; k < weight_rows; ++k)
         for (int q = 0; q < loop.gates; ++q) std::memset(gw + k * G + q * H + u0, 0, nu * sizeof(float));
     }
     auto cell = make_part(b0, b1, u0, nu);
@@ -692,6 +697,15 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
           return cell.row(s + r / rows) + static_cast<size_t>(b0 + r % rows) * G;
         };
         weight_grad_add(H, loop.gates, u0, nu, count, h_prev, cotangent, gw, panel_a, panel_b);
+        if (bias_row) {
+          float* bias = gw + static_cast<size_t>(H) * G;
+          for (int i = 0; i < count; ++i)
+            for (int q = 0; q < loop.gates; ++q)
+              for (int j = 0; j < nu; j += kLanes) {
+                const int col = q * H + u0 + j;
+                store(bias + col, load(bias + col) + load(cotangent(i) + col));
+              }
+        }
         pending = s;
       }
       if (barrier != nullptr) barrier->wait();  // every unit's recurrent cotangent of the step is written
@@ -1012,7 +1026,7 @@ ffi::Error GruBackward(ffi::ThreadPool pool, Buffer w, Buffer gates, Buffer a_n,
                 weight_gradient(g_w, weight_grad), [&](int b0, int b1, int u0, int nu) {
     return Part{std::vector<float>(static_cast<size_t>(b1 - b0) * nu), b0, u0, nu, slots, loop, GATES, AN, HS, H0,
                 GHS, GU, recurrent.data()};
-  });
+  }, /*bias_row=*/true);
   return ffi::Error::Success();
 }
 
