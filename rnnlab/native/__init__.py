@@ -656,10 +656,10 @@ def _primitive(name: str, reference, out_shapes, labels: str, target: str | None
     (1–2 µs per 4 KB on this project's 2-core VM).
 
     A backward primitive (``weight_gradient`` given) returns ``(g_u, g_w, *carry)``, ``g_w`` being W_h's gradient
-    (a sum over steps and batch), and takes ``weight_grad``: ``"kernel"`` (summed in the kernel's loop; across
-    devices each sums its rows and the parts are all-reduced), ``"xla"`` (one XLA matmul after it:
-    ``weight_gradient(operands, g_u, reverse, flat)``) or
-    ``"none"`` (zeros: the caller forms it, as the batching rule does with one per example).
+    (a sum over steps and batch; the GRU's with b_h's as one more row), and takes ``weight_grad``: ``"kernel"``
+    (summed in the kernel's loop; across devices each sums its rows and the parts are all-reduced), ``"xla"`` (one
+    XLA matmul after it: ``weight_gradient(operands, g_u, reverse, flat)``) or ``"none"`` (zeros: the caller forms
+    it, as the batching rule does with one per example).
     """
     aliases = aliases or {}
     batch_axes, out_batch_axes = _axes(labels)
@@ -1145,7 +1145,7 @@ def vector_lanes() -> int:
 
 def weight_grad_mode(cell: str, rows: int) -> str:
     """Where the backward kernel of ``cell`` (``"lstm"``, ``"gru"``, ``"rnn"``) over ``rows`` sequences has W_h's
-    gradient formed: ``"kernel"`` (summed in its loop) or ``"xla"`` (one matmul after it)."""
+    gradient (the GRU's with b_h's) formed: ``"kernel"`` (summed in its loop) or ``"xla"`` (one matmul after it)."""
     if rows < MIN_ROWS_FOR_WEIGHT_GRAD:
         return "xla"
     if cell in XLA_WEIGHT_GRAD_WITHOUT_AVX512 and vector_lanes() < 16:

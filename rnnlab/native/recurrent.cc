@@ -635,11 +635,11 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
 //   finish(): writes the cotangents of the initial carry other than h's.
 // g_h0 gets this part's rows and units of the hidden state's cotangent at the end. With g_w (not null), each part
 // also accumulates its columns of W_h's gradient, Σ_t h_{t-1}ᵀ row(s) over its rows (masked: its valid rows), from
-// its own columns of the rows, every grad_steps(b1 - b0) steps, before the barrier (hs [T, B, H] and h0 give h_{t-1}); row(s) must stay
-// readable, in this part's rows and columns, for that many steps. Groups of rows each form the whole gradient over
-// their rows, the first in g_w and the others in buffers of their own, added to g_w at the end. With `bias_row`
-// g_w has one more row, H, where the same rows of row(s) are summed: the gradient of a bias added to h_{t-1} W_h
-// (the GRU's b_h), as if h_{t-1} had one more unit, always 1.
+// its own columns of the rows, every grad_steps(b1 - b0) steps, before the barrier (hs [T, B, H] and h0 give
+// h_{t-1}); row(s) must stay readable, in this part's rows and columns, for that many steps. Groups of rows each
+// form the whole gradient over their rows, the first in g_w and the others in buffers of their own, added to g_w at
+// the end. With `bias_row` g_w has one more row, H, where the same rows of row(s) are summed: the gradient of a bias
+// added to h_{t-1} W_h (the GRU's b_h), as if h_{t-1} had one more unit, always 1.
 template <typename MakePart>
 void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, const float* hs, const float* h0,
                    const float* g_hs, const float* g_h, float* g_h0, float* g_w, MakePart make_part,
@@ -914,17 +914,17 @@ void gru_forward(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, cons
                  const float* PX, const Inputs* inputs, float* HS, float* GATES, float* AN) {
   const int H = loop.hidden, G = 3 * H;
   forward_loop(pool, loop, w_h, H0, HS, [&](int t, int prev, int b, int u0, int nu, const float* a, bool keep) {
-    // The input's share: gate blocks of nu after the recurrent ones in a step's own matmul, of H in px.
-    const float* xb = inputs != nullptr ? a + 3 * nu : PX + loop.row(t, b) * G + u0;
-    const int x_gate = inputs != nullptr ? nu : H;
-    const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
     float* gb = GATES + loop.row(t, b) * G + u0;
     const size_t at = loop.row(t, b) * H + u0;
-    if (keep) {
+    if (keep) {  // a is null
       for (int q = 0; q < 3; ++q) std::memset(gb + q * H, 0, nu * sizeof(float));
       std::memset(AN + at, 0, nu * sizeof(float));
       return;
     }
+    // The input's share: gate blocks of nu after the recurrent ones in a step's own matmul, of H in px.
+    const float* xb = inputs != nullptr ? a + 3 * nu : PX + loop.row(t, b) * G + u0;
+    const int x_gate = inputs != nullptr ? nu : H;
+    const float* h_prev = (prev < 0 ? H0 + b * H : HS + loop.row(prev, b) * H) + u0;
     for (int j = 0; j < nu; j += kLanes) {
       const vf r = vsigmoid(load(xb + j) + load(a + j) + load(BH + u0 + j));
       const vf z = vsigmoid(load(xb + x_gate + j) + load(a + nu + j) + load(BH + H + u0 + j));
