@@ -177,8 +177,8 @@ def test_groups_of_rows_and_teams_give_one_threads_numbers(kind, rows, hidden, s
     else a team of threads splits the units (`native.cell_split`); with 3 threads asked for, XLA's pool of 2 runs
     them. Every output and gradient is then bit for bit one thread's (each row's units are computed in the same
     order), but W_h's gradient (and the GRU's b_h's, summed with it) where groups of rows sum it in the kernel (from
-    32 rows: per group, the groups added at the end), which is within float32 rounding of it; and all near the
-    float64 truth."""
+    `native.MIN_ROWS_FOR_WEIGHT_GRAD` rows: per group, the groups added at the end), which is within float32
+    rounding of it; and all near the float64 truth."""
     monkeypatch.setattr(native, "XLA_WEIGHT_GRAD_WITHOUT_AVX512", frozenset())
     cell, params, xs, carry, weights = problem(hidden, (rows,), steps, kind=kind)
     lengths = jax.random.randint(jax.random.PRNGKey(7), (rows,), 1, steps + 1).at[0].set(steps) if padded else None
@@ -483,8 +483,9 @@ _GRAD_PROGRAM = """
     xs = jax.random.normal(jax.random.PRNGKey(1), (50, 16, 8))
     for name, env in {runs!r}.items():
         os.environ.update(env)
-        grad = jax.jit(jax.grad(lambda p: jnp.mean(rnnlab.scan(cell, p, xs)[0] ** 2)))
-        np.save(os.path.join({folder!r}, name + ".npy"), np.asarray(grad(params)["w_h"]))
+        grad = jax.jit(jax.grad(lambda p: jnp.mean(rnnlab.scan(cell, p, xs)[0] ** 2)))(params)
+        for leaf in ("w_h", "w_x"):
+            np.save(os.path.join({folder!r}, name + "-" + leaf + ".npy"), np.asarray(grad[leaf]))
         print(name, "available", native.available())
         for key in env:
             del os.environ[key]
@@ -508,10 +509,12 @@ def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
     assert "no C++ compiler 'no-such-compiler'" in no_compiler.stderr
     assert together.stdout.split("\n")[:3] == [f"{name} available {name != 'off'}" for name in runs], together.stdout
     assert "no-compiler available False" in no_compiler.stdout
-    results = {name: np.load(tmp_path / f"{name}.npy") for name in [*runs, "no-compiler"]}
-    # Each row's units are computed by one thread in a fixed order whatever the split (16 rows: W_h's gradient is
-    # XLA's): bit-identical.
-    np.testing.assert_array_equal(results["three-threads"], results["one-thread"])
+    results = {name: np.load(tmp_path / f"{name}-w_h.npy") for name in [*runs, "no-compiler"]}
+    # Each row's units are computed by one thread in a fixed order whatever the split: W_x's gradient, XLA's matmul
+    # of the kernel's cotangents, is bit-identical; W_h's, summed per group of rows in the kernel (16 rows: two
+    # groups), within float32 rounding.
+    np.testing.assert_array_equal(*(np.load(tmp_path / f"{name}-w_x.npy") for name in ("three-threads", "one-thread")))
+    np.testing.assert_allclose(results["three-threads"], results["one-thread"], rtol=1e-5, atol=1e-9)
     for name in ("off", "no-compiler"):
         np.testing.assert_allclose(results[name], results["one-thread"], rtol=1e-5, atol=1e-7)
 

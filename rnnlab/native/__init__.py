@@ -1123,9 +1123,13 @@ except (ImportError, AttributeError):  # pragma: no cover - a JAX without the re
 
 
 #: Below this many rows the kernels leave W_h's gradient to XLA: with a short sum per step (K = batch) the kernel's
-#: per-step accumulation is slower than XLA's one matmul after the loop (LSTM at batch 16, T 1000: 88 against 84
-#: ms); from 32 rows it is as fast or faster (tanh RNN at batch 64, hidden 256: 47 against 67 ms).
-MIN_ROWS_FOR_WEIGHT_GRAD = 32
+#: per-step accumulation was slower than XLA's one matmul after the loop (2026-11-25: LSTM at batch 16, T 1000, 88
+#: against 84 ms), so it was 32. Since the sums run packed over several steps at a time, and the GRU's carries b_h's
+#: gradient too (which XLA formed from a copy of the saved gates), the kernels are faster from 16 rows
+#: (`benchmarks/probe_weight_grad.py`, 2026-11-27 22:55, XLA / kernel: 1.13, 1.31 and 1.27 for the LSTM, GRU and tanh
+#: RNN at 16,1000,32,128; 1.06, 1.12, 1.01 at 16,500,64,256); at 8 rows mixed (0.96-1.11 at 8,2000,32,128,
+#: 1.01-1.07 at 8,500,32,512), at 4 the same within noise (GRU 0.92, the others 1.00-1.02).
+MIN_ROWS_FOR_WEIGHT_GRAD = 16
 
 #: Cells whose W_h gradient XLA forms at any row count where the kernels are built without AVX-512 (8-float
 #: vectors). Measured on a 2-core AVX2 CPU, 2026-11-26, ms per LSTM gradient, kernel sum against XLA's matmul,
