@@ -272,7 +272,8 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
     through invalid steps, so the final carry is still the last step's and only the outputs are zeroed here. The
     LSTM and the GRU may take ``inputs = (w_x, b, xs)`` in place of ``px = xs @ w_x + b`` (the GRU's b_x as
     ``b``): their forward kernels then project each step's input themselves (`native.lstm_forward_inputs_p`,
-    `native.gru_forward_inputs_p`, or their masked twins, which project the valid rows alone).
+    `native.gru_forward_inputs_p`, or their masked twins, which project the valid rows alone); the LSTM's without
+    tangents runs its forward pass alone (`native.lstm_infer_p`).
 
     A hidden size that is not a multiple of `native.LANES` runs padded with units that stay zero
     (`native.padded_hidden`): padded here once, so that what the primitives keep for the backward pass stays
@@ -302,6 +303,9 @@ def _native_recurrence(kernel: _Kernel, reverse: bool, params, carry, px, valid,
         h0, c0 = carry
         if inputs is None:
             hs, cs, gates = native.bind(primitive("lstm_forward"), w_h, h0, c0, px, *mask, **options)
+        elif d_params is None:  # nothing differentiates it: the forward pass alone, nothing kept for a backward pass
+            hs, c = native.bind(primitive("lstm_infer"), w_h, *inputs[:2], h0, c0, inputs[2], *mask, **options)
+            return _outputs(hs, valid), (hs[last], c)
         else:
             hs, cs, gates = native.bind(primitive("lstm_forward_inputs"), w_h, *inputs[:2], h0, c0, inputs[2], *mask,
                                         **options)
@@ -433,13 +437,6 @@ def _recurrent_weights(params):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _recurrence_of_inputs(kernel: _Kernel, reverse: bool, unroll: int, weights, carry, xs, valid):
-    if kernel == _LSTM:
-        h0, c0 = carry
-        mask = () if valid is None else (valid,)
-        infer = native.lstm_infer_p if valid is None else native.lstm_infer_masked_p
-        hs, c = native.bind(infer, weights["w_h"], weights["w_x"], weights["b"], h0, c0, xs, *mask, reverse=reverse,
-                            threads=native.threads())
-        return _outputs(hs, valid), (hs[0 if reverse else -1], c)
     return _native_recurrence(kernel, reverse, _recurrent_weights(weights), carry, None, valid,
                               inputs=(weights["w_x"], weights["b"], xs))
 

@@ -461,15 +461,16 @@ int live_rows(const Loop& loop, int t, int b0, int b1, std::vector<int>& live) {
   return static_cast<int>(live.size());
 }
 
-// C[n, width] = A[live rows, k] @ B: the rows `live` of `a` [B, k] (all B of them when n = B) gathered into `gathered`
-// first where some are missing.
+// C[n, width] = A[live rows, k] @ B (rows of C `ldc` apart; default width): the rows `live` of `a` [B, k] (all B of
+// them when n = B) gathered into `gathered` first where some are missing.
 void live_matmul(int batch, int n, const std::vector<int>& live, int width, int k, const float* a,
-                 const float* packed, float* c, std::vector<float>& gathered) {
-  if (n == batch) return matmul(batch, width, k, a, k, packed, c, width);
+                 const float* packed, float* c, std::vector<float>& gathered, int ldc = 0) {
+  ldc = ldc == 0 ? width : ldc;
+  if (n == batch) return matmul(batch, width, k, a, k, packed, c, ldc);
   gathered.resize(static_cast<size_t>(n) * k);
   for (int i = 0; i < n; ++i)
     std::memcpy(&gathered[static_cast<size_t>(i) * k], a + static_cast<size_t>(live[i]) * k, k * sizeof(float));
-  if (n > 0) matmul(n, width, k, gathered.data(), k, packed, c, width);
+  if (n > 0) matmul(n, width, k, gathered.data(), k, packed, c, ldc);
 }
 
 // The fewest rows of a group that one thread runs whole, in the cell kernels (`split_of`) and the gradient-flow
@@ -565,8 +566,11 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
     const std::vector<float> panel = pack(K, width, [&](int k, int j) {
       return k < H ? w_h[k * G + columns[j]] : inputs->w_x[(k - H) * G + columns[j]];
     });
-    const std::vector<float> panel_x =
-        apart ? pack(I, width, [&](int k, int j) { return inputs->w_x[k * G + columns[j]]; }) : std::vector<float>();
+    std::vector<float> panel_x, bias_x;  // apart: W_x's columns of this part, and the bias's
+    if (apart) {
+      panel_x = pack(I, width, [&](int k, int j) { return inputs->w_x[k * G + columns[j]]; });
+      for (int j = 0; j < width; ++j) bias_x.push_back(inputs->apart[columns[j]]);
+    }
     std::vector<float> z(static_cast<size_t>(rows) * z_row), gathered, gathered_x,
         joined(joins ? static_cast<size_t>(rows) * K : 0);
     std::vector<int> live;
@@ -574,44 +578,25 @@ void forward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, con
       const int t = loop.time(s), prev = loop.previous(s);
       const float* h_prev = prev < 0 ? h0 : hs + loop.row(prev, 0) * H;
       const float* a = h_prev + static_cast<size_t>(b0) * H;
-      if (inputs == nullptr) {
-        live_matmul(rows, live_rows(loop, t, b0, b1, live), live, width, K, a, panel.data(), z.data(), gathered);
-      } else {
-        // The computed rows (a masked step's valid ones): row i of z is row `source(i)` of the part's.
-        const int n = live_rows(loop, t, b0, b1, live);
-        auto source = [&](int i) { return n == rows ? i : live[i]; };
-        const float* x = inputs->xs + loop.row(t, b0) * I;
-        if (joins) {  // row i of [h_{t-1}, x_t]
-          for (int i = 0; i < n; ++i) {
-            std::memcpy(&joined[static_cast<size_t>(i) * K], a + static_cast<size_t>(source(i)) * H,
-                        H * sizeof(float));
-            std::memcpy(&joined[static_cast<size_t>(i) * K + H], x + static_cast<size_t>(source(i)) * I,
-                        I * sizeof(float));
-          }
-          if (n > 0) matmul(n, width, K, joined.data(), K, panel.data(), z.data(), width);
-        } else {
-          if (n < rows) {  // the valid rows of h_{t-1} and x_t, gathered
-            gathered.resize(static_cast<size_t>(n) * H);
-            gathered_x.resize(static_cast<size_t>(n) * I);
-            for (int i = 0; i < n; ++i) {
-              std::memcpy(&gathered[static_cast<size_t>(i) * H], a + static_cast<size_t>(live[i]) * H,
-                          H * sizeof(float));
-              std::memcpy(&gathered_x[static_cast<size_t>(i) * I], x + static_cast<size_t>(live[i]) * I,
-                          I * sizeof(float));
-            }
-            a = gathered.data();
-            x = gathered_x.data();
-          }
-          if (n > 0) {
-            matmul(n, width, H, a, H, panel.data(), z.data(), z_row);
-            matmul(n, width, I, x, I, panel_x.data(), z.data() + width, z_row);
-          }
-          for (int i = 0; i < n; ++i)
-            for (int j = 0; j < width; j += kLanes) {
-              float* zx = &z[static_cast<size_t>(i) * z_row + width + j];
-              store(zx, load(zx) + load(inputs->apart + columns[j]));  // a vector of units of one gate block
-            }
+      const float* x = inputs == nullptr ? nullptr : inputs->xs + loop.row(t, b0) * I;
+      const int n = live_rows(loop, t, b0, b1, live);  // the rows computed (a masked step's valid ones)
+      if (joins) {  // row i of [h_{t-1}, x_t], the i-th computed row's
+        for (int i = 0; i < n; ++i) {
+          const size_t row = n == rows ? i : live[i];
+          std::memcpy(&joined[static_cast<size_t>(i) * K], a + row * H, H * sizeof(float));
+          std::memcpy(&joined[static_cast<size_t>(i) * K + H], x + row * I, I * sizeof(float));
         }
+        if (n > 0) matmul(n, width, K, joined.data(), K, panel.data(), z.data(), z_row);
+      } else {
+        live_matmul(rows, n, live, width, H, a, panel.data(), z.data(), gathered, z_row);
+      }
+      if (apart) {  // x_t W_x + bias, after the recurrent gate blocks of each row
+        live_matmul(rows, n, live, width, I, x, panel_x.data(), z.data() + width, gathered_x, z_row);
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < width; j += kLanes) {
+            float* zx = &z[static_cast<size_t>(i) * z_row + width + j];
+            store(zx, load(zx) + load(&bias_x[j]));
+          }
       }
       for (int b = b0, i = 0; b < b1; ++b) {  // z's row i is the i-th computed row's
         const bool keep = loop.keeps(t, b);
@@ -699,12 +684,14 @@ void backward_loop(ffi::ThreadPool& pool, const Loop& loop, const float* w_h, co
         weight_grad_add(H, loop.gates, u0, nu, count, h_prev, cotangent, gw, panel_a, panel_b);
         if (bias_row) {
           float* bias = gw + static_cast<size_t>(H) * G;
-          for (int i = 0; i < count; ++i)
+          for (int i = 0; i < count; ++i) {
+            const float* row = cotangent(i);
             for (int q = 0; q < loop.gates; ++q)
               for (int j = 0; j < nu; j += kLanes) {
                 const int col = q * H + u0 + j;
-                store(bias + col, load(bias + col) + load(cotangent(i) + col));
+                store(bias + col, load(bias + col) + load(row + col));
               }
+          }
         }
         pending = s;
       }
