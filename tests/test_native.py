@@ -492,6 +492,51 @@ _GRAD_PROGRAM = """
 """
 
 
+# The LSTM's gradient split by rows (batch 32: two groups, `share_out`) and by units (batch 4, hidden 256: a team
+# that meets at a barrier every step), 2 threads per kernel, 30 calls each; the first call's W_h gradients saved in
+# `folder` as <name>-rows.npy and <name>-units.npy; printed: whether every thread's CPU mask is the process's at the
+# start. With `cpu`, the process runs on that CPU alone (set before any thread starts, so every thread inherits it).
+_ASIDE_PROGRAM = """
+    import os
+    if {cpu!r} is not None:
+        os.sched_setaffinity(0, {{{cpu!r}}})
+    mask = os.sched_getaffinity(0)
+    import jax, jax.numpy as jnp, numpy as np, rnnlab
+    for split, batch, hidden in (("rows", 32, 64), ("units", 4, 256)):
+        cell = rnnlab.LSTM(hidden_size=hidden)
+        params = cell.init(jax.random.PRNGKey(0), 8)
+        xs = jax.random.normal(jax.random.PRNGKey(1), (50, batch, 8))
+        grad = jax.jit(jax.grad(lambda p: jnp.mean(rnnlab.scan(cell, p, xs)[0] ** 2)))
+        np.save(os.path.join({folder!r}, {name!r} + "-" + split + ".npy"), np.asarray(grad(params)["w_h"]))
+        for _ in range(30):
+            jax.block_until_ready(grad(params))
+    masks = [os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")]
+    print("threads", len(masks), "masks kept", all(m == mask for m in masks))
+"""
+
+
+@needs_kernels
+def test_kernels_that_step_aside_restore_each_threads_cpu_mask(tmp_path):
+    """A kernel's caller that steps aside (its helper not started in time) or a helper that starts on its caller's
+    CPU moves itself to the process's other CPUs until its work is done (`recurrent.cc`'s `Aside`). With
+    ``RNNLAB_NATIVE_HELPER_START_US=0`` a caller steps aside whenever its helper has not started at once: the numbers
+    are the same bit for bit, and every thread's CPU mask is the one it had, here and in a process on one CPU (where
+    there is nowhere to move)."""
+    runs = {"default": ({}, None), "aside": ({"RNNLAB_NATIVE_HELPER_START_US": "0"}, None)}
+    if len(os.sched_getaffinity(0)) >= 2:
+        runs["one-cpu"] = ({"RNNLAB_NATIVE_HELPER_START_US": "0"}, min(os.sched_getaffinity(0)))
+    for name, (env, cpu) in runs.items():
+        done = _run(_ASIDE_PROGRAM.format(cpu=cpu, folder=str(tmp_path), name=name),
+                    {"RNNLAB_NATIVE_THREADS": "2", **env})
+        assert done.returncode == 0, done.stderr
+        assert "masks kept True" in done.stdout, (name, done.stdout)
+    for split in ("rows", "units"):
+        default = np.load(tmp_path / f"default-{split}.npy")
+        np.testing.assert_array_equal(np.load(tmp_path / f"aside-{split}.npy"), default)
+        if "one-cpu" in runs:  # XLA's pool may have one thread there: another split, the same numbers to rounding
+            np.testing.assert_allclose(np.load(tmp_path / f"one-cpu-{split}.npy"), default, rtol=1e-5, atol=1e-9)
+
+
 @needs_kernels
 def test_threads_oversubscription_and_fallback_give_the_same_numbers(tmp_path):
     """The same gradient with 1 and 3 threads per kernel (bit for bit); with the kernels off, or unbuildable (no

@@ -69,7 +69,10 @@ batch, in `jax.shard_map` too (`bind`).
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``,
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
 CPU and jaxlib's version; ``make`` builds it at install. ``RNNLAB_NATIVE_THREADS`` sets the threads per kernel
-(default: the usable cores divided by the local CPU devices).
+(default: the usable cores divided by the local CPU devices). A kernel's calling thread waits for its helper tasks
+to start; where one has not started within ``RNNLAB_NATIVE_HELPER_START_US`` µs (default 250) or started on the
+caller's CPU, one of the two moves itself to the process's other CPUs until its work is done (Linux may queue a
+woken helper behind its caller while another CPU idles; `recurrent.cc`'s `Aside`).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@
 #include <utility>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -302,6 +303,77 @@ class Barrier {
   std::atomic<int> generation_{0};
 };
 
+// Linux may queue a woken thread on the CPU of the thread that woke it, even while another CPU is idle, and leave it
+// there until the next scheduler tick (4 ms here): the idle CPU looked for work before the thread was queued, and a
+// busy enough system skips the search for an idle CPU at a wake-up. A kernel's caller and its helper then share one
+// CPU, each at half speed (or one waits for the other), while the other CPU idles. Measured on the 2-core AVX-512
+// CPU (2026-11-28, `jax.grad` of the LSTM at 32,100,64,128, each thread's CPU recorded as it started): in 14 % of the
+// kernels' calls the helper started on its caller's CPU, 2-4 ms late, and the call took twice as long. Only the
+// thread that is running can act, so each steps aside (moves itself to the other CPUs it may run on, until its work
+// is done: `Aside`): a helper that starts on its caller's CPU, and a caller whose helpers have not started within
+// kHelperStart (one queued behind it, most likely). The caller spins while it waits: a yield would let a helper
+// queued behind it start on the same CPU. Helpers that start normally do so within 20-80 µs here; a step aside that
+// was not needed costs a migration, and the CPU it leaves goes idle and takes over a thread queued elsewhere at once.
+constexpr auto kHelperStart = std::chrono::microseconds(250);
+
+// kHelperStart, or $RNNLAB_NATIVE_HELPER_START_US where set (read once; 0: a caller steps aside whenever its helpers
+// have not started at once, which the tests use to run that path).
+std::chrono::microseconds helper_start() {
+  static const std::chrono::microseconds wait = [] {
+    const char* value = std::getenv("RNNLAB_NATIVE_HELPER_START_US");
+    return value != nullptr ? std::chrono::microseconds(std::atoll(value)) : kHelperStart;
+  }();
+  return wait;
+}
+
+// Moves the calling thread off a CPU (`move`) to the others of its affinity mask (none: it stays), and restores the
+// mask when it goes out of scope.
+class Aside {
+ public:
+  Aside() = default;
+  Aside(const Aside&) = delete;
+  Aside& operator=(const Aside&) = delete;
+  ~Aside() {
+    if (moved_) sched_setaffinity(0, sizeof(mask_), &mask_);
+  }
+  void move(int cpu) {
+    if (moved_ || cpu < 0 || sched_getaffinity(0, sizeof(mask_), &mask_) != 0) return;
+    if (!CPU_ISSET(cpu, &mask_) || CPU_COUNT(&mask_) < 2) return;
+    cpu_set_t others = mask_;
+    CPU_CLR(cpu, &others);
+    moved_ = sched_setaffinity(0, sizeof(others), &others) == 0;
+  }
+
+ private:
+  cpu_set_t mask_;
+  bool moved_ = false;
+};
+
+// How a kernel's helper tasks start: `caller` before it wakes them and once they have started (or not in time),
+// `helper` as each helper's first act.
+struct Starts {
+  std::atomic<int> caller_cpu{-1};
+  std::atomic<int> count{0};
+
+  void before_wake() { caller_cpu.store(sched_getcpu(), std::memory_order_relaxed); }
+  void helper(Aside& aside) {
+    const int cpu = sched_getcpu();
+    if (cpu == caller_cpu.load(std::memory_order_relaxed)) aside.move(cpu);
+    count.fetch_add(1, std::memory_order_release);
+  }
+  void caller(int helpers, Aside& aside) {
+    const auto deadline = std::chrono::steady_clock::now() + helper_start();
+    while (count.load(std::memory_order_acquire) < helpers)
+      if (std::chrono::steady_clock::now() >= deadline) {
+        // Unknown while it moves: the helper it leaves its CPU to may start there at once, and must stay.
+        caller_cpu.store(-1, std::memory_order_relaxed);
+        aside.move(sched_getcpu());
+        caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
+        return;
+      }
+  }
+};
+
 // Runs body(part, parts, barrier) for part = 0 .. parts - 1: part 0 on the calling thread, the others as tasks on
 // XLA's intra-op thread pool (threads of our own would compete for the cores with that pool's, which spin while
 // idle). The parts must run at once (they meet at a barrier every step), so a task that has not started within a
@@ -313,6 +385,7 @@ struct TeamState {
   std::vector<std::atomic<int>> joined;  // 0: not started, 1: joined, 2: abandoned
   std::atomic<int> go{0};                // 1: run, 2: stand down
   std::atomic<int> finished{0};
+  Starts starts;
 };
 
 template <typename Body>
@@ -325,8 +398,11 @@ void team(ffi::ThreadPool& pool, int parts, Body body) {
   }
   auto state = std::make_shared<TeamState>(parts);
   std::atomic<Barrier*> barrier_ptr{nullptr};
+  state->starts.before_wake();
   for (int p = 1; p < parts; ++p) {
     pool.Schedule([state, p, parts, &body, &barrier_ptr] {
+      Aside aside;
+      state->starts.helper(aside);
       int expected = 0;
       if (!state->joined[p].compare_exchange_strong(expected, 1)) return;  // abandoned: touch nothing else
       int go;
@@ -336,6 +412,8 @@ void team(ffi::ThreadPool& pool, int parts, Body body) {
     });
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+  Aside aside;
+  state->starts.caller(parts - 1, aside);
   int joined = 0;
   for (int p = 1; p < parts; ++p) {
     while (state->joined[p].load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < deadline)
@@ -364,6 +442,7 @@ void team(ffi::ThreadPool& pool, int parts, Body body) {
 struct ShareState {
   std::atomic<int> next{0};
   std::atomic<int> done{0};
+  Starts starts;
 };
 
 int share_slots(ffi::ThreadPool& pool, int count, int64_t threads) {
@@ -380,7 +459,15 @@ void share_out(ffi::ThreadPool& pool, int count, int64_t threads, Body body) {
     }
   };
   const int slots = share_slots(pool, count, threads);
-  for (int slot = 1; slot < slots; ++slot) pool.Schedule([state, take, &body, slot] { take(*state, body, slot); });
+  state->starts.before_wake();
+  for (int slot = 1; slot < slots; ++slot)
+    pool.Schedule([state, take, &body, slot] {
+      Aside aside;
+      state->starts.helper(aside);
+      take(*state, body, slot);
+    });
+  Aside aside;
+  state->starts.caller(slots - 1, aside);
   take(*state, body, 0);
   for (int spin = 0; state->done.load(std::memory_order_acquire) != count; ++spin) {
     if (spin > 4000) sched_yield();
