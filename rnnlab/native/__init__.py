@@ -70,9 +70,9 @@ The library is compiled on first use with the system's C++ compiler (``$CXX``, e
 about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), keyed by the source, the flags, the
 CPU and jaxlib's version; ``make`` builds it at install. ``RNNLAB_NATIVE_THREADS`` sets the threads per kernel
 (default: the usable cores divided by the local CPU devices). A kernel's calling thread waits for its helper tasks
-to start; where one has not started within ``RNNLAB_NATIVE_HELPER_START_US`` µs (default 250) or started on the
-caller's CPU, one of the two moves itself to the process's other CPUs until its work is done (Linux may queue a
-woken helper behind its caller while another CPU idles; `recurrent.cc`'s `Aside`).
+to start; where one started on the caller's CPU, or has not started within ``RNNLAB_NATIVE_HELPER_START_US`` µs
+(default 250), one of the two moves itself to another CPU of its affinity mask (Linux may queue a woken helper
+behind its caller while another CPU idles; `recurrent.cc`'s `step_aside`, counted by `steps_aside`).
 """
 
 from __future__ import annotations
@@ -1089,6 +1089,12 @@ def cell_split(cell, steps: int, batch: int) -> tuple[int, bool]:
     parts = _ask("RnnlabCellSplit", [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64], steps,
                  batch, kernel_hidden(cell.hidden_size), len(cell.gates), threads())
     return abs(parts), parts > 0
+
+
+def steps_aside() -> int:
+    """How many times a kernel's thread has moved itself to another CPU since the library was loaded, its helper
+    queued behind it on one CPU (see the module's docstring; 0 where the library cannot be built)."""
+    return _ask("RnnlabStepsAside", [], restype=ctypes.c_int64)
 
 
 def flow_groups(rows: int) -> int:

@@ -308,69 +308,76 @@ class Barrier {
 // busy enough system skips the search for an idle CPU at a wake-up. A kernel's caller and its helper then share one
 // CPU, each at half speed (or one waits for the other), while the other CPU idles. Measured on the 2-core AVX-512
 // CPU (2026-11-28, `jax.grad` of the LSTM at 32,100,64,128, each thread's CPU recorded as it started): in 14 % of the
-// kernels' calls the helper started on its caller's CPU, 2-4 ms late, and the call took twice as long. Only the
-// thread that is running can act, so each steps aside (moves itself to the other CPUs it may run on, until its work
-// is done: `Aside`): a helper that starts on its caller's CPU, and a caller whose helpers have not started within
-// kHelperStart (one queued behind it, most likely). The caller spins while it waits: a yield would let a helper
-// queued behind it start on the same CPU. Helpers that start normally do so within 20-80 µs here; a step aside that
-// was not needed costs a migration, and the CPU it leaves goes idle and takes over a thread queued elsewhere at once.
+// kernels' calls the helper started on its caller's CPU, 2-4 ms late, and the call took twice as long. Only a thread
+// that is running can act, so one of the two steps aside (`step_aside`): a helper that starts on its caller's CPU
+// (it preempted its caller there), or else a caller whose helpers have not started within kHelperStart (one queued
+// behind it, most likely). One thread a call at most: two that both stepped aside could land on the same CPU. The
+// caller spins while it waits, noting its CPU for the helpers; a yield would hand its CPU to whatever is queued there.
+// Helpers that start normally do so within 20-80 µs here; a step aside that was not needed costs a migration, and
+// the CPU it leaves goes idle and takes over a thread queued elsewhere at once.
 constexpr auto kHelperStart = std::chrono::microseconds(250);
 
-// kHelperStart, or $RNNLAB_NATIVE_HELPER_START_US where set (read once; 0: a caller steps aside whenever its helpers
-// have not started at once, which the tests use to run that path).
+// kHelperStart, or $RNNLAB_NATIVE_HELPER_START_US where it is a whole number from 0 to 100000 (read once; 0: a caller
+// steps aside whenever its helpers have not started at once, which the tests use to run that path).
 std::chrono::microseconds helper_start() {
   static const std::chrono::microseconds wait = [] {
     const char* value = std::getenv("RNNLAB_NATIVE_HELPER_START_US");
-    return value != nullptr ? std::chrono::microseconds(std::atoll(value)) : kHelperStart;
+    if (value == nullptr || *value == '\0') return kHelperStart;
+    char* end = nullptr;
+    const long long us = std::strtoll(value, &end, 10);
+    return *end == '\0' && us >= 0 && us <= 100000 ? std::chrono::microseconds(us) : kHelperStart;
   }();
   return wait;
 }
 
-// Moves the calling thread off a CPU (`move`) to the others of its affinity mask (none: it stays), and restores the
-// mask when it goes out of scope.
-class Aside {
- public:
-  Aside() = default;
-  Aside(const Aside&) = delete;
-  Aside& operator=(const Aside&) = delete;
-  ~Aside() {
-    if (moved_) sched_setaffinity(0, sizeof(mask_), &mask_);
-  }
-  void move(int cpu) {
-    if (moved_ || cpu < 0 || sched_getaffinity(0, sizeof(mask_), &mask_) != 0) return;
-    if (!CPU_ISSET(cpu, &mask_) || CPU_COUNT(&mask_) < 2) return;
-    cpu_set_t others = mask_;
-    CPU_CLR(cpu, &others);
-    moved_ = sched_setaffinity(0, sizeof(others), &others) == 0;
-  }
+// Threads that stepped aside since the library was loaded (for rnnlab.native.steps_aside).
+std::atomic<int64_t> steps_aside{0};
 
- private:
-  cpu_set_t mask_;
-  bool moved_ = false;
-};
+// Whether the calling thread may run on more than one CPU (else there is nowhere to step aside to).
+bool may_move() {
+  cpu_set_t mask;
+  return sched_getaffinity(0, sizeof(mask), &mask) == 0 && CPU_COUNT(&mask) > 1;
+}
 
-// How a kernel's helper tasks start: `caller` before it wakes them and once they have started (or not in time),
-// `helper` as each helper's first act.
+// Moves the calling thread off `cpu`, the one it runs on, to another CPU of its affinity mask (if there is one): it
+// narrows the mask to the others, which migrates it at once, then widens it again, which does not move it back, so
+// the mask is the thread's own again whatever follows.
+void step_aside(int cpu) {
+  cpu_set_t mask;
+  if (cpu < 0 || sched_getaffinity(0, sizeof(mask), &mask) != 0) return;
+  if (!CPU_ISSET(cpu, &mask) || CPU_COUNT(&mask) < 2) return;
+  cpu_set_t others = mask;
+  CPU_CLR(cpu, &others);
+  if (sched_setaffinity(0, sizeof(others), &others) != 0) return;
+  sched_setaffinity(0, sizeof(mask), &mask);
+  steps_aside.fetch_add(1, std::memory_order_relaxed);
+}
+
+// How a kernel's helper tasks start, shared by its caller and its helpers.
 struct Starts {
   std::atomic<int> caller_cpu{-1};
   std::atomic<int> count{0};
+  std::atomic<bool> stepped{false};  // one thread has stepped aside (or is doing so) in this call
 
+  // The caller, before it wakes the helpers.
   void before_wake() { caller_cpu.store(sched_getcpu(), std::memory_order_relaxed); }
-  void helper(Aside& aside) {
+  // Each helper's first act.
+  void on_helper_start() {
     const int cpu = sched_getcpu();
-    if (cpu == caller_cpu.load(std::memory_order_relaxed)) aside.move(cpu);
-    count.fetch_add(1, std::memory_order_release);
+    if (cpu >= 0 && cpu == caller_cpu.load(std::memory_order_relaxed) && !stepped.exchange(true)) step_aside(cpu);
+    count.fetch_add(1, std::memory_order_relaxed);
   }
-  void caller(int helpers, Aside& aside) {
+  // The caller, once it has woken `helpers` helpers.
+  void wait_for_helpers(int helpers) {
+    if (helpers == 0 || !may_move()) return;
     const auto deadline = std::chrono::steady_clock::now() + helper_start();
-    while (count.load(std::memory_order_acquire) < helpers)
+    while (count.load(std::memory_order_relaxed) < helpers) {
+      caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
       if (std::chrono::steady_clock::now() >= deadline) {
-        // Unknown while it moves: the helper it leaves its CPU to may start there at once, and must stay.
-        caller_cpu.store(-1, std::memory_order_relaxed);
-        aside.move(sched_getcpu());
-        caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
+        if (!stepped.exchange(true)) step_aside(sched_getcpu());
         return;
       }
+    }
   }
 };
 
@@ -401,8 +408,7 @@ void team(ffi::ThreadPool& pool, int parts, Body body) {
   state->starts.before_wake();
   for (int p = 1; p < parts; ++p) {
     pool.Schedule([state, p, parts, &body, &barrier_ptr] {
-      Aside aside;
-      state->starts.helper(aside);
+      state->starts.on_helper_start();
       int expected = 0;
       if (!state->joined[p].compare_exchange_strong(expected, 1)) return;  // abandoned: touch nothing else
       int go;
@@ -412,8 +418,7 @@ void team(ffi::ThreadPool& pool, int parts, Body body) {
     });
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
-  Aside aside;
-  state->starts.caller(parts - 1, aside);
+  state->starts.wait_for_helpers(parts - 1);
   int joined = 0;
   for (int p = 1; p < parts; ++p) {
     while (state->joined[p].load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < deadline)
@@ -462,12 +467,10 @@ void share_out(ffi::ThreadPool& pool, int count, int64_t threads, Body body) {
   state->starts.before_wake();
   for (int slot = 1; slot < slots; ++slot)
     pool.Schedule([state, take, &body, slot] {
-      Aside aside;
-      state->starts.helper(aside);
+      state->starts.on_helper_start();
       take(*state, body, slot);
     });
-  Aside aside;
-  state->starts.caller(slots - 1, aside);
+  state->starts.wait_for_helpers(slots - 1);
   take(*state, body, 0);
   for (int spin = 0; state->done.load(std::memory_order_acquire) != count; ++spin) {
     if (spin > 4000) sched_yield();
@@ -1843,6 +1846,9 @@ extern "C" int RnnlabFlowTeam(const char* cell_name, int64_t configs, int rows, 
   if (cell_of(cell_name, &cell, &gates).failure()) return -1;
   return flow_team(configs, rows, hidden, gates, threads);
 }
+
+// Threads that stepped aside since the library was loaded (for rnnlab.native.steps_aside; `step_aside`).
+extern "C" int64_t RnnlabStepsAside() { return steps_aside.load(std::memory_order_relaxed); }
 
 // Floats per vector in this build (16 with AVX-512, else 8): for rnnlab.native.vector_lanes.
 extern "C" int RnnlabVectorLanes() { return kLanes; }
