@@ -71,8 +71,8 @@ about 3 s) into ``$RNNLAB_NATIVE_CACHE`` (default ``~/.cache/rnnlab/native``), k
 CPU and jaxlib's version; ``make`` builds it at install. ``RNNLAB_NATIVE_THREADS`` sets the threads per kernel
 (default: the usable cores divided by the local CPU devices). A kernel's calling thread waits for its helper tasks
 to start; where one started on the caller's CPU, or has not started within ``RNNLAB_NATIVE_HELPER_START_US`` µs
-(default 250), one of the two moves itself to another CPU of its affinity mask (Linux may queue a woken helper
-behind its caller while another CPU idles; `recurrent.cc`'s `step_aside`, counted by `steps_aside`).
+(0 to 100000, default 250), one of the two moves itself to another CPU of its affinity mask (Linux may queue a
+woken helper behind its caller while another CPU idles; `recurrent.cc`'s `step_aside`, counted by `steps_aside`).
 """
 
 from __future__ import annotations

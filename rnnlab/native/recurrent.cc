@@ -313,6 +313,8 @@ class Barrier {
 // (it preempted its caller there), or else a caller whose helpers have not started within kHelperStart (one queued
 // behind it, most likely). One thread a call at most: two that both stepped aside could land on the same CPU. The
 // caller spins while it waits, noting its CPU for the helpers; a yield would hand its CPU to whatever is queued there.
+// (A caller moved by the scheduler between its last note and a helper's start leaves a stale CPU: that helper then
+// steps aside onto the caller's new CPU, where the load balancer, the masks being wide, can part them again.)
 // Helpers that start normally do so within 20-80 µs here; a step aside that was not needed costs a migration, and
 // the CPU it leaves goes idle and takes over a thread queued elsewhere at once.
 constexpr auto kHelperStart = std::chrono::microseconds(250);
@@ -330,7 +332,7 @@ std::chrono::microseconds helper_start() {
   return wait;
 }
 
-// Threads that stepped aside since the library was loaded (for rnnlab.native.steps_aside).
+// The moves `step_aside` has made since the library was loaded (for rnnlab.native.steps_aside).
 std::atomic<int64_t> steps_aside{0};
 
 // Whether the calling thread may run on more than one CPU (else there is nowhere to step aside to).
@@ -340,31 +342,34 @@ bool may_move() {
 }
 
 // Moves the calling thread off `cpu`, the one it runs on, to another CPU of its affinity mask (if there is one): it
-// narrows the mask to the others, which migrates it at once, then widens it again, which does not move it back, so
-// the mask is the thread's own again whatever follows.
-void step_aside(int cpu) {
+// narrows the mask to the others, which migrates it at once, then widens it again, which does not move it back.
+// Returns whether it moved. (Widening sets the mask just read; it could fail only where the thread's cpuset shrank
+// meanwhile, and the narrowed mask would then stay.)
+bool step_aside(int cpu) {
   cpu_set_t mask;
-  if (cpu < 0 || sched_getaffinity(0, sizeof(mask), &mask) != 0) return;
-  if (!CPU_ISSET(cpu, &mask) || CPU_COUNT(&mask) < 2) return;
+  if (cpu < 0 || sched_getaffinity(0, sizeof(mask), &mask) != 0) return false;
+  if (!CPU_ISSET(cpu, &mask) || CPU_COUNT(&mask) < 2) return false;
   cpu_set_t others = mask;
   CPU_CLR(cpu, &others);
-  if (sched_setaffinity(0, sizeof(others), &others) != 0) return;
+  if (sched_setaffinity(0, sizeof(others), &others) != 0) return false;
   sched_setaffinity(0, sizeof(mask), &mask);
   steps_aside.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 // How a kernel's helper tasks start, shared by its caller and its helpers.
 struct Starts {
   std::atomic<int> caller_cpu{-1};
   std::atomic<int> count{0};
-  std::atomic<bool> stepped{false};  // one thread has stepped aside (or is doing so) in this call
+  std::atomic<bool> stepped{false};  // a thread has stepped aside (or is trying to) in this call; reset if it could not
 
   // The caller, before it wakes the helpers.
   void before_wake() { caller_cpu.store(sched_getcpu(), std::memory_order_relaxed); }
   // Each helper's first act.
   void on_helper_start() {
     const int cpu = sched_getcpu();
-    if (cpu >= 0 && cpu == caller_cpu.load(std::memory_order_relaxed) && !stepped.exchange(true)) step_aside(cpu);
+    if (cpu >= 0 && cpu == caller_cpu.load(std::memory_order_relaxed) && !stepped.exchange(true) && !step_aside(cpu))
+      stepped.store(false);
     count.fetch_add(1, std::memory_order_relaxed);
   }
   // The caller, once it has woken `helpers` helpers.
@@ -374,7 +379,7 @@ struct Starts {
     while (count.load(std::memory_order_relaxed) < helpers) {
       caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
       if (std::chrono::steady_clock::now() >= deadline) {
-        if (!stepped.exchange(true)) step_aside(sched_getcpu());
+        if (!stepped.exchange(true) && !step_aside(sched_getcpu())) stepped.store(false);
         return;
       }
     }
