@@ -438,9 +438,12 @@ def _pallas_kernel(name: str, weight_gradient=None):
             if weight_gradient is None:
                 return results
             g_u, *g_carry = results
-            g_w = weight_gradient(unmasked, g_u, params["reverse"], True)
-            if params.get("weight_grad") == "none":
-                g_w = jnp.zeros_like(g_w)  # its shape alone: XLA drops the sum
+            gradient = functools.partial(weight_gradient, unmasked, g_u, params["reverse"], True)
+            if params.get("weight_grad") == "none":  # zeros of its shape: the caller forms it
+                shape = jax.eval_shape(gradient)
+                g_w = jnp.zeros(shape.shape, shape.dtype)
+            else:
+                g_w = gradient()
             return [g_u, g_w, *g_carry]
 
         return kernel
@@ -448,17 +451,15 @@ def _pallas_kernel(name: str, weight_gradient=None):
     return gpu_kernel
 
 
-def _transposed(tangent, residuals: int, bias_row: bool = False):
+def _transposed(tangent, residuals: int, shapes):
     """The backward reference of a tangent reference ``tangent(*residuals, u, dw, *d_carry)``: its transpose in
     ``(u, dw, *d_carry)``, applied to the cotangents of ``(dhs, *d_final_carry)``. Returns ``(g_u, g_w,
-    *g_carry)``; ``weight_grad`` is the kernel's business, so ignored here. ``bias_row``: ``dw`` has one more row
-    than W_h, a bias's (the GRU's)."""
+    *g_carry)``, shaped as ``shapes(*operands)`` (the backward primitive's results, which are the shapes of ``(u,
+    dw, *d_carry)``: the GRU's ``dw`` with b_h's row); ``weight_grad`` is the kernel's business, so ignored here."""
 
     def backward(*operands, weight_grad="kernel", **params):
         fixed, cotangents = operands[:residuals], operands[residuals:]
-        w_h, g_hs = fixed[0], cotangents[0]
-        dw = jnp.zeros((w_h.shape[0] + bias_row, w_h.shape[1]), w_h.dtype)
-        zeros = (jnp.zeros(g_hs.shape[:-1] + w_h.shape[-1:], g_hs.dtype), dw, *map(jnp.zeros_like, cotangents[1:]))
+        zeros = [jnp.zeros(shape, dtype) for shape, dtype in shapes(*operands)]
         linear = jax.linear_transpose(lambda *lin: tangent(*fixed, *lin, **params), *zeros)
         return linear(tuple(cotangents))
 
@@ -811,13 +812,11 @@ def _transpose_rule(backward_p, residuals: int, like: int, cell: str):
 
 
 def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str | None, aliases: dict | None = None,
-                    weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None,
-                    bias_row: bool = False):
+                    weight_gradient=None, gpu_kernel=None, mask_at: int = 0, residuals: int | None = None):
     """One cell kernel's primitive and its masked twin (`_primitive`): ``(plain, masked)``. The twin (named and
     targeted ``*_masked``) takes one more operand, ``valid [T, B]`` booleans, at index ``mask_at``, which is passed to
     ``reference`` as ``valid``, and to ``gpu_kernel`` as an operand at ``mask_at``. A backward primitive's
-    ``reference`` is the tangent reference it transposes, whose first ``residuals`` operands are fixed (and
-    ``bias_row`` as `_transposed`'s)."""
+    ``reference`` is the tangent reference it transposes, whose first ``residuals`` operands are fixed."""
 
     def masked(function):
         return lambda *operands, **params: function(*operands[:mask_at], *operands[mask_at + 1:], **params)
@@ -831,8 +830,8 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
     plain_reference, masked_reference = reference, with_valid
     masked_aliases = {operand + (operand >= mask_at): result for operand, result in (aliases or {}).items()}
     if residuals is not None:
-        plain_reference = _transposed(reference, residuals, bias_row)
-        masked_reference = _transposed(with_valid, residuals + 1, bias_row)
+        plain_reference = _transposed(reference, residuals, out_shapes)
+        masked_reference = _transposed(with_valid, residuals + 1, masked(out_shapes))
     return (_primitive(name, plain_reference, out_shapes, labels, target, aliases, weight_gradient,
                        gpu_kernel=gpu_kernel),
             _primitive(f"{name}_masked", masked_reference, masked(out_shapes), masked_labels,
@@ -842,17 +841,16 @@ def _cell_primitive(name: str, reference, out_shapes, labels: str, target: str |
 
 def _linear_primitives(cell: str, tangent_reference, tangent_shapes, tangent_labels: str, backward_shapes,
                        backward_labels: str, aliases: dict, weight_gradient, residuals: int, like: int,
-                       gpu_kernel=None, bias_row: bool = False):
+                       gpu_kernel=None):
     """``cell``'s tangent primitive and the backward primitive that is its transpose (the kernel
     ``rnnlab_<cell>_backward``), each with its masked twin, whose mask follows the first ``residuals`` (fixed)
     operands: ``(tangent, tangent_masked, backward, backward_masked)``, with the transposes registered
-    (`_transpose_rule`; ``operands[like]`` is shaped like the dh's the tangent returns). ``bias_row``: the weights'
-    tangent and gradient have a bias's row below W_h's (the GRU's b_h)."""
+    (`_transpose_rule`; ``operands[like]`` is shaped like the dh's the tangent returns)."""
     tangent, tangent_masked = _cell_primitive(f"rnnlab_{cell}_tangent", tangent_reference, tangent_shapes,
                                               tangent_labels, None, mask_at=residuals)
     backward, backward_masked = _cell_primitive(
         f"rnnlab_{cell}_backward", tangent_reference, backward_shapes, backward_labels, f"rnnlab_{cell}_backward",
-        aliases, weight_gradient, gpu_kernel, mask_at=residuals, residuals=residuals, bias_row=bias_row)
+        aliases, weight_gradient, gpu_kernel, mask_at=residuals, residuals=residuals)
     ad.primitive_transposes[tangent] = _transpose_rule(backward, residuals, like, cell)
     ad.primitive_transposes[tangent_masked] = _transpose_rule(backward_masked, residuals + 1, like, cell)
     return tangent, tangent_masked, backward, backward_masked
@@ -897,8 +895,7 @@ gru_forward_p, gru_forward_masked_p = _cell_primitive(
 gru_tangent_p, gru_tangent_masked_p, gru_backward_p, gru_backward_masked_p = _linear_primitives(
     "gru", _reference_gru_tangent, _gru_tangent_shapes, "k g, t b g, t b h, t b h, b h, t b g, kb g, b h -> t b h, b h",
     _gru_backward_shapes, "k g, t b g, t b h, t b h, b h, t b h, b h -> t b g, kb g, b h", {1: 0},
-    _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient),
-    bias_row=True)
+    _gru_weight_gradient, residuals=5, like=3, gpu_kernel=_pallas_kernel("gru_backward", _gru_weight_gradient))
 gru_forward_inputs_p, gru_forward_inputs_masked_p = _cell_primitive(
     "rnnlab_gru_forward_inputs", _reference_gru_forward_inputs,
     lambda w_h, b_h, w_x, b_x, h0, xs: _gru_forward_shapes(w_h, b_h, h0, _projection_like(xs, b_x)),
