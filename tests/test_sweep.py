@@ -193,3 +193,30 @@ def test_a_second_process_finds_every_sweep_program_in_the_persistent_cache(two_
     entries = two_processes_cache(script)
     assert any(name.startswith("jit_measure_configs") for name in entries[0])
     assert entries[1] == entries[0]
+
+
+@pytest.mark.parametrize("name", ["lstm", "rnn_tanh"])
+def test_other_gains_and_seeds_lower_no_new_program(name):
+    """One program per cell and grid size: a second sweep with other gains and other seeds (as many of each) lowers
+    nothing (JAX's lowering event fires on every jit cache miss, also where the persistent cache then holds the
+    compiled program), and the theory rates come with it. Its numbers are the new configurations', not the first's."""
+    cell = sweep.make_cell(name, 8)
+    kwargs = dict(input_size=3, batch=2)
+    first = sweep.measure(cell, sweep.Grid.product([0.5, 1.0], [0, 1]), 12, **kwargs)
+    lowered = []
+
+    def listen(event, seconds, **_):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        second = sweep.measure(cell, sweep.Grid.product([0.7, 1.9], [5, 11]), 12, **kwargs)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert lowered == []
+    params = sweep.scale_recurrent(cell, cell.init(jax.random.PRNGKey(11), 3), np.float32(1.9))
+    xs = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(11), 1), (12, 2, 3))
+    np.testing.assert_allclose(second.log10_grad_norm[3], gradflow.grad_norms(cell, params, xs), rtol=1e-5,
+                               atol=1e-5)
+    assert not np.allclose(second.log10_grad_norm, first.log10_grad_norm)
