@@ -938,7 +938,7 @@ def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *direct, threads,
 
 
 def _flow_shapes(w_h, b_h, w_x, b_x, h0, c0, xs, which, *direct):
-    return [((w_h.shape[0], xs.shape[0]), xs.dtype)]
+    return [((w_h.shape[0], xs.shape[0]), jnp.promote_types(xs.dtype, jnp.float32))]  # gradflow.measure_dtype
 
 
 _FLOW_LABELS = "b k g, b g, b i g, b g, b n h, b n h, t u n i, b"
@@ -1011,8 +1011,11 @@ def grad_norms(cell, params, xs, carry, remat: int | None = None):
         operands = tuple(jax.sharding.reshard(tree, spec) for tree, spec in zip(operands, specs))
     # Each device's loss divides by its own rows, a `parts`-th of N: its gradient is `parts` times its share.
     parts = _devices_along(mesh, axis)
-    local = lambda p, x, c: (  # noqa: E731
-        _combined_log10_norms(_grad_norms_whole(cell, p, x, c, remat), axis) - np.log10(parts).astype(x.dtype))
+
+    def local(p, x, c):
+        combined = _combined_log10_norms(_grad_norms_whole(cell, p, x, c, remat), axis)
+        return combined - jnp.asarray(np.log10(parts), combined.dtype)
+
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=False)(*operands)
 
 
