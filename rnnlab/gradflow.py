@@ -27,10 +27,10 @@ _LOG10_2 = math.log10(2.0)
 
 
 def measure_dtype(dtype) -> jnp.dtype:
-    """The dtype norms, their logs and the accumulated log scales are kept in: ``dtype`` or float32, whichever is
-    wider. A cell in bfloat16 or float16 propagates its cotangents in its own dtype, as its backward pass does, but a
-    log scale summed over thousands of steps in bfloat16 stalls (at 4, its spacing is 0.03, against a step's 0.004:
-    the rate read at T = 2000 was 15 % off)."""
+    """The dtype norms, their logs, the accumulated log scales and the Jacobian spectra are kept in: ``dtype`` or
+    float32, whichever is wider. A cell in bfloat16 or float16 propagates its cotangents in its own dtype, as its
+    backward pass does, but a log scale summed over thousands of steps in bfloat16 stalls (at 4 its spacing is 0.03,
+    against a step's 0.004)."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -134,11 +134,11 @@ def _renormalise(state):
     whose norm overflows float32 scale nan (undefined: it would otherwise be scaled to 0 and read as vanished).
 
     A cotangent narrower than its scale (bfloat16, float16: `measure_dtype`) is divided by the power of two nearest
-    its norm instead, which is exact, and keeps a norm between 0.7 and 1.4. Its own dtype's rounding of ``c / ||c||``
-    is not: ``c`` lies on the bfloat16 grid and the factor is near 1, so every element moves the same way, and that
-    took 7e-5 from log10 of the norm at every step (0.12 at lag 2000 where float64 and torch's bfloat16 backward
-    pass agree within 3e-4, `tests/test_gradflow.py`). The scale then carries no derivative (its steps are whole
-    powers of two); the cotangent carries all of it."""
+    its norm instead, which is exact (in float16, unless an element becomes subnormal), and keeps a norm between 0.7
+    and 1.4. Its own dtype's rounding of ``c / ||c||`` is not: ``c`` lies on the bfloat16 grid and the factor is near
+    1, so every element moves the same way; with ``W = 0.999·Q`` that drifted 0.48 from JAX's own bfloat16 backward
+    pass by lag 2000 (`test_bfloat16_grad_norms_equal_plain_bfloat16_autodiff_over_2000_steps`). The scale then
+    carries no derivative (its steps are whole powers of two); the cotangent carries all of it."""
     cotangent, log_scale, compensation = state
     log_norm = _log10_norm(cotangent)
     is_zero = log_norm == _NEG_INF
@@ -374,27 +374,24 @@ def _gram_schmidt(vectors: jax.Array) -> tuple[jax.Array, jax.Array]:
     return basis, log_diag + correction
 
 
-def _next_frame(moved: jax.Array, pending: jax.Array):
-    """``moved [n, k]`` (in the cell's dtype) orthonormalised: ``(frame, log10 |diag R| + pending, pending')``.
-
-    Gram–Schmidt runs in `measure_dtype`. A frame narrower than that (bfloat16, float16) is its dtype's rounding of
-    ``Q``, whose columns' norms then miss 1 by up to an ulp, the same way at every step (``Q`` is the grid's values
-    times factors near 1), and the next step's ``|R_jj|`` includes them: ``pending'`` is minus their log10, which
-    the next step adds (in bfloat16 they had taken 0.002 a step from the linear RNN's singular values at gain
-    0.99). float32 and float64 frames are ``Q`` itself, and ``pending`` stays zero."""
-    wide = measure_dtype(moved.dtype)
-    q, log_diag = _gram_schmidt(moved.astype(wide))
-    frame = q.astype(moved.dtype)
-    if moved.dtype == wide:
-        return frame, log_diag + pending, pending
-    return frame, log_diag + pending, -jnp.log10(jnp.linalg.norm(frame.astype(wide), axis=0))
-
-
 def _single_sequence(name, cell, params, xs, carry):
     xs = jnp.asarray(xs)
     if xs.ndim != 2:
         raise ValueError(f"{name} takes one sequence, xs: [T, input_size]; got shape {xs.shape} (vmap for many).")
     return _forward(cell, params, xs, carry)
+
+
+def _in_measure_dtype(cell, params, xs: jax.Array, step, inputs, before):
+    """``(step, inputs, before)`` of `_forward` in `measure_dtype`: a bfloat16 or float16 cell's step Jacobians are
+    taken in float32 at its own trajectory's states (``before``). A frame rounded into bfloat16 at every step biased
+    the singular values where a Jacobian returns the frame to the same values: with ``W = 0.99·I`` they were 0.6
+    off at T = 1000. float32 and float64 cells: the arguments as they are."""
+    leaves = jax.tree_util.tree_leaves((params, xs, before))
+    wide = measure_dtype(jnp.result_type(*leaves))
+    if all(leaf.dtype == wide for leaf in leaves):
+        return step, inputs, before
+    widen = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf.astype(wide), tree)  # noqa: E731
+    return *step_and_inputs(cell, widen(params), widen(xs)), widen(before)
 
 
 def jacobian_norms(cell, params, xs: jax.Array, *, k: int = 1, key: jax.Array | None = None, carry=None):
@@ -412,33 +409,31 @@ def jacobian_norms(cell, params, xs: jax.Array, *, k: int = 1, key: jax.Array | 
     Jacobians and re-orthonormalised every step (QR by Gram–Schmidt); the logs of ``|R_ii|`` accumulate. These are
     finite-time Lyapunov estimates of the singular values: exact when the step Jacobians share singular vectors (a
     linear RNN with ``W = g·Q``: every value is ``(T-1-t)·log10 g``), converging to the true values as the lag grows
-    otherwise, and exact for ``k = 1`` in the limit of long lags. A bfloat16 or float16 cell moves its frame in its
-    own dtype and orthonormalises it in float32 (`measure_dtype`), from float32's random frame rounded: within 0.06
-    of float32 on the same rounded weights at T = 1000 (tested).
+    otherwise, and exact for ``k = 1`` in the limit of long lags. A bfloat16 or float16 cell runs its forward pass in
+    its dtype, and its step Jacobians are taken in float32 at those states (`measure_dtype`).
     """
     xs, step, inputs, before, last = _single_sequence("jacobian_norms", cell, params, xs, carry)
+    step, inputs, before = _in_measure_dtype(cell, params, xs, step, inputs, before)
+    last = jax.tree_util.tree_map(lambda leaf, like: leaf.astype(like.dtype), last, before)
     flat_last, unravel = ravel_pytree(last)
     hidden_size = cell.hidden(last).shape[-1]
     if not 1 <= k <= hidden_size:
         raise ValueError(f"k must lie in [1, hidden size {hidden_size}], got {k}.")
     key = jax.random.PRNGKey(0) if key is None else key
-    zeros = jnp.zeros((k,), measure_dtype(flat_last.dtype))
-    # Drawn in the measuring dtype, so that a bfloat16 run starts from float32's frame, rounded.
-    start, _, pending = _next_frame(jax.random.normal(key, (hidden_size, k), zeros.dtype).astype(flat_last.dtype),
-                                    zeros)
+    start, _ = _gram_schmidt(jax.random.normal(key, (hidden_size, k), flat_last.dtype))
     _, hidden_vjp = jax.vjp(lambda flat: cell.hidden(unravel(flat)), flat_last)
     frame = jax.vmap(lambda v: hidden_vjp(v)[0], in_axes=1, out_axes=1)(start)  # [C, k] in carry space
 
     def backward(state, per_step):
-        frame, log_values, pending = state
+        frame, log_values = state
         carry_before, x = per_step
         flat_before, _ = ravel_pytree(carry_before)
         _, step_vjp = jax.vjp(lambda flat: ravel_pytree(step(unravel(flat), x)[0])[0], flat_before)
         moved = jax.vmap(lambda v: step_vjp(v)[0], in_axes=1, out_axes=1)(frame)
-        frame, log_diag, pending = _next_frame(moved, pending)
-        return (frame, log_values + log_diag, pending), log_values
+        frame, log_diag = _gram_schmidt(moved)
+        return (frame, log_values + log_diag), log_values
 
-    init = (frame, zeros, pending)
+    init = (frame, jnp.zeros((k,), flat_last.dtype))
     _, log_values = jax.lax.scan(backward, init, (before, inputs), reverse=True)
     return -jnp.sort(-log_values, axis=-1)
 
@@ -450,27 +445,26 @@ def lyapunov_exponents(cell, params, xs: jax.Array, *, k: int, key: jax.Array | 
     A ``k``-frame of tangent vectors is pushed forward through the step Jacobians (`jax.jvp`) and re-orthonormalised
     every step; ``λ_i = (1/T) Σ_t ln |R_ii(t)|``. All exponents below zero: ordered dynamics and vanishing
     gradients; the largest above zero: chaos, and gradients that explode at the same rate. ``xs [T, input_size]``,
-    one sequence; a finite-``T`` estimate whose error shrinks as ``1/√T`` or faster. Kept in float32 for a bfloat16
-    or float16 cell, whose frame moves in its own dtype (`jacobian_norms`).
+    one sequence; a finite-``T`` estimate whose error shrinks as ``1/√T`` or faster. A bfloat16 or float16 cell's
+    Jacobians are taken in float32 at its own trajectory's states (`jacobian_norms`).
     """
     xs, step, inputs, before, _ = _single_sequence("lyapunov_exponents", cell, params, xs, carry)
+    step, inputs, before = _in_measure_dtype(cell, params, xs, step, inputs, before)
     first = jax.tree_util.tree_map(lambda a: a[0], before)
     flat_first, unravel = ravel_pytree(first)
     if not 1 <= k <= flat_first.shape[0]:
         raise ValueError(f"k must lie in [1, carry size {flat_first.shape[0]}], got {k}.")
     key = jax.random.PRNGKey(0) if key is None else key
-    zeros = jnp.zeros((k,), measure_dtype(flat_first.dtype))
-    frame, _, pending = _next_frame(
-        jax.random.normal(key, (flat_first.shape[0], k), zeros.dtype).astype(flat_first.dtype), zeros)
+    frame, _ = _gram_schmidt(jax.random.normal(key, (flat_first.shape[0], k), flat_first.dtype))
 
     def forward(state, per_step):
-        frame, log_sum, pending = state
+        frame, log_sum = state
         carry_before, x = per_step
         flat_before, _ = ravel_pytree(carry_before)
         advance = lambda flat: ravel_pytree(step(unravel(flat), x)[0])[0]
         moved = jax.vmap(lambda v: jax.jvp(advance, (flat_before,), (v,))[1], in_axes=1, out_axes=1)(frame)
-        frame, log_diag, pending = _next_frame(moved, pending)
-        return (frame, log_sum + log_diag, pending), None
+        frame, log_diag = _gram_schmidt(moved)
+        return (frame, log_sum + log_diag), None
 
-    (_, log10_sum, _), _ = jax.lax.scan(forward, (frame, zeros, pending), (before, inputs))
+    (_, log10_sum), _ = jax.lax.scan(forward, (frame, jnp.zeros((k,), flat_first.dtype)), (before, inputs))
     return -jnp.sort(-log10_sum * jnp.log(10.0) / xs.shape[0])
