@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from rnnlab import fused
-from rnnlab.scan import scan
+from rnnlab.scan import prepare, scan
 
 
 def dense_init(key: jax.Array, in_size: int, out_size: int, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
@@ -89,7 +89,7 @@ class _KeepingLastOutput:
 
 def _last_output(cell, params, xs: jax.Array, lengths, unroll: int, remat: int) -> jax.Array:
     """``last_valid(run_sequence(cell, params, xs, ...)[0], lengths)`` for a plain cell, without ``ys``."""
-    carry = cell.initial_carry(xs.shape[1:-1], xs.dtype)
+    _, carry, _ = prepare(cell, params, xs)  # the default carry, in the dtypes a step returns
     if fused.supports(cell, params, carry, xs):
         # rnnlab's own cells output their hidden state, so the final carry holds the last valid output (and the
         # scan keeps its fused recurrence, the native kernels on a CPU).
@@ -97,7 +97,7 @@ def _last_output(cell, params, xs: jax.Array, lengths, unroll: int, remat: int) 
         return cell.hidden(final)
     output = jax.eval_shape(lambda: cell(params, carry, xs[0])[1])
     keeping = _KeepingLastOutput(cell, output)
-    _, (_, last) = scan(keeping, params, xs, carry=keeping.initial_carry(xs.shape[1:-1], xs.dtype), lengths=lengths,
+    _, (_, last) = scan(keeping, params, xs, carry=(carry, jnp.zeros(output.shape, output.dtype)), lengths=lengths,
                         unroll=unroll, remat=remat)
     return last
 

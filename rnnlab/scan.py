@@ -48,6 +48,32 @@ def _check_carry(cell, carry, batch_shape, dtype) -> None:
                              f"batch shape {batch_shape} (as made by cell.initial_carry(batch_shape={batch_shape})).")
 
 
+def _carry_as_the_step_returns(cell, params, xs: jax.Array, carry, given: bool):
+    """``carry`` in the dtypes one step returns it: with parameters and inputs of different float dtypes (float32
+    weights on bfloat16 inputs, say) a step promotes, and `jax.lax.scan` refuses a carry whose type changes. The
+    default carry takes the step's dtypes; a carry of the caller's must already have them (`TypeError` otherwise).
+    One float dtype throughout: nothing to check (no trace)."""
+    floats = [leaf for leaf in jax.tree_util.tree_leaves((params, xs, carry))
+              if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+    if len({jnp.result_type(leaf) for leaf in floats}) <= 1:
+        return carry
+    step_dtypes = lambda c: [leaf.dtype for leaf in jax.tree_util.tree_leaves(  # noqa: E731
+        jax.eval_shape(lambda c: cell(params, c, xs[0])[0], c))]
+    returned = step_dtypes(carry)
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(carry)]
+    if given and returned != dtypes:
+        raise TypeError(f"carry has dtypes {[str(d) for d in dtypes]}, but one step of {type(cell).__name__} with "
+                        f"these params and xs ({xs.dtype}) returns {[str(d) for d in returned]}: pass a carry of "
+                        "those dtypes, or params and xs of one dtype.")
+    promoted = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(carry), [
+        jnp.asarray(leaf, dtype) for leaf, dtype in zip(jax.tree_util.tree_leaves(carry), returned)])
+    if step_dtypes(promoted) != returned:
+        raise TypeError(f"one step of {type(cell).__name__} changes its carry's dtypes whatever they start as "
+                        f"({[str(d) for d in dtypes]} -> {[str(d) for d in returned]} -> "
+                        f"{[str(d) for d in step_dtypes(promoted)]}); jax.lax.scan needs a fixed carry type.")
+    return promoted
+
+
 def _valid(seq_len: int, lengths: jax.Array | None) -> jax.Array | None:
     """``valid [T, *batch]``: whether step t of each sequence lies within its length (None without lengths)."""
     return None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
@@ -129,9 +155,10 @@ def prepare(cell, params, xs: jax.Array, carry: Any = None, time_axis: int = 0):
     if hasattr(cell, "input_size"):
         check_input_size("xs", xs, cell.input_size(params))
     if carry is None:
-        carry = cell.initial_carry(batch_shape, xs.dtype)
+        carry = _carry_as_the_step_returns(cell, params, xs, cell.initial_carry(batch_shape, xs.dtype), False)
     else:
         _check_carry(cell, carry, batch_shape, xs.dtype)
+        carry = _carry_as_the_step_returns(cell, params, xs, carry, True)
     return xs, _split_like_inputs(carry, xs), axis
 
 
@@ -166,7 +193,8 @@ def scan(
 
     - ``cell``, ``params``: any object following the cell protocol (`rnnlab.cells`) and its parameters.
     - ``xs``: ``[T, *batch, input_size]`` (time at ``time_axis``; any number of batch axes, including none).
-    - ``carry``: the initial carry; ``cell.initial_carry(batch_shape)`` (zeros) by default.
+    - ``carry``: the initial carry; ``cell.initial_carry(batch_shape)`` (zeros) by default, in the dtypes one step
+      returns (float32 for float32 weights on bfloat16 inputs: JAX's promotion).
     - ``lengths``: ``[*batch]`` integers in ``[1, T]``, the valid length of each sequence. The final carry is each
       sequence's carry after its own last valid step, and outputs at padded steps are exactly zero.
     - ``reverse``: run each sequence from its last valid step back to its first; outputs stay aligned with inputs
