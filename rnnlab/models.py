@@ -90,7 +90,7 @@ class _KeepingLastOutput:
 def _last_output(cell, params, xs: jax.Array, lengths, unroll: int, remat: int) -> jax.Array:
     """``last_valid(run_sequence(cell, params, xs, ...)[0], lengths)`` for a plain cell, without ``ys``."""
     _, carry, _ = prepare(cell, params, xs)  # the default carry, in the dtypes a step returns
-    if fused.supports(cell, params, carry, xs):
+    if type(cell) in fused.SUPPORTED:
         # rnnlab's own cells output their hidden state, so the final carry holds the last valid output (and the
         # scan keeps its fused recurrence, the native kernels on a CPU).
         _, final = scan(cell, params, xs, carry=carry, lengths=lengths, unroll=unroll, remat=remat)

@@ -74,6 +74,18 @@ def _carry_as_the_step_returns(cell, params, xs: jax.Array, carry, given: bool):
     return promoted
 
 
+def _in_the_carrys_dtype(cell, params, xs: jax.Array, carry):
+    """A built-in cell's ``params`` and ``xs`` cast to its carry's dtype where their float dtypes differ: its step
+    promotes them to that dtype anyway (`_carry_as_the_step_returns`), and one dtype lets the fused recurrence (the
+    native kernels) run it. Gradients come back in each argument's own dtype through the casts."""
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(carry))
+    other = lambda leaf: jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype  # noqa: E731
+    if type(cell) not in fused.SUPPORTED or not any(map(other, jax.tree_util.tree_leaves((params, xs)))):
+        return params, xs
+    cast = lambda leaf: leaf.astype(dtype) if other(leaf) else leaf  # noqa: E731
+    return jax.tree_util.tree_map(cast, params), cast(xs)
+
+
 def _valid(seq_len: int, lengths: jax.Array | None) -> jax.Array | None:
     """``valid [T, *batch]``: whether step t of each sequence lies within its length (None without lengths)."""
     return None if lengths is None else jnp.arange(seq_len).reshape((-1,) + (1,) * lengths.ndim) < lengths
@@ -223,6 +235,7 @@ def scan(
     (`rnnlab.native.bind`): ``ys`` and the final carry come out split the same way.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
+    params, xs = _in_the_carrys_dtype(cell, params, xs, carry)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
     if lengths is not None:
         lengths = _check_lengths(lengths, batch_shape, seq_len)

@@ -344,24 +344,24 @@ def test_bad_input_raises_with_useful_message(case):
 def test_float32_weights_on_bfloat16_inputs_promote_as_one_step_does(cell):
     """float32 parameters on bfloat16 inputs (a data pipeline in bfloat16, say): each step promotes to float32, so
     the default carry is float32 (it had been the inputs' dtype, and `jax.lax.scan` refused the carry's change of
-    type). The outputs and gradients equal those of the inputs cast to float32 first (the fused kernels there, the
-    plain step here), with lengths and in `models.ManyToOne`'s last-output path too; a bfloat16 carry of the
-    caller's is refused by name."""
+    type). The outputs and gradients are bit for bit those of the inputs cast to float32 first, with lengths and in
+    `models.ManyToOne`'s last-output path too: a built-in cell casts its arguments to the carry's dtype, so its fused
+    recurrence (the native kernels) runs them, 3-4x faster than the promoting plain step (LSTM, GRU, tanh RNN at
+    16,1000,32,128). A bfloat16 carry of the caller's is refused by name."""
     params = cell.init(jax.random.PRNGKey(0), 3)
     xs = jax.random.normal(jax.random.PRNGKey(1), (7, 2, 3)).astype(jnp.bfloat16)
     lengths = jnp.asarray([7, 4])
     wide = xs.astype(jnp.float32)
     ys, final = rnnlab.scan(cell, params, xs, lengths=lengths)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((ys, final))} == {jnp.dtype(jnp.float32)}
-    np.testing.assert_allclose(ys, rnnlab.scan(cell, params, wide, lengths=lengths)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ys, rnnlab.scan(cell, params, wide, lengths=lengths)[0])
     loss = lambda p, x: jnp.sum(jnp.sin(rnnlab.scan(cell, p, x, lengths=lengths)[0]))  # noqa: E731
     for got, want in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, xs)),
                          jax.tree_util.tree_leaves(jax.grad(loss)(params, wide))):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got, want)
     model = rnnlab.models.ManyToOne(cell, 2, remat=7)
     model_params = model.init(jax.random.PRNGKey(2), 3)
-    np.testing.assert_allclose(model(model_params, xs, lengths=lengths), model(model_params, wide, lengths=lengths),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model(model_params, xs, lengths=lengths), model(model_params, wide, lengths=lengths))
     narrow = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.bfloat16), cell.initial_carry((2,)))
     with pytest.raises(TypeError, match="carry has dtypes"):
         rnnlab.scan(cell, params, xs, carry=narrow)
