@@ -59,30 +59,38 @@ def _carry_as_the_step_returns(cell, params, xs: jax.Array, carry, given: bool):
         return carry
     step_dtypes = lambda c: [leaf.dtype for leaf in jax.tree_util.tree_leaves(  # noqa: E731
         jax.eval_shape(lambda c: cell(params, c, xs[0])[0], c))]
-    returned = step_dtypes(carry)
     dtypes = [jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(carry)]
-    if given and returned != dtypes:
-        raise TypeError(f"carry has dtypes {[str(d) for d in dtypes]}, but one step of {type(cell).__name__} with "
-                        f"these params and xs ({xs.dtype}) returns {[str(d) for d in returned]}: pass a carry of "
-                        "those dtypes, or params and xs of one dtype.")
+    returned = step_dtypes(carry)
+    if returned == dtypes:
+        return carry
+    names = lambda dtypes: [str(dtype) for dtype in dtypes]  # noqa: E731
+    if given:
+        raise TypeError(f"carry has dtypes {names(dtypes)}, but one step of {type(cell).__name__} with these params "
+                        f"({names({jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(params)})}) and xs "
+                        f"({xs.dtype}) returns {names(returned)}: pass a carry of those dtypes, or params and xs of "
+                        "one dtype.")
     promoted = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(carry), [
         jnp.asarray(leaf, dtype) for leaf, dtype in zip(jax.tree_util.tree_leaves(carry), returned)])
     if step_dtypes(promoted) != returned:
         raise TypeError(f"one step of {type(cell).__name__} changes its carry's dtypes whatever they start as "
-                        f"({[str(d) for d in dtypes]} -> {[str(d) for d in returned]} -> "
-                        f"{[str(d) for d in step_dtypes(promoted)]}); jax.lax.scan needs a fixed carry type.")
+                        f"({names(dtypes)} -> {names(returned)} -> {names(step_dtypes(promoted))}); "
+                        "jax.lax.scan needs a fixed carry type.")
     return promoted
 
 
-def _in_the_carrys_dtype(cell, params, xs: jax.Array, carry):
-    """A built-in cell's ``params`` and ``xs`` cast to its carry's dtype where their float dtypes differ: its step
-    promotes them to that dtype anyway (`_carry_as_the_step_returns`), and one dtype lets the fused recurrence (the
-    native kernels) run it. Gradients come back in each argument's own dtype through the casts."""
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(carry))
-    other = lambda leaf: jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype  # noqa: E731
-    if type(cell) not in fused.SUPPORTED or not any(map(other, jax.tree_util.tree_leaves((params, xs)))):
+def _in_one_dtype(cell, params, xs: jax.Array, carry):
+    """A built-in cell's ``params`` and ``xs`` cast to the dtype JAX promotes them to, where their float dtypes
+    differ and the carry (`_carry_as_the_step_returns`) has that dtype too: its step computes in it anyway, and one
+    dtype lets the fused recurrence (the native kernels) run it. Gradients come back in each argument's own dtype
+    through the casts. A carry of another dtype (a caller's float32 carry for a bfloat16 cell), or an RNN whose
+    activation is a function, keep the plain step's own promotions."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves((params, xs)) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    dtype = jnp.result_type(*leaves)
+    if (type(cell) not in fused.SUPPORTED or not isinstance(getattr(cell, "activation", ""), str)
+            or all(leaf.dtype == dtype for leaf in leaves)
+            or any(jnp.result_type(leaf) != dtype for leaf in jax.tree_util.tree_leaves(carry))):
         return params, xs
-    cast = lambda leaf: leaf.astype(dtype) if other(leaf) else leaf  # noqa: E731
+    cast = lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf  # noqa: E731
     return jax.tree_util.tree_map(cast, params), cast(xs)
 
 
@@ -149,8 +157,9 @@ def prepare(cell, params, xs: jax.Array, carry: Any = None, time_axis: int = 0):
     """Check ``xs`` and ``carry`` against ``cell`` and ``params``; return ``(xs_time_major, carry, time_axis)``.
 
     Raises `TypeError` / `ValueError` naming the argument and the shapes involved: non-float ``xs``, fewer than two
-    axes, ``T = 0``, an input size other than the parameters', a carry of the wrong structure or shape. ``carry``
-    defaults to ``cell.initial_carry(batch_shape)``; the returned ``time_axis`` is non-negative.
+    axes, ``T = 0``, an input size other than the parameters', a carry of the wrong structure or shape, or (with
+    params and xs of different float dtypes) of other dtypes than one step returns. ``carry`` defaults to
+    ``cell.initial_carry(batch_shape)`` in the dtypes one step returns; the returned ``time_axis`` is non-negative.
     """
     xs = jnp.asarray(xs)
     check_float_input("xs", xs)
@@ -206,7 +215,9 @@ def scan(
     - ``cell``, ``params``: any object following the cell protocol (`rnnlab.cells`) and its parameters.
     - ``xs``: ``[T, *batch, input_size]`` (time at ``time_axis``; any number of batch axes, including none).
     - ``carry``: the initial carry; ``cell.initial_carry(batch_shape)`` (zeros) by default, in the dtypes one step
-      returns (float32 for float32 weights on bfloat16 inputs: JAX's promotion).
+      returns (float32 for float32 weights on bfloat16 inputs: JAX's promotion); one of the caller's must have those
+      dtypes. A built-in cell then runs params and xs cast to that dtype, as its step would compute anyway, so its
+      kernels apply.
     - ``lengths``: ``[*batch]`` integers in ``[1, T]``, the valid length of each sequence. The final carry is each
       sequence's carry after its own last valid step, and outputs at padded steps are exactly zero.
     - ``reverse``: run each sequence from its last valid step back to its first; outputs stay aligned with inputs
@@ -235,7 +246,7 @@ def scan(
     (`rnnlab.native.bind`): ``ys`` and the final carry come out split the same way.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
-    params, xs = _in_the_carrys_dtype(cell, params, xs, carry)
+    params, xs = _in_one_dtype(cell, params, xs, carry)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
     if lengths is not None:
         lengths = _check_lengths(lengths, batch_shape, seq_len)

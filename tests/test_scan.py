@@ -365,3 +365,16 @@ def test_float32_weights_on_bfloat16_inputs_promote_as_one_step_does(cell):
     narrow = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.bfloat16), cell.initial_carry((2,)))
     with pytest.raises(TypeError, match="carry has dtypes"):
         rnnlab.scan(cell, params, xs, carry=narrow)
+
+
+def test_a_wider_carry_of_the_callers_leaves_a_narrow_cells_own_arithmetic():
+    """A bfloat16 LSTM given a float32 carry: its step projects the inputs in bfloat16 and promotes only where the
+    carry enters, so params and xs are not cast up front (that moved ys by 6e-4); the numbers are those of the
+    projection in bfloat16 and `jax.lax.scan` of the recurrence, written out here."""
+    cell = rnnlab.LSTM(5)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), cell.init(jax.random.PRNGKey(0), 3))
+    xs = jax.random.normal(jax.random.PRNGKey(1), (7, 2, 3)).astype(jnp.bfloat16)
+    carry = cell.initial_carry((2,), jnp.float32)
+    ys, _ = rnnlab.scan(cell, params, xs, carry=carry)
+    _, expected = jax.lax.scan(lambda c, x: cell.recur(params, c, x), carry, cell.project_inputs(params, xs))
+    np.testing.assert_array_equal(ys, expected)
