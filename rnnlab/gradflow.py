@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from rnnlab import fused, native
-from rnnlab.scan import prepare, scan, step_and_inputs
+from rnnlab.scan import in_one_dtype, prepare, scan, step_and_inputs
 
 _NEG_INF = -jnp.inf
 _LOG10_2 = math.log10(2.0)
@@ -221,6 +221,7 @@ def grad_norms(cell, params, xs: jax.Array, *, loss: Callable[[jax.Array], jax.A
     others' ``nan``).
     """
     xs, carry, batch_shape = _flattened(cell, params, xs, carry)
+    params, xs = in_one_dtype(cell, params, xs, carry)  # mixed float dtypes: as one, for the kernel
     seq_len = xs.shape[0]
     if remat is not None and (not isinstance(remat, int) or remat < 1 or seq_len % remat):
         raise ValueError(f"remat must be a positive int dividing T = {seq_len}, got {remat!r}.")

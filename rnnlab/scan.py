@@ -78,7 +78,7 @@ def _carry_as_the_step_returns(cell, params, xs: jax.Array, carry, given: bool):
     return promoted
 
 
-def _in_one_dtype(cell, params, xs: jax.Array, carry):
+def in_one_dtype(cell, params, xs: jax.Array, carry):
     """A built-in cell's ``params`` and ``xs`` cast to the dtype JAX promotes them to, where their float dtypes
     differ and the carry (`_carry_as_the_step_returns`) has that dtype too: its step computes in it anyway, and one
     dtype lets the fused recurrence (the native kernels) run it. Gradients come back in each argument's own dtype
@@ -246,7 +246,7 @@ def scan(
     (`rnnlab.native.bind`): ``ys`` and the final carry come out split the same way.
     """
     xs, carry, axis = prepare(cell, params, xs, carry, time_axis)
-    params, xs = _in_one_dtype(cell, params, xs, carry)
+    params, xs = in_one_dtype(cell, params, xs, carry)
     seq_len, batch_shape = xs.shape[0], xs.shape[1:-1]
     if lengths is not None:
         lengths = _check_lengths(lengths, batch_shape, seq_len)

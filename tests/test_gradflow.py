@@ -374,3 +374,15 @@ def test_remat_memory_grows_as_sqrt_of_sequence_length(monkeypatch):
     plain = temp_bytes(10_000, None)
     assert plain >= 10_000 * carry_bytes  # every carry is stored
     assert temp_bytes(10_000, 100) < plain / 10
+
+
+@pytest.mark.parametrize("remat", [None, 10], ids=["stored", "remat"])
+def test_float32_weights_on_bfloat16_inputs_measure_as_the_inputs_cast_first(remat):
+    """grad_norms with float32 parameters on bfloat16 inputs runs them as one dtype (`rnnlab.scan.in_one_dtype`),
+    so the gradient-flow kernel measures them: bit for bit the numbers of the inputs cast to float32 first (the
+    promoting plain engine gave the same within 5e-7, and took 72 against 14 ms for the LSTM at 16,500,32,128)."""
+    cell = rnnlab.LSTM(16)
+    params = cell.init(jax.random.PRNGKey(0), input_size=3)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (50, 4, 3)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(gradflow.grad_norms(cell, params, xs, remat=remat),
+                                  gradflow.grad_norms(cell, params, xs.astype(jnp.float32), remat=remat))
