@@ -382,17 +382,17 @@ def _single_sequence(name, cell, params, xs, carry):
     return _forward(cell, params, xs, carry)
 
 
-def _in_measure_dtype(cell, params, xs: jax.Array, step, inputs, before):
-    """``(step, inputs, before)`` of `_forward` in `measure_dtype`: a bfloat16 or float16 cell's step Jacobians are
-    taken in float32 at its own trajectory's states (``before``). A frame rounded into bfloat16 at every step biased
-    the singular values where a Jacobian returns the frame to the same values: with ``W = 0.99·I`` they were 0.6
-    off at T = 1000. float32 and float64 cells: the arguments as they are."""
-    leaves = jax.tree_util.tree_leaves((params, xs, before))
+def _in_measure_dtype(cell, params, xs: jax.Array, step, inputs, carries):
+    """``(step, inputs, carries)`` of `_forward` in `measure_dtype` (``carries``: any of its carries): a bfloat16 or
+    float16 cell's step Jacobians are taken in float32 at its own trajectory's states. A frame rounded into bfloat16
+    at every step biased the singular values where a Jacobian returns the frame to the same values: with
+    ``W = 0.99·I`` they were 0.6 off at T = 1000. float32 and float64 cells: the arguments as they are."""
+    leaves = jax.tree_util.tree_leaves((params, xs, carries))
     wide = measure_dtype(jnp.result_type(*leaves))
     if all(leaf.dtype == wide for leaf in leaves):
-        return step, inputs, before
+        return step, inputs, carries
     widen = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf.astype(wide), tree)  # noqa: E731
-    return *step_and_inputs(cell, widen(params), widen(xs)), widen(before)
+    return *step_and_inputs(cell, widen(params), widen(xs)), widen(carries)
 
 
 def jacobian_norms(cell, params, xs: jax.Array, *, k: int = 1, key: jax.Array | None = None, carry=None):
@@ -414,8 +414,7 @@ def jacobian_norms(cell, params, xs: jax.Array, *, k: int = 1, key: jax.Array | 
     its dtype, and its step Jacobians are taken in float32 at those states (`measure_dtype`).
     """
     xs, step, inputs, before, last = _single_sequence("jacobian_norms", cell, params, xs, carry)
-    step, inputs, before = _in_measure_dtype(cell, params, xs, step, inputs, before)
-    last = jax.tree_util.tree_map(lambda leaf, like: leaf.astype(like.dtype), last, before)
+    step, inputs, (before, last) = _in_measure_dtype(cell, params, xs, step, inputs, (before, last))
     flat_last, unravel = ravel_pytree(last)
     hidden_size = cell.hidden(last).shape[-1]
     if not 1 <= k <= hidden_size:

@@ -89,12 +89,12 @@ class _KeepingLastOutput:
 
 def _last_output(cell, params, xs: jax.Array, lengths, unroll: int, remat: int) -> jax.Array:
     """``last_valid(run_sequence(cell, params, xs, ...)[0], lengths)`` for a plain cell, without ``ys``."""
-    _, carry, _ = prepare(cell, params, xs)  # the default carry, in the dtypes a step returns
     if type(cell) in fused.SUPPORTED:
         # rnnlab's own cells output their hidden state, so the final carry holds the last valid output (and the
         # scan keeps its fused recurrence, the native kernels on a CPU).
-        _, final = scan(cell, params, xs, carry=carry, lengths=lengths, unroll=unroll, remat=remat)
+        _, final = scan(cell, params, xs, lengths=lengths, unroll=unroll, remat=remat)
         return cell.hidden(final)
+    _, carry, _ = prepare(cell, params, xs)  # the default carry, in the dtypes a step returns
     output = jax.eval_shape(lambda: cell(params, carry, xs[0])[1])
     keeping = _KeepingLastOutput(cell, output)
     _, (_, last) = scan(keeping, params, xs, carry=(carry, jnp.zeros(output.shape, output.dtype)), lengths=lengths,

@@ -79,19 +79,19 @@ def _carry_as_the_step_returns(cell, params, xs: jax.Array, carry, given: bool):
 
 
 def in_one_dtype(cell, params, xs: jax.Array, carry):
-    """A built-in cell's ``params`` and ``xs`` cast to the dtype JAX promotes them to, where their float dtypes
-    differ and the carry (`_carry_as_the_step_returns`) has that dtype too: its step computes in it anyway, and one
-    dtype lets the fused recurrence (the native kernels) run it. Gradients come back in each argument's own dtype
-    through the casts. A carry of another dtype (a caller's float32 carry for a bfloat16 cell), or an RNN whose
-    activation is a function, keep the plain step's own promotions."""
+    """``params`` and ``xs`` cast to the dtype JAX promotes them to, where their float dtypes differ, the carry
+    (`_carry_as_the_step_returns`) has that dtype too, and the cast lets the fused recurrence run the cell
+    (`fused.supports`: a built-in cell with a named activation): its step computes in that dtype anyway, and the
+    native kernels then run it. Gradients come back in each argument's own dtype through the casts. Otherwise (a
+    caller's float32 carry for a bfloat16 cell, a user's cell) the plain step keeps its own promotions."""
     leaves = [leaf for leaf in jax.tree_util.tree_leaves((params, xs)) if jnp.issubdtype(leaf.dtype, jnp.floating)]
     dtype = jnp.result_type(*leaves)
-    if (type(cell) not in fused.SUPPORTED or not isinstance(getattr(cell, "activation", ""), str)
-            or all(leaf.dtype == dtype for leaf in leaves)
+    if (all(leaf.dtype == dtype for leaf in leaves)
             or any(jnp.result_type(leaf) != dtype for leaf in jax.tree_util.tree_leaves(carry))):
         return params, xs
     cast = lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf  # noqa: E731
-    return jax.tree_util.tree_map(cast, params), cast(xs)
+    one_params, one_xs = jax.tree_util.tree_map(cast, params), cast(xs)
+    return (one_params, one_xs) if fused.supports(cell, one_params, carry, one_xs) else (params, xs)
 
 
 def _valid(seq_len: int, lengths: jax.Array | None) -> jax.Array | None:

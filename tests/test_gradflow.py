@@ -232,9 +232,11 @@ def test_narrow_dtypes_measure_as_float32_does_on_their_rounded_weights(dtype):
     """A bfloat16 or float16 cell's cotangents run in its dtype, as its own backward pass does; norms, logs and
     scales are kept in float32 (`gradflow.measure_dtype`), and its step Jacobians are taken in float32 at its own
     states. Against float32 on the same rounded weights and inputs (tested above against closed forms and float64):
-    log10 norms within 0.03 at T = 2000 (bfloat16: 0.008 measured; a scale summed in bfloat16 was 0.98 off) and,
-    the linear RNN's Jacobians not depending on its states, singular values and Lyapunov exponents equal (they had
-    been 53 and 0.12 off with frames moved and summed in bfloat16)."""
+    log10 norms within 0.03 at T = 2000 (bfloat16: 0.008 measured; a scale summed in bfloat16 was 0.98 off; the
+    backward passes differ in arithmetic, so this is a comparison). The linear RNN's Jacobians do not depend on its
+    states, so its singular values and Lyapunov exponents must be float32's on the rounded weights: that pins the
+    widening to float32 (they had been 53 and 0.12 off with frames moved and summed in bfloat16); their values are
+    checked against closed forms in the scaled-identity test below."""
     cell, params, xs = _non_normal_linear_rnn(dtype, 2000, (8,))
     wide = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), (params, xs))
     norms = gradflow.grad_norms(cell, params, xs)

@@ -938,7 +938,9 @@ def _reference_gradflow(w_h, b_h, w_x, b_x, h0, c0, xs, which, *direct, threads,
 
 
 def _flow_shapes(w_h, b_h, w_x, b_x, h0, c0, xs, which, *direct):
-    return [((w_h.shape[0], xs.shape[0]), jnp.promote_types(xs.dtype, jnp.float32))]  # gradflow.measure_dtype
+    from rnnlab import gradflow  # as `_reference_gradflow`: gradflow imports this module
+
+    return [((w_h.shape[0], xs.shape[0]), gradflow.measure_dtype(xs.dtype))]
 
 
 _FLOW_LABELS = "b k g, b g, b i g, b g, b n h, b n h, t u n i, b"
